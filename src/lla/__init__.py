@@ -1,0 +1,7 @@
+"""lla: Local Linear Attention (Zuo et al., ICLR 2026) for PyTorch."""
+
+from .ops import LLAAux, LLAConvergenceWarning, local_linear_attention, local_linear_attention_ref
+
+__version__ = "0.1.0"
+
+__all__ = ["local_linear_attention", "local_linear_attention_ref", "LLAAux", "LLAConvergenceWarning"]

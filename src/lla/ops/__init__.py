@@ -1,0 +1,6 @@
+"""LLA operators: the public op (``api``), the reference (``reference``) and the backends."""
+
+from .api import LLAAux, LLAConvergenceWarning, local_linear_attention
+from .reference import local_linear_attention_ref
+
+__all__ = ["local_linear_attention", "local_linear_attention_ref", "LLAAux", "LLAConvergenceWarning"]

@@ -1,0 +1,262 @@
+"""The public op: argument checks, defaults, backend dispatch and the aux structure."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["local_linear_attention", "LLAAux", "LLAConvergenceWarning", "resolve_solver"]
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+SOLVERS = ("auto", "cg", "direct")
+BACKENDS = ("auto", "torch", "triton")
+
+
+class LLAAux(NamedTuple):
+    """What a call reports besides its output.
+
+    iters:    CG iterations of the slowest row (0 for the direct solver).
+    residual: worst final relative residual ``||A x - b|| / ||b||`` of the forward solve, over all
+              rows (``A`` the ridge-regularised key covariance, see ``lla.ops.torch_backend``).
+    lse:      softmax log-sum-exp of the scaled logits, ``[B, T, H]`` float32 (``-inf`` for a row
+              that sees no key).
+    solver:   the solver that ran ("cg" or "direct").
+    """
+
+    iters: int
+    residual: float
+    lse: torch.Tensor
+    solver: str
+
+
+class LLAConvergenceWarning(RuntimeWarning):
+    """A solve did not reach its tolerance, or the system was too ill-conditioned for the dtype."""
+
+
+def _check_tensor(name: str, x, rank: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} ([B, T, H, D] layout), got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {x.dtype}")
+
+
+def _normalise_ridge(ridge, B: int, T: int, H: int, q: torch.Tensor) -> torch.Tensor:
+    """Return the ridge as a ``[B, T, H]`` float tensor (an expanded view when given smaller)."""
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float, torch.Tensor)):
+        raise TypeError(f"ridge must be a float or a tensor broadcastable to [B, T, H], got {type(ridge).__name__}")
+    if not isinstance(ridge, torch.Tensor):
+        if not math.isfinite(ridge) or ridge <= 0:
+            raise ValueError(f"ridge must be a finite number > 0, got {ridge}")
+        return torch.full((1, 1, 1), float(ridge), dtype=torch.float32, device=q.device).expand(B, T, H)
+    if not ridge.is_floating_point():
+        raise TypeError(f"ridge must be a floating-point tensor, got {ridge.dtype}")
+    if ridge.device != q.device:
+        raise ValueError(f"ridge is on {ridge.device} but q is on {q.device}")
+    if ridge.dim() > 3:
+        raise ValueError(f"ridge must be broadcastable to [B, T, H] = {[B, T, H]}, got shape {tuple(ridge.shape)}")
+    try:
+        lam = ridge.expand(B, T, H) if ridge.dim() else ridge.reshape(1, 1, 1).expand(B, T, H)
+    except RuntimeError:
+        raise ValueError(
+            f"ridge must be broadcastable to [B, T, H] = {[B, T, H]}, got shape {tuple(ridge.shape)} "
+            "(a per-head ridge has shape [H])"
+        ) from None
+    if not bool(torch.isfinite(ridge).all()) or not bool((ridge > 0).all()):
+        raise ValueError("ridge must be finite and > 0 everywhere")
+    return lam
+
+
+def _check_cu_seqlens(cu_seqlens, B: int, T: int, S: int, device) -> torch.Tensor:
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a LongTensor [N + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32/int64 tensor [N + 1] with N >= 1, got {cu_seqlens.dtype} "
+            f"of shape {tuple(cu_seqlens.shape)}"
+        )
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B = {B}")
+    if S != T:
+        raise ValueError(f"cu_seqlens needs self-attention shapes (S == T), got T = {T}, S = {S}")
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    c = cu.tolist()
+    if c[0] != 0 or c[-1] != T:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}, got {c[0]} ... {c[-1]}")
+    if any(b <= a for a, b in zip(c, c[1:])):
+        raise ValueError("cu_seqlens must be strictly increasing (every packed sequence non-empty)")
+    return cu
+
+
+def resolve_solver(solver: str, lam_min: float, D: int, dtype: torch.dtype) -> str:
+    """The ``solver="auto"`` rule.
+
+    CG's iteration count grows like sqrt(cond(A)) and cond(A) ~ ||Cov(k)|| / ridge, while the
+    direct solve costs a fixed ~D/2 key passes' worth of GEMM work (the moment matrix, with
+    symmetry) plus a D^3 Cholesky.  So: direct for small ridges (CG would need many iterations),
+    small heads (the D^2 moment is cheap) and float64 (exactness expected); CG otherwise.
+    """
+    if solver != "auto":
+        return solver
+    if dtype == torch.float64 or D <= 32 or lam_min < 0.5:
+        return "direct"
+    return "cg"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _pick_backend(backend: str, q: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if (q.is_cuda and _triton_available()) else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    return backend
+
+
+def _backend_fn(name: str):
+    if name == "torch":
+        from .torch_backend import lla_torch
+
+        return lla_torch
+    from .triton_backend import lla_triton
+
+    return lla_triton
+
+
+def local_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    ridge=1.0,
+    scale: float | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    cu_seqlens: torch.Tensor | None = None,
+    solver: str = "auto",
+    max_iters: int | None = None,
+    tol: float | None = None,
+    precondition: bool = True,
+    backend: str = "auto",
+    return_aux: bool = False,
+):
+    """Local Linear Attention (Zuo et al., 2026): the intercept of a softmax-weighted local ridge fit.
+
+    Args:
+        q: ``[B, T, H, D]`` queries.
+        k: ``[B, S, Hk, D]`` keys; ``H % Hk == 0`` (grouped-query: query head ``h`` reads key head
+            ``h // (H // Hk)``).
+        v: ``[B, S, Hk, Dv]`` values.
+        ridge: penalty on the local slope ``W``: a float or a tensor broadcastable to ``[B, T, H]``
+            (scalar, per head ``[H]``, per position ``[B, T, H]``), > 0, differentiable.  Relative to
+            the softmax mass (the weights are normalised), so it is dimensionless.
+        scale: logit scale, default ``1 / sqrt(D)``.  ``0`` gives flat weights.
+        causal: bottom-right aligned causal mask (query ``i`` sees keys ``j <= i + S - T``).  A query
+            that sees no key outputs zeros.
+        window_size: ``(left, right)``, flash-attn semantics, ``-1`` unbounded.
+        cu_seqlens: ``[N + 1]`` int64 offsets of packed sequences (``B == 1``, ``S == T``); each
+            sequence only attends within itself.
+        solver: ``"cg"`` (matrix-free preconditioned conjugate gradient), ``"direct"`` (tile-wise
+            moments + batched Cholesky, exact at any ridge) or ``"auto"`` (see ``resolve_solver``).
+        max_iters: CG iteration cap (default ``2 D``, ``4 D`` in float64).
+        tol: CG relative-residual tolerance per row (default 1e-5, 1e-11 in float64).
+        precondition: Jacobi-precondition CG.
+        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"``, ``"triton"``.
+        return_aux: also return an ``LLAAux``.
+
+    Returns:
+        ``o [B, T, H, Dv]`` in the dtype of ``q``, or ``(o, LLAAux)`` with ``return_aux=True``.
+    """
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4)
+    _check_tensor("v", v, 4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, T, H, D = q.shape
+    Bk, S, Hk, Dk = k.shape
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
+    if v.shape[1] != S:
+        raise ValueError(f"k and v must have the same length S, got {S} and {v.shape[1]}")
+    if v.shape[2] != Hk:
+        raise ValueError(f"k and v must have the same number of heads, got {Hk} and {v.shape[2]}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim D, got {D} and {Dk}")
+    if Hk == 0 or H % Hk != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hk})")
+    if D == 0 or v.shape[3] == 0:
+        raise ValueError("head dims must be > 0")
+    if scale is None:
+        scale = D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    ):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), got {window_size!r}")
+    window_size = (int(window_size[0]), 0 if causal else int(window_size[1]))
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1):
+        raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
+    if tol is not None and (not isinstance(tol, (int, float)) or not (tol > 0)):
+        raise ValueError(f"tol must be a number > 0, got {tol!r}")
+    lam = _normalise_ridge(ridge, B, T, H, q)
+    if cu_seqlens is not None:
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, B, T, S, q.device)
+
+    lam_min = float(ridge) if not isinstance(ridge, torch.Tensor) else float(ridge.detach().min())
+    solver = resolve_solver(solver, lam_min, D, q.dtype)
+    if max_iters is None:
+        max_iters = 4 * D if q.dtype == torch.float64 else 2 * D
+    if tol is None:
+        tol = 1e-11 if q.dtype == torch.float64 else 1e-5
+
+    name = _pick_backend(backend, q)
+    o, lse, iters, residual = _backend_fn(name)(
+        q,
+        k,
+        v,
+        lam,
+        scale=float(scale),
+        window_size=window_size,
+        cu_seqlens=cu_seqlens,
+        solver=solver,
+        max_iters=max_iters,
+        tol=float(tol),
+        precondition=bool(precondition),
+    )
+    limit = max(100.0 * tol, 1e-3) if solver == "cg" else 1e-3
+    if residual > limit or not math.isfinite(residual):
+        warnings.warn(
+            f"local_linear_attention: the {solver} solve did not converge: worst relative residual "
+            f"{residual:.3g} after {iters} iterations (tol {tol:g}, min ridge {lam_min:g}). Raise max_iters or "
+            "the ridge, or use solver='direct'.",
+            LLAConvergenceWarning,
+            stacklevel=2,
+        )
+    if return_aux:
+        return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver)
+    return o

@@ -1,0 +1,120 @@
+"""Local Linear Attention straight from the math: the specification in code.
+
+Everything is materialised (the centred keys ``z`` are ``[B, H, T, S, D]`` and the moment matrices
+``Sigma`` are ``[B, H, T, D, D]``), so use it at small sizes, in float64, as the thing every fast
+path is tested against.  It follows ``LLA.md`` section 1 literally:
+
+    s_ij    = softmax_j(scale * q_i . k_j)            over the visible keys j
+    z_ij    = k_j - q_i
+    mu_i    = sum_j s_ij z_ij                          (D)
+    Sigma_i = sum_j s_ij z_ij z_ij^T + lam_i I          (D x D)
+    rho_i   = Sigma_i^{-1} mu_i
+    delta_i = 1 - mu_i . rho_i
+    o_i     = sum_j s_ij (1 - z_ij . rho_i) / delta_i * v_j
+
+A query row that sees no key outputs zeros.  Differentiable by plain autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["local_linear_attention_ref", "visible_mask", "softmax_attention_ref"]
+
+
+def visible_mask(
+    T: int,
+    S: int,
+    *,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    cu_seqlens: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Boolean ``[T, S]`` mask of the keys each query sees (flash-attn conventions).
+
+    Query ``i`` is aligned with key ``i + S - T`` (bottom-right).  ``causal`` hides keys after that
+    position; ``window_size=(left, right)`` keeps keys in ``[i + S - T - left, i + S - T + right]``
+    (``-1`` = unbounded; ``causal`` implies ``right = 0``).  With ``cu_seqlens`` (``T == S``) a
+    query only sees keys of its own packed sequence, and alignment is per sequence.
+    """
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    diag = i + (S - T)  # key aligned with query i
+    left, right = window_size
+    if causal:
+        right = 0
+    mask = torch.ones(T, S, dtype=torch.bool, device=device)
+    if right >= 0:
+        mask &= j <= diag + right
+    if left >= 0:
+        mask &= j >= diag - left
+    if cu_seqlens is not None:
+        seg = torch.bucketize(torch.arange(T, device=device), cu_seqlens.to(device)[1:], right=True)
+        mask &= seg[:, None] == seg[None, :]
+    return mask
+
+
+def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
+    """[B, S, Hk, D] -> [B, H, S, D], query head h reading key head h // (H // Hk)."""
+    return x.transpose(1, 2).repeat_interleave(H // x.shape[2], dim=1)
+
+
+def _ridge_bth(ridge, B: int, T: int, H: int, like: torch.Tensor) -> torch.Tensor:
+    lam = torch.as_tensor(ridge, dtype=like.dtype, device=like.device)
+    return lam.expand(B, T, H) if lam.dim() <= 3 else lam
+
+
+def softmax_attention_ref(q, k, v, *, scale=None, causal=True, window_size=(-1, -1), cu_seqlens=None):
+    """Masked softmax attention (Nadaraya-Watson), same layout and masks as the LLA reference."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    mask = visible_mask(T, S, causal=causal, window_size=window_size, cu_seqlens=cu_seqlens, device=q.device)
+    K, V = _expand_heads(k, H), _expand_heads(v, H)
+    logits = scale * q.transpose(1, 2) @ K.transpose(-1, -2)  # [B, H, T, S]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    s = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return (s @ V).transpose(1, 2)
+
+
+def local_linear_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    ridge=1.0,
+    scale: float | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference LLA.  ``q [B, T, H, D]``, ``k [B, S, Hk, D]``, ``v [B, S, Hk, Dv]`` -> ``[B, T, H, Dv]``.
+
+    ``ridge`` is a float or a tensor broadcastable to ``[B, T, H]``.  Computes in the dtype of the
+    inputs: pass float64 for a trustworthy answer.
+    """
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    mask = visible_mask(T, S, causal=causal, window_size=window_size, cu_seqlens=cu_seqlens, device=q.device)
+    Q = q.transpose(1, 2)  # [B, H, T, D]
+    K, V = _expand_heads(k, H), _expand_heads(v, H)  # [B, H, S, D], [B, H, S, Dv]
+    lam = _ridge_bth(ridge, B, T, H, q).transpose(1, 2)  # [B, H, T]
+
+    logits = scale * Q @ K.transpose(-1, -2)  # [B, H, T, S]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    s = torch.softmax(logits, dim=-1)
+    seen = mask.any(-1)  # [T] rows that see at least one key
+    s = torch.where(seen[:, None], s, torch.zeros_like(s))
+
+    z = K[:, :, None, :, :] - Q[:, :, :, None, :]  # [B, H, T, S, D]
+    mu = torch.einsum("bhts,bhtsd->bhtd", s, z)  # [B, H, T, D]
+    eye = torch.eye(D, dtype=q.dtype, device=q.device)
+    sigma = torch.einsum("bhts,bhtsd,bhtse->bhtde", s, z, z) + lam[..., None, None] * eye  # [B, H, T, D, D]
+    rho = torch.linalg.solve(sigma, mu.unsqueeze(-1)).squeeze(-1)  # [B, H, T, D]
+    delta = 1.0 - (mu * rho).sum(-1)  # [B, H, T]
+    weights = s * (1.0 - torch.einsum("bhtsd,bhtd->bhts", z, rho)) / delta[..., None]  # [B, H, T, S]
+    o = weights @ V  # [B, H, T, Dv]
+    o = torch.where(seen[:, None], o, torch.zeros_like(o))
+    return o.transpose(1, 2)

@@ -1,0 +1,42 @@
+"""Shared fixtures: random inputs, the error metric and the tolerances every test uses."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Keep CI (2 cores) predictable: tests are small, threads only add noise.
+torch.set_num_threads(int(os.environ.get("LLA_TEST_THREADS", "2")))
+
+#: relative-RMS tolerances against the float64 reference, per compute dtype
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative RMS error ``||a - b|| / ||b||`` in float64 (``fla``'s metric); 0 when both are 0."""
+    a, b = a.detach().double(), b.detach().double()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den > 0 else num
+
+
+def make_qkv(B=1, T=16, H=2, D=16, S=None, Hk=None, Dv=None, dtype=torch.float64, seed=0, requires_grad=False, device="cpu"):
+    """Random ``q [B, T, H, D]``, ``k [B, S, Hk, D]``, ``v [B, S, Hk, Dv]`` (float64 draw, then cast)."""
+    S = T if S is None else S
+    Hk = H if Hk is None else Hk
+    Dv = D if Dv is None else Dv
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    k = torch.randn(B, S, Hk, D, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    v = torch.randn(B, S, Hk, Dv, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+@pytest.fixture
+def qkv():
+    return make_qkv
