@@ -47,7 +47,7 @@ import torch
 
 from .solvers import cholesky_solve, cov_diag, cov_matrix, cov_matvec, pcg
 
-__all__ = ["lla_torch", "LLATorchFunction", "TILE_ELEMS"]
+__all__ = ["lla_torch", "lla_forward", "lla_backward", "LLATorchFunction", "TILE_ELEMS"]
 
 #: Upper bound on the elements of one ``[B, H, tile, n_keys]`` score tile (float32: 16 MiB).
 TILE_ELEMS = 1 << 22
@@ -131,105 +131,119 @@ def _prepare(q, k, v, lam):
     return Q, K - kbar, V, L, kbar, bad
 
 
+def lla_forward(q, k, v, lam, cfg):
+    """Forward pass.  q [B, T, H, D], k [B, S, Hk, D], v [B, S, Hk, Dv], lam [B, T, H].
+
+    Returns ``o [B, T, H, Dv]`` (dtype of q), ``lse [B, T, H]`` float32 (true logits),
+    ``stats [2]`` = (CG iterations, worst relative residual) on the CPU, and the saved state
+    ``x, m [B, Hk, G, T, D]``, ``lse_c [B, Hk, G, T]`` (compute dtype; lse of the shifted logits).
+    """
+    B, T, H, D = q.shape
+    S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = H // Hk
+    Q, Kc, V, L, kbar, bad = _prepare(q, k, v, lam)
+    cdt = Q.dtype
+    O = Q.new_zeros(B, Hk, G, T, Dv)
+    X = Q.new_zeros(B, Hk, G, T, D)
+    M = Q.new_zeros(B, Hk, G, T, D)
+    LSE = Q.new_full((B, Hk, G, T), float("-inf"))
+    iters, resid = 0, Q.new_zeros(())
+    for i0, i1, j0, j1, mask in _tiles(T, S, cfg.window, B * H):
+        if j1 == j0:
+            continue
+        Qt, Kt, Vt = Q[:, :, :, i0:i1], Kc[:, :, j0:j1], V[:, :, j0:j1]
+        logits = _scores(Qt, Kt, mask, cfg.scale)  # [B, Hk, G, t, n]
+        mx = logits.amax(-1, keepdim=True)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        p = torch.exp(logits - mx)
+        z = p.sum(-1, keepdim=True)
+        s = _flat(p / z.clamp_min(torch.finfo(cdt).tiny))  # [B, Hk, R, n]
+        LSE[:, :, :, i0:i1] = (mx + z.log()).squeeze(-1)
+        m = s @ Kt  # [B, Hk, R, D]
+        lam_t = _flat(L[:, :, :, i0:i1])
+        x, it, r = _solve(cfg, s, Kt, m, lam_t, m - _flat(Qt - kbar.unsqueeze(2)))  # mu = m - q, both shifted
+        iters, resid = max(iters, it), torch.maximum(resid, r)
+        w = s * (1.0 + (m * x).sum(-1, keepdim=True) - x @ Kt.transpose(-1, -2))  # [B, Hk, R, n]
+        o = w @ Vt
+        if bad is not None:
+            sees_bad = (s > 0).to(cdt) @ bad[:, :, j0:j1, None].to(cdt)  # [B, Hk, R, 1]
+            o = o.masked_fill(sees_bad > 0, float("nan"))
+        shape = (B, Hk, G, i1 - i0)
+        O[:, :, :, i0:i1] = o.view(*shape, Dv)
+        X[:, :, :, i0:i1] = x.view(*shape, D)
+        M[:, :, :, i0:i1] = m.view(*shape, D)
+    o = O.reshape(B, H, T, Dv).permute(0, 2, 1, 3).to(q.dtype)
+    # lse of the true logits: the key shift moved each row's logits by scale * q . kbar
+    lse = (LSE + cfg.scale * (Q @ kbar.unsqueeze(2).transpose(-1, -2)).squeeze(-1)).reshape(B, H, T)
+    lse = lse.permute(0, 2, 1).float()
+    stats = torch.stack([torch.tensor(float(iters), dtype=resid.dtype), resid.cpu()])
+    return o, lse, stats, X, M, LSE
+
+
+def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True):
+    """Backward pass from the forward's saved state -> ``(dq, dk, dv, dlam [B, T, H] or None)``."""
+    B, T, H, D = q.shape
+    S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = H // Hk
+    Q, Kc, V, L, _, _ = _prepare(q, k, v, lam)
+    cdt = Q.dtype
+    dO = do.to(cdt).permute(0, 2, 1, 3).reshape(B, Hk, G, T, Dv)
+    dQ = torch.zeros_like(Q)
+    dK = torch.zeros_like(Kc)
+    dV = torch.zeros_like(V)
+    dL = torch.zeros_like(L)
+    for i0, i1, j0, j1, mask in _tiles(T, S, cfg.window, B * H):
+        if j1 == j0:
+            continue
+        Qt, Kt, Vt = Q[:, :, :, i0:i1], Kc[:, :, j0:j1], V[:, :, j0:j1]
+        lse = LSE[:, :, :, i0:i1, None]
+        lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+        s = _flat(torch.exp(_scores(Qt, Kt, mask, cfg.scale) - lse))  # [B, Hk, R, n]
+        x, m = _flat(X[:, :, :, i0:i1]), _flat(M[:, :, :, i0:i1])  # [B, Hk, R, D]
+        q_t, do_t, lam_t = _flat(Qt), _flat(dO[:, :, :, i0:i1]), _flat(L[:, :, :, i0:i1])
+        g = do_t @ Vt.transpose(-1, -2)  # [B, Hk, R, n]   g_j = do . v_j
+        yx = x @ Kt.transpose(-1, -2) - (m * x).sum(-1, keepdim=True)  # y_j . x
+        sg = s * g
+        gbar = sg.sum(-1, keepdim=True)  # [B, Hk, R, 1]
+        gx = gbar * m - sg @ Kt  # -sum_j s_j g_j y_j
+        u, _, _ = _solve(cfg, s, Kt, m, lam_t, gx)  # adjoint solve
+        gm = gbar * x + u
+        ugm = torch.cat([u, gm], dim=-2) @ Kt.transpose(-1, -2)  # [B, Hk, 2R, n]
+        R = u.shape[-2]
+        yu = ugm[..., :R, :] - (m * u).sum(-1, keepdim=True)
+        ygm = ugm[..., R:, :] - (m * gm).sum(-1, keepdim=True)
+        c = 1.0 - yx
+        P = c * g - yu * yx + ygm
+        dl = s * (P - (s * P).sum(-1, keepdim=True))
+        dq = cfg.scale * (dl @ Kt) - u
+        dQ[:, :, :, i0:i1] = dq.view(B, Hk, G, i1 - i0, D)
+        sc = s * c
+        coef = torch.cat([s * (gbar - g - yu), sc, cfg.scale * dl], dim=-2)  # [B, Hk, 3R, n]
+        dK[:, :, j0:j1] += coef.transpose(-1, -2) @ torch.cat([x, u, q_t], dim=-2)
+        dV[:, :, j0:j1] += sc.transpose(-1, -2) @ do_t
+        dL[:, :, :, i0:i1] = (-(u * x).sum(-1)).view(B, Hk, G, i1 - i0)
+    dq = dQ.reshape(B, H, T, D).permute(0, 2, 1, 3).to(q.dtype)
+    dk = dK.permute(0, 2, 1, 3).to(k.dtype)
+    dv = dV.permute(0, 2, 1, 3).to(v.dtype)
+    dlam = dL.reshape(B, H, T).permute(0, 2, 1).to(lam.dtype) if need_dlam else None
+    return dq, dk, dv, dlam
+
+
 class LLATorchFunction(torch.autograd.Function):
     """Autograd wrapper: ``(q, k, v, lam[B, T, H], cfg) -> (o, lse, stats)``; stats = [iters, residual]."""
 
     @staticmethod
     def forward(ctx, q, k, v, lam, cfg):
-        B, T, H, D = q.shape
-        S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-        G = H // Hk
-        Q, Kc, V, L, kbar, bad = _prepare(q, k, v, lam)
-        cdt = Q.dtype
-        O = Q.new_zeros(B, Hk, G, T, Dv)
-        X = Q.new_zeros(B, Hk, G, T, D)
-        M = Q.new_zeros(B, Hk, G, T, D)
-        LSE = Q.new_full((B, Hk, G, T), float("-inf"))
-        iters, resid = 0, Q.new_zeros(())
-        for i0, i1, j0, j1, mask in _tiles(T, S, cfg.window, B * H):
-            if j1 == j0:
-                continue
-            Qt, Kt, Vt = Q[:, :, :, i0:i1], Kc[:, :, j0:j1], V[:, :, j0:j1]
-            logits = _scores(Qt, Kt, mask, cfg.scale)  # [B, Hk, G, t, n]
-            mx = logits.amax(-1, keepdim=True)
-            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-            p = torch.exp(logits - mx)
-            z = p.sum(-1, keepdim=True)
-            s = _flat(p / z.clamp_min(torch.finfo(cdt).tiny))  # [B, Hk, R, n]
-            LSE[:, :, :, i0:i1] = (mx + z.log()).squeeze(-1)
-            m = s @ Kt  # [B, Hk, R, D]
-            lam_t = _flat(L[:, :, :, i0:i1])
-            x, it, r = _solve(cfg, s, Kt, m, lam_t, m - _flat(Qt - kbar.unsqueeze(2)))  # mu = m - q, both shifted
-            iters, resid = max(iters, it), torch.maximum(resid, r)
-            w = s * (1.0 + (m * x).sum(-1, keepdim=True) - x @ Kt.transpose(-1, -2))  # [B, Hk, R, n]
-            o = w @ Vt
-            if bad is not None:
-                sees_bad = (s > 0).to(cdt) @ bad[:, :, j0:j1, None].to(cdt)  # [B, Hk, R, 1]
-                o = o.masked_fill(sees_bad > 0, float("nan"))
-            shape = (B, Hk, G, i1 - i0)
-            O[:, :, :, i0:i1] = o.view(*shape, Dv)
-            X[:, :, :, i0:i1] = x.view(*shape, D)
-            M[:, :, :, i0:i1] = m.view(*shape, D)
+        o, lse, stats, X, M, LSE = lla_forward(q, k, v, lam, cfg)
         ctx.save_for_backward(q, k, v, lam, X, M, LSE)
         ctx.cfg = cfg
-        ctx.mark_non_differentiable(LSE)
-        o = O.reshape(B, H, T, Dv).permute(0, 2, 1, 3).to(q.dtype)
-        # lse of the true logits: the key shift moved each row's logits by scale * q . kbar
-        lse = (LSE + cfg.scale * (Q @ kbar.unsqueeze(2).transpose(-1, -2)).squeeze(-1)).reshape(B, H, T)
-        lse = lse.permute(0, 2, 1).float()
-        ctx.mark_non_differentiable(lse)
-        stats = torch.stack([torch.tensor(float(iters), dtype=resid.dtype), resid.cpu()])
-        ctx.mark_non_differentiable(stats)
+        ctx.mark_non_differentiable(lse, stats)
         return o, lse, stats
 
     @staticmethod
     def backward(ctx, do, _dlse, _dstats):
         q, k, v, lam, X, M, LSE = ctx.saved_tensors
-        cfg = ctx.cfg
-        B, T, H, D = q.shape
-        S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-        G = H // Hk
-        Q, Kc, V, L, _, _ = _prepare(q, k, v, lam)
-        cdt = Q.dtype
-        dO = do.to(cdt).permute(0, 2, 1, 3).reshape(B, Hk, G, T, Dv)
-        dQ = torch.zeros_like(Q)
-        dK = torch.zeros_like(Kc)
-        dV = torch.zeros_like(V)
-        dL = torch.zeros_like(L)
-        for i0, i1, j0, j1, mask in _tiles(T, S, cfg.window, B * H):
-            if j1 == j0:
-                continue
-            Qt, Kt, Vt = Q[:, :, :, i0:i1], Kc[:, :, j0:j1], V[:, :, j0:j1]
-            lse = LSE[:, :, :, i0:i1, None]
-            lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
-            s = _flat(torch.exp(_scores(Qt, Kt, mask, cfg.scale) - lse))  # [B, Hk, R, n]
-            x, m = _flat(X[:, :, :, i0:i1]), _flat(M[:, :, :, i0:i1])  # [B, Hk, R, D]
-            q_t, do_t, lam_t = _flat(Qt), _flat(dO[:, :, :, i0:i1]), _flat(L[:, :, :, i0:i1])
-            g = do_t @ Vt.transpose(-1, -2)  # [B, Hk, R, n]   g_j = do . v_j
-            yx = x @ Kt.transpose(-1, -2) - (m * x).sum(-1, keepdim=True)  # y_j . x
-            sg = s * g
-            gbar = sg.sum(-1, keepdim=True)  # [B, Hk, R, 1]
-            gx = gbar * m - sg @ Kt  # -sum_j s_j g_j y_j
-            u, _, _ = _solve(cfg, s, Kt, m, lam_t, gx)  # adjoint solve
-            gm = gbar * x + u
-            ugm = torch.cat([u, gm], dim=-2) @ Kt.transpose(-1, -2)  # [B, Hk, 2R, n]
-            R = u.shape[-2]
-            yu = ugm[..., :R, :] - (m * u).sum(-1, keepdim=True)
-            ygm = ugm[..., R:, :] - (m * gm).sum(-1, keepdim=True)
-            c = 1.0 - yx
-            P = c * g - yu * yx + ygm
-            dl = s * (P - (s * P).sum(-1, keepdim=True))
-            dq = cfg.scale * (dl @ Kt) - u
-            dQ[:, :, :, i0:i1] = dq.view(B, Hk, G, i1 - i0, D)
-            sc = s * c
-            coef = torch.cat([s * (gbar - g - yu), sc, cfg.scale * dl], dim=-2)  # [B, Hk, 3R, n]
-            dK[:, :, j0:j1] += coef.transpose(-1, -2) @ torch.cat([x, u, q_t], dim=-2)
-            dV[:, :, j0:j1] += sc.transpose(-1, -2) @ do_t
-            dL[:, :, :, i0:i1] = (-(u * x).sum(-1)).view(B, Hk, G, i1 - i0)
-        dq = dQ.reshape(B, H, T, D).permute(0, 2, 1, 3).to(q.dtype)
-        dk = dK.permute(0, 2, 1, 3).to(k.dtype)
-        dv = dV.permute(0, 2, 1, 3).to(v.dtype)
-        dlam = dL.reshape(B, H, T).permute(0, 2, 1).to(lam.dtype) if ctx.needs_input_grad[3] else None
+        dq, dk, dv, dlam = lla_backward(do, q, k, v, lam, X, M, LSE, ctx.cfg, ctx.needs_input_grad[3])
         return dq, dk, dv, dlam, None
 
 
