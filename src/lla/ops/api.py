@@ -25,12 +25,18 @@ class LLAAux(NamedTuple):
     lse:      softmax log-sum-exp of the scaled logits, ``[B, T, H]`` float32 (``-inf`` for a row
               that sees no key).
     solver:   the solver that ran ("cg" or "direct").
+    amplification: a rounding-error magnifier, worst over rows of
+              ``sum_j s_ij |(k_j - m_i) . x_i|`` (the possibly negative equivalent weights) plus
+              ``sum_j s_ij |k_j - kbar|^2 / lam_i`` (forming ``A`` next to the ridge).  The output's
+              relative error is at most about ``amplification * eps(compute dtype)``; the op warns
+              when that exceeds 1e-3 (huge keys, a tiny ridge).  NaN when a backend does not report it.
     """
 
     iters: int
     residual: float
     lse: torch.Tensor
     solver: str
+    amplification: float = float("nan")
 
 
 class LLAConvergenceWarning(RuntimeWarning):
@@ -53,7 +59,7 @@ def _normalise_ridge(ridge, B: int, T: int, H: int, q: torch.Tensor) -> torch.Te
     if not isinstance(ridge, torch.Tensor):
         if not math.isfinite(ridge) or ridge <= 0:
             raise ValueError(f"ridge must be a finite number > 0, got {ridge}")
-        return torch.full((1, 1, 1), float(ridge), dtype=torch.float32, device=q.device).expand(B, T, H)
+        return torch.full((1, 1, 1), float(ridge), dtype=torch.float64, device=q.device).expand(B, T, H)
     if not ridge.is_floating_point():
         raise TypeError(f"ridge must be a floating-point tensor, got {ridge.dtype}")
     if ridge.device != q.device:
@@ -173,7 +179,7 @@ def local_linear_attention(
         solver: ``"cg"`` (matrix-free preconditioned conjugate gradient), ``"direct"`` (tile-wise
             moments + batched Cholesky, exact at any ridge) or ``"auto"`` (see ``resolve_solver``).
         max_iters: CG iteration cap (default ``2 D``, ``4 D`` in float64).
-        tol: CG relative-residual tolerance per row (default 1e-5, 1e-11 in float64).
+        tol: CG relative-residual tolerance per row (default 1e-6, 1e-11 in float64).
         precondition: Jacobi-precondition CG.
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"``, ``"triton"``.
         return_aux: also return an ``LLAAux``.
@@ -232,10 +238,10 @@ def local_linear_attention(
     if max_iters is None:
         max_iters = 4 * D if q.dtype == torch.float64 else 2 * D
     if tol is None:
-        tol = 1e-11 if q.dtype == torch.float64 else 1e-5
+        tol = 1e-11 if q.dtype == torch.float64 else 1e-6
 
     name = _pick_backend(backend, q)
-    o, lse, iters, residual = _backend_fn(name)(
+    o, lse, iters, residual, *extra = _backend_fn(name)(
         q,
         k,
         v,
@@ -257,6 +263,16 @@ def local_linear_attention(
             LLAConvergenceWarning,
             stacklevel=2,
         )
+    amplification = float(extra[0]) if extra else float("nan")
+    eps = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).eps
+    if amplification * eps > 1e-3:
+        warnings.warn(
+            f"local_linear_attention: ill-conditioned for {q.dtype}: the local-linear weights amplify rounding "
+            f"by ~{amplification:.3g} (expected relative error ~{amplification * eps:.1e}). Use float64 inputs, a "
+            "larger ridge, or smaller logits.",
+            LLAConvergenceWarning,
+            stacklevel=2,
+        )
     if return_aux:
-        return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver)
+        return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver, amplification=amplification)
     return o

@@ -135,7 +135,8 @@ def lla_forward(q, k, v, lam, cfg):
     """Forward pass.  q [B, T, H, D], k [B, S, Hk, D], v [B, S, Hk, Dv], lam [B, T, H].
 
     Returns ``o [B, T, H, Dv]`` (dtype of q), ``lse [B, T, H]`` float32 (true logits),
-    ``stats [2]`` = (CG iterations, worst relative residual) on the CPU, and the saved state
+    ``stats [3]`` = (CG iterations, worst relative residual, worst amplification) on the CPU, where
+    the amplification estimates how much rounding is magnified (see ``LLAAux``), and the saved state
     ``x, m [B, Hk, G, T, D]``, ``lse_c [B, Hk, G, T]`` (compute dtype; lse of the shifted logits).
     """
     B, T, H, D = q.shape
@@ -147,7 +148,7 @@ def lla_forward(q, k, v, lam, cfg):
     X = Q.new_zeros(B, Hk, G, T, D)
     M = Q.new_zeros(B, Hk, G, T, D)
     LSE = Q.new_full((B, Hk, G, T), float("-inf"))
-    iters, resid = 0, Q.new_zeros(())
+    iters, resid, amp = 0, Q.new_zeros(()), Q.new_zeros(())
     for i0, i1, j0, j1, mask in _tiles(T, S, cfg.window, B * H):
         if j1 == j0:
             continue
@@ -163,7 +164,12 @@ def lla_forward(q, k, v, lam, cfg):
         lam_t = _flat(L[:, :, :, i0:i1])
         x, it, r = _solve(cfg, s, Kt, m, lam_t, m - _flat(Qt - kbar.unsqueeze(2)))  # mu = m - q, both shifted
         iters, resid = max(iters, it), torch.maximum(resid, r)
-        w = s * (1.0 + (m * x).sum(-1, keepdim=True) - x @ Kt.transpose(-1, -2))  # [B, Hk, R, n]
+        yx = x @ Kt.transpose(-1, -2) - (m * x).sum(-1, keepdim=True)  # [B, Hk, R, n]  y_j . x
+        # rounding amplification: of the output weights, and of forming A next to the ridge
+        ksq = (Kt * Kt).sum(-1, keepdim=True)  # [B, Hk, n, 1]
+        amp_rows = (s * yx.abs()).sum(-1) + (s @ ksq).squeeze(-1) / lam_t  # [B, Hk, R]
+        amp = torch.maximum(amp, amp_rows.max())
+        w = s * (1.0 - yx)
         o = w @ Vt
         if bad is not None:
             sees_bad = (s > 0).to(cdt) @ bad[:, :, j0:j1, None].to(cdt)  # [B, Hk, R, 1]
@@ -176,7 +182,7 @@ def lla_forward(q, k, v, lam, cfg):
     # lse of the true logits: the key shift moved each row's logits by scale * q . kbar
     lse = (LSE + cfg.scale * (Q @ kbar.unsqueeze(2).transpose(-1, -2)).squeeze(-1)).reshape(B, H, T)
     lse = lse.permute(0, 2, 1).float()
-    stats = torch.stack([torch.tensor(float(iters), dtype=resid.dtype), resid.cpu()])
+    stats = torch.stack([torch.tensor(float(iters), dtype=resid.dtype), resid.cpu(), amp.cpu()])
     return o, lse, stats, X, M, LSE
 
 
@@ -230,7 +236,7 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True):
 
 
 class LLATorchFunction(torch.autograd.Function):
-    """Autograd wrapper: ``(q, k, v, lam[B, T, H], cfg) -> (o, lse, stats)``; stats = [iters, residual]."""
+    """Autograd wrapper: ``(q, k, v, lam[B, T, H], cfg) -> (o, lse, stats)``; stats as in ``lla_forward``."""
 
     @staticmethod
     def forward(ctx, q, k, v, lam, cfg):
@@ -248,22 +254,23 @@ class LLATorchFunction(torch.autograd.Function):
 
 
 def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition):
-    """PyTorch backend entry: returns ``(o [B, T, H, Dv], lse [B, T, H], iters, residual)``.
+    """PyTorch backend entry: ``(o [B, T, H, Dv], lse [B, T, H], iters, residual, amplification)``.
 
     Packed sequences (``cu_seqlens``) run one after the other, so nothing crosses a boundary.
     """
     cfg = _Cfg(scale, tuple(window_size), solver, max_iters, tol, precondition)
     if cu_seqlens is None:
         o, lse, stats = LLATorchFunction.apply(q, k, v, lam, cfg)
-        iters, resid = stats.tolist()
-        return o, lse, int(iters), resid
-    outs, lses, iters, resid = [], [], 0, 0.0
+        iters, resid, amp = stats.tolist()
+        return o, lse, int(iters), resid, amp
+    outs, lses, iters, resid, amp = [], [], 0, 0.0, 0.0
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds, bounds[1:]):
         o, lse, stats = LLATorchFunction.apply(q[:, a:b], k[:, a:b], v[:, a:b], lam[:, a:b], cfg)
-        it, r = stats.tolist()
+        it, r, a = stats.tolist()
+        amp = max(amp, a)
         outs.append(o)
         lses.append(lse)
         iters = max(iters, int(it))
         resid = r if math.isnan(r) else max(resid, r)
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1), iters, resid
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1), iters, resid, amp
