@@ -1,7 +1,21 @@
 """lla: Local Linear Attention (Zuo et al., ICLR 2026) for PyTorch."""
 
-from .ops import LLAAux, LLAConvergenceWarning, local_linear_attention, local_linear_attention_ref
+from .ops import (
+    LLAAux,
+    LLAConvergenceWarning,
+    local_linear_attention,
+    local_linear_attention_ref,
+    local_linear_attention_with_kvcache,
+)
+
+from . import nn  # noqa: E402  (layers; after the ops they build on)
 
 __version__ = "0.1.0"
 
-__all__ = ["local_linear_attention", "local_linear_attention_ref", "LLAAux", "LLAConvergenceWarning"]
+__all__ = [
+    "local_linear_attention",
+    "local_linear_attention_with_kvcache",
+    "local_linear_attention_ref",
+    "LLAAux",
+    "LLAConvergenceWarning",
+]

@@ -73,6 +73,8 @@ def _normalise_ridge(ridge, B: int, T: int, H: int, q: torch.Tensor) -> torch.Te
             f"ridge must be broadcastable to [B, T, H] = {[B, T, H]}, got shape {tuple(ridge.shape)} "
             "(a per-head ridge has shape [H])"
         ) from None
+    if torch.compiler.is_compiling():  # no host reads while traced (the custom op takes it as given)
+        return lam
     if not bool(torch.isfinite(ridge).all()) or not bool((ridge > 0).all()):
         raise ValueError("ridge must be finite and > 0 everywhere")
     return lam
@@ -230,6 +232,16 @@ def local_linear_attention(
     if tol is not None and (not isinstance(tol, (int, float)) or not (tol > 0)):
         raise ValueError(f"tol must be a number > 0, got {tol!r}")
     lam = _normalise_ridge(ridge, B, T, H, q)
+    if torch.compiler.is_compiling():
+        # torch.compile: one opaque custom op (fake impl + autograd), no data-dependent checks or
+        # warnings; "auto" solver and defaults are resolved inside it.  Eager path below unchanged.
+        from .custom_op import lla_compiled
+
+        o, lse = lla_compiled(
+            q, k, v, lam, cu_seqlens, scale=float(scale), window_size=window_size, solver=solver,
+            max_iters=max_iters, tol=tol, precondition=precondition,
+        )
+        return (o, LLAAux(iters=-1, residual=float("nan"), lse=lse, solver=solver)) if return_aux else o
     if cu_seqlens is not None:
         cu_seqlens = _check_cu_seqlens(cu_seqlens, B, T, S, q.device)
 

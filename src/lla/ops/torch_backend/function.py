@@ -45,12 +45,16 @@ import math
 
 import torch
 
-from .solvers import cholesky_solve, cov_diag, cov_matrix, cov_matvec, pcg
+from .solvers import cholesky_solve, cov_diag, cov_matrix, pcg_compact, tile_preconditioner
 
 __all__ = ["lla_torch", "lla_forward", "lla_backward", "LLATorchFunction", "TILE_ELEMS"]
 
 #: Upper bound on the elements of one ``[B, H, tile, n_keys]`` score tile (float32: 16 MiB).
 TILE_ELEMS = 1 << 22
+
+#: Upper bound on the elements of one ``[G * tile, n_keys]`` weight tile of one key head in the
+#: forward (float32: 4 MiB).  Small enough for the CG loop's passes to stay in cache.
+HEAD_TILE_ELEMS = 1 << 20
 
 
 class _Cfg:
@@ -61,11 +65,13 @@ class _Cfg:
         self.max_iters, self.tol, self.precondition = max_iters, tol, precondition
 
 
-def _tiles(T: int, S: int, window, rows_per_q: int):
-    """Yield (i0, i1, j0, j1, mask[t, n] or None): query tiles and the key range they can see."""
+def _tiles(T: int, S: int, window, rows_per_q: int, elems: int = TILE_ELEMS):
+    """Yield (i0, i1, j0, j1, mask[t, n] or None): query tiles and the key range they can see.
+
+    A tile has ``t`` query positions, ``rows_per_q * t * S <= elems`` (at least 16 positions)."""
     left, right = window
     off = S - T
-    t = max(16, min(T, TILE_ELEMS // max(1, rows_per_q * S)))
+    t = max(16, min(T, elems // max(1, rows_per_q * S)))
     for i0 in range(0, T, t):
         i1 = min(T, i0 + t)
         j1 = S if right < 0 else max(0, min(S, i1 - 1 + off + right + 1))
@@ -96,13 +102,65 @@ def _flat(x):
     return x.flatten(2, 3)
 
 
-def _solve(cfg, s, kc, m, lam, b):
-    """Solve A x = b for a tile's rows with the configured solver -> (x, iters, residual)."""
+def _solve(cfg, s, kc, m, lam, b, diag=None, scratch=None):
+    """Solve A x = b for a tile's rows with the configured solver -> (x, iters, residual).
+
+    ``diag`` (CG only) is the Jacobi diagonal when the caller has it already (else computed here).
+    """
     if cfg.solver == "direct":
         x, resid = cholesky_solve(cov_matrix(s, kc, m, lam), b)
         return x, 0, resid
-    diag = cov_diag(s, kc, m, lam) if cfg.precondition else None
-    return pcg(lambda p: cov_matvec(s, kc, m, lam, p), b, diag, tol=cfg.tol, max_iters=cfg.max_iters)
+    minv = tile_preconditioner(s, kc, m, lam) if cfg.precondition else None
+    if cfg.precondition and minv is None and diag is None:
+        diag = cov_diag(s, kc, m, lam)  # fallback: Jacobi
+    return pcg_compact(s, kc, m, lam, b, diag if cfg.precondition else None, tol=cfg.tol,
+                       max_iters=cfg.max_iters, scratch=scratch, minv=minv)
+
+
+class _Scratch:
+    """Reusable flat buffers, so that the ``[B, Hk, R, n]`` tiles of the hot loop are not freshly
+    allocated (and page-faulted) on every use.  ``get(slot, shape)`` returns a contiguous view."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like
+        self.bufs: dict = {}
+
+    def get(self, slot: str, shape) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.bufs.get(slot)
+        if buf is None or buf.numel() < n:
+            buf = self.like.new_empty(max(n, 1))
+            self.bufs[slot] = buf
+        return buf[:n].view(*shape)
+
+
+def _mask_fill_(logits, mask, G):
+    """Set the masked logits of a tile to -inf in place, touching only the partly masked columns.
+
+    logits [B, Hk, G * t, n]; mask [t, n] bool (True = visible) or None.
+    """
+    if mask is None:
+        return
+    partial = (~mask.all(0)).nonzero()
+    c0, c1 = int(partial[0]), int(partial[-1]) + 1
+    hidden = ~mask[:, c0:c1].to(logits.device)  # [t, c]
+    if G > 1:
+        hidden = hidden.repeat(G, 1)
+    logits[..., c0:c1].masked_fill_(hidden, float("-inf"))
+
+
+def _softmax_tile(Qs, Kt, mask, G, scratch):
+    """Softmax weights of a tile, in a scratch buffer: Qs [..., R, D] (already scaled),
+    Kt [..., n, D] -> (s [..., R, n], lse [..., R] of the (shifted) logits)."""
+    s = scratch.get("s", (*Qs.shape[:-1], Kt.shape[-2]))
+    torch.matmul(Qs, Kt.transpose(-1, -2), out=s)
+    _mask_fill_(s, mask, G)
+    mx = s.amax(-1, keepdim=True)  # [B, Hk, R, 1]
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    s.sub_(mx).exp_()
+    z = s.sum(-1, keepdim=True)
+    s.mul_(1.0 / z.clamp_min(torch.finfo(s.dtype).tiny))
+    return s, (mx + z.log()).squeeze(-1)
 
 
 def _prepare(q, k, v, lam):
@@ -138,46 +196,57 @@ def lla_forward(q, k, v, lam, cfg):
     ``stats [3]`` = (CG iterations, worst relative residual, worst amplification) on the CPU, where
     the amplification estimates how much rounding is magnified (see ``LLAAux``), and the saved state
     ``x, m [B, Hk, G, T, D]``, ``lse_c [B, Hk, G, T]`` (compute dtype; lse of the shifted logits).
+
+    One key head at a time (its ``G`` query heads together), per tile of query rows: one logits
+    GEMM and an in-place softmax in a reused buffer; one GEMM for the mean ``m``; the solve (CG with
+    a tile-shared dense preconditioner, dropping converged rows as it goes); one GEMM for ``y . x``
+    and one for the output.  A tile is ``HEAD_TILE_ELEMS`` weights (4 MiB in float32), which keeps
+    the CG loop's weight tile in cache: measured ~1.5x faster per iteration than all heads at once.
     """
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hk
     Q, Kc, V, L, kbar, bad = _prepare(q, k, v, lam)
     cdt = Q.dtype
+    scratch = _Scratch(Q)
+    Qs = Q * cfg.scale  # [B, Hk, G, T, D] scaled once
+    Qmu = Q - kbar.unsqueeze(2)  # queries in the shifted key frame (for mu = m - q)
+    ksq = (Kc * Kc).sum(-1, keepdim=True)  # [B, Hk, S, 1]
     O = Q.new_zeros(B, Hk, G, T, Dv)
     X = Q.new_zeros(B, Hk, G, T, D)
     M = Q.new_zeros(B, Hk, G, T, D)
     LSE = Q.new_full((B, Hk, G, T), float("-inf"))
     iters, resid, amp = 0, Q.new_zeros(()), Q.new_zeros(())
-    for i0, i1, j0, j1, mask in _tiles(T, S, cfg.window, B * H):
-        if j1 == j0:
-            continue
-        Qt, Kt, Vt = Q[:, :, :, i0:i1], Kc[:, :, j0:j1], V[:, :, j0:j1]
-        logits = _scores(Qt, Kt, mask, cfg.scale)  # [B, Hk, G, t, n]
-        mx = logits.amax(-1, keepdim=True)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        p = torch.exp(logits - mx)
-        z = p.sum(-1, keepdim=True)
-        s = _flat(p / z.clamp_min(torch.finfo(cdt).tiny))  # [B, Hk, R, n]
-        LSE[:, :, :, i0:i1] = (mx + z.log()).squeeze(-1)
-        m = s @ Kt  # [B, Hk, R, D]
-        lam_t = _flat(L[:, :, :, i0:i1])
-        x, it, r = _solve(cfg, s, Kt, m, lam_t, m - _flat(Qt - kbar.unsqueeze(2)))  # mu = m - q, both shifted
-        iters, resid = max(iters, it), torch.maximum(resid, r)
-        yx = x @ Kt.transpose(-1, -2) - (m * x).sum(-1, keepdim=True)  # [B, Hk, R, n]  y_j . x
-        # rounding amplification: of the output weights, and of forming A next to the ridge
-        ksq = (Kt * Kt).sum(-1, keepdim=True)  # [B, Hk, n, 1]
-        amp_rows = (s * yx.abs()).sum(-1) + (s @ ksq).squeeze(-1) / lam_t  # [B, Hk, R]
-        amp = torch.maximum(amp, amp_rows.max())
-        w = s * (1.0 - yx)
-        o = w @ Vt
-        if bad is not None:
-            sees_bad = (s > 0).to(cdt) @ bad[:, :, j0:j1, None].to(cdt)  # [B, Hk, R, 1]
-            o = o.masked_fill(sees_bad > 0, float("nan"))
-        shape = (B, Hk, G, i1 - i0)
-        O[:, :, :, i0:i1] = o.view(*shape, Dv)
-        X[:, :, :, i0:i1] = x.view(*shape, D)
-        M[:, :, :, i0:i1] = m.view(*shape, D)
+    tiles = list(_tiles(T, S, cfg.window, G, HEAD_TILE_ELEMS))
+    for b in range(B):
+        for h in range(Hk):
+            for i0, i1, j0, j1, mask in tiles:
+                if j1 == j0:
+                    continue
+                t = i1 - i0
+                Kt, Vt = Kc[b, h, j0:j1], V[b, h, j0:j1]  # [n, D], [n, Dv]
+                s, lse_t = _softmax_tile(Qs[b, h, :, i0:i1].reshape(G * t, D), Kt, mask, G, scratch)  # [R, n]
+                LSE[b, h, :, i0:i1] = lse_t.view(G, t)
+                m = s @ Kt  # [R, D]
+                lam_t = L[b, h, :, i0:i1].reshape(G * t)
+                mu = m - Qmu[b, h, :, i0:i1].reshape(G * t, D)
+                x, it, r = _solve(cfg, s, Kt, m, lam_t, mu, None, scratch)
+                iters, resid = max(iters, it), torch.maximum(resid, r)
+                # y_j . x, then s_j (y_j . x) in place; the output weights are s_j - s_j (y_j . x)
+                syx = scratch.get("k", s.shape)
+                torch.matmul(x, Kt.transpose(-1, -2), out=syx)
+                syx.sub_((m * x).sum(-1, keepdim=True)).mul_(s)
+                # rounding amplification: of the output weights, and of forming A next to the ridge
+                amp_rows = torch.linalg.vector_norm(syx, ord=1, dim=-1) + (s @ ksq[b, h, j0:j1]).squeeze(-1) / lam_t
+                amp = torch.maximum(amp, amp_rows.max())
+                if bad is not None:
+                    sees_bad = (s > 0).to(cdt) @ bad[b, h, j0:j1, None].to(cdt)  # [R, 1]
+                o = torch.matmul(syx.neg_().add_(s), Vt)  # [R, Dv]
+                if bad is not None:
+                    o = o.masked_fill(sees_bad > 0, float("nan"))
+                O[b, h, :, i0:i1] = o.view(G, t, Dv)
+                X[b, h, :, i0:i1] = x.view(G, t, D)
+                M[b, h, :, i0:i1] = m.view(G, t, D)
     o = O.reshape(B, H, T, Dv).permute(0, 2, 1, 3).to(q.dtype)
     # lse of the true logits: the key shift moved each row's logits by scale * q . kbar
     lse = (LSE + cfg.scale * (Q @ kbar.unsqueeze(2).transpose(-1, -2)).squeeze(-1)).reshape(B, H, T)

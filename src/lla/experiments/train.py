@@ -1,0 +1,133 @@
+"""Training loop: AdamW, warmup + cosine schedule, seeded data, evaluation, checkpoint/resume,
+tqdm progress, JSONL metrics; single process or DistributedDataParallel under ``torchrun``.
+
+Data are drawn from a generator seeded by ``(seed, step, rank)``, so a resumed run sees exactly the
+batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 32  # global: split over ranks
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 10
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: only at the end
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_distributed() -> torch.device:
+    """Initialise the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    frac = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def batch_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank * 104_729 + 1)
+
+
+def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None, log=None,
+          desc: str = "train", stop_after: int | None = None, progress: bool = True, meta: dict | None = None) -> dict:
+    """Train ``model`` on ``task`` for ``cfg.steps`` steps (resuming from ``ckpt_path`` if it exists).
+
+    ``task.sample(batch, generator) -> (inputs, targets)`` and ``task.loss(outputs, targets)``.
+    ``stop_after`` ends this invocation after that many total steps (an interruption, for tests).
+    ``meta`` (e.g. the model and train configs) is stored in the checkpoint; a checkpoint whose meta
+    differs is not resumed from (training starts over).
+    Returns ``{"step", "loss"}`` of the last step run.  Rank 0 writes checkpoints and logs.
+    """
+    rank, world = dist_info()
+    if cfg.batch_size % world != 0:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world}")
+    model.to(device)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
+    start = 0
+    meta = {"train": cfg.to_dict(), **(meta or {})}
+    state = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path and os.path.exists(ckpt_path) else None
+    if state is not None and state.get("meta") == meta:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = state["step"]
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    def save(step):
+        if ckpt_path and rank == 0:
+            os.makedirs(os.path.dirname(ckpt_path) or ".", exist_ok=True)
+            tmp = ckpt_path + ".tmp"
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "meta": meta}, tmp)
+            os.replace(tmp, ckpt_path)
+        if world > 1:
+            dist.barrier()
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    last = {"step": start, "loss": float("nan")}
+    bar = tqdm(range(start, end), desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
+    ddp.train()
+    for step in bar:
+        x, y = task.sample(cfg.batch_size // world, batch_generator(cfg.seed, step, rank))
+        x, y = x.to(device), y.to(device)
+        loss = task.loss(ddp(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        lv = loss.detach()
+        if world > 1:
+            dist.all_reduce(lv)
+            lv /= world
+        last = {"step": step + 1, "loss": lv.item()}
+        if not math.isfinite(last["loss"]):
+            raise FloatingPointError(f"{desc}: loss became {last['loss']} at step {step + 1}")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if log is not None and rank == 0:
+                log({"kind": "train", "run": desc, "step": step + 1, "loss": last["loss"], "lr": sched.get_last_lr()[0]})
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
+            save(step + 1)
+    bar.close()
+    if end > start:
+        save(end)
+    model.eval()
+    return last

@@ -1,0 +1,385 @@
+"""FlashLLA-style Triton kernels: forward (moments, in-kernel CG, output) and backward (adjoint).
+
+The math is the PyTorch backend's (``lla.ops.torch_backend.function``), in its notation.  Per query
+row ``i`` with softmax weights ``s_j`` over its visible keys (keys already shifted by their per-head
+mean ``kbar``, queries not):
+
+    m     = sum_j s_j k_j                                   (D)
+    mu    = m - (q - kbar)                                  (D)
+    A p   = sum_j s_j (k_j . p) k_j - (m . p) m + lam p     matrix-free, streamed over key tiles
+    x     = A^{-1} mu                                       Jacobi-preconditioned CG, per-row exit
+    o     = sum_j s_j (1 - (k_j - m) . x) v_j
+
+Layouts (all contiguous): ``q [B, T, H, D]``, ``k [B, S, Hk, D]``, ``v [B, S, Hk, Dv]`` in the input
+dtype (tiles are cast to float32 on load, keys shifted by ``kbar [B, Hk, D]`` float32 on load),
+per-row float32 state ``[B, T, H, D]`` / ``[B, T, H]``.
+Visibility (causal, window, packed sequences) arrives as per-row key ranges ``lo[T], hi[T]``
+(query row ``i`` sees keys ``lo_i <= j <= hi_i``) and, for the key-tile kernel, per-key query
+ranges ``qlo[S], qhi[S]``; tiles outside the ranges are never visited.
+
+Head dims are padded to powers of two (``BLOCK_D``, ``BLOCK_DV``) with masked loads: padded
+coordinates hold zeros, the ridge keeps their diagonal positive, and the right-hand sides are zero
+there, so the solves never move them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel"]
+
+_BIG = tl.constexpr(1.0e30)  # finite stand-ins for -inf / +inf in running maxima and empty rows
+
+
+@triton.jit
+def _weights(q, kt, lse_s, lo, hi, j, scale, PREC: tl.constexpr):
+    """Normalised softmax weights of a (rows x key tile) block: s [BM, BN] (0 where not visible)."""
+    logits = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
+    vis = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
+    return tl.where(vis, tl.exp(logits - lse_s[:, None]), 0.0)
+
+
+@triton.jit
+def _load_keys(Kb, kbar, j, offs_d, S, D, kstride):
+    """A shifted key tile ``k_j - kbar`` [BN, BLOCK_D] in float32.  Zero in padded head dims (kbar is
+    zero there); rows past the sequence hold ``-kbar``, harmless as their weights are always zero."""
+    ptrs = Kb + j[:, None].to(tl.int64) * kstride + offs_d[None, :]
+    inside = (j[:, None] < S) & (offs_d[None, :] < D)
+    return tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) - kbar[None, :]
+
+
+@triton.jit
+def _cov_matvec(p, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """``A p`` for a tile of rows, streaming key tiles and recomputing the weights: [BM, BLOCK_D]."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros_like(p)
+    for j0 in range(j_start, j_end, BLOCK_N):
+        j = j0 + offs_n
+        kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
+        s = _weights(q, kt, lse_s, lo, hi, j, scale, PREC)
+        kp = tl.dot(p, tl.trans(kt), input_precision=PREC)  # [BM, BN]  k_j . p
+        acc += tl.dot(s * kp, kt, input_precision=PREC)
+    return acc - tl.sum(m * p, 1)[:, None] * m + lam[:, None] * p
+
+
+@triton.jit
+def _pcg(b, inv_diag, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol, max_iters,
+         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """Jacobi-preconditioned CG on ``A x = b``, one system per row; a row stops once
+    ``||r|| <= tol ||b||``, the tile stops when all rows have.  Returns (x, r, iterations)."""
+    x = tl.zeros_like(b)
+    r = b
+    z = r * inv_diag
+    p = z
+    rz = tl.sum(r * z, 1)
+    thresh = tol * tol * tl.sum(b * b, 1)
+    active = tl.sum(r * r, 1) > thresh
+    it = 0
+    n_active = tl.sum(active.to(tl.int32), 0)
+    while (it < max_iters) & (n_active > 0):
+        ap = _cov_matvec(p, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale,
+                         BLOCK_N, BLOCK_D, PREC)
+        pap = tl.sum(p * ap, 1)
+        ok = active & (pap > 0)
+        alpha = tl.where(ok, rz / tl.where(pap > 0, pap, 1.0), 0.0)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        z = r * inv_diag
+        rz_new = tl.sum(r * z, 1)
+        beta = tl.where(rz > 0, rz_new / tl.where(rz > 0, rz, 1.0), 0.0)
+        p = z + beta[:, None] * p
+        rz = rz_new
+        active = active & (tl.sum(r * r, 1) > thresh)
+        n_active = tl.sum(active.to(tl.int32), 0)
+        it += 1
+    return x, r, it
+
+
+@triton.jit
+def lla_fwd_kernel(
+    Q, K, V, KBAR, LAM, LO, HI,  # inputs
+    O, X, M, LSE_S, LSE, RES, AMP, ITERS,  # outputs
+    T, S, H, Hk, D, Dv, scale, tol, max_iters,
+    PRECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program = BLOCK_M query rows of one (batch, head).
+
+    Pass 1 streams key tiles with an online max: omega (the mass), m (weighted key sum) and the
+    weighted squared keys (Jacobi diagonal).  Then CG for x, then the output pass.  Writes o, x, m,
+    the lse of the shifted logits (``LSE_S``, +1e30 for rows that see no key), the true lse, the
+    final relative residual and the rounding amplification per row, and the iterations per program.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // (H // Hk)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < T
+    dmask = offs_d < D
+
+    row = (b.to(tl.int64) * T + offs_m) * H + h  # [BM] index into [B, T, H]
+    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    lam = tl.load(LAM + row, mask=row_ok, other=1.0)
+    kbar = tl.load(KBAR + (b.to(tl.int64) * Hk + hk) * D + offs_d, mask=dmask, other=0.0)
+    lo = tl.load(LO + offs_m, mask=row_ok, other=S)
+    hi = tl.load(HI + offs_m, mask=row_ok, other=-1)
+    nonempty = lo <= hi
+    j_start = tl.min(tl.where(nonempty, lo, S), 0)
+    j_end = tl.max(tl.where(nonempty, hi, -1), 0) + 1
+    kstride = Hk * D
+    Kb = K + b.to(tl.int64) * S * kstride + hk * D
+    vstride = Hk * Dv
+    Vb = V + b.to(tl.int64) * S * vstride + hk * Dv
+
+    # pass 1: online softmax statistics and weighted key moments
+    mx = tl.full([BLOCK_M], -_BIG, tl.float32)
+    omega = tl.zeros([BLOCK_M], tl.float32)
+    msum = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dsum = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_N):
+        j = j0 + offs_n
+        kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
+        logits = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
+        vis = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
+        logits = tl.where(vis, logits, -float("inf"))
+        mx_new = tl.maximum(mx, tl.max(logits, 1))
+        alpha = tl.exp(mx - mx_new)
+        p = tl.exp(logits - mx_new[:, None])
+        omega = omega * alpha + tl.sum(p, 1)
+        msum = msum * alpha[:, None] + tl.dot(p, kt, input_precision=PREC)
+        dsum = dsum * alpha[:, None] + tl.dot(p, kt * kt, input_precision=PREC)
+        mx = mx_new
+    seen = omega > 0
+    inv_om = tl.where(seen, 1.0 / tl.where(seen, omega, 1.0), 0.0)
+    m = msum * inv_om[:, None]  # [BM, BD]  weighted key mean (shifted keys)
+    ksq = dsum * inv_om[:, None]  # [BM, BD]  sum_j s_j k_j^2
+    lse_s = tl.where(seen, mx + tl.log(tl.where(seen, omega, 1.0)), _BIG)
+    mu = tl.where(seen[:, None], m - q + kbar[None, :], 0.0)  # [BM, BD]  m - (q - kbar)
+    if PRECOND:
+        diag = ksq - m * m + lam[:, None]
+        inv_diag = tl.where(dmask[None, :], 1.0 / tl.maximum(diag, 1e-30), 0.0)
+    else:
+        inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    x, r, it = _pcg(mu, inv_diag, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol,
+                    max_iters, BLOCK_N, BLOCK_D, PREC)
+
+    # output pass: o = sum_j s_j (1 - (k_j - m) . x) v_j
+    mx_dot = tl.sum(m * x, 1)
+    o = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    amp = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_N):
+        j = j0 + offs_n
+        kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
+        vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
+                     mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
+        s = _weights(q, kt, lse_s, lo, hi, j, scale, PREC)
+        yx = tl.dot(x, tl.trans(kt), input_precision=PREC) - mx_dot[:, None]  # [BM, BN]  y_j . x
+        o += tl.dot(s * (1.0 - yx), vt, input_precision=PREC)
+        amp += tl.sum(s * tl.abs(yx), 1)
+    amp += tl.sum(ksq, 1) / lam
+
+    rmask = row_ok[:, None] & dmask[None, :]
+    tl.store(O + row[:, None] * Dv + offs_dv[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
+    tl.store(X + row[:, None] * D + offs_d[None, :], x, mask=rmask)
+    tl.store(M + row[:, None] * D + offs_d[None, :], m, mask=rmask)
+    tl.store(LSE_S + row, lse_s, mask=row_ok)
+    lse = tl.where(seen, lse_s + scale * tl.sum(q * kbar[None, :], 1), -float("inf"))
+    tl.store(LSE + row, lse, mask=row_ok)
+    bnorm = tl.sqrt(tl.sum(mu * mu, 1))
+    res = tl.sqrt(tl.sum(r * r, 1)) / tl.where(bnorm > 0, bnorm, 1.0)
+    tl.store(RES + row, res, mask=row_ok)
+    tl.store(AMP + row, tl.where(seen, amp, 0.0), mask=row_ok)
+    tl.store(ITERS + pid_bh * tl.num_programs(0) + pid_m, it)
+
+
+@triton.jit
+def lla_bwd_query_kernel(
+    Q, K, V, KBAR, LAM, LO, HI, X, M, LSE_S, DO,  # inputs
+    DQ, U, GBAR, PS, DLAM, ITERS,  # outputs
+    T, S, H, Hk, D, Dv, scale, tol, max_iters,
+    PRECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Query side of the backward, per BLOCK_M rows of one (batch, head).
+
+    With ``g_j = do . v_j``, ``gbar = sum_j s_j g_j``, ``y_j = k_j - m``:
+    pass A: gbar and ``gx = -sum_j s_j g_j y_j`` (and the Jacobi diagonal); adjoint CG ``A u = gx``;
+    pass B: ``P_j = (1 - y_j.x) g_j - (y_j.u)(y_j.x) + y_j.gm`` with ``gm = gbar x + u`` (so
+    ``y_j.gm = gbar y_j.x + y_j.u``), giving
+    ``Ps = sum_j s_j P_j`` and ``dq = scale (sum_j s_j P_j k_j - Ps m) - u``; ``dlam = -u . x``.
+    Writes dq, dlam and, for the key-tile kernel, u, gbar and Ps.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // (H // Hk)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < T
+    dmask = offs_d < D
+    rmask = row_ok[:, None] & dmask[None, :]
+
+    row = (b.to(tl.int64) * T + offs_m) * H + h
+    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=rmask, other=0.0).to(tl.float32)
+    x = tl.load(X + row[:, None] * D + offs_d[None, :], mask=rmask, other=0.0)
+    m = tl.load(M + row[:, None] * D + offs_d[None, :], mask=rmask, other=0.0)
+    do = tl.load(DO + row[:, None] * Dv + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv[None, :] < Dv),
+                 other=0.0).to(tl.float32)
+    lam = tl.load(LAM + row, mask=row_ok, other=1.0)
+    lse_s = tl.load(LSE_S + row, mask=row_ok, other=_BIG)
+    kbar = tl.load(KBAR + (b.to(tl.int64) * Hk + hk) * D + offs_d, mask=dmask, other=0.0)
+    lo = tl.load(LO + offs_m, mask=row_ok, other=S)
+    hi = tl.load(HI + offs_m, mask=row_ok, other=-1)
+    nonempty = lo <= hi
+    j_start = tl.min(tl.where(nonempty, lo, S), 0)
+    j_end = tl.max(tl.where(nonempty, hi, -1), 0) + 1
+    kstride = Hk * D
+    Kb = K + b.to(tl.int64) * S * kstride + hk * D
+    vstride = Hk * Dv
+    Vb = V + b.to(tl.int64) * S * vstride + hk * Dv
+
+    # pass A
+    gbar = tl.zeros([BLOCK_M], tl.float32)
+    sgk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    ksq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_N):
+        j = j0 + offs_n
+        kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
+        vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
+                     mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
+        s = _weights(q, kt, lse_s, lo, hi, j, scale, PREC)
+        g = tl.dot(do, tl.trans(vt), input_precision=PREC)  # [BM, BN]
+        sg = s * g
+        gbar += tl.sum(sg, 1)
+        sgk += tl.dot(sg, kt, input_precision=PREC)
+        if PRECOND:
+            ksq += tl.dot(s, kt * kt, input_precision=PREC)
+    gx = gbar[:, None] * m - sgk  # -sum_j s_j g_j y_j
+    if PRECOND:
+        diag = ksq - m * m + lam[:, None]
+        inv_diag = tl.where(dmask[None, :], 1.0 / tl.maximum(diag, 1e-30), 0.0)
+    else:
+        inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    u, r, it = _pcg(gx, inv_diag, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol,
+                    max_iters, BLOCK_N, BLOCK_D, PREC)
+    mx_dot = tl.sum(m * x, 1)
+    mu_dot = tl.sum(m * u, 1)
+
+    # pass B
+    ps = tl.zeros([BLOCK_M], tl.float32)
+    spk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for j0 in range(j_start, j_end, BLOCK_N):
+        j = j0 + offs_n
+        kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
+        vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
+                     mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
+        s = _weights(q, kt, lse_s, lo, hi, j, scale, PREC)
+        g = tl.dot(do, tl.trans(vt), input_precision=PREC)
+        yx = tl.dot(x, tl.trans(kt), input_precision=PREC) - mx_dot[:, None]
+        yu = tl.dot(u, tl.trans(kt), input_precision=PREC) - mu_dot[:, None]
+        # y.gm = gbar (y.x) + y.u  with gm = gbar x + u
+        sp = s * ((1.0 - yx) * g - yu * yx + gbar[:, None] * yx + yu)
+        ps += tl.sum(sp, 1)
+        spk += tl.dot(sp, kt, input_precision=PREC)
+    dq = scale * (spk - ps[:, None] * m) - u
+
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
+    tl.store(U + row[:, None] * D + offs_d[None, :], u, mask=rmask)
+    tl.store(GBAR + row, gbar, mask=row_ok)
+    tl.store(PS + row, ps, mask=row_ok)
+    tl.store(DLAM + row, -tl.sum(u * x, 1), mask=row_ok)
+    tl.store(ITERS + pid_bh * tl.num_programs(0) + pid_m, it)
+
+
+@triton.jit
+def lla_bwd_key_kernel(
+    Q, K, V, KBAR, LO, HI, QLO, QHI, X, M, LSE_S, DO, U, GBAR, PS,  # inputs
+    DK, DV,  # outputs
+    T, S, H, Hk, D, Dv, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Key side of the backward, per BLOCK_N keys of one (batch, key head), over the query heads
+    of its group and the query rows that see these keys (no atomics):
+
+        dk_j = sum_i s_ij [(gbar_i - g_ij - y_ij.u_i) x_i + (1 - y_ij.x_i) u_i] + scale dl_ij q_i
+        dv_j = sum_i s_ij (1 - y_ij.x_i) do_i,     dl_ij = s_ij (P_ij - Ps_i)
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hk
+    hk = pid_bh % Hk
+    G = H // Hk
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < S
+    dmask = offs_d < D
+    dvmask = offs_dv < Dv
+
+    kstride = Hk * D
+    Kb = K + b.to(tl.int64) * S * kstride + hk * D
+    vstride = Hk * Dv
+    Vb = V + b.to(tl.int64) * S * vstride + hk * Dv
+    kbar = tl.load(KBAR + (b.to(tl.int64) * Hk + hk) * D + offs_d, mask=dmask, other=0.0)
+    kt = _load_keys(Kb, kbar, offs_n, offs_d, S, D, kstride)  # [BN, BD]
+    vt = tl.load(Vb + offs_n[:, None].to(tl.int64) * vstride + offs_dv[None, :],
+                 mask=col_ok[:, None] & dvmask[None, :], other=0.0).to(tl.float32)
+    qlo = tl.load(QLO + offs_n, mask=col_ok, other=T)
+    qhi = tl.load(QHI + offs_n, mask=col_ok, other=-1)
+    seen = qlo <= qhi
+    i_start = tl.min(tl.where(seen, qlo, T), 0)
+    i_end = tl.max(tl.where(seen, qhi, -1), 0) + 1
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for g_idx in range(0, G):
+        h = hk * G + g_idx
+        for i0 in range(i_start, i_end, BLOCK_M):
+            rows = i0 + offs_m
+            row_ok = rows < T
+            rmask = row_ok[:, None] & dmask[None, :]
+            row = (b.to(tl.int64) * T + rows) * H + h
+            q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=rmask, other=0.0).to(tl.float32)
+            x = tl.load(X + row[:, None] * D + offs_d[None, :], mask=rmask, other=0.0)
+            m = tl.load(M + row[:, None] * D + offs_d[None, :], mask=rmask, other=0.0)
+            u = tl.load(U + row[:, None] * D + offs_d[None, :], mask=rmask, other=0.0)
+            do = tl.load(DO + row[:, None] * Dv + offs_dv[None, :], mask=row_ok[:, None] & dvmask[None, :],
+                         other=0.0).to(tl.float32)
+            lse_s = tl.load(LSE_S + row, mask=row_ok, other=_BIG)
+            gbar = tl.load(GBAR + row, mask=row_ok, other=0.0)
+            ps = tl.load(PS + row, mask=row_ok, other=0.0)
+            lo = tl.load(LO + rows, mask=row_ok, other=S)
+            hi = tl.load(HI + rows, mask=row_ok, other=-1)
+            s = _weights(q, kt, lse_s, lo, hi, offs_n, scale, PREC)  # [BM, BN]
+            g = tl.dot(do, tl.trans(vt), input_precision=PREC)
+            yx = tl.dot(x, tl.trans(kt), input_precision=PREC) - tl.sum(m * x, 1)[:, None]
+            yu = tl.dot(u, tl.trans(kt), input_precision=PREC) - tl.sum(m * u, 1)[:, None]
+            c = 1.0 - yx
+            dl = s * (c * g - yu * yx + gbar[:, None] * yx + yu - ps[:, None])  # y.gm = gbar y.x + y.u
+            sc = s * c
+            dk += tl.dot(tl.trans(s * (gbar[:, None] - g - yu)), x, input_precision=PREC)
+            dk += tl.dot(tl.trans(sc), u, input_precision=PREC)
+            dk += scale * tl.dot(tl.trans(dl), q, input_precision=PREC)
+            dv += tl.dot(tl.trans(sc), do, input_precision=PREC)
+
+    kcol = (b.to(tl.int64) * S + offs_n) * Hk + hk
+    tl.store(DK + kcol[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & dmask[None, :])
+    tl.store(DV + kcol[:, None] * Dv + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None] & dvmask[None, :])
