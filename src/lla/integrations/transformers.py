@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import local_linear_attention
+from ..ops import local_linear_attention, local_linear_attention_with_kvcache
 
 __all__ = ["register", "lla_attention_forward", "NAME", "DEFAULT_RIDGE"]
 
@@ -66,6 +66,13 @@ def lla_attention_forward(module, query, key, value, attention_mask, scaling=Non
             "call lla.integrations.transformers.register() so the model builds the right mask"
         )
     if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.bool().all())):
+        if q.shape[1] == 1 and not torch.compiler.is_compiling():
+            # one decoding step: the cache's keys/values are all visible; the kvcache op's direct
+            # single-token solve reads them in place (no copies)
+            o = local_linear_attention_with_kvcache(
+                q, k, v, cache_seqlens=k.shape[1], ridge=ridge, scale=scaling, solver=_state["solver"]
+            )
+            return o, None
         return local_linear_attention(q, k, v, ridge=ridge, **kw).contiguous(), None
     B, T = q.shape[:2]
     S = k.shape[1]

@@ -1,0 +1,176 @@
+"""KV-cache decoding: prefill + token-by-token decode must equal the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lla
+from conftest import make_qkv, rel_err
+
+
+def _decode_all(q, k, v, prefill, ridge, solver="auto", S_max=None, Hk=None):
+    """Run prefill of ``prefill[b]`` tokens per sequence, then decode the rest one token at a time.
+
+    Ragged: sequence ``b`` is processed at its own position; to keep the batch stepping together
+    every step feeds each sequence its next token (sequences start at different offsets).
+    Returns the outputs at every position, [B, T, H, Dv].
+    """
+    B, T, H, D = q.shape
+    Hk, Dv = k.shape[2], v.shape[3]
+    S_max = S_max or T + 3
+    k_cache = torch.full((B, S_max, Hk, D), float("nan"), dtype=q.dtype)  # garbage beyond seqlens
+    v_cache = torch.full((B, S_max, Hk, Dv), float("nan"), dtype=q.dtype)
+    out = torch.zeros(B, T, H, Dv, dtype=q.dtype)
+    # prefill: one chunk per sequence length (call per sequence so each writes its own length)
+    seqlens = torch.zeros(B, dtype=torch.int32)
+    for b in range(B):
+        n = prefill[b]
+        o = lla.local_linear_attention_with_kvcache(
+            q[b : b + 1, :n], k_cache[b : b + 1], v_cache[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n],
+            cache_seqlens=seqlens[b : b + 1], ridge=ridge, solver=solver,
+        )
+        out[b, :n] = o[0]
+    seqlens += torch.tensor(prefill, dtype=torch.int32)
+    # decode: all sequences step together; position of sequence b is seqlens[b]
+    steps = T - min(prefill)
+    for _ in range(steps):
+        pos = seqlens.long().clamp_max(T - 1)
+        live = seqlens < T
+        bidx = torch.arange(B)
+        o = lla.local_linear_attention_with_kvcache(
+            q[bidx, pos][:, None], k_cache, v_cache, k[bidx, pos][:, None], v[bidx, pos][:, None],
+            cache_seqlens=seqlens, ridge=ridge, solver=solver,
+        )
+        out[bidx[live], pos[live]] = o[live, 0]
+        seqlens += live.int()
+        # finished sequences were fed a repeat token; roll their length back
+        done = ~live
+        if bool(done.any()):
+            seqlens[done] = T
+    return out
+
+
+@pytest.mark.parametrize("H,Hk,D", [(4, 2, 16), (2, 2, 40)])
+def test_prefill_then_decode_matches_full_forward(H, Hk, D):
+    B, T = 3, 24
+    q, k, v = make_qkv(B=B, T=T, H=H, Hk=Hk, D=D, dtype=torch.float32, seed=1)
+    ridge = 0.3
+    full = lla.local_linear_attention(q, k, v, ridge=ridge, solver="direct")
+    out = _decode_all(q, k, v, prefill=[5, 1, 17], ridge=ridge)
+    assert rel_err(out, full) <= 1e-5
+    ref = lla.local_linear_attention_ref(q.double(), k.double(), v.double(), ridge=ridge)
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_decode_per_head_ridge_and_dv_float64():
+    B, T, H, D = 2, 12, 4, 8
+    q, k, v = make_qkv(B=B, T=T, H=H, Hk=1, D=D, Dv=5, dtype=torch.float64, seed=2)
+    ridge = torch.tensor([0.05, 0.5, 2.0, 10.0], dtype=torch.float64)
+    out = _decode_all(q, k, v, prefill=[3, 7], ridge=ridge)
+    ref = lla.local_linear_attention_ref(q, k, v, ridge=ridge)
+    assert rel_err(out, ref) <= 1e-10
+
+
+def test_decode_cg_path_matches():
+    q, k, v = make_qkv(B=2, T=10, H=2, D=8, dtype=torch.float32, seed=3)
+    out = _decode_all(q, k, v, prefill=[4, 2], ridge=2.0, solver="cg")
+    ref = lla.local_linear_attention_ref(q.double(), k.double(), v.double(), ridge=2.0)
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_chunked_prefill_on_cache_ragged():
+    """Chunks of several tokens on top of caches of different lengths (one batched call)."""
+    B, T, H, D = 2, 20, 2, 16
+    q, k, v = make_qkv(B=B, T=T, H=H, D=D, dtype=torch.float32, seed=4)
+    k_cache = torch.zeros(B, 32, H, D)
+    v_cache = torch.zeros(B, 32, H, D)
+    pre = [6, 11]
+    for b in range(B):
+        k_cache[b, : pre[b]], v_cache[b, : pre[b]] = k[b, : pre[b]], v[b, : pre[b]]
+    seqlens = torch.tensor(pre, dtype=torch.int64)
+    n = 5
+    bidx = torch.arange(B)[:, None]
+    rows = seqlens[:, None] + torch.arange(n)
+    o = lla.local_linear_attention_with_kvcache(
+        q[bidx, rows], k_cache, v_cache, k[bidx, rows], v[bidx, rows], cache_seqlens=seqlens, ridge=0.5
+    )
+    full = lla.local_linear_attention_ref(q.double(), k.double(), v.double(), ridge=0.5)
+    assert rel_err(o, full[bidx, rows]) <= 1e-5
+    # the new keys were written in place
+    for b in range(B):
+        assert torch.equal(k_cache[b, pre[b] : pre[b] + n], k[b, pre[b] : pre[b] + n])
+        assert torch.equal(v_cache[b, pre[b] : pre[b] + n], v[b, pre[b] : pre[b] + n])
+
+
+def test_decode_without_new_kv_and_empty_cache():
+    q, k, v = make_qkv(B=2, T=6, H=2, D=8, dtype=torch.float64, seed=5)
+    k_cache, v_cache = k.clone(), v.clone()
+    seqlens = torch.tensor([6, 0])
+    o = lla.local_linear_attention_with_kvcache(q[:, -1:], k_cache, v_cache, cache_seqlens=seqlens, ridge=1.0)
+    ref = lla.local_linear_attention_ref(q[:1, -1:], k[:1], v[:1], ridge=1.0)
+    assert rel_err(o[:1], ref) <= 1e-10
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+
+
+def test_decode_chunked_cache_passes(monkeypatch):
+    """The chunk loop over long caches (forced small chunks) gives the same answer."""
+    from lla.ops import kvcache
+
+    q, k, v = make_qkv(B=2, T=40, H=2, D=8, dtype=torch.float64, seed=6)
+    seqlens = torch.tensor([39, 20])
+    kc, vc = k.clone(), v.clone()
+    bidx = torch.arange(2)
+    args = (q[bidx, seqlens][:, None], kc, vc, k[bidx, seqlens][:, None], v[bidx, seqlens][:, None])
+    o1 = lla.local_linear_attention_with_kvcache(*args, cache_seqlens=seqlens, ridge=0.2)
+    monkeypatch.setattr(kvcache, "DECODE_CHUNK", 7)
+    o2 = lla.local_linear_attention_with_kvcache(*args, cache_seqlens=seqlens, ridge=0.2)
+    assert rel_err(o2, o1) <= 1e-12
+    ref = lla.local_linear_attention_ref(q[:1], k[:1], v[:1], ridge=0.2)[:, -1:]
+    assert rel_err(o1[:1], ref) <= 1e-10
+
+
+def test_decode_bf16_close():
+    q, k, v = make_qkv(B=1, T=16, H=2, D=16, dtype=torch.bfloat16, seed=7)
+    kc, vc = k.clone(), v.clone()
+    o = lla.local_linear_attention_with_kvcache(q[:, -1:], kc, vc, cache_seqlens=16, ridge=1.0)
+    ref = lla.local_linear_attention_ref(q.double(), k.double(), v.double(), ridge=1.0)[:, -1:]
+    assert o.dtype == torch.bfloat16
+    assert rel_err(o, ref) <= 2e-2
+
+
+def test_bad_arguments():
+    q, k, v = make_qkv(B=2, T=4, H=2, D=8, dtype=torch.float32)
+    kc, vc = torch.zeros(2, 8, 2, 8), torch.zeros(2, 8, 2, 8)
+    f = lla.local_linear_attention_with_kvcache
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        f(q, kc, vc, k, v, cache_seqlens=torch.tensor([5, 0]))
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        f(q, kc, vc, k, v, cache_seqlens=torch.tensor([0.0, 0.0]))
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        f(q, kc, vc, k, v, cache_seqlens=torch.tensor([0, 0, 0]))
+    with pytest.raises(ValueError, match="k and v"):
+        f(q, kc, vc, k, None, cache_seqlens=0)
+    with pytest.raises(ValueError, match="k must have shape"):
+        f(q, kc, vc, k[:, :2], v[:, :2], cache_seqlens=0)
+    with pytest.raises(ValueError, match="ridge"):
+        f(q, kc, vc, k, v, cache_seqlens=0, ridge=-1.0)
+    with pytest.raises(TypeError, match="k_cache"):
+        f(q, kc.long(), vc, k, v, cache_seqlens=0)
+    with pytest.raises(ValueError, match="solver"):
+        f(q, kc, vc, k, v, cache_seqlens=0, solver="magic")
+
+
+def test_decode_step_gradients_match_reference():
+    """The single-token path is differentiable (q, the cached keys/values, the ridge)."""
+    q, k, v = make_qkv(B=1, T=7, H=2, Hk=1, D=4, dtype=torch.float64, seed=8)
+    ridge = torch.tensor([0.4, 1.5], dtype=torch.float64)
+    q1, kc, vc, r1 = (t.clone().requires_grad_(True) for t in (q[:, -1:], k, v, ridge))
+    o = lla.local_linear_attention_with_kvcache(q1, kc * 1.0, vc * 1.0, cache_seqlens=7, ridge=r1)
+    grads = torch.autograd.grad(o.sin().sum(), (q1, kc, vc, r1))
+    q2, k2, v2, r2 = (t.clone().requires_grad_(True) for t in (q[:, -1:], k, v, ridge))
+    ref = lla.local_linear_attention_ref(q2, k2, v2, ridge=r2)
+    want = torch.autograd.grad(ref.sin().sum(), (q2, k2, v2, r2))
+    assert rel_err(o, ref) <= 1e-10
+    for g, w in zip(grads, want):
+        assert rel_err(g, w) <= 1e-9

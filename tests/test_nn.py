@@ -1,0 +1,124 @@
+"""The LocalLinearAttention layer: equals a direct op call, padding, cache, learnable ridge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lla
+from lla.nn import LLACache, LocalLinearAttention
+from lla.nn.attention import apply_rotary
+from conftest import rel_err
+
+
+def _layer(**kw):
+    torch.manual_seed(0)
+    args = dict(d_model=32, num_heads=4, num_kv_heads=2, dtype=torch.float64)
+    args.update(kw)
+    return LocalLinearAttention(**args)
+
+
+def _x(B=2, T=10, d=32, seed=1):
+    return torch.randn(B, T, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_layer_equals_direct_op_call():
+    layer = _layer(qk_norm=True, ridge_init=0.7)
+    x = _x()
+    B, T, _ = x.shape
+    q = layer.q_norm(layer.q_proj(x).view(B, T, 4, 8))
+    k = layer.k_norm(layer.k_proj(x).view(B, T, 2, 8))
+    v = layer.v_proj(x).view(B, T, 2, 8)
+    pos = torch.arange(T).expand(B, T)
+    q, k = apply_rotary(q, pos), apply_rotary(k, pos)
+    o = lla.local_linear_attention_ref(q, k, v, ridge=torch.full((4,), 0.7, dtype=torch.float64))
+    expect = layer.o_proj(o.reshape(B, T, 32))
+    assert rel_err(layer(x), expect) <= 1e-9
+    assert torch.allclose(layer.ridge, torch.full((4,), 0.7, dtype=torch.float64), rtol=1e-12)
+
+
+def test_rotary_is_relative():
+    """Rotary logits depend only on position differences."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 1, 1, 8, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 8, generator=g, dtype=torch.float64)
+    def dot(i, j):
+        return (apply_rotary(q, torch.tensor([[i]])) * apply_rotary(k, torch.tensor([[j]]))).sum().item()
+    assert abs(dot(5, 2) - dot(13, 10)) < 1e-12
+    assert abs(dot(5, 2) - dot(5, 3)) > 1e-6
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_mask_equals_unpadded_sequences(side):
+    layer = _layer()
+    x = _x(B=3, T=9)
+    lengths = [9, 4, 6]
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if side == "left":
+            mask[b, 9 - n :] = True
+        else:
+            mask[b, :n] = True
+    out = layer(x, attention_mask=mask)
+    for b in range(3):
+        alone = layer(x[b : b + 1, mask[b]])
+        assert rel_err(out[b, mask[b]], alone[0]) <= 1e-10
+        assert torch.equal(out[b, ~mask[b]], torch.zeros_like(out[b, ~mask[b]]))  # no bias: o_proj(0) = 0
+
+
+def test_cache_prefill_then_decode_equals_full():
+    layer = _layer(qk_norm=True)
+    x = _x(B=2, T=12)
+    full = layer(x)
+    cache = LLACache(max_len=4)  # forces the buffers to grow
+    outs = [layer(x[:, :5], cache=cache)]
+    for t in range(5, 12):
+        outs.append(layer(x[:, t : t + 1], cache=cache))
+    assert cache.get_seq_length() == 12
+    assert rel_err(torch.cat(outs, 1), full) <= 1e-10
+
+
+def test_cache_with_left_padded_prompt():
+    layer = _layer()
+    x = _x(B=2, T=10)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :3] = False  # sequence 1: 3 pad tokens, then 3 real prompt tokens
+    cache = LLACache()
+    first = layer(x[:, :6], attention_mask=mask, cache=cache)
+    assert cache.seqlens().tolist() == [6, 3]
+    steps = [layer(x[:, t : t + 1], cache=cache) for t in range(6, 10)]
+    # sequence 1 alone: its 3 real prompt tokens then the 4 decoded ones
+    alone = layer(torch.cat([x[1:2, 3:6], x[1:2, 6:10]], 1))
+    got = torch.cat([first[1:2, 3:6]] + [s[1:2] for s in steps], 1)
+    assert rel_err(got, alone) <= 1e-10
+    assert rel_err(torch.cat([first[:1]] + [s[:1] for s in steps], 1), layer(x[:1])) <= 1e-10
+
+
+def test_ridge_learnable_positive_and_gradients():
+    layer = _layer(ridge_init=0.01, ridge_floor=0.005, dtype=torch.float32)
+    with torch.no_grad():
+        layer.raw_ridge.fill_(-50.0)
+    assert bool((layer.ridge >= 0.005).all()) and bool((layer.ridge > 0).all())
+    layer = _layer(dtype=torch.float32)
+    x = _x().float()
+    layer(x).square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert layer.raw_ridge.grad.abs().sum() > 0
+    frozen = _layer(learn_ridge=False)
+    assert "raw_ridge" not in dict(frozen.named_parameters())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_heads"):
+        LocalLinearAttention(32, 4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="ridge_init"):
+        LocalLinearAttention(32, 4, ridge_init=0.0)
+    with pytest.raises(ValueError, match="d_model"):
+        LocalLinearAttention(0, 4)
+    layer = _layer()
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.zeros(2, 3, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="attention_mask"):
+        layer(_x(), attention_mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="max_len"):
+        LLACache(max_len=0)
