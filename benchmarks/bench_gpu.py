@@ -15,8 +15,8 @@ FLOP accounting (causal, B*H heads, P = visible (query, key) pairs per head ~ T*
     LLA   forward   (12 + 6 n) D P         moments pass (logits, s K, s K^2) 6 D P,
                                             n CG iterations of (logits, K p, s K p K) 6 D P each,
                                             output pass (logits, K x, w V) 6 D P
-          backward  (38 + 6 n) D P         query side: 8 D P + adjoint CG (n assumed = forward's)
-                                            + 12 D P; key side: 18 D P
+          backward  (34 + 6 n) D P         query side: 8 D P + adjoint CG (n assumed = forward's)
+                                            + 10 D P; key side: 16 D P
 n is the reported forward CG iteration count of the slowest row, so LLA's TFLOP/s is an upper
 estimate of useful work for rows that exit early.
 """
@@ -71,7 +71,7 @@ def flops(impl: str, mode: str, B: int, H: int, T: int, D: int, iters: int) -> f
     if impl == "sdpa":
         per = 4 + (10 if mode == "fwdbwd" else 0)
     else:
-        per = 12 + 6 * iters + ((38 + 6 * iters) if mode == "fwdbwd" else 0)
+        per = 12 + 6 * iters + ((34 + 6 * iters) if mode == "fwdbwd" else 0)
     return per * D * pairs
 
 

@@ -54,11 +54,15 @@ def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
     widest = max(bd, bdv)
     if _interpreting():  # different tiles per kernel, so that CI sees tiles that do not line up
         fwd, bwd_q, bwd_k = (32, 32, 4), (16, 32, 4), (32, 16, 4)
+    elif widest <= 16:
+        fwd = bwd_q = bwd_k = (32, 32, 8)
     elif widest <= 32:
-        fwd, bwd_q, bwd_k = (32, 32, 8), (32, 32, 8), (32, 32, 8)
-    elif widest <= 64:
+        fwd, bwd_q, bwd_k = (16, 32, 4), (16, 32, 4), (16, 32, 4)
+    elif widest <= 64 and dtype != torch.float32:
         fwd, bwd_q, bwd_k = (32, 32, 8), (32, 32, 8), (16, 32, 8)
-    elif widest <= 128:
+    elif widest <= 64:  # fp32 (ieee dots) needs more registers
+        fwd, bwd_q, bwd_k = (16, 32, 8), (16, 32, 8), (16, 16, 8)
+    elif widest <= 128 and dtype != torch.float32:
         fwd, bwd_q, bwd_k = (16, 32, 8), (16, 32, 8), (16, 16, 8)
     else:
         fwd = bwd_q = bwd_k = (16, 16, 8)
@@ -117,23 +121,23 @@ def _forward(q, k, v, lam, ranges, cfg):
     o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=dev)
     X = torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
     M = torch.empty_like(X)
-    lse_s = torch.empty(B, T, H, dtype=torch.float32, device=dev)
-    lse = torch.empty_like(lse_s)
-    res = torch.empty_like(lse_s)
-    amp = torch.empty_like(lse_s)
+    stat = torch.empty(B, T, H, 2, dtype=torch.float32, device=dev)  # row max, 1 / mass
+    lse = torch.empty(B, T, H, dtype=torch.float32, device=dev)
+    res = torch.empty_like(lse)
+    amp = torch.empty_like(lse)
     n_m = triton.cdiv(T, bc["fwd"][0])
     iters = torch.zeros(B * H * n_m, dtype=torch.int32, device=dev)
     _k.lla_fwd_kernel[(n_m, B * H)](
         q, k, v, kbar, lam, lo, hi,
-        o, X, M, lse_s, lse, res, amp, iters,
+        o, X, M, stat, lse, res, amp, iters,
         T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters,
         PRECOND=cfg.precondition, **_launch_args(bc, "fwd"),
     )
     stats = torch.stack([iters.max().float(), res.max(), amp.max()]).double().cpu()
-    return o, lse, stats, X, M, lse_s
+    return o, lse, stats, X, M, stat
 
 
-def _backward(do, q, k, v, lam, X, M, lse_s, ranges, cfg):
+def _backward(do, q, k, v, lam, X, M, stat, ranges, cfg):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     bc = block_config(D, Dv, q.dtype)
@@ -149,7 +153,7 @@ def _backward(do, q, k, v, lam, X, M, lse_s, ranges, cfg):
     n_m = triton.cdiv(T, bc["bwd_q"][0])
     iters = torch.zeros(B * H * n_m, dtype=torch.int32, device=dev)
     _k.lla_bwd_query_kernel[(n_m, B * H)](
-        q, k, v, kbar, lam, lo, hi, X, M, lse_s, do,
+        q, k, v, kbar, lam, lo, hi, X, M, stat, do,
         dq, U, gbar, ps, dlam, iters,
         T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters,
         PRECOND=cfg.precondition, **_launch_args(bc, "bwd_q"),
@@ -157,7 +161,7 @@ def _backward(do, q, k, v, lam, X, M, lse_s, ranges, cfg):
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _k.lla_bwd_key_kernel[(triton.cdiv(S, bc["bwd_k"][1]), B * Hk)](
-        q, k, v, kbar, lo, hi, qlo, qhi, X, M, lse_s, do, U, gbar, ps,
+        q, k, v, kbar, lo, hi, qlo, qhi, X, M, stat, do, U, gbar, ps,
         dk, dv,
         T, S, H, Hk, D, Dv, cfg.scale,
         **_launch_args(bc, "bwd_k"),
@@ -171,16 +175,16 @@ class LLATritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, lam, ranges, cfg):
-        o, lse, stats, X, M, lse_s = _forward(q, k, v, lam, ranges, cfg)
-        ctx.save_for_backward(q, k, v, lam, X, M, lse_s, *ranges)
+        o, lse, stats, X, M, stat = _forward(q, k, v, lam, ranges, cfg)
+        ctx.save_for_backward(q, k, v, lam, X, M, stat, *ranges)
         ctx.cfg = cfg
         ctx.mark_non_differentiable(lse, stats)
         return o, lse, stats
 
     @staticmethod
     def backward(ctx, do, _dlse, _dstats):
-        q, k, v, lam, X, M, lse_s, *ranges = ctx.saved_tensors
-        dq, dk, dv, dlam = _backward(do, q, k, v, lam, X, M, lse_s, ranges, ctx.cfg)
+        q, k, v, lam, X, M, stat, *ranges = ctx.saved_tensors
+        dq, dk, dv, dlam = _backward(do, q, k, v, lam, X, M, stat, ranges, ctx.cfg)
         return dq, dk, dv, (dlam if ctx.needs_input_grad[3] else None), None, None
 
 

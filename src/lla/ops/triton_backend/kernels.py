@@ -6,13 +6,13 @@ mean ``kbar``, queries not):
 
     m     = sum_j s_j k_j                                   (D)
     mu    = m - (q - kbar)                                  (D)
-    A p   = sum_j s_j (k_j . p) k_j - (m . p) m + lam p     matrix-free, streamed over key tiles
+    A p   = sum_j s_j ((k_j - m) . p) (k_j - m) + lam p    matrix-free, streamed over key tiles
     x     = A^{-1} mu                                       Jacobi-preconditioned CG, per-row exit
     o     = sum_j s_j (1 - (k_j - m) . x) v_j
 
 Layouts (all contiguous): ``q [B, T, H, D]``, ``k [B, S, Hk, D]``, ``v [B, S, Hk, Dv]`` in the input
 dtype (tiles are cast to float32 on load, keys shifted by ``kbar [B, Hk, D]`` float32 on load),
-per-row float32 state ``[B, T, H, D]`` / ``[B, T, H]``.
+per-row float32 state ``[B, T, H, D]`` / ``[B, T, H]`` / ``[B, T, H, 2]``.
 Visibility (causal, window, packed sequences) arrives as per-row key ranges ``lo[T], hi[T]``
 (query row ``i`` sees keys ``lo_i <= j <= hi_i``) and, for the key-tile kernel, per-key query
 ranges ``qlo[S], qhi[S]``; tiles outside the ranges are never visited.
@@ -29,15 +29,18 @@ import triton.language as tl
 
 __all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel"]
 
-_BIG = tl.constexpr(1.0e30)  # finite stand-ins for -inf / +inf in running maxima and empty rows
+_BIG = tl.constexpr(1.0e30)  # finite stand-in for -inf as the initial running maximum
 
 
 @triton.jit
-def _weights(q, kt, lse_s, lo, hi, j, scale, PREC: tl.constexpr):
-    """Normalised softmax weights of a (rows x key tile) block: s [BM, BN] (0 where not visible)."""
+def _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC: tl.constexpr):
+    """Normalised softmax weights of a (rows x key tile) block: s [BM, BN] (0 where not visible).
+
+    ``exp(logit - max) / omega`` from the row max and mass kept apart: folding them into one lse
+    would round it to ulp(max), which at logits ~1e4 moves every weight by ~1e-3."""
     logits = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
     vis = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
-    return tl.where(vis, tl.exp(logits - lse_s[:, None]), 0.0)
+    return tl.where(vis, tl.exp(logits - mxs[:, None]) * iom[:, None], 0.0)
 
 
 @triton.jit
@@ -50,23 +53,29 @@ def _load_keys(Kb, kbar, j, offs_d, S, D, kstride):
 
 
 @triton.jit
-def _cov_matvec(p, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale,
+def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """``A p`` for a tile of rows, streaming key tiles and recomputing the weights: [BM, BLOCK_D]."""
+    """``A p = sum_j s_j (y_j . p) y_j + lam p`` (``y_j = k_j - m``) for a tile of rows, streaming key
+    tiles and recomputing the weights: [BM, BLOCK_D].  The centred form keeps ``A`` positive
+    definite in floating point even when the keys are large (the uncentred
+    ``sum_j s_j (k_j . p) k_j - (m . p) m`` cancels catastrophically there)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros_like(p)
+    wsum = tl.sum(tl.zeros_like(p), 1)
+    mp = tl.sum(m * p, 1)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
-        s = _weights(q, kt, lse_s, lo, hi, j, scale, PREC)
-        kp = tl.dot(p, tl.trans(kt), input_precision=PREC)  # [BM, BN]  k_j . p
-        acc += tl.dot(s * kp, kt, input_precision=PREC)
-    return acc - tl.sum(m * p, 1)[:, None] * m + lam[:, None] * p
+        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC)
+        w = s * (tl.dot(p, tl.trans(kt), input_precision=PREC) - mp[:, None])  # [BM, BN]  s_j y_j . p
+        acc += tl.dot(w, kt, input_precision=PREC)
+        wsum += tl.sum(w, 1)
+    return acc - wsum[:, None] * m + lam[:, None] * p
 
 
 @triton.jit
-def _pcg(b, inv_diag, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol, max_iters,
+def _pcg(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol, max_iters,
          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """Jacobi-preconditioned CG on ``A x = b``, one system per row; a row stops once
     ``||r|| <= tol ||b||``, the tile stops when all rows have.  Returns (x, r, iterations)."""
@@ -80,7 +89,7 @@ def _pcg(b, inv_diag, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstrid
     it = 0
     n_active = tl.sum(active.to(tl.int32), 0)
     while (it < max_iters) & (n_active > 0):
-        ap = _cov_matvec(p, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale,
+        ap = _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale,
                          BLOCK_N, BLOCK_D, PREC)
         pap = tl.sum(p * ap, 1)
         ok = active & (pap > 0)
@@ -101,7 +110,7 @@ def _pcg(b, inv_diag, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstrid
 @triton.jit
 def lla_fwd_kernel(
     Q, K, V, KBAR, LAM, LO, HI,  # inputs
-    O, X, M, LSE_S, LSE, RES, AMP, ITERS,  # outputs
+    O, X, M, STAT, LSE, RES, AMP, ITERS,  # outputs
     T, S, H, Hk, D, Dv, scale, tol, max_iters,
     PRECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
@@ -110,8 +119,9 @@ def lla_fwd_kernel(
 
     Pass 1 streams key tiles with an online max: omega (the mass), m (weighted key sum) and the
     weighted squared keys (Jacobi diagonal).  Then CG for x, then the output pass.  Writes o, x, m,
-    the lse of the shifted logits (``LSE_S``, +1e30 for rows that see no key), the true lse, the
-    final relative residual and the rounding amplification per row, and the iterations per program.
+    the row max and inverse mass of the shifted logits (``STAT [B, T, H, 2]``; 0 and 0 for rows that
+    see no key), the true lse, the final relative residual and the rounding amplification per row,
+    and the iterations per program.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -161,15 +171,16 @@ def lla_fwd_kernel(
     inv_om = tl.where(seen, 1.0 / tl.where(seen, omega, 1.0), 0.0)
     m = msum * inv_om[:, None]  # [BM, BD]  weighted key mean (shifted keys)
     ksq = dsum * inv_om[:, None]  # [BM, BD]  sum_j s_j k_j^2
-    lse_s = tl.where(seen, mx + tl.log(tl.where(seen, omega, 1.0)), _BIG)
+    mxs = tl.where(seen, mx, 0.0)
+    iom = inv_om
     mu = tl.where(seen[:, None], m - q + kbar[None, :], 0.0)  # [BM, BD]  m - (q - kbar)
     if PRECOND:
-        diag = ksq - m * m + lam[:, None]
-        inv_diag = tl.where(dmask[None, :], 1.0 / tl.maximum(diag, 1e-30), 0.0)
+        diag = tl.maximum(ksq - m * m, 0.0) + lam[:, None]  # diag(A) >= lam in exact arithmetic
+        inv_diag = tl.where(dmask[None, :], 1.0 / diag, 0.0)
     else:
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    x, r, it = _pcg(mu, inv_diag, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol,
+    x, r, it = _pcg(mu, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol,
                     max_iters, BLOCK_N, BLOCK_D, PREC)
 
     # output pass: o = sum_j s_j (1 - (k_j - m) . x) v_j
@@ -181,7 +192,7 @@ def lla_fwd_kernel(
         kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
-        s = _weights(q, kt, lse_s, lo, hi, j, scale, PREC)
+        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC)
         yx = tl.dot(x, tl.trans(kt), input_precision=PREC) - mx_dot[:, None]  # [BM, BN]  y_j . x
         o += tl.dot(s * (1.0 - yx), vt, input_precision=PREC)
         amp += tl.sum(s * tl.abs(yx), 1)
@@ -192,8 +203,10 @@ def lla_fwd_kernel(
              mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
     tl.store(X + row[:, None] * D + offs_d[None, :], x, mask=rmask)
     tl.store(M + row[:, None] * D + offs_d[None, :], m, mask=rmask)
-    tl.store(LSE_S + row, lse_s, mask=row_ok)
-    lse = tl.where(seen, lse_s + scale * tl.sum(q * kbar[None, :], 1), -float("inf"))
+    tl.store(STAT + 2 * row, mxs, mask=row_ok)
+    tl.store(STAT + 2 * row + 1, iom, mask=row_ok)
+    lse = mx + tl.log(tl.where(seen, omega, 1.0)) + scale * tl.sum(q * kbar[None, :], 1)
+    lse = tl.where(seen, lse, -float("inf"))
     tl.store(LSE + row, lse, mask=row_ok)
     bnorm = tl.sqrt(tl.sum(mu * mu, 1))
     res = tl.sqrt(tl.sum(r * r, 1)) / tl.where(bnorm > 0, bnorm, 1.0)
@@ -204,7 +217,7 @@ def lla_fwd_kernel(
 
 @triton.jit
 def lla_bwd_query_kernel(
-    Q, K, V, KBAR, LAM, LO, HI, X, M, LSE_S, DO,  # inputs
+    Q, K, V, KBAR, LAM, LO, HI, X, M, STAT, DO,  # inputs
     DQ, U, GBAR, PS, DLAM, ITERS,  # outputs
     T, S, H, Hk, D, Dv, scale, tol, max_iters,
     PRECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -239,7 +252,8 @@ def lla_bwd_query_kernel(
     do = tl.load(DO + row[:, None] * Dv + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv[None, :] < Dv),
                  other=0.0).to(tl.float32)
     lam = tl.load(LAM + row, mask=row_ok, other=1.0)
-    lse_s = tl.load(LSE_S + row, mask=row_ok, other=_BIG)
+    mxs = tl.load(STAT + 2 * row, mask=row_ok, other=0.0)
+    iom = tl.load(STAT + 2 * row + 1, mask=row_ok, other=0.0)
     kbar = tl.load(KBAR + (b.to(tl.int64) * Hk + hk) * D + offs_d, mask=dmask, other=0.0)
     lo = tl.load(LO + offs_m, mask=row_ok, other=S)
     hi = tl.load(HI + offs_m, mask=row_ok, other=-1)
@@ -260,7 +274,7 @@ def lla_bwd_query_kernel(
         kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
-        s = _weights(q, kt, lse_s, lo, hi, j, scale, PREC)
+        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC)
         g = tl.dot(do, tl.trans(vt), input_precision=PREC)  # [BM, BN]
         sg = s * g
         gbar += tl.sum(sg, 1)
@@ -269,12 +283,12 @@ def lla_bwd_query_kernel(
             ksq += tl.dot(s, kt * kt, input_precision=PREC)
     gx = gbar[:, None] * m - sgk  # -sum_j s_j g_j y_j
     if PRECOND:
-        diag = ksq - m * m + lam[:, None]
-        inv_diag = tl.where(dmask[None, :], 1.0 / tl.maximum(diag, 1e-30), 0.0)
+        diag = tl.maximum(ksq - m * m, 0.0) + lam[:, None]  # diag(A) >= lam in exact arithmetic
+        inv_diag = tl.where(dmask[None, :], 1.0 / diag, 0.0)
     else:
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    u, r, it = _pcg(gx, inv_diag, q, m, lam, lse_s, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol,
+    u, r, it = _pcg(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol,
                     max_iters, BLOCK_N, BLOCK_D, PREC)
     mx_dot = tl.sum(m * x, 1)
     mu_dot = tl.sum(m * u, 1)
@@ -287,7 +301,7 @@ def lla_bwd_query_kernel(
         kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
-        s = _weights(q, kt, lse_s, lo, hi, j, scale, PREC)
+        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC)
         g = tl.dot(do, tl.trans(vt), input_precision=PREC)
         yx = tl.dot(x, tl.trans(kt), input_precision=PREC) - mx_dot[:, None]
         yu = tl.dot(u, tl.trans(kt), input_precision=PREC) - mu_dot[:, None]
@@ -307,7 +321,7 @@ def lla_bwd_query_kernel(
 
 @triton.jit
 def lla_bwd_key_kernel(
-    Q, K, V, KBAR, LO, HI, QLO, QHI, X, M, LSE_S, DO, U, GBAR, PS,  # inputs
+    Q, K, V, KBAR, LO, HI, QLO, QHI, X, M, STAT, DO, U, GBAR, PS,  # inputs
     DK, DV,  # outputs
     T, S, H, Hk, D, Dv, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -361,12 +375,13 @@ def lla_bwd_key_kernel(
             u = tl.load(U + row[:, None] * D + offs_d[None, :], mask=rmask, other=0.0)
             do = tl.load(DO + row[:, None] * Dv + offs_dv[None, :], mask=row_ok[:, None] & dvmask[None, :],
                          other=0.0).to(tl.float32)
-            lse_s = tl.load(LSE_S + row, mask=row_ok, other=_BIG)
+            mxs = tl.load(STAT + 2 * row, mask=row_ok, other=0.0)
+            iom = tl.load(STAT + 2 * row + 1, mask=row_ok, other=0.0)
             gbar = tl.load(GBAR + row, mask=row_ok, other=0.0)
             ps = tl.load(PS + row, mask=row_ok, other=0.0)
             lo = tl.load(LO + rows, mask=row_ok, other=S)
             hi = tl.load(HI + rows, mask=row_ok, other=-1)
-            s = _weights(q, kt, lse_s, lo, hi, offs_n, scale, PREC)  # [BM, BN]
+            s = _weights(q, kt, mxs, iom, lo, hi, offs_n, scale, PREC)  # [BM, BN]
             g = tl.dot(do, tl.trans(vt), input_precision=PREC)
             yx = tl.dot(x, tl.trans(kt), input_precision=PREC) - tl.sum(m * x, 1)[:, None]
             yu = tl.dot(u, tl.trans(kt), input_precision=PREC) - tl.sum(m * u, 1)[:, None]
