@@ -101,17 +101,25 @@ def _check_cu_seqlens(cu_seqlens, B: int, T: int, S: int, device) -> torch.Tenso
     return cu
 
 
-def resolve_solver(solver: str, lam_min: float, D: int, dtype: torch.dtype) -> str:
+def resolve_solver(solver: str, lam_min: float, D: int, dtype: torch.dtype, S: int | None = None) -> str:
     """The ``solver="auto"`` rule.
 
     CG's iteration count grows like sqrt(cond(A)) and cond(A) ~ ||Cov(k)|| / ridge, while the
     direct solve costs a fixed ~D/2 key passes' worth of GEMM work (the moment matrix, with
-    symmetry) plus a D^3 Cholesky.  So: direct for small ridges (CG would need many iterations),
-    small heads (the D^2 moment is cheap) and float64 (exactness expected); CG otherwise.
+    symmetry) plus a D^3 Cholesky.  But a row's conditioning also depends on how many keys it sees:
+    rows with few keys (rank-deficient weighted covariance) need many iterations, rows with
+    thousands need few (measured, D = 64, fp32, T = 4096: ~7 at ridge 1, ~10 at ridge 0.01, weighted
+    by keys), and the torch backend's CG drops converged rows, so at long sequences CG wins even at
+    small ridges (ridge 0.01, T = 4096: ~18x SDPA with CG, ~86x with direct).  So: direct for float64
+    (exactness expected), small heads (the D^2 moment is cheap), tiny ridges (< 1e-3, unmeasured
+    for CG), and small ridges (< 0.5) at short key lengths (``S <= 512``, or ``S`` unknown); CG
+    otherwise.  On the Triton backend (CUDA) ``auto`` means CG, the solver the fused kernels run.
     """
     if solver != "auto":
         return solver
-    if dtype == torch.float64 or D <= 32 or lam_min < 0.5:
+    if dtype == torch.float64 or D <= 32 or lam_min < 1e-3:
+        return "direct"
+    if lam_min < 0.5 and (S is None or S <= 512):
         return "direct"
     return "cg"
 
@@ -182,7 +190,8 @@ def local_linear_attention(
             moments + batched Cholesky, exact at any ridge) or ``"auto"`` (see ``resolve_solver``).
         max_iters: CG iteration cap (default ``2 D``, ``4 D`` in float64).
         tol: CG relative-residual tolerance per row (default 1e-6, 1e-11 in float64).
-        precondition: Jacobi-precondition CG.
+        precondition: precondition CG (PyTorch backend: the tile-mean system matrix, redone with
+            per-row Jacobi for a tile that does not converge with it; Triton: per-row Jacobi).
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"``, ``"triton"``.
         return_aux: also return an ``LLAAux``.
 
@@ -246,13 +255,15 @@ def local_linear_attention(
         cu_seqlens = _check_cu_seqlens(cu_seqlens, B, T, S, q.device)
 
     lam_min = float(ridge) if not isinstance(ridge, torch.Tensor) else float(ridge.detach().min())
-    solver = resolve_solver(solver, lam_min, D, q.dtype)
+    name = _pick_backend(backend, q)
+    if name == "triton" and solver == "auto" and q.dtype != torch.float64:
+        solver = "cg"  # the fused kernels solve by CG; "direct" and float64 run the PyTorch path
+    solver = resolve_solver(solver, lam_min, D, q.dtype, S=S)
     if max_iters is None:
         max_iters = 4 * D if q.dtype == torch.float64 else 2 * D
     if tol is None:
         tol = 1e-11 if q.dtype == torch.float64 else 1e-6
 
-    name = _pick_backend(backend, q)
     o, lse, iters, residual, *extra = _backend_fn(name)(
         q,
         k,

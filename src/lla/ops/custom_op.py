@@ -26,9 +26,9 @@ from .torch_backend import function as _tb
 __all__ = ["lla_compiled"]
 
 
-def _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, D, dtype):
+def _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, D, dtype, S):
     if solver == "auto":
-        solver = resolve_solver("auto", float(lam.detach().min()) if lam.numel() else 1.0, D, dtype)
+        solver = resolve_solver("auto", float(lam.detach().min()) if lam.numel() else 1.0, D, dtype, S=S)
     return _tb._Cfg(scale, (window_left, window_right), solver, max_iters, tol, precondition)
 
 
@@ -54,7 +54,7 @@ def _fwd(
     tol: float,
     precondition: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, q.shape[-1], q.dtype)
+    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, q.shape[-1], q.dtype, k.shape[1])
     parts = []
     for a, b in _segments(cu_seqlens, q.shape[1]):
         sl = slice(a, b)
@@ -99,7 +99,7 @@ def _bwd(
     tol: float,
     precondition: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, q.shape[-1], q.dtype)
+    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, q.shape[-1], q.dtype, k.shape[1])
     if cu_seqlens is None:
         grads = _tb.lla_backward(do, q, k, v, lam, X, M, LSE, cfg, True)
         return tuple(g.contiguous() for g in grads)  # the fake's strides

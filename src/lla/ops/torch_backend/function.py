@@ -89,19 +89,6 @@ def _tiles(T: int, S: int, window, rows_per_q: int, elems: int = TILE_ELEMS):
         yield i0, i1, j0, j1, (None if bool(mask.all()) else mask)
 
 
-def _scores(Qt, Kt, mask, scale):
-    """Masked logits of a tile: Qt [B, Hk, G, t, D], Kt [B, Hk, n, D] -> [B, Hk, G, t, n]."""
-    logits = scale * (Qt @ Kt.unsqueeze(2).transpose(-1, -2))
-    if mask is not None:
-        logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
-    return logits
-
-
-def _flat(x):
-    """[B, Hk, G, t, *] -> [B, Hk, G * t, *] (rows of a key head share its keys)."""
-    return x.flatten(2, 3)
-
-
 def _solve(cfg, s, kc, m, lam, b, diag=None, scratch=None):
     """Solve A x = b for a tile's rows with the configured solver -> (x, iters, residual).
 
@@ -111,10 +98,17 @@ def _solve(cfg, s, kc, m, lam, b, diag=None, scratch=None):
         x, resid = cholesky_solve(cov_matrix(s, kc, m, lam), b)
         return x, 0, resid
     minv = tile_preconditioner(s, kc, m, lam) if cfg.precondition else None
-    if cfg.precondition and minv is None and diag is None:
-        diag = cov_diag(s, kc, m, lam)  # fallback: Jacobi
+    if minv is not None:
+        x, it, resid = pcg_compact(s, kc, m, lam, b, None, tol=cfg.tol, max_iters=cfg.max_iters, scratch=scratch,
+                                   minv=minv)
+        if bool(resid <= cfg.tol):
+            return x, it, resid
+        # The shared preconditioner can be poor when the rows' weights differ wildly (very peaked
+        # softmax): redo the tile with the per-row Jacobi preconditioner, which has no such failure.
+    if cfg.precondition and diag is None:
+        diag = cov_diag(s, kc, m, lam)
     return pcg_compact(s, kc, m, lam, b, diag if cfg.precondition else None, tol=cfg.tol,
-                       max_iters=cfg.max_iters, scratch=scratch, minv=minv)
+                       max_iters=cfg.max_iters, scratch=scratch)
 
 
 class _Scratch:
@@ -134,18 +128,26 @@ class _Scratch:
         return buf[:n].view(*shape)
 
 
-def _mask_fill_(logits, mask, G):
-    """Set the masked logits of a tile to -inf in place, touching only the partly masked columns.
+def _tile_plan(T, S, window, G, elems, device):
+    """``_tiles`` with each mask reduced, once, to what ``_mask_fill_`` needs: ``(c0, c1, hidden)``
+    with ``hidden [G * t, c1 - c0]`` the masked entries of the only partly visible columns."""
+    plan = []
+    for i0, i1, j0, j1, mask in _tiles(T, S, window, G, elems):
+        fill = None
+        if mask is not None:
+            partial = (~mask.all(0)).nonzero()
+            c0, c1 = int(partial[0]), int(partial[-1]) + 1
+            hidden = ~mask[:, c0:c1]
+            fill = (c0, c1, (hidden.repeat(G, 1) if G > 1 else hidden).to(device))
+        plan.append((i0, i1, j0, j1, fill))
+    return plan
 
-    logits [B, Hk, G * t, n]; mask [t, n] bool (True = visible) or None.
-    """
-    if mask is None:
+
+def _mask_fill_(logits, fill):
+    """Set the masked logits of a tile [R, n] to -inf in place (only the partly masked columns)."""
+    if fill is None:
         return
-    partial = (~mask.all(0)).nonzero()
-    c0, c1 = int(partial[0]), int(partial[-1]) + 1
-    hidden = ~mask[:, c0:c1].to(logits.device)  # [t, c]
-    if G > 1:
-        hidden = hidden.repeat(G, 1)
+    c0, c1, hidden = fill
     logits[..., c0:c1].masked_fill_(hidden, float("-inf"))
 
 
@@ -154,7 +156,7 @@ def _softmax_tile(Qs, Kt, mask, G, scratch):
     Kt [..., n, D] -> (s [..., R, n], lse [..., R] of the (shifted) logits)."""
     s = scratch.get("s", (*Qs.shape[:-1], Kt.shape[-2]))
     torch.matmul(Qs, Kt.transpose(-1, -2), out=s)
-    _mask_fill_(s, mask, G)
+    _mask_fill_(s, mask)
     mx = s.amax(-1, keepdim=True)  # [B, Hk, R, 1]
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     s.sub_(mx).exp_()
@@ -211,13 +213,13 @@ def lla_forward(q, k, v, lam, cfg):
     scratch = _Scratch(Q)
     Qs = Q * cfg.scale  # [B, Hk, G, T, D] scaled once
     Qmu = Q - kbar.unsqueeze(2)  # queries in the shifted key frame (for mu = m - q)
-    ksq = (Kc * Kc).sum(-1, keepdim=True)  # [B, Hk, S, 1]
+    Kx = torch.cat([Kc, (Kc * Kc).sum(-1, keepdim=True)], dim=-1)  # [B, Hk, S, D + 1]: keys | |k|^2
     O = Q.new_zeros(B, Hk, G, T, Dv)
     X = Q.new_zeros(B, Hk, G, T, D)
     M = Q.new_zeros(B, Hk, G, T, D)
     LSE = Q.new_full((B, Hk, G, T), float("-inf"))
     iters, resid, amp = 0, Q.new_zeros(()), Q.new_zeros(())
-    tiles = list(_tiles(T, S, cfg.window, G, HEAD_TILE_ELEMS))
+    tiles = _tile_plan(T, S, cfg.window, G, HEAD_TILE_ELEMS, Q.device)
     for b in range(B):
         for h in range(Hk):
             for i0, i1, j0, j1, mask in tiles:
@@ -227,26 +229,26 @@ def lla_forward(q, k, v, lam, cfg):
                 Kt, Vt = Kc[b, h, j0:j1], V[b, h, j0:j1]  # [n, D], [n, Dv]
                 s, lse_t = _softmax_tile(Qs[b, h, :, i0:i1].reshape(G * t, D), Kt, mask, G, scratch)  # [R, n]
                 LSE[b, h, :, i0:i1] = lse_t.view(G, t)
-                m = s @ Kt  # [R, D]
+                msk = s @ Kx[b, h, j0:j1]  # [R, D + 1]: m and sum_j s_j |k_j|^2 in one GEMM
+                m = msk[:, :D]
                 lam_t = L[b, h, :, i0:i1].reshape(G * t)
                 mu = m - Qmu[b, h, :, i0:i1].reshape(G * t, D)
                 x, it, r = _solve(cfg, s, Kt, m, lam_t, mu, None, scratch)
                 iters, resid = max(iters, it), torch.maximum(resid, r)
                 # y_j . x, then s_j (y_j . x) in place; the output weights are s_j - s_j (y_j . x)
                 syx = scratch.get("k", s.shape)
-                torch.matmul(x, Kt.transpose(-1, -2), out=syx)
-                syx.sub_((m * x).sum(-1, keepdim=True)).mul_(s)
+                torch.addmm(-(m * x).sum(-1, keepdim=True), x, Kt.transpose(-1, -2), out=syx).mul_(s)
                 # rounding amplification: of the output weights, and of forming A next to the ridge
-                amp_rows = torch.linalg.vector_norm(syx, ord=1, dim=-1) + (s @ ksq[b, h, j0:j1]).squeeze(-1) / lam_t
+                amp_rows = torch.linalg.vector_norm(syx, ord=1, dim=-1) + msk[:, D] / lam_t
                 amp = torch.maximum(amp, amp_rows.max())
                 if bad is not None:
                     sees_bad = (s > 0).to(cdt) @ bad[b, h, j0:j1, None].to(cdt)  # [R, 1]
-                o = torch.matmul(syx.neg_().add_(s), Vt)  # [R, Dv]
+                o = torch.matmul(torch.sub(s, syx, out=syx), Vt)  # [R, Dv]
                 if bad is not None:
                     o = o.masked_fill(sees_bad > 0, float("nan"))
                 O[b, h, :, i0:i1] = o.view(G, t, Dv)
                 X[b, h, :, i0:i1] = x.view(G, t, D)
-                M[b, h, :, i0:i1] = m.view(G, t, D)
+                M[b, h, :, i0:i1] = m.reshape(G, t, D)
     o = O.reshape(B, H, T, Dv).permute(0, 2, 1, 3).to(q.dtype)
     # lse of the true logits: the key shift moved each row's logits by scale * q . kbar
     lse = (LSE + cfg.scale * (Q @ kbar.unsqueeze(2).transpose(-1, -2)).squeeze(-1)).reshape(B, H, T)
@@ -256,47 +258,69 @@ def lla_forward(q, k, v, lam, cfg):
 
 
 def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True):
-    """Backward pass from the forward's saved state -> ``(dq, dk, dv, dlam [B, T, H] or None)``."""
+    """Backward pass from the forward's saved state -> ``(dq, dk, dv, dlam [B, T, H] or None)``.
+
+    One key head at a time, per tile of query rows, the ``[R, n]`` intermediates in reused buffers
+    and updated in place; the adjoint solve as in the forward.
+    """
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hk
     Q, Kc, V, L, _, _ = _prepare(q, k, v, lam)
     cdt = Q.dtype
+    scratch = _Scratch(Q)
+    scale = cfg.scale
+    Qs = Q * scale
     dO = do.to(cdt).permute(0, 2, 1, 3).reshape(B, Hk, G, T, Dv)
     dQ = torch.zeros_like(Q)
     dK = torch.zeros_like(Kc)
     dV = torch.zeros_like(V)
     dL = torch.zeros_like(L)
-    for i0, i1, j0, j1, mask in _tiles(T, S, cfg.window, B * H):
-        if j1 == j0:
-            continue
-        Qt, Kt, Vt = Q[:, :, :, i0:i1], Kc[:, :, j0:j1], V[:, :, j0:j1]
-        lse = LSE[:, :, :, i0:i1, None]
-        lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
-        s = _flat(torch.exp(_scores(Qt, Kt, mask, cfg.scale) - lse))  # [B, Hk, R, n]
-        x, m = _flat(X[:, :, :, i0:i1]), _flat(M[:, :, :, i0:i1])  # [B, Hk, R, D]
-        q_t, do_t, lam_t = _flat(Qt), _flat(dO[:, :, :, i0:i1]), _flat(L[:, :, :, i0:i1])
-        g = do_t @ Vt.transpose(-1, -2)  # [B, Hk, R, n]   g_j = do . v_j
-        yx = x @ Kt.transpose(-1, -2) - (m * x).sum(-1, keepdim=True)  # y_j . x
-        sg = s * g
-        gbar = sg.sum(-1, keepdim=True)  # [B, Hk, R, 1]
-        gx = gbar * m - sg @ Kt  # -sum_j s_j g_j y_j
-        u, _, _ = _solve(cfg, s, Kt, m, lam_t, gx)  # adjoint solve
-        gm = gbar * x + u
-        ugm = torch.cat([u, gm], dim=-2) @ Kt.transpose(-1, -2)  # [B, Hk, 2R, n]
-        R = u.shape[-2]
-        yu = ugm[..., :R, :] - (m * u).sum(-1, keepdim=True)
-        ygm = ugm[..., R:, :] - (m * gm).sum(-1, keepdim=True)
-        c = 1.0 - yx
-        P = c * g - yu * yx + ygm
-        dl = s * (P - (s * P).sum(-1, keepdim=True))
-        dq = cfg.scale * (dl @ Kt) - u
-        dQ[:, :, :, i0:i1] = dq.view(B, Hk, G, i1 - i0, D)
-        sc = s * c
-        coef = torch.cat([s * (gbar - g - yu), sc, cfg.scale * dl], dim=-2)  # [B, Hk, 3R, n]
-        dK[:, :, j0:j1] += coef.transpose(-1, -2) @ torch.cat([x, u, q_t], dim=-2)
-        dV[:, :, j0:j1] += sc.transpose(-1, -2) @ do_t
-        dL[:, :, :, i0:i1] = (-(u * x).sum(-1)).view(B, Hk, G, i1 - i0)
+    tiles = _tile_plan(T, S, cfg.window, G, HEAD_TILE_ELEMS, Q.device)
+    for b in range(B):
+        for h in range(Hk):
+            for i0, i1, j0, j1, mask in tiles:
+                if j1 == j0:
+                    continue
+                t = i1 - i0
+                R = G * t
+                Kt, Vt = Kc[b, h, j0:j1], V[b, h, j0:j1]  # [n, D], [n, Dv]
+                KtT = Kt.transpose(-1, -2)
+                n = Kt.shape[0]
+                lse = LSE[b, h, :, i0:i1].reshape(R, 1)
+                lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+                s = scratch.get("s", (R, n))
+                torch.matmul(Qs[b, h, :, i0:i1].reshape(R, D), KtT, out=s)
+                _mask_fill_(s, mask)
+                s.sub_(lse).exp_()  # [R, n] softmax weights
+                x, m = X[b, h, :, i0:i1].reshape(R, D), M[b, h, :, i0:i1].reshape(R, D)
+                q_t, do_t, lam_t = Q[b, h, :, i0:i1].reshape(R, D), dO[b, h, :, i0:i1].reshape(R, Dv), L[b, h, :, i0:i1].reshape(R)
+                g = scratch.get("g", (R, n))
+                torch.matmul(do_t, Vt.transpose(-1, -2), out=g)  # g_j = do . v_j
+                a = scratch.get("a", (R, n))
+                torch.mul(s, g, out=a)  # s_j g_j
+                gbar = a.sum(-1, keepdim=True)  # [R, 1]
+                gx = gbar * m - a @ Kt  # -sum_j s_j g_j y_j
+                u, _, _ = _solve(cfg, s, Kt, m, lam_t, gx, None, scratch)  # adjoint solve
+                gm = gbar * x + u
+                yx = scratch.get("yx", (R, n))
+                torch.matmul(x, KtT, out=yx).sub_((m * x).sum(-1, keepdim=True))  # y_j . x
+                torch.matmul(u, KtT, out=a).sub_((m * u).sum(-1, keepdim=True))  # y_j . u
+                a.add_(g)  # g_j + y_j . u
+                P = scratch.get("P", (R, n))
+                torch.matmul(gm, KtT, out=P).sub_((m * gm).sum(-1, keepdim=True))  # y_j . gm
+                P.add_(g).addcmul_(yx, a, value=-1.0)  # P_j = (1 - y.x) g - (y.u)(y.x) + y.gm
+                sP = torch.linalg.vecdot(s, P).unsqueeze(-1)  # [R, 1]
+                dl = P.sub_(sP).mul_(s)  # softmax backward
+                dq = torch.addmm(u, dl, Kt, beta=-1.0, alpha=scale)  # scale * dl @ K - u
+                dQ[b, h, :, i0:i1] = dq.view(G, t, D)
+                coef = a.neg_().add_(gbar).mul_(s)  # s_j (gbar - g_j - y_j . u)
+                sc = yx.neg_().add_(1.0).mul_(s)  # s_j (1 - y_j . x)
+                dKh = dK[b, h, j0:j1]
+                dKh.addmm_(coef.transpose(-1, -2), x).addmm_(sc.transpose(-1, -2), u)
+                dKh.addmm_(dl.transpose(-1, -2), q_t, alpha=scale)
+                dV[b, h, j0:j1].addmm_(sc.transpose(-1, -2), do_t)
+                dL[b, h, :, i0:i1] = (-(u * x).sum(-1)).view(G, t)
     dq = dQ.reshape(B, H, T, D).permute(0, 2, 1, 3).to(q.dtype)
     dk = dK.permute(0, 2, 1, 3).to(k.dtype)
     dv = dV.permute(0, 2, 1, 3).to(v.dtype)

@@ -120,6 +120,7 @@ def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
         return r if inv_diag is None else r * inv_diag
 
     idx = None  # [..., Ra] original row of each working row (None: all rows, in order)
+    tiny = torch.finfo(b.dtype).tiny
     x = torch.zeros_like(b)
     r = b.clone()
     z = precond(r)
@@ -154,18 +155,19 @@ def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
         else:
             kp = scratch.get("kp", s.shape)
             torch.matmul(p, kcT, out=kp)
-            ap = torch.matmul(kp.mul_(s), kc) - (m * p).sum(-1, keepdim=True) * m + lam[..., None] * p
-        pap = (p * ap).sum(-1)
-        ok = active & (pap > 0)
-        alpha = torch.where(ok, rz / pap.where(pap > 0, torch.ones_like(pap)), torch.zeros_like(pap))
-        x = x + alpha[..., None] * p
-        r = r - alpha[..., None] * ap
+            ap = torch.matmul(kp.mul_(s), kc)
+            ap.addcmul_(m, torch.linalg.vecdot(m, p).unsqueeze(-1), value=-1.0).addcmul_(p, lam.unsqueeze(-1))
+        pap = torch.linalg.vecdot(p, ap)
+        # pap > 0 for p != 0 in exact arithmetic (A is SPD); rounding can break that: no step then
+        alpha = (rz / pap.clamp_min(tiny) * (active & (pap > 0))).unsqueeze(-1)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1.0)
         z = precond(r)
-        rz_new = (r * z).sum(-1)
-        beta = torch.where(rz > 0, rz_new / rz.where(rz > 0, torch.ones_like(rz)), torch.zeros_like(rz))
-        p = z + beta[..., None] * p
+        rz_new = torch.linalg.vecdot(r, z)
+        beta = (rz_new / rz.clamp_min(tiny)).unsqueeze(-1)
+        p = p.mul_(beta).add_(z)
         rz = rz_new
-        active = active & ((r * r).sum(-1) > thresh)
+        active = active & (torch.linalg.vecdot(r, r) > thresh)
         it += 1
     if idx is None:
         x_out, r_out = x, r

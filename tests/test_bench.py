@@ -1,0 +1,93 @@
+"""``lla bench`` harness: tiny runs in subprocesses, checking the outputs' structure (no timing asserts),
+plus multi-tile checks of the tuned PyTorch backend paths (row compaction, reused buffers, masks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_qkv, rel_err
+
+import lla
+from lla import bench
+from lla.ops.reference import local_linear_attention_ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu.py"), *args, "--out", str(tmp_path), "--threads", "1"]
+    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    return cp.stdout
+
+
+def test_bench_tiny_grid_outputs(tmp_path):
+    out = _run(["--T", "48", "--D", "16", "--ridge", "0.5", "--modes", "fwdbwd", "--providers", "lla-cg", "sdpa",
+                "--repeats", "1"], tmp_path)
+    assert "targets" in out and "T1" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    res = data["results"]
+    assert {(r["provider"], r["mode"]) for r in res} == {("lla-cg", "fwdbwd"), ("sdpa", "fwdbwd")}
+    for r in res:
+        assert not r.get("error"), r
+        assert r["ms"] > 0 and r["gflops"] > 0 and r["T"] == 48 and r["D"] == 16 and r["H"] == 8
+        assert r["peak_mib"] is None or r["peak_mib"] >= 0
+        if r["provider"] == "sdpa":
+            assert r["rel_err"] is None
+        else:
+            assert r["ratio"] > 0 and r["sdpa_ms"] > 0
+            assert r["iters"] >= 1 and r["solver"] == "cg"
+            assert 0 <= r["rel_err"] < 1e-4 and r["err_rows"] >= 2  # computed against the float64 reference
+    assert {t["target"] for t in data["targets"]} == {"T1", "T2", "T3", "T4", "T5"}
+    md = (tmp_path / "bench.md").read_text()
+    assert "| provider | mode |" in md and "FLOP formulas" in md
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("provider", ["ref", "lla-direct", "lla-cg"])
+def test_run_point_in_process(provider):
+    """Forward points in process: errors against the float64 reference, iterations, FLOPs."""
+    r = bench.run_point(provider, "fwd", 24, 8, 1.0, repeats=1, threads=1)
+    assert 0 <= r["rel_err"] < 1e-5 and r["ms"] > 0 and r["flops"] > 0
+    assert (r["iters"] >= 1) == (provider == "lla-cg")
+
+
+def test_targets_summary_logic():
+    rec = lambda **kw: dict(dict(provider="lla-auto", D=64, rel_err=1e-5, iters=8, solver="cg", peak_mib=100.0), **kw)
+    res = [
+        dict(provider="sdpa", mode="fwd", T=4096, D=64, ms=100.0),
+        rec(mode="fwd", T=4096, ridge=1.0, ms=900.0),
+        rec(mode="fwd", T=4096, ridge=0.01, ms=2500.0),
+        rec(mode="fwd", T=2048, ridge=1.0, ms=100.0),
+        rec(mode="fwd", T=16384, ridge=1.0, ms=100.0 * 70, peak_mib=300.0),
+    ]
+    bench._add_ratios(res)
+    got = {t["target"]: t["met"] for t in bench.targets_summary(res)}
+    assert got == {"T1": True, "T2": None, "T3": False, "T4": None, "T5": False}
+
+
+# --------------------------------------------------------- tuned backend paths, many small tiles
+@pytest.mark.parametrize("ridge", [0.05, 2.0])
+@pytest.mark.parametrize("window", [(-1, -1), (7, -1)])
+def test_backend_multi_tile_compaction(monkeypatch, ridge, window):
+    import lla.ops.torch_backend.function as fn
+    import lla.ops.torch_backend.solvers as sv
+
+    monkeypatch.setattr(fn, "HEAD_TILE_ELEMS", 1 << 10)  # 16-row tiles: many tiles, partial masks
+    monkeypatch.setattr(sv, "COMPACT_FRACTION", 0.95)  # compact as soon as any row converges
+    q, k, v = make_qkv(2, 90, 4, 12, Hk=2, seed=3, requires_grad=True)
+    ref = local_linear_attention_ref(q, k, v, ridge=ridge, window_size=window)
+    do = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, (q, k, v), do)
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+        o = lla.local_linear_attention(qq, kk, vv, ridge=ridge, window_size=window, solver="cg", backend="torch")
+        assert rel_err(o, ref) < tol
+        for a, b in zip(torch.autograd.grad(o, (qq, kk, vv), do.to(dtype)), g_ref):
+            assert rel_err(a, b) < 10 * tol
