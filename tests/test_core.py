@@ -421,3 +421,39 @@ def test_softmax_reference_matches_sdpa():
     q, k, v = make_qkv(2, 30, 2, 16)
     sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     assert rel_err(softmax_attention_ref(q, k, v), sdpa.transpose(1, 2)) < 1e-12
+
+
+def test_auto_solver_rule():
+    from lla.ops.api import resolve_solver
+
+    f32 = torch.float32
+    assert resolve_solver("cg", 1e-4, 64, torch.float64) == "cg"  # an explicit choice is kept
+    assert resolve_solver("auto", 1.0, 64, torch.float64, S=4096) == "direct"
+    assert resolve_solver("auto", 1.0, 16, f32, S=4096) == "direct"
+    assert resolve_solver("auto", 1.0, 32, f32, S=64) == "direct"
+    assert resolve_solver("auto", 1.0, 32, f32, S=4096) == "cg"
+    assert resolve_solver("auto", 1.0, 64, f32, S=4096) == "cg"
+    assert resolve_solver("auto", 0.01, 64, f32, S=256) == "direct"
+    assert resolve_solver("auto", 0.01, 64, f32, S=4096) == "cg"
+    assert resolve_solver("auto", 1e-4, 64, f32, S=4096) == "direct"
+
+
+def test_auto_solver_is_cg_on_the_triton_backend(monkeypatch):
+    import lla.ops.api as api
+
+    seen = {}
+
+    def fake_backend(q, k, v, lam, *, solver, **kw):
+        seen["solver"] = solver
+        o = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype)
+        return o, torch.zeros(q.shape[:3]), 0, 0.0
+
+    monkeypatch.setattr(api, "_pick_backend", lambda backend, q: "triton")
+    monkeypatch.setattr(api, "_backend_fn", lambda name: fake_backend)
+    q, k, v = make_qkv(1, 8, 2, 16, dtype=torch.float32)
+    lla.local_linear_attention(q, k, v)
+    assert seen["solver"] == "cg"  # auto would pick direct for D = 16 on the torch backend
+    lla.local_linear_attention(q, k, v, solver="direct")
+    assert seen["solver"] == "direct"
+    lla.local_linear_attention(q.double(), k.double(), v.double())
+    assert seen["solver"] == "direct"

@@ -111,13 +111,17 @@ def resolve_solver(solver: str, lam_min: float, D: int, dtype: torch.dtype, S: i
     thousands need few (measured, D = 64, fp32, T = 4096: ~7 at ridge 1, ~10 at ridge 0.01, weighted
     by keys), and the torch backend's CG drops converged rows, so at long sequences CG wins even at
     small ridges (ridge 0.01, T = 4096: ~18x SDPA with CG, ~86x with direct).  So: direct for float64
-    (exactness expected), small heads (the D^2 moment is cheap), tiny ridges (< 1e-3, unmeasured
+    (exactness expected), small heads (D <= 16, or D <= 32 with ``S <= 128``: the D^2 moment is
+    cheap; measured 1 thread, H = 8: D = 16 direct 0.8x CG's time at S = 512-2048, D = 32 direct
+    0.64x at B = 32, S = 64 but 1.3-1.5x at S = 512-2048), tiny ridges (< 1e-3, unmeasured
     for CG), and small ridges (< 0.5) at short key lengths (``S <= 512``, or ``S`` unknown); CG
     otherwise.  On the Triton backend (CUDA) ``auto`` means CG, the solver the fused kernels run.
     """
     if solver != "auto":
         return solver
-    if dtype == torch.float64 or D <= 32 or lam_min < 1e-3:
+    if dtype == torch.float64 or D <= 16 or lam_min < 1e-3:
+        return "direct"
+    if D <= 32 and (S is None or S <= 128):
         return "direct"
     if lam_min < 0.5 and (S is None or S <= 512):
         return "direct"
