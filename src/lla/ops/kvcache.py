@@ -26,21 +26,12 @@ import math
 
 import torch
 
-from .api import _FLOAT_DTYPES, local_linear_attention
+from .api import _check_tensor as _check, local_linear_attention
 
 __all__ = ["local_linear_attention_with_kvcache"]
 
 #: Keys per chunk of the single-token passes (bounds the temporaries to ``chunk * H * D`` elements).
 DECODE_CHUNK = 1024
-
-
-def _check(name, x, rank):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != rank:
-        raise ValueError(f"{name} must have rank {rank} ([B, T, H, D] layout), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {x.dtype}")
 
 
 def _ridge_bth(ridge, B, T, H, device):
