@@ -33,7 +33,7 @@ PRESETS = {
         "quick": {"vocab": 128, "train_configs": [[32, 4], [64, 8]], "eval_configs": [[32, 4], [64, 4], [64, 8], [64, 12]],
                   "eval_batch": 128, "eval_batches": 2,
                   "model": {**_MODEL, "num_heads": 4, "mlp": False},
-                  "train": {**_TRAIN, "steps": 150, "batch_size": 32, "lr": 3e-3}},
+                  "train": {**_TRAIN, "steps": 800, "batch_size": 32, "lr": 3e-3}},
         "paper": {"vocab": 8192, "train_configs": [[64, 4], [128, 8], [256, 16], [256, 32], [256, 64]],
                   "eval_configs": [[64, 4], [128, 8], [256, 16], [512, 64], [1024, 128], [1024, 256]],
                   "eval_batch": 256, "eval_batches": 4,
