@@ -26,33 +26,12 @@ import math
 
 import torch
 
-from .api import _check_tensor as _check, local_linear_attention
+from .api import _check_tensor as _check, _normalise_ridge, local_linear_attention
 
 __all__ = ["local_linear_attention_with_kvcache"]
 
 #: Keys per chunk of the single-token passes (bounds the temporaries to ``chunk * H * D`` elements).
 DECODE_CHUNK = 1024
-
-
-def _ridge_bth(ridge, B, T, H, device):
-    """The ridge as a ``[B, T, H]`` tensor (float64 for a Python number), validated."""
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float, torch.Tensor)):
-        raise TypeError(f"ridge must be a float or a tensor broadcastable to [B, T, H], got {type(ridge).__name__}")
-    if not isinstance(ridge, torch.Tensor):
-        if not math.isfinite(ridge) or ridge <= 0:
-            raise ValueError(f"ridge must be a finite number > 0, got {ridge}")
-        return torch.full((B, T, H), float(ridge), dtype=torch.float64, device=device)
-    if not ridge.is_floating_point():
-        raise TypeError(f"ridge must be a floating-point tensor, got {ridge.dtype}")
-    if ridge.dim() > 3:
-        raise ValueError(f"ridge must be broadcastable to [B, T, H] = {[B, T, H]}, got shape {tuple(ridge.shape)}")
-    try:
-        lam = ridge.to(device).broadcast_to(B, T, H)
-    except RuntimeError:
-        raise ValueError(f"ridge must be broadcastable to [B, T, H] = {[B, T, H]}, got shape {tuple(ridge.shape)}") from None
-    if not bool(torch.isfinite(ridge).all()) or not bool((ridge > 0).all()):
-        raise ValueError("ridge must be finite and > 0 everywhere")
-    return lam
 
 
 def _decode_one(q, k_cache, v_cache, lens, lam, scale, chunk):
@@ -213,7 +192,9 @@ def local_linear_attention_with_kvcache(
         scale = D ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    lam = _ridge_bth(ridge, B, T, H, q.device)
+    if isinstance(ridge, torch.Tensor):
+        ridge = ridge.to(q.device)  # the cache op accepts a ridge on another device
+    lam = _normalise_ridge(ridge, B, T, H, q)
 
     if k is not None:  # append in place: row seqlens[b] + t of sequence b
         rows = seqlens[:, None] + torch.arange(T, device=q.device)[None, :]  # [B, T]

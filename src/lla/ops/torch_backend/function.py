@@ -360,8 +360,8 @@ def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds, bounds[1:]):
         o, lse, stats = LLATorchFunction.apply(q[:, a:b], k[:, a:b], v[:, a:b], lam[:, a:b], cfg)
-        it, r, a = stats.tolist()
-        amp = max(amp, a)
+        it, r, amp_seq = stats.tolist()
+        amp = max(amp, amp_seq)
         outs.append(o)
         lses.append(lse)
         iters = max(iters, int(it))
