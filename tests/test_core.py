@@ -170,6 +170,34 @@ def test_gradients_match_reference_awkward_shapes(solver, T, D):
         assert rel_err(a, b, atol=1e-2) < 1e-4, name
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize(
+    "elems,T,window,causal",
+    [(2400, 20, (-1, -1), True), (2400, 20, (-1, -1), False), (2000, 64, (3, 0), False), (1 << 20, 33, (-1, -1), True)],
+)
+def test_batched_pairs_match_reference(monkeypatch, solver, elems, T, window, causal):
+    """(batch, key head) pairs are folded and processed ``nb`` at a time: a last, partial chunk,
+    several row tiles per chunk and one chunk holding everything all give the reference's output
+    and gradients."""
+    from lla.ops.torch_backend import function as tb
+
+    monkeypatch.setattr(tb, "HEAD_TILE_ELEMS", elems)
+    B, H, Hk, D = 4, 4, 2, 16
+    _, nb = tb._tile_plan(T, T, (window[0], 0 if causal else window[1]), H // Hk, elems, "cpu", B * Hk)
+    assert 1 < nb and (nb < B * Hk or elems == 1 << 20)
+    q, k, v = make_qkv(B, T, H, D, Hk=Hk, seed=elems + T, requires_grad=True)
+    lam = (0.5 + torch.rand(B, T, H, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(B, T, H, D, dtype=torch.float64)
+    outs, grads = [], []
+    for fn in (lambda *a, **kw: _lla(*a, solver=solver, **kw), local_linear_attention_ref):
+        out = fn(q, k, v, ridge=lam, causal=causal, window_size=window)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * g).sum(), (q, k, v, lam)))
+    assert rel_err(outs[0], outs[1]) < 1e-9
+    for name, a, b in zip("q k v ridge".split(), *grads):
+        assert rel_err(a, b) < 1e-8, name
+
+
 def test_backward_saves_only_row_sized_tensors():
     q, k, v = make_qkv(1, 64, 2, 16, requires_grad=True)
     saved = []
@@ -252,10 +280,10 @@ def test_aux_structure():
     assert aux_d.iters == 0 and aux_d.solver == "direct" and aux_d.residual < 1e-5
 
 
-def test_auto_solver_rule():
+def test_auto_solver_choice_reaches_the_op():
     q, k, v = make_qkv(1, 8, 2, 64, dtype=torch.float32)
-    assert _lla(q, k, v, ridge=0.01, return_aux=True)[1].solver == "direct"
-    assert _lla(q, k, v, ridge=10.0, return_aux=True)[1].solver == "cg"
+    assert _lla(q, k, v, ridge=1e-4, return_aux=True)[1].solver == "direct"
+    assert _lla(q, k, v, ridge=0.01, return_aux=True)[1].solver == "cg"
     assert _lla(q.double(), k.double(), v.double(), ridge=10.0, return_aux=True)[1].solver == "direct"
 
 
@@ -430,11 +458,14 @@ def test_auto_solver_rule():
     assert resolve_solver("cg", 1e-4, 64, torch.float64) == "cg"  # an explicit choice is kept
     assert resolve_solver("auto", 1.0, 64, torch.float64, S=4096) == "direct"
     assert resolve_solver("auto", 1.0, 16, f32, S=4096) == "direct"
-    assert resolve_solver("auto", 1.0, 32, f32, S=64) == "direct"
-    assert resolve_solver("auto", 1.0, 32, f32, S=4096) == "cg"
-    assert resolve_solver("auto", 1.0, 64, f32, S=4096) == "cg"
-    assert resolve_solver("auto", 0.01, 64, f32, S=256) == "direct"
+    assert resolve_solver("auto", 1.0, 16, f32, S=512) == "direct"
+    assert resolve_solver("auto", 1.0, 16, f32, S=64) == "cg"  # training shapes: batched CG wins
+    assert resolve_solver("auto", 0.05, 32, f32, S=1024) == "direct"
+    assert resolve_solver("auto", 1.0, 32, f32, S=1024) == "cg"
+    assert resolve_solver("auto", 0.05, 32, f32, S=256) == "cg"
+    assert resolve_solver("auto", 0.01, 64, f32, S=256) == "cg"
     assert resolve_solver("auto", 0.01, 64, f32, S=4096) == "cg"
+    assert resolve_solver("auto", 1.0, 16, f32) == "cg"  # S unknown counts as short
     assert resolve_solver("auto", 1e-4, 64, f32, S=4096) == "direct"
 
 

@@ -105,25 +105,25 @@ def resolve_solver(solver: str, lam_min: float, D: int, dtype: torch.dtype, S: i
     """The ``solver="auto"`` rule.
 
     CG's iteration count grows like sqrt(cond(A)) and cond(A) ~ ||Cov(k)|| / ridge, while the
-    direct solve costs a fixed ~D/2 key passes' worth of GEMM work (the moment matrix, with
-    symmetry) plus a D^3 Cholesky.  But a row's conditioning also depends on how many keys it sees:
-    rows with few keys (rank-deficient weighted covariance) need many iterations, rows with
-    thousands need few (measured, D = 64, fp32, T = 4096: ~7 at ridge 1, ~10 at ridge 0.01, weighted
-    by keys), and the torch backend's CG drops converged rows, so at long sequences CG wins even at
-    small ridges (ridge 0.01, T = 4096: ~18x SDPA with CG, ~86x with direct).  So: direct for float64
-    (exactness expected), small heads (D <= 16, or D <= 32 with ``S <= 128``: the D^2 moment is
-    cheap; measured 1 thread, H = 8: D = 16 direct 0.8x CG's time at S = 512-2048, D = 32 direct
-    0.64x at B = 32, S = 64 but 1.3-1.5x at S = 512-2048), tiny ridges (< 1e-3, unmeasured
-    for CG), and small ridges (< 0.5) at short key lengths (``S <= 512``, or ``S`` unknown); CG
-    otherwise.  On the Triton backend (CUDA) ``auto`` means CG, the solver the fused kernels run.
+    direct solve forms the D x D moment of every row (``R n D^2 / 2`` multiply-adds) and runs one
+    small batched Cholesky per row (LAPACK-bound on the CPU: ~15 us per 16 x 16 row, ~60 us per
+    32 x 32, whatever the key length).  A row's conditioning also depends on how many keys it sees,
+    and the torch backend's CG drops converged rows, so CG wins almost everywhere once the
+    (batch, key head) pairs are batched together.  Measured (CPU, 2 threads, fp32, fwd + bwd,
+    4096 tokens in B x T, H = 4; ``python benchmarks/solver_rule.py``):
+    D = 16: direct / CG time 2.6x at T = 16, 3.0x at 64, 1.07x at 256, 0.74x at 1024 (ridge 1),
+    0.89x at 256 and 0.57x at 1024 (ridge 0.05); D = 32: 5.0x at 16 .. 1.02x at 1024 (ridge 1),
+    3.1x .. 0.61x (ridge 0.05); D = 64, ridge 0.01: 6.2x at 16 .. 1.01x at 1024.  So: direct for
+    float64 (exactness expected),
+    tiny ridges (< 1e-3: CG's iteration count unmeasured there), D <= 16 at ``S >= 512`` and
+    D <= 32 with ridge < 0.5 at ``S >= 1024``; CG otherwise.  ``S`` unknown counts as short.
+    On the Triton backend (CUDA) ``auto`` means CG, the solver the fused kernels run.
     """
     if solver != "auto":
         return solver
-    if dtype == torch.float64 or D <= 16 or lam_min < 1e-3:
+    if dtype == torch.float64 or lam_min < 1e-3:
         return "direct"
-    if D <= 32 and (S is None or S <= 128):
-        return "direct"
-    if lam_min < 0.5 and (S is None or S <= 512):
+    if S is not None and ((D <= 16 and S >= 512) or (D <= 32 and lam_min < 0.5 and S >= 1024)):
         return "direct"
     return "cg"
 
