@@ -20,7 +20,7 @@ from lla.experiments.tasks import ttr
 from lla.experiments.tasks.icr import baselines as icr_baselines
 from lla.experiments.tasks.icr import make_icr
 from lla.experiments.tasks.mqar import make_mqar
-from lla.experiments.tasks.state import StateTask, group_table, make_word_problem
+from lla.experiments.tasks.state import StateTask, alphabet, group_table, make_word_problem
 from lla.experiments.train import TrainConfig, train
 
 from conftest import rel_err
@@ -95,7 +95,8 @@ def test_mqar_generator():
         make_mqar(1, 10, 4, V, g)
 
 
-@pytest.mark.parametrize("name,order,abelian", [("S5", 120, False), ("A5", 60, False), ("Z60", 60, True)])
+@pytest.mark.parametrize("name,order,abelian", [("S5", 120, False), ("A5", 60, False), ("Z60", 60, True),
+                                                ("S3-swap", 6, False), ("S4-swap", 24, False)])
 def test_group_tables(name, order, abelian):
     table = group_table(name)
     assert table.shape == (order, order)
@@ -104,6 +105,26 @@ def test_group_tables(name, order, abelian):
     a, b, c = idx.unbind(1)
     assert torch.equal(table[table[a, b], c], table[a, table[b, c]])  # associative
     assert torch.equal(table, table.T) == abelian
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_swap_task_tracks_the_arrangement(n):
+    """S<n>-swap words are transpositions; the target is the arrangement after applying them."""
+    perms = list(itertools.permutations(range(n)))
+    letters = alphabet(f"S{n}-swap")
+    assert len(letters) == n * (n - 1) // 2
+    tokens, targets = make_word_problem(4, 10, f"S{n}-swap", torch.Generator().manual_seed(n))
+    for b in range(4):
+        state = list(range(n))
+        for t in range(10):
+            swap = perms[int(tokens[b, t])]
+            moved = [i for i in range(n) if swap[i] != i]
+            assert len(moved) == 2  # a transposition
+            i, j = moved
+            state[i], state[j] = state[j], state[i]  # swap the contents of positions i and j
+            assert perms[int(targets[b, t])] == tuple(state)
+    with pytest.raises(ValueError, match="group must be one of"):
+        group_table("S9-swap")
 
 
 def test_word_problem_is_the_running_product():

@@ -1,8 +1,13 @@
-"""Task 4: state tracking, word problems over S5, A5 and Z60 (Merrill et al. 2024).
+"""Task 4: state tracking, word problems over S5, A5 and Z60 (Merrill et al. 2024), and the paper's
+permutation composition with swap instructions.
 
 Tokens are group elements ``g_1 .. g_T``; the target at every position is the running product
 ``g_1 g_2 ... g_t``.  Permutation groups are built with itertools (no dependency); Z60 is addition
-mod 60 (abelian, the easy control).  Metric: accuracy at each position t (= accuracy vs length).
+mod 60 (abelian, the easy control).  ``"S<N>-swap"`` (N = 2..6) is the swap task: every token is a
+transposition of two of ``N`` positions (``N (N - 1) / 2`` instructions) and the target is the
+arrangement reached so far (one of ``N!`` states), which is the word problem over S_N with the
+transpositions as its alphabet; sweeping N sweeps the number of positions.
+Metric: accuracy at each position t (= accuracy vs length).
 """
 
 from __future__ import annotations
@@ -18,24 +23,41 @@ def _parity(p) -> int:
     return sum(1 for i in range(len(p)) for j in range(i + 1, len(p)) if p[i] > p[j]) % 2
 
 
+SWAP_GROUPS = tuple(f"S{n}-swap" for n in range(2, 7))
+GROUPS = ("S5", "A5", "Z60") + SWAP_GROUPS
+
+
+def _perms(name: str) -> list[tuple[int, ...]]:
+    if name not in GROUPS or name == "Z60":
+        raise ValueError(f"group must be one of {list(GROUPS)}, got {name!r}")
+    n = 5 if name in ("S5", "A5") else int(name[1])
+    return [p for p in itertools.permutations(range(n)) if name != "A5" or _parity(p) == 0]
+
+
 @lru_cache(maxsize=None)
 def group_table(name: str) -> torch.Tensor:
     """Multiplication table ``[n, n]``: ``table[a, b]`` = index of ``a * b`` (apply b, then a: ``a(b(i))``)."""
     if name == "Z60":
         n = torch.arange(60)
         return (n[:, None] + n[None, :]) % 60
-    if name not in ("S5", "A5"):
-        raise ValueError(f"group must be one of S5, A5, Z60, got {name!r}")
-    perms = [p for p in itertools.permutations(range(5)) if name == "S5" or _parity(p) == 0]
+    perms = _perms(name)
     index = {p: i for i, p in enumerate(perms)}
-    return torch.tensor([[index[tuple(a[b[i]] for i in range(5))] for b in perms] for a in perms])
+    return torch.tensor([[index[tuple(a[b[i]] for i in range(len(a)))] for b in perms] for a in perms])
+
+
+@lru_cache(maxsize=None)
+def alphabet(name: str) -> torch.Tensor:
+    """Element ids a word may use: every element, or the transpositions for a swap task."""
+    if name not in SWAP_GROUPS:
+        return torch.arange(group_table(name).shape[0])
+    perms = _perms(name)
+    return torch.tensor([i for i, p in enumerate(perms) if sum(a != b for a, b in enumerate(p)) == 2])
 
 
 def make_word_problem(batch: int, seq_len: int, group: str, generator):
     """``tokens [B, T]`` (element ids) and ``targets [B, T]`` (running products)."""
-    table = group_table(group)
-    n = table.shape[0]
-    tokens = torch.randint(n, (batch, seq_len), generator=generator)
+    table, letters = group_table(group), alphabet(group)
+    tokens = letters[torch.randint(len(letters), (batch, seq_len), generator=generator)]
     targets = torch.empty_like(tokens)
     acc = tokens[:, 0]
     targets[:, 0] = acc
