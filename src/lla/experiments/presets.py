@@ -1,7 +1,8 @@
 """Experiment configurations: ``PRESETS[experiment][preset]`` (plain dicts, JSON-serialisable).
 
-smoke: seconds on CPU (tests).  quick: minutes on 2 CPU cores (small: the CPU LLA op costs ~1 s per
-layer-step at these sizes), enough for TTR, short training for the rest.  paper: the paper's sizes (GPU).
+smoke: seconds on CPU (tests).  quick: under 15 minutes each on 2 idle CPU cores, sized so that the
+effect the paper reports can show (ICR at d = 2, the swap task at N = 3..5).  paper: the paper's
+sizes (GPU).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ PRESETS = {
     "icr": {
         "smoke": {"dim": 4, "n_pairs": 16, "seg_lens": [8], "shift": 0.0, "noise": 0.0, "eval_batch": 8, "baselines": True,
                   "model": {**_MODEL, "d_model": 32, "mlp": False}, "train": {**_TRAIN, "steps": 3, "batch_size": 8, "warmup": 1}},
-        "quick": {"dim": 4, "n_pairs": 24, "seg_lens": [6], "shift": 0.0, "noise": 0.0, "eval_batch": 256, "baselines": True,
-                  "model": {**_MODEL, "num_heads": 4, "mlp": False}, "train": {**_TRAIN, "steps": 80, "batch_size": 32, "lr": 3e-3}},
+        "quick": {"dim": 2, "n_pairs": 32, "seg_lens": [4, 16], "shift": 0.0, "noise": 0.0, "eval_batch": 256, "baselines": True,
+                  "model": {**_MODEL, "num_heads": 4, "mlp": False}, "train": {**_TRAIN, "steps": 1200, "batch_size": 32, "lr": 3e-3}},
         "paper": {"dim": 32, "n_pairs": 256, "seg_lens": [16, 32, 64, 128, 256], "shift": 0.0, "noise": 0.0,
                   "eval_batch": 1024, "baselines": True,
                   "model": {**_MODEL, "d_model": 256, "num_heads": 4, "mlp": False},
@@ -53,9 +54,9 @@ PRESETS = {
     "state": {
         "smoke": {"groups": ["A5"], "seq_len": 8, "eval_batch": 8, "report_lengths": [4, 8],
                   "model": {**_MODEL, "d_model": 32}, "train": {**_TRAIN, "steps": 3, "batch_size": 8, "warmup": 1}},
-        "quick": {"groups": ["A5"], "seq_len": 12, "eval_batch": 256, "report_lengths": [2, 4, 8, 12],
-                  "model": {**_MODEL, "num_heads": 4}, "train": {**_TRAIN, "steps": 100, "batch_size": 32, "lr": 3e-3}},
-        "paper": {"groups": ["Z60", "A5", "S5"], "seq_len": 128, "eval_batch": 1024, "report_lengths": [8, 16, 32, 64, 128],
+        "quick": {"groups": ["S3-swap", "S4-swap", "S5-swap"], "seq_len": 16, "eval_batch": 256, "report_lengths": [2, 4, 8, 16],
+                  "model": {**_MODEL, "num_heads": 4}, "train": {**_TRAIN, "steps": 1500, "batch_size": 32, "lr": 3e-3}},
+        "paper": {"groups": ["S3-swap", "S4-swap", "S5-swap", "S6-swap", "Z60", "A5", "S5"], "seq_len": 128, "eval_batch": 1024, "report_lengths": [8, 16, 32, 64, 128],
                   "model": {**_MODEL, "d_model": 256, "num_heads": 4, "n_layers": 4},
                   "train": {**_TRAIN, "steps": 20000, "batch_size": 128, "lr": 3e-4, "warmup": 500}},
     },
