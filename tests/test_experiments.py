@@ -207,6 +207,11 @@ def test_smoke_presets_write_outputs(experiment, tmp_path):
     assert kinds[0] == "config" and kinds[-1] == "done"
     if experiment != "ttr":
         assert "train" in kinds and "run" in kinds
+    if experiment in ("icr", "state"):  # the figures' data are in metrics.jsonl too
+        logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+        curves = [r for r in logged if r["kind"] == "curve"]
+        assert {"lla", "softmax"} <= {c["mixer"] for c in curves}
+        assert all(len(c["x"]) == len(c["y"]) > 0 for c in curves)
     if experiment == "icr":
         assert {"least_squares", "segment_ls", "knn", "averaging"} <= {r["mixer"] for r in rows}
 

@@ -72,11 +72,12 @@ def _plt():
 
 
 def plot_curves(out_dir: str, curves: list[dict], group_keys, xlabel: str, ylabel: str, prefix: str,
-                boundaries_key: str | None = None, logy: bool = False) -> list[str]:
+                boundaries_key: str | None = None, logy: bool = False, ylim=None) -> list[str]:
     """One PNG per group (distinct values of ``group_keys``), one line per mixer.
 
     ``curves``: records with ``mixer``, ``x``, ``y`` and the group keys; ``boundaries_key`` names a
-    key holding the segment length, drawn as dotted vertical lines.
+    key holding the segment length, drawn as dotted vertical lines; ``ylim`` = (bottom, top), either
+    None to leave it automatic.
     """
     plt = _plt()
     groups = defaultdict(list)
@@ -94,6 +95,8 @@ def plot_curves(out_dir: str, curves: list[dict], group_keys, xlabel: str, ylabe
                 ax.axvline(b, color="grey", ls=":", lw=0.8)
         if logy:
             ax.set_yscale("log")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(", ".join(f"{k}={v}" for k, v in zip(group_keys, gkey)))
