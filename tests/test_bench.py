@@ -50,6 +50,16 @@ def test_bench_tiny_grid_outputs(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+def test_run_point_batch_and_heads():
+    """--batch / --heads reach the point: shapes recorded, FLOPs scale with B * H, error still checked."""
+    one = bench.run_point("sdpa", "fwdbwd", 16, 8, 1.0, repeats=1, threads=1)
+    many = bench.run_point("sdpa", "fwdbwd", 16, 8, 1.0, repeats=1, threads=1, B=3, heads=2)
+    assert (one["B"], one["H"], many["B"], many["H"]) == (1, 8, 3, 2)
+    assert many["flops"] == pytest.approx(one["flops"] * 3 * 2 / 8)
+    r = bench.run_point("lla-cg", "fwdbwd", 16, 8, 1.0, repeats=1, threads=1, B=3, heads=2)
+    assert r["B"] == 3 and 0 <= r["rel_err"] < 1e-4
+
+
 @pytest.mark.parametrize("provider", ["ref", "lla-direct", "lla-cg"])
 def test_run_point_in_process(provider):
     """Forward points in process: errors against the float64 reference, iterations, FLOPs."""

@@ -7,9 +7,9 @@ the op once, and reports ``peak RSS - RSS with the inputs``.  Then it times ``--
 (median, wall clock), and for LLA computes the relative error against the float64 reference
 (``lla.local_linear_attention_ref``) on a sample of query rows (each row against all its causal keys).
 
-Shapes: B = 1, H = 8, causal, float32, ``q, k, v ~ N(0, 1)``, default scale ``1 / sqrt(D)``.
+Shapes: B = 1, H = 8 (``--batch``, ``--heads`` change them, e.g. to training shapes), causal, float32, ``q, k, v ~ N(0, 1)``, default scale ``1 / sqrt(D)``.
 
-FLOP formulas (``P = H * T (T + 1) / 2`` causal query-key pairs, ``it`` = reported CG iterations, an
+FLOP formulas (``P = B * H * T (T + 1) / 2`` causal query-key pairs, ``it`` = reported CG iterations, an
 upper bound since converged rows drop out; see ``FLOP_FORMULAS``):
 
     sdpa fwd        4 P D                 sdpa fwd+bwd   14 P D       (bwd = 2.5 x fwd)
@@ -82,13 +82,13 @@ def _reset_peak() -> bool:
         return False
 
 
-def _flops(provider: str, mode: str, T: int, D: int, iters: int, solver: str | None) -> float:
-    P = H * T * (T + 1) / 2
+def _flops(provider: str, mode: str, T: int, D: int, iters: int, solver: str | None, B: int = 1, heads: int = H) -> float:
+    P = B * heads * T * (T + 1) / 2
     if provider == "sdpa":
         return (4 if mode == "fwd" else 14) * P * D
     direct = solver == "direct" or provider == "ref"
     solve = D * (D + 1) if direct else 4 * D * iters
-    f = P * (8 * D + solve) + (H * T * D**3 / 3 if direct else 0.0)
+    f = P * (8 * D + solve) + (B * heads * T * D**3 / 3 if direct else 0.0)
     if mode == "fwdbwd":
         f += P * (20 * D + solve)
     return f
@@ -110,7 +110,7 @@ def _ref_rows(q, k, v, ridge, rows):
 
 
 def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: int = 3, threads: int | None = None,
-              seed: int = 0) -> dict:
+              seed: int = 0, B: int = 1, heads: int = H) -> dict:
     """Run one point in this process; returns a record (see the module docstring).  Call it from a
     fresh process (``--worker``) for a meaningful memory figure."""
     import torch
@@ -122,7 +122,7 @@ def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: i
         torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
     g = torch.Generator().manual_seed(seed)
-    shape = (1, T, H, D)
+    shape = (B, T, heads, D)
     q, k, v, do = (torch.randn(shape, generator=g) for _ in range(4))
     bwd = mode == "fwdbwd"
     aux_box = {}
@@ -171,8 +171,8 @@ def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: i
         ref = _ref_rows(q, k, v, ridge, rows)
         out = o[:, rows].double()
         err = float((out - ref).norm() / ref.norm())
-    flops = _flops(provider, mode, T, D, iters, solver)
-    return dict(provider=provider, mode=mode, T=T, D=D, H=H, B=1, ridge=ridge, ms=ms, times_ms=[t * 1e3 for t in times],
+    flops = _flops(provider, mode, T, D, iters, solver, B, heads)
+    return dict(provider=provider, mode=mode, T=T, D=D, H=heads, B=B, ridge=ridge, ms=ms, times_ms=[t * 1e3 for t in times],
                 gflops=flops / (ms * 1e-3) / 1e9, flops=flops, peak_mib=mem_mib, peak_exact=exact_peak,
                 rel_err=err, err_rows=len(_sample_rows(T)) if err is not None else 0, iters=iters, solver=solver,
                 residual=(aux.residual if aux is not None else None), threads=torch.get_num_threads())
@@ -342,7 +342,7 @@ def plot(results: list[dict], path: str) -> bool:
             ax.set_yscale("log")
             ax.set_xlabel("T")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{mode}, D={D}, H={H}, B=1, causal, fp32")
+            ax.set_title(f"{mode}, D={D}, H={ok[0]['H']}, B={ok[0]['B']}, causal, fp32")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -359,6 +359,8 @@ def _parse(argv):
     p.add_argument("--ridge", type=float, nargs="+", default=FULL_GRID["ridge"])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--batch", type=int, default=1, help="batch size B of every point (default 1)")
+    p.add_argument("--heads", type=int, default=H, help=f"heads H (= key heads) of every point (default {H})")
     p.add_argument("--threads", type=int, default=None, help="torch threads per point (default: torch's default)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per point after the first (default 3; "
                    "--quick: 3 up to T=4096, else 0 = the memory run is the timing)")
@@ -377,7 +379,7 @@ def main(argv=None) -> int:
     if a.worker is not None:
         kw = json.loads(a.worker)
         rec = run_point(kw["provider"], kw["mode"], kw["T"], kw["D"], kw["ridge"] if kw["ridge"] is not None else 1.0,
-                        repeats=kw["repeats"], threads=kw.get("threads"))
+                        repeats=kw["repeats"], threads=kw.get("threads"), B=kw.get("B", 1), heads=kw.get("H", H))
         rec["ridge"] = kw["ridge"]
         print("RESULT " + json.dumps(rec), flush=True)
         return 0
@@ -387,14 +389,15 @@ def main(argv=None) -> int:
     points = _grid(a)
     results, slow = [], set()
     started = time.perf_counter()
-    print(f"lla bench: {len(points)} points, threads={a.threads or torch.get_num_threads()}, out={a.out}", flush=True)
+    print(f"lla bench: {len(points)} points, B={a.batch}, H={a.heads}, threads={a.threads or torch.get_num_threads()}, "
+          f"out={a.out}", flush=True)
     for pt in points:
         series = (pt["provider"], pt["mode"], pt["D"], pt["ridge"])
         if series in slow:
             results.append(dict(pt, error="skipped (slower than --skip-after at a smaller T)"))
             continue
         reps = a.repeats if a.repeats is not None else (3 if (not a.quick or pt["T"] <= 4096) else 0)
-        rec = _spawn(dict(pt, repeats=reps, threads=a.threads), a.timeout)
+        rec = _spawn(dict(pt, repeats=reps, threads=a.threads, B=a.batch, H=a.heads), a.timeout)
         if not rec.get("error") and rec["ms"] * 1e-3 > a.skip_after:
             slow.add(series)
         results.append(rec)
@@ -414,9 +417,10 @@ def main(argv=None) -> int:
     table = markdown_table(results)
     targets = _print_targets(summary)
     with open(os.path.join(a.out, "bench.md"), "w") as f:
-        f.write(f"Command: `{meta['command']}` (torch {meta['torch']}, {meta['cpus']} CPUs, {meta['threads']} threads)\n\n")
+        f.write(f"Command: `{meta['command']}` (torch {meta['torch']}, {meta['cpus']} CPUs, {meta['threads']} threads, "
+                f"B = {a.batch}, H = {a.heads})\n\n")
         f.write(table + "\n\n")
-        f.write("FLOP formulas (P = H T (T+1) / 2 causal pairs, it = reported CG iterations): "
+        f.write("FLOP formulas (P = B H T (T+1) / 2 causal pairs, it = reported CG iterations): "
                 + "; ".join(f"{k}: {v}" for k, v in FLOP_FORMULAS.items()) + "\n\n")
         f.write("```\n" + targets + "\n```\n")
     if not a.no_plot:
