@@ -149,6 +149,18 @@ def _tile_plan(T, S, window, G, elems, device, pairs: int = 1):
     return plan, max(1, min(pairs, elems // widest))
 
 
+def _blocks(T, S, window, G, N, device):
+    """The steps of the forward and backward loops: ``(c, i0, i1, j0, j1, mask)`` with ``c`` a slice
+    of the ``N`` folded (batch, key head) pairs (``nb`` of them, see ``_tile_plan``), rows ``i0:i1``,
+    the keys ``j0:j1`` they can see and the tile's mask fill; tiles that see no key are skipped."""
+    tiles, nb = _tile_plan(T, S, window, G, HEAD_TILE_ELEMS, device, N)
+    for c0 in range(0, N, nb):
+        c = slice(c0, min(N, c0 + nb))
+        for i0, i1, j0, j1, mask in tiles:
+            if j1 > j0:
+                yield c, i0, i1, j0, j1, mask
+
+
 def _mask_fill_(logits, fill):
     """Set the masked logits of a tile [R, n] to -inf in place (only the partly masked columns)."""
     if fill is None:
@@ -232,37 +244,32 @@ def lla_forward(q, k, v, lam, cfg):
     Qs, Qmu, Kc, Kx, V, L = (t.reshape(N, *t.shape[2:]) for t in (Qs, Qmu, Kc, Kx, V, L))
     O, X, M, LSE = (t.view(N, *t.shape[2:]) for t in (O, X, M, LSE))
     bad = None if bad is None else bad.reshape(N, S)
-    tiles, nb = _tile_plan(T, S, cfg.window, G, HEAD_TILE_ELEMS, Q.device, N)
-    for c0 in range(0, N, nb):
-        c = slice(c0, min(N, c0 + nb))
-        for i0, i1, j0, j1, mask in tiles:
-            if j1 == j0:
-                continue
-            t = i1 - i0
-            R = G * t
-            Kt, Vt = Kc[c, j0:j1], V[c, j0:j1]  # [nb, n, D], [nb, n, Dv]
-            s, lse_t = _softmax_tile(Qs[c, :, i0:i1].reshape(-1, R, D), Kt, mask, G, scratch)  # [nb, R, n]
-            LSE[c, :, i0:i1] = lse_t.view(-1, G, t)
-            msk = s @ Kx[c, j0:j1]  # [nb, R, D + 1]: m and sum_j s_j |k_j|^2 in one GEMM
-            m = msk[..., :D]
-            lam_t = L[c, :, i0:i1].reshape(-1, R)
-            mu = m - Qmu[c, :, i0:i1].reshape(-1, R, D)
-            x, it, r = _solve(cfg, s, Kt, m, lam_t, mu, None, scratch)
-            iters, resid = max(iters, it), torch.maximum(resid, r)
-            # y_j . x, then s_j (y_j . x) in place; the output weights are s_j - s_j (y_j . x)
-            syx = scratch.get("k", s.shape)
-            torch.baddbmm(-(m * x).sum(-1, keepdim=True), x, Kt.transpose(-1, -2), out=syx).mul_(s)
-            # rounding amplification: of the output weights, and of forming A next to the ridge
-            amp_rows = torch.linalg.vector_norm(syx, ord=1, dim=-1) + msk[..., D] / lam_t
-            amp = torch.maximum(amp, amp_rows.max())
-            if bad is not None:
-                sees_bad = (s > 0).to(cdt) @ bad[c, j0:j1, None].to(cdt)  # [nb, R, 1]
-            o = torch.matmul(torch.sub(s, syx, out=syx), Vt)  # [nb, R, Dv]
-            if bad is not None:
-                o = o.masked_fill(sees_bad > 0, float("nan"))
-            O[c, :, i0:i1] = o.view(-1, G, t, Dv)
-            X[c, :, i0:i1] = x.view(-1, G, t, D)
-            M[c, :, i0:i1] = m.reshape(-1, G, t, D)
+    for c, i0, i1, j0, j1, mask in _blocks(T, S, cfg.window, G, N, Q.device):
+        t = i1 - i0
+        R = G * t
+        Kt, Vt = Kc[c, j0:j1], V[c, j0:j1]  # [nb, n, D], [nb, n, Dv]
+        s, lse_t = _softmax_tile(Qs[c, :, i0:i1].reshape(-1, R, D), Kt, mask, G, scratch)  # [nb, R, n]
+        LSE[c, :, i0:i1] = lse_t.view(-1, G, t)
+        msk = s @ Kx[c, j0:j1]  # [nb, R, D + 1]: m and sum_j s_j |k_j|^2 in one GEMM
+        m = msk[..., :D]
+        lam_t = L[c, :, i0:i1].reshape(-1, R)
+        mu = m - Qmu[c, :, i0:i1].reshape(-1, R, D)
+        x, it, r = _solve(cfg, s, Kt, m, lam_t, mu, None, scratch)
+        iters, resid = max(iters, it), torch.maximum(resid, r)
+        # y_j . x, then s_j (y_j . x) in place; the output weights are s_j - s_j (y_j . x)
+        syx = scratch.get("k", s.shape)
+        torch.baddbmm(-(m * x).sum(-1, keepdim=True), x, Kt.transpose(-1, -2), out=syx).mul_(s)
+        # rounding amplification: of the output weights, and of forming A next to the ridge
+        amp_rows = torch.linalg.vector_norm(syx, ord=1, dim=-1) + msk[..., D] / lam_t
+        amp = torch.maximum(amp, amp_rows.max())
+        if bad is not None:
+            sees_bad = (s > 0).to(cdt) @ bad[c, j0:j1, None].to(cdt)  # [nb, R, 1]
+        o = torch.matmul(torch.sub(s, syx, out=syx), Vt)  # [nb, R, Dv]
+        if bad is not None:
+            o = o.masked_fill(sees_bad > 0, float("nan"))
+        O[c, :, i0:i1] = o.view(-1, G, t, Dv)
+        X[c, :, i0:i1] = x.view(-1, G, t, D)
+        M[c, :, i0:i1] = m.reshape(-1, G, t, D)
     O, X, M, LSE = (t.view(B, Hk, *t.shape[1:]) for t in (O, X, M, LSE))
     o = O.reshape(B, H, T, Dv).permute(0, 2, 1, 3).to(q.dtype)
     # lse of the true logits: the key shift moved each row's logits by scale * q . kbar
@@ -292,53 +299,48 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True):
     Qs, Q, Kc, V, L, dO = (t.reshape(N, *t.shape[2:]) for t in (Qs, Q, Kc, V, L, dO))
     dQ, dK, dV, dL = (t.view(N, *t.shape[2:]) for t in (dQ, dK, dV, dL))
     X, M, LSE = (t.reshape(N, *t.shape[2:]) for t in (X, M, LSE))
-    tiles, nb = _tile_plan(T, S, cfg.window, G, HEAD_TILE_ELEMS, Q.device, N)
-    for c0 in range(0, N, nb):
-        c = slice(c0, min(N, c0 + nb))
-        for i0, i1, j0, j1, mask in tiles:
-            if j1 == j0:
-                continue
-            t = i1 - i0
-            R = G * t
-            Kt, Vt = Kc[c, j0:j1], V[c, j0:j1]  # [nb, n, D], [nb, n, Dv]
-            KtT = Kt.transpose(-1, -2)
-            nbc, n = Kt.shape[0], Kt.shape[1]
-            lse = LSE[c, :, i0:i1].reshape(nbc, R, 1)
-            lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
-            s = scratch.get("s", (nbc, R, n))
-            torch.matmul(Qs[c, :, i0:i1].reshape(nbc, R, D), KtT, out=s)
-            _mask_fill_(s, mask)
-            s.sub_(lse).exp_()  # [nb, R, n] softmax weights
-            x, m = X[c, :, i0:i1].reshape(nbc, R, D), M[c, :, i0:i1].reshape(nbc, R, D)
-            q_t = Q[c, :, i0:i1].reshape(nbc, R, D)
-            do_t = dO[c, :, i0:i1].reshape(nbc, R, Dv)
-            lam_t = L[c, :, i0:i1].reshape(nbc, R)
-            g = scratch.get("g", (nbc, R, n))
-            torch.matmul(do_t, Vt.transpose(-1, -2), out=g)  # g_j = do . v_j
-            a = scratch.get("a", (nbc, R, n))
-            torch.mul(s, g, out=a)  # s_j g_j
-            gbar = a.sum(-1, keepdim=True)  # [nb, R, 1]
-            gx = gbar * m - a @ Kt  # -sum_j s_j g_j y_j
-            u, _, _ = _solve(cfg, s, Kt, m, lam_t, gx, None, scratch)  # adjoint solve
-            gm = gbar * x + u
-            yx = scratch.get("yx", (nbc, R, n))
-            torch.matmul(x, KtT, out=yx).sub_((m * x).sum(-1, keepdim=True))  # y_j . x
-            torch.matmul(u, KtT, out=a).sub_((m * u).sum(-1, keepdim=True))  # y_j . u
-            a.add_(g)  # g_j + y_j . u
-            P = scratch.get("P", (nbc, R, n))
-            torch.matmul(gm, KtT, out=P).sub_((m * gm).sum(-1, keepdim=True))  # y_j . gm
-            P.add_(g).addcmul_(yx, a, value=-1.0)  # P_j = (1 - y.x) g - (y.u)(y.x) + y.gm
-            sP = torch.linalg.vecdot(s, P).unsqueeze(-1)  # [nb, R, 1]
-            dl = P.sub_(sP).mul_(s)  # softmax backward
-            dq = torch.baddbmm(u, dl, Kt, beta=-1.0, alpha=scale)  # scale * dl @ K - u
-            dQ[c, :, i0:i1] = dq.view(nbc, G, t, D)
-            coef = a.neg_().add_(gbar).mul_(s)  # s_j (gbar - g_j - y_j . u)
-            sc = yx.neg_().add_(1.0).mul_(s)  # s_j (1 - y_j . x)
-            dKh = dK[c, j0:j1]
-            dKh.baddbmm_(coef.transpose(-1, -2), x).baddbmm_(sc.transpose(-1, -2), u)
-            dKh.baddbmm_(dl.transpose(-1, -2), q_t, alpha=scale)
-            dV[c, j0:j1].baddbmm_(sc.transpose(-1, -2), do_t)
-            dL[c, :, i0:i1] = (-(u * x).sum(-1)).view(nbc, G, t)
+    for c, i0, i1, j0, j1, mask in _blocks(T, S, cfg.window, G, N, Q.device):
+        t = i1 - i0
+        R = G * t
+        Kt, Vt = Kc[c, j0:j1], V[c, j0:j1]  # [nb, n, D], [nb, n, Dv]
+        KtT = Kt.transpose(-1, -2)
+        nbc, n = Kt.shape[0], Kt.shape[1]
+        lse = LSE[c, :, i0:i1].reshape(nbc, R, 1)
+        lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+        s = scratch.get("s", (nbc, R, n))
+        torch.matmul(Qs[c, :, i0:i1].reshape(nbc, R, D), KtT, out=s)
+        _mask_fill_(s, mask)
+        s.sub_(lse).exp_()  # [nb, R, n] softmax weights
+        x, m = X[c, :, i0:i1].reshape(nbc, R, D), M[c, :, i0:i1].reshape(nbc, R, D)
+        q_t = Q[c, :, i0:i1].reshape(nbc, R, D)
+        do_t = dO[c, :, i0:i1].reshape(nbc, R, Dv)
+        lam_t = L[c, :, i0:i1].reshape(nbc, R)
+        g = scratch.get("g", (nbc, R, n))
+        torch.matmul(do_t, Vt.transpose(-1, -2), out=g)  # g_j = do . v_j
+        a = scratch.get("a", (nbc, R, n))
+        torch.mul(s, g, out=a)  # s_j g_j
+        gbar = a.sum(-1, keepdim=True)  # [nb, R, 1]
+        gx = gbar * m - a @ Kt  # -sum_j s_j g_j y_j
+        u, _, _ = _solve(cfg, s, Kt, m, lam_t, gx, None, scratch)  # adjoint solve
+        gm = gbar * x + u
+        yx = scratch.get("yx", (nbc, R, n))
+        torch.matmul(x, KtT, out=yx).sub_((m * x).sum(-1, keepdim=True))  # y_j . x
+        torch.matmul(u, KtT, out=a).sub_((m * u).sum(-1, keepdim=True))  # y_j . u
+        a.add_(g)  # g_j + y_j . u
+        P = scratch.get("P", (nbc, R, n))
+        torch.matmul(gm, KtT, out=P).sub_((m * gm).sum(-1, keepdim=True))  # y_j . gm
+        P.add_(g).addcmul_(yx, a, value=-1.0)  # P_j = (1 - y.x) g - (y.u)(y.x) + y.gm
+        sP = torch.linalg.vecdot(s, P).unsqueeze(-1)  # [nb, R, 1]
+        dl = P.sub_(sP).mul_(s)  # softmax backward
+        dq = torch.baddbmm(u, dl, Kt, beta=-1.0, alpha=scale)  # scale * dl @ K - u
+        dQ[c, :, i0:i1] = dq.view(nbc, G, t, D)
+        coef = a.neg_().add_(gbar).mul_(s)  # s_j (gbar - g_j - y_j . u)
+        sc = yx.neg_().add_(1.0).mul_(s)  # s_j (1 - y_j . x)
+        dKh = dK[c, j0:j1]
+        dKh.baddbmm_(coef.transpose(-1, -2), x).baddbmm_(sc.transpose(-1, -2), u)
+        dKh.baddbmm_(dl.transpose(-1, -2), q_t, alpha=scale)
+        dV[c, j0:j1].baddbmm_(sc.transpose(-1, -2), do_t)
+        dL[c, :, i0:i1] = (-(u * x).sum(-1)).view(nbc, G, t)
     dQ, dK, dV, dL = (t.view(B, Hk, *t.shape[1:]) for t in (dQ, dK, dV, dL))
     dq = dQ.reshape(B, H, T, D).permute(0, 2, 1, 3).to(q.dtype)
     dk = dK.permute(0, 2, 1, 3).to(k.dtype)
