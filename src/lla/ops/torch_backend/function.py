@@ -217,11 +217,12 @@ def lla_forward(q, k, v, lam, cfg):
     the amplification estimates how much rounding is magnified (see ``LLAAux``), and the saved state
     ``x, m [B, Hk, G, T, D]``, ``lse_c [B, Hk, G, T]`` (compute dtype; lse of the shifted logits).
 
-    One key head at a time (its ``G`` query heads together), per tile of query rows: one logits
-    GEMM and an in-place softmax in a reused buffer; one GEMM for the mean ``m``; the solve (CG with
-    a tile-shared dense preconditioner, dropping converged rows as it goes); one GEMM for ``y . x``
-    and one for the output.  A tile is ``HEAD_TILE_ELEMS`` weights (4 MiB in float32), which keeps
-    the CG loop's weight tile in cache: measured ~1.5x faster per iteration than all heads at once.
+    Per step (``_blocks``): a chunk of (batch, key head) pairs, each with its ``G`` query heads, and
+    a tile of query rows: one logits GEMM and an in-place softmax in a reused buffer; one GEMM for
+    the mean ``m``; the solve (CG with a tile-shared dense preconditioner, dropping converged rows as
+    it goes); one GEMM for ``y . x`` and one for the output.  A step is at most ``HEAD_TILE_ELEMS``
+    weights (4 MiB in float32), which keeps the CG loop's weight tile in cache (measured ~1.5x faster
+    per iteration than all heads at once at long T); at short T many pairs share a step.
     """
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -282,8 +283,8 @@ def lla_forward(q, k, v, lam, cfg):
 def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True):
     """Backward pass from the forward's saved state -> ``(dq, dk, dv, dlam [B, T, H] or None)``.
 
-    One key head at a time, per tile of query rows, the ``[R, n]`` intermediates in reused buffers
-    and updated in place; the adjoint solve as in the forward.
+    The forward's steps (``_blocks``), the ``[nb, R, n]`` intermediates in reused buffers and updated
+    in place; the adjoint solve as in the forward.
     """
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
