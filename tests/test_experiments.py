@@ -231,6 +231,15 @@ def test_cli_run_and_demo(tmp_path, monkeypatch, capsys):
     assert cli_main(["run", "state", "--preset", "smoke", "--mixers", "softmax", "--steps", "2", "--out", str(tmp_path / "s2"), "--no-progress"]) == 0
     losses = [json.loads(line) for line in open(tmp_path / "s2" / "metrics.jsonl")]
     assert [r["step"] for r in losses if r["kind"] == "train"][-1] == 2
+    # --seed reaches the config that is logged and changes the run (data and initial weights)
+    assert cli_main(["run", "state", "--preset", "smoke", "--mixers", "softmax", "--steps", "2", "--seed", "7",
+                     "--out", str(tmp_path / "s3"), "--no-progress"]) == 0
+    seeded = [json.loads(line) for line in open(tmp_path / "s3" / "metrics.jsonl")]
+    assert seeded[0]["config"]["train"]["seed"] == 7 and losses[0]["config"]["train"]["seed"] == 0
+    loss = lambda rs: [r["loss"] for r in rs if r["kind"] == "train"]
+    assert loss(seeded) != loss(losses)
+    assert cli_main(["run", "ttr", "--preset", "smoke", "--seed", "3", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert json.loads(open(tmp_path / "t" / "metrics.jsonl").readline())["config"]["seed"] == 3
     monkeypatch.setitem(PRESETS["ttr"], "demo", get_preset("ttr", "smoke") | {"shifts": [2.0, 0.0]})
     assert cli_main(["demo", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out

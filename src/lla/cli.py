@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--mixers", nargs="+", default=None, help="mixers to compare (default: lla softmax mesa linear)")
     r.add_argument("--out", default=None, help="output directory (default: runs/EXPERIMENT-PRESET)")
     r.add_argument("--steps", type=int, default=None, help="override the preset's training steps (trained experiments)")
+    r.add_argument("--seed", type=int, default=None, help="override the preset's seed (data and initial weights)")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     r.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # interruption, for resume tests
     sub.add_parser("bench", help="benchmarks (lla.bench); arguments are passed through", add_help=False)
@@ -41,15 +42,18 @@ def main(argv=None) -> int:
         runner.demo(args.out)
     elif args.command == "run":
         cfg = None
-        if args.steps is not None:
+        if args.steps is not None or args.seed is not None:
             from lla.experiments.presets import get_preset
 
+            cfg = get_preset(args.experiment, args.preset)
+        if args.steps is not None:
             if args.experiment == "ttr":
                 raise SystemExit("lla run: --steps applies to trained experiments (icr, mqar, state), not ttr")
             if args.steps < 1:
                 raise SystemExit(f"lla run: --steps must be >= 1, got {args.steps}")
-            cfg = get_preset(args.experiment, args.preset)
             cfg["train"]["steps"] = args.steps
+        if args.seed is not None:
+            (cfg if args.experiment == "ttr" else cfg["train"])["seed"] = args.seed
         runner.run_experiment(args.experiment, args.preset, mixers=args.mixers, out_dir=args.out,
                               progress=not args.no_progress, stop_after=args.stop_after, cfg=cfg)
     return 0
