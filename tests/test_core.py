@@ -172,20 +172,26 @@ def test_gradients_match_reference_awkward_shapes(solver, T, D):
 
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize(
-    "elems,T,window,causal",
-    [(2400, 20, (-1, -1), True), (2400, 20, (-1, -1), False), (2000, 64, (3, 0), False), (1 << 20, 33, (-1, -1), True)],
+    "case,T,window,causal,D",
+    [("partial", 20, (-1, -1), True, 16), ("partial", 20, (-1, -1), False, 16), ("tiles", 64, (3, 0), False, 4),
+     ("all", 33, (-1, -1), True, 16)],
 )
-def test_batched_pairs_match_reference(monkeypatch, solver, elems, T, window, causal):
-    """(batch, key head) pairs are folded and processed ``nb`` at a time: a last, partial chunk,
-    several row tiles per chunk and one chunk holding everything all give the reference's output
-    and gradients."""
+def test_batched_pairs_match_reference(monkeypatch, solver, case, T, window, causal, D):
+    """(batch, key head) pairs are folded and processed ``nb`` at a time: a last, partial chunk
+    (8 pairs in chunks of 3), several row tiles per chunk and one chunk holding everything all give
+    the reference's output and gradients."""
     from lla.ops.torch_backend import function as tb
 
+    B, H, Hk = 4, 4, 2
+    G, direct = H // Hk, solver == "direct"
+    if case == "partial":  # one row tile; room for exactly 3 pairs per step
+        elems = 3 * max(G * T * T, G * T * D * D if direct else D * D)
+    else:
+        elems = 2000 if case == "tiles" else 1 << 20
     monkeypatch.setattr(tb, "HEAD_TILE_ELEMS", elems)
-    B, H, Hk, D = 4, 4, 2, 16
-    _, nb = tb._tile_plan(T, T, (window[0], 0 if causal else window[1]), H // Hk, elems, "cpu", B * Hk)
-    assert 1 < nb and (nb < B * Hk or elems == 1 << 20)
-    q, k, v = make_qkv(B, T, H, D, Hk=Hk, seed=elems + T, requires_grad=True)
+    tiles, nb = tb._tile_plan(T, T, (window[0], 0 if causal else window[1]), G, elems, "cpu", B * Hk, D, direct)
+    assert {"partial": nb == 3 and len(tiles) == 1, "tiles": nb == 3 and len(tiles) > 1, "all": nb == B * Hk}[case]
+    q, k, v = make_qkv(B, T, H, D, Hk=Hk, seed=T + D, requires_grad=True)
     lam = (0.5 + torch.rand(B, T, H, dtype=torch.float64)).requires_grad_()
     g = torch.randn(B, T, H, D, dtype=torch.float64)
     outs, grads = [], []
@@ -196,6 +202,19 @@ def test_batched_pairs_match_reference(monkeypatch, solver, elems, T, window, ca
     assert rel_err(outs[0], outs[1]) < 1e-9
     for name, a, b in zip("q k v ridge".split(), *grads):
         assert rel_err(a, b) < 1e-8, name
+
+
+def test_batched_steps_bound_the_solver_memory():
+    """Folding (batch, key head) pairs must not blow up the per-row D x D systems of the direct
+    solve or the per-pair preconditioner: a step stays within HEAD_TILE_ELEMS of each."""
+    from lla.ops.torch_backend import function as tb
+
+    E = tb.HEAD_TILE_ELEMS
+    for T, G, D, direct in [(16, 1, 128, True), (16, 1, 128, False), (4, 2, 64, True), (64, 4, 16, True), (8, 1, 256, False)]:
+        tiles, nb = tb._tile_plan(T, T, (-1, 0), G, E, "cpu", 4096, D, direct)
+        rows = G * max(i1 - i0 for i0, i1, *_ in tiles)
+        assert nb * rows * T <= E and (nb * rows * D * D <= E if direct else nb * D * D <= E)
+        assert nb >= 1
 
 
 def test_backward_saves_only_row_sized_tensors():

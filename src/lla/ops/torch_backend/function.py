@@ -128,12 +128,14 @@ class _Scratch:
         return buf[:n].view(*shape)
 
 
-def _tile_plan(T, S, window, G, elems, device, pairs: int = 1):
+def _tile_plan(T, S, window, G, elems, device, pairs: int = 1, D: int = 0, direct: bool = False):
     """``_tiles`` with each mask reduced, once, to what ``_mask_fill_`` needs: ``(c0, c1, hidden)``
     with ``hidden [G * t, c1 - c0]`` the masked entries of the only partly visible columns.
 
     Also returns ``nb``: how many of the ``pairs`` (batch, key head) pairs to process together so
-    that a step's ``[nb, G * t, n]`` weight tile stays within ``elems`` (1 once one pair fills it).
+    that a step's largest intermediates stay within ``elems`` (1 once one pair fills it): the
+    ``[nb, G * t, n]`` weight tile, and, for head size ``D``, the solver's per-row systems
+    (``[nb, G * t, D, D]`` for the direct solve) and per-pair ``[nb, D, D]`` preconditioner.
     """
     plan = []
     widest = 1
@@ -145,15 +147,16 @@ def _tile_plan(T, S, window, G, elems, device, pairs: int = 1):
             hidden = ~mask[:, c0:c1]
             fill = (c0, c1, (hidden.repeat(G, 1) if G > 1 else hidden).to(device))
         plan.append((i0, i1, j0, j1, fill))
-        widest = max(widest, G * (i1 - i0) * (j1 - j0))
+        rows = G * (i1 - i0)
+        widest = max(widest, rows * (j1 - j0), rows * D * D if direct else D * D)
     return plan, max(1, min(pairs, elems // widest))
 
 
-def _blocks(T, S, window, G, N, device):
+def _blocks(T, S, window, G, N, device, D, solver):
     """The steps of the forward and backward loops: ``(c, i0, i1, j0, j1, mask)`` with ``c`` a slice
     of the ``N`` folded (batch, key head) pairs (``nb`` of them, see ``_tile_plan``), rows ``i0:i1``,
     the keys ``j0:j1`` they can see and the tile's mask fill; tiles that see no key are skipped."""
-    tiles, nb = _tile_plan(T, S, window, G, HEAD_TILE_ELEMS, device, N)
+    tiles, nb = _tile_plan(T, S, window, G, HEAD_TILE_ELEMS, device, N, D, solver == "direct")
     for c0 in range(0, N, nb):
         c = slice(c0, min(N, c0 + nb))
         for i0, i1, j0, j1, mask in tiles:
@@ -245,7 +248,7 @@ def lla_forward(q, k, v, lam, cfg):
     Qs, Qmu, Kc, Kx, V, L = (t.reshape(N, *t.shape[2:]) for t in (Qs, Qmu, Kc, Kx, V, L))
     O, X, M, LSE = (t.view(N, *t.shape[2:]) for t in (O, X, M, LSE))
     bad = None if bad is None else bad.reshape(N, S)
-    for c, i0, i1, j0, j1, mask in _blocks(T, S, cfg.window, G, N, Q.device):
+    for c, i0, i1, j0, j1, mask in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
         t = i1 - i0
         R = G * t
         Kt, Vt = Kc[c, j0:j1], V[c, j0:j1]  # [nb, n, D], [nb, n, Dv]
@@ -300,7 +303,7 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True):
     Qs, Q, Kc, V, L, dO = (t.reshape(N, *t.shape[2:]) for t in (Qs, Q, Kc, V, L, dO))
     dQ, dK, dV, dL = (t.view(N, *t.shape[2:]) for t in (dQ, dK, dV, dL))
     X, M, LSE = (t.reshape(N, *t.shape[2:]) for t in (X, M, LSE))
-    for c, i0, i1, j0, j1, mask in _blocks(T, S, cfg.window, G, N, Q.device):
+    for c, i0, i1, j0, j1, mask in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
         t = i1 - i0
         R = G * t
         Kt, Vt = Kc[c, j0:j1], V[c, j0:j1]  # [nb, n, D], [nb, n, Dv]
