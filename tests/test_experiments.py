@@ -183,6 +183,9 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
     assert not all(torch.equal(p, q) for p, q in zip(full.parameters(), part.parameters()))
+    # a finished run started again resumes at its end: no step, and it reports its last loss
+    again, last_again = _tiny_state_run(str(tmp_path / "b.pt"))
+    assert last_again == last_res and all(torch.equal(p, q) for p, q in zip(again.parameters(), resumed.parameters()))
     # a checkpoint made under another configuration is not resumed from
     _, last_other = _tiny_state_run(str(tmp_path / "b.pt"), steps=5)
     assert last_other["step"] == 5

@@ -80,27 +80,28 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
-    start = 0
+    start, start_loss = 0, float("nan")
     meta = {"train": cfg.to_dict(), **(meta or {})}
     state = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path and os.path.exists(ckpt_path) else None
     if state is not None and state.get("meta") == meta:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        start = state["step"]
+        start, start_loss = state["step"], state.get("loss", float("nan"))
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    def save(step):
+    def save(step, loss):
         if ckpt_path and rank == 0:
             os.makedirs(os.path.dirname(ckpt_path) or ".", exist_ok=True)
             tmp = ckpt_path + ".tmp"
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "meta": meta}, tmp)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "loss": loss,
+                        "meta": meta}, tmp)
             os.replace(tmp, ckpt_path)
         if world > 1:
             dist.barrier()
 
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    last = {"step": start, "loss": float("nan")}
+    last = {"step": start, "loss": start_loss}  # a finished run resumed reports its last loss
     bar = tqdm(range(start, end), desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
     ddp.train()
     for step in bar:
@@ -125,9 +126,9 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
             if log is not None and rank == 0:
                 log({"kind": "train", "run": desc, "step": step + 1, "loss": last["loss"], "lr": sched.get_last_lr()[0]})
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
-            save(step + 1)
+            save(step + 1, last["loss"])
     bar.close()
     if end > start:
-        save(end)
+        save(end, last["loss"])
     model.eval()
     return last
