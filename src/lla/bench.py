@@ -7,10 +7,11 @@ the op once, and reports ``peak RSS - RSS with the inputs``.  Then it times ``--
 (median, wall clock), and for LLA computes the relative error against the float64 reference
 (``lla.local_linear_attention_ref``) on a sample of query rows (each row against all its causal keys).
 
-Shapes: B = 1, H = 8 (``--batch``, ``--heads`` change them, e.g. to training shapes), causal, float32, ``q, k, v ~ N(0, 1)``, default scale ``1 / sqrt(D)``.
+Shapes: B = 1, H = 8 (``--batch``, ``--heads`` change them, e.g. to training shapes), causal,
+float32, ``q, k, v ~ N(0, 1)``, default scale ``1 / sqrt(D)``.
 
-FLOP formulas (``P = B * H * T (T + 1) / 2`` causal query-key pairs, ``it`` = reported CG iterations, an
-upper bound since converged rows drop out; see ``FLOP_FORMULAS``):
+FLOP formulas (``P = B * H * T (T + 1) / 2`` causal query-key pairs, ``it`` = reported CG
+iterations, an upper bound since converged rows drop out; see ``FLOP_FORMULAS``):
 
     sdpa fwd        4 P D                 sdpa fwd+bwd   14 P D       (bwd = 2.5 x fwd)
     lla cg fwd      P (8 D + 4 D it)      (logits, mean, y.x, output; 2 GEMMs per CG iteration)

@@ -114,9 +114,9 @@ def resolve_solver(solver: str, lam_min: float, D: int, dtype: torch.dtype, S: i
     D = 16: direct / CG time 2.6x at T = 16, 3.0x at 64, 1.07x at 256, 0.74x at 1024 (ridge 1),
     0.89x at 256 and 0.57x at 1024 (ridge 0.05); D = 32: 5.0x at 16 .. 1.02x at 1024 (ridge 1),
     3.1x .. 0.61x (ridge 0.05); D = 64, ridge 0.01: 6.2x at 16 .. 1.01x at 1024.  So: direct for
-    float64 (exactness expected),
-    tiny ridges (< 1e-3: CG's iteration count unmeasured there), D <= 16 at ``S >= 512`` and
-    D <= 32 with ridge < 0.5 at ``S >= 1024``; CG otherwise.  ``S`` unknown counts as short.
+    float64 (exactness expected), tiny ridges (< 1e-3: CG's iteration count unmeasured there),
+    D <= 16 at ``S >= 512`` and D <= 32 with ridge < 0.5 at ``S >= 1024``; CG otherwise.  ``S``
+    unknown counts as short.
     On the Triton backend (CUDA) ``auto`` means CG, the solver the fused kernels run.
     """
     if solver != "auto":
