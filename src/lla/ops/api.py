@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import torch
 
+from .diagnostics import LLAConvergenceWarning
+
 __all__ = ["local_linear_attention", "LLAAux", "LLAConvergenceWarning", "resolve_solver"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -37,10 +39,6 @@ class LLAAux(NamedTuple):
     lse: torch.Tensor
     solver: str
     amplification: float = float("nan")
-
-
-class LLAConvergenceWarning(RuntimeWarning):
-    """A solve did not reach its tolerance, or the system was too ill-conditioned for the dtype."""
 
 
 def _check_tensor(name: str, x, rank: int) -> None:
