@@ -58,3 +58,34 @@ def test_compiled_layer_and_varlen_aot_eager():
     f = torch.compile(lambda q, k, v, cu: lla.local_linear_attention(q, k, v, ridge=0.7, cu_seqlens=cu), fullgraph=True, backend="aot_eager")
     ref = torch.cat([lla.local_linear_attention_ref(q[:, a:b], k[:, a:b], v[:, a:b], ridge=0.7) for a, b in ((0, 4), (4, 9))], 1)
     assert rel_err(f(q, k, v, cu), ref) <= 1e-10
+
+
+def test_compiled_layer_with_padding_mask_fullgraph():
+    """A padding mask under torch.compile(fullgraph=True): static shapes, equals eager (forward and
+    every gradient), padded rows zero, and a padded token changes nothing it must not."""
+    torch.manual_seed(0)
+    layer = LocalLinearAttention(32, 4, num_kv_heads=2, qk_norm=True, dtype=torch.float64)
+    x = torch.randn(3, 9, 32, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, :4] = False  # left padded
+    mask[1, 6:] = False  # right padded
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out_c = compiled(x, attention_mask=mask)
+    grads_c = torch.autograd.grad(out_c.sin().sum(), (x, *layer.parameters()))
+    out_e = layer(x, attention_mask=mask)
+    grads_e = torch.autograd.grad(out_e.sin().sum(), (x, *layer.parameters()))
+    assert rel_err(out_c, out_e) <= 1e-12
+    for gc, ge in zip(grads_c, grads_e):
+        assert rel_err(gc, ge) <= 1e-10
+    assert torch.equal(out_c[~mask], torch.zeros_like(out_c[~mask]))
+    assert torch.equal(grads_c[0][~mask], torch.zeros_like(grads_c[0][~mask]))  # pads get no gradient
+    # each padded sequence equals the sequence alone
+    for b in range(2):
+        assert rel_err(out_c[b, mask[b]], layer(x[b : b + 1, mask[b]])[0]) <= 1e-10
+    # a wild padded token changes no real output
+    x2 = x.detach().clone()
+    x2[0, 1] *= 1e4
+    x2[1, 7] *= 1e4
+    out2 = compiled(x2, attention_mask=mask)
+    assert torch.isfinite(out2).all()
+    assert rel_err(out2[mask], out_c[mask]) <= 1e-12

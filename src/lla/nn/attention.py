@@ -14,7 +14,35 @@ from torch import nn
 
 from ..ops import local_linear_attention, local_linear_attention_with_kvcache
 
-__all__ = ["LocalLinearAttention", "LLACache", "apply_rotary"]
+__all__ = ["LocalLinearAttention", "LLACache", "apply_rotary", "padded_causal_attention"]
+
+
+def padded_causal_attention(q, k, v, mask, **op_kwargs):
+    """Causal LLA of a padded batch, with static shapes (no ``nonzero``, works under
+    ``torch.compile(fullgraph=True)``).
+
+    q ``[B, T, H, D]``, k ``[B, T, Hk, D]``, v ``[B, T, Hk, Dv]``, mask ``[B, T]`` bool (True = real
+    token; any pattern: left, right or interior padding).  Each sequence's real tokens attend
+    causally among themselves, exactly as if run alone; padded rows output zeros.
+
+    How: a stable sort moves each sequence's real tokens to the front, in order (a gather); then
+    the causal op runs on the whole ``[B, T]`` batch: a real query at sorted position ``i`` sees
+    keys ``0..i``, all real, so padded keys are invisible to every real row without any key mask.
+    Padded rows (at the back) are given zero q/k/v, so whatever they compute is finite, and their
+    output is zeroed (and so is every gradient through them).  A window in ``op_kwargs`` counts
+    real tokens only.  ``op_kwargs`` go to ``lla.local_linear_attention`` (the ridge must not be
+    per position).  Returns ``o [B, T, H, Dv]``.
+    """
+    B, T = mask.shape
+    order = torch.argsort((~mask).to(torch.int32), dim=1, stable=True)  # [B, T]: real tokens first
+
+    def index(t):
+        return order.view(B, T, *([1] * (t.dim() - 2))).expand(t.shape)
+
+    keep = mask.gather(1, order)[:, :, None, None]  # [B, T, 1, 1]: True for the first n_b
+    qs, ks, vs = (t.gather(1, index(t)).masked_fill(~keep, 0.0) for t in (q, k, v))
+    o = local_linear_attention(qs, ks, vs, causal=True, **op_kwargs).masked_fill(~keep, 0.0)
+    return torch.zeros_like(o).scatter(1, index(o), o)  # back to the input order
 
 
 class LLACache:
@@ -185,10 +213,11 @@ class LocalLinearAttention(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model].
 
-        attention_mask: ``[B, T]`` (bool or 0/1) marking the real tokens of this call; padded
-            positions are removed before attention (packed into the op's ``cu_seqlens`` path) and
-            output zeros before ``o_proj``.  Each sequence's real tokens attend causally among
-            themselves (and to its cached entries).
+        attention_mask: ``[B, T]`` (bool or 0/1) marking the real tokens of this call.  Each
+            sequence's real tokens attend causally among themselves (and to its cached entries);
+            padded positions are invisible to them and output zeros before ``o_proj``.  Without a
+            cache this path has static shapes (``padded_causal_attention``), so
+            ``torch.compile(layer, fullgraph=True)`` works with a mask.
         cache: an ``LLACache``: this call's keys/values are appended to it and the queries attend
             to everything cached for their sequence (chunked prefill or one-token decoding).
         position_ids: ``[B, T]`` rotary positions; default: the index among the sequence's real
@@ -203,7 +232,7 @@ class LocalLinearAttention(nn.Module):
                 raise ValueError(f"attention_mask must be [B, T] = {[B, T]}, got {tuple(attention_mask.shape)}")
             mask = attention_mask.to(device=x.device, dtype=torch.bool)
             if not torch.compiler.is_compiling() and bool(mask.all()):
-                mask = None  # (under torch.compile a mask always takes the varlen path: data-dependent shapes)
+                mask = None  # (under torch.compile a mask always takes the padded path: no host read)
         past = cache.seqlens(self.layer_idx, B, x.device) if cache is not None else torch.zeros(B, dtype=torch.int64, device=x.device)
         if position_ids is None:
             local = torch.arange(T, device=x.device).expand(B, T) if mask is None else mask.long().cumsum(1) - 1
@@ -215,25 +244,10 @@ class LocalLinearAttention(nn.Module):
             if mask is None:
                 o = local_linear_attention(q, k, v, causal=True, **kw)
             else:
-                o = self._unpadded(q, k, v, mask, kw)
+                o = padded_causal_attention(q, k, v, mask, **kw)
         else:
             o = self._cached(q, k, v, mask, cache, kw)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
-
-    def _unpadded(self, q, k, v, mask, kw):
-        """Pack the real tokens into one varlen batch (``cu_seqlens``), attend, scatter back."""
-        B, T, H, D = q.shape
-        lengths = mask.sum(1)  # [B]
-        flat = mask.reshape(-1).nonzero().squeeze(-1)  # [N] indices into B * T (row-major keeps order)
-        nonempty = lengths[lengths > 0]
-        cu = torch.zeros(nonempty.numel() + 1, dtype=torch.int64, device=q.device)
-        cu[1:] = nonempty.cumsum(0)
-        pack = lambda t: t.reshape(B * T, *t.shape[2:]).index_select(0, flat)[None]  # noqa: E731
-        out = q.new_zeros(B * T, H, v.shape[-1])
-        if flat.numel():
-            o = local_linear_attention(pack(q), pack(k), pack(v), causal=True, cu_seqlens=cu, **kw)
-            out = out.index_copy(0, flat, o[0])
-        return out.view(B, T, H, v.shape[-1])
 
     def _cached(self, q, k, v, mask, cache, kw):
         """Append this call's keys/values to the cache and attend against it."""
