@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 import lla  # noqa: E402
 import lla.integrations.transformers as lla_hf  # noqa: E402
 from conftest import rel_err  # noqa: E402
+from lla.ops.reference import softmax_attention_ref  # noqa: E402
 
 
 def _config(cls_name="LlamaConfig", **kw):
@@ -92,11 +93,7 @@ def test_model_equals_direct_op_call(ridge):
         assert rel_err(model(ids).logits, want) > 1e-4
 
 
-def test_register_ridge_default_and_attention_function(monkeypatch):
-    monkeypatch.setitem(lla_hf._state, "ridge", None)
-    lla_hf.register(ridge=0.3)
-    assert lla_hf._state["ridge"] == 0.3
-
+def test_attention_function_defaults_and_decode_step():
     class M(torch.nn.Module):
         is_causal = True
         config = None
@@ -105,11 +102,137 @@ def test_register_ridge_default_and_attention_function(monkeypatch):
     q, k, v = (torch.randn(1, 4, 6, 8, generator=g, dtype=torch.float64) for _ in range(3))
     out, w = lla_hf.lla_attention_forward(M(), q[:, :, -2:], k, v, None, scaling=0.5)
     assert w is None and out.shape == (1, 2, 4, 8)
-    ref = lla.local_linear_attention_ref(q[:, :, -2:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ridge=0.3, scale=0.5)
+    ref = lla.local_linear_attention_ref(q[:, :, -2:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ridge=lla_hf.DEFAULT_RIDGE, scale=0.5)
     assert rel_err(out, ref) <= 1e-10  # bottom-right causal: the last 2 queries of 6 keys
     one, _ = lla_hf.lla_attention_forward(M(), q[:, :, -1:], k, v, None, scaling=0.5)  # decode step
     assert rel_err(one, ref[:, -1:]) <= 1e-10
-    with pytest.raises(ValueError, match="ridge"):
-        lla_hf.register(ridge=-1.0)
     with pytest.raises(ValueError, match="2-D"):
         lla_hf.lla_attention_forward(M(), q, k, v, torch.ones(1, 1, 6, 6, dtype=torch.bool))
+
+
+def test_register_takes_no_process_global_ridge():
+    with pytest.raises(TypeError, match="lla_ridge"):
+        lla_hf.register(ridge=0.3)
+    with pytest.raises(TypeError, match="lla_solver"):
+        lla_hf.register(solver="cg")
+
+
+def test_ridge_and_solver_are_per_model():
+    """Two models in one process, each with its own config ridge / solver."""
+    transformers.AttentionInterface.register("lla_ref_test", _ref_attention)
+    transformers.masking_utils.AttentionMaskInterface.register("lla_ref_test", transformers.masking_utils.flash_attention_mask)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(6))
+    a = _model(dtype=torch.float64, lla_ridge=0.05)
+    b = _model(dtype=torch.float64, lla_ridge=20.0)  # same weights (same seed), another ridge
+    got_a, got_b = a(ids).logits, b(ids).logits
+    assert rel_err(got_a, got_b) > 1e-3  # the ridges differ, so must the models
+    for model, got in ((a, got_a), (b, got_b)):
+        model.set_attn_implementation("lla_ref_test")
+        assert rel_err(got, model(ids).logits) <= 1e-9
+        model.set_attn_implementation("lla")
+    # the solver too: a bad one in one model's config fails that model only
+    a.config.lla_solver = "no-such-solver"
+    with pytest.raises(ValueError, match="solver"):
+        a(ids)
+    b(ids)
+
+
+def _softmax_window_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+    """Softmax attention with our reading of ``sliding_window`` (window_size left = sliding_window - 1;
+    ``module.window_shift`` moves it, to show an off-by-one would be seen)."""
+    assert attention_mask is None
+    left = sliding_window - 1 + getattr(module, "window_shift", 0)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    return softmax_attention_ref(q, k, v, scale=scaling, window_size=(left, 0)).to(query.dtype), None
+
+
+def _lla_window_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+    """The float64 LLA reference with window_size left = sliding_window - 1."""
+    assert attention_mask is None and sliding_window is not None
+    ridge = getattr(module.config, "lla_ridge", None) or 1.0
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    return lla.local_linear_attention_ref(q, k, v, ridge=ridge, scale=scaling, window_size=(sliding_window - 1, 0)).to(query.dtype), None
+
+
+def test_sliding_window_is_transformers_semantics():
+    """Mistral with sliding_window (4) < sequence (11): transformers' own eager attention equals
+    softmax attention with window_size = (sliding_window - 1, 0), and the lla model equals the float64
+    LLA reference with that window."""
+    mi = transformers.masking_utils.AttentionMaskInterface
+    for name, fn in (("softmax_window_test", _softmax_window_attention), ("lla_window_test", _lla_window_reference)):
+        transformers.AttentionInterface.register(name, fn)
+        mi.register(name, transformers.masking_utils.flash_attention_mask)
+    model = _model("MistralForCausalLM", "MistralConfig", attn="sdpa", dtype=torch.float64, sliding_window=4, lla_ridge=0.3)
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(7))
+    hf_sdpa = model(ids).logits
+    model.set_attn_implementation("eager")
+    assert rel_err(model(ids).logits, hf_sdpa) <= 1e-6  # (eager's softmax runs in float32)
+    model.set_attn_implementation("softmax_window_test")
+    assert rel_err(model(ids).logits, hf_sdpa) <= 1e-12
+    for shift in (-1, 1):  # one key more or less in the window is seen
+        for layer in model.model.layers:
+            layer.self_attn.window_shift = shift
+        assert rel_err(model(ids).logits, hf_sdpa) > 1e-3
+    model.set_attn_implementation("lla")
+    got = model(ids).logits
+    model.set_attn_implementation("lla_window_test")
+    assert rel_err(got, model(ids).logits) <= 1e-9
+
+
+def test_sliding_window_hides_tokens_outside_it():
+    """One Mistral layer, window 4: the last position's logits do not move when a token 5 back changes
+    (it would without the window), and do when a token inside the window changes."""
+    model = _model("MistralForCausalLM", "MistralConfig", dtype=torch.float64, sliding_window=4, num_hidden_layers=1).eval()
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(8))
+    base = model(ids).logits[0, -1]
+    outside, inside = ids.clone(), ids.clone()
+    outside[0, 5] = (ids[0, 5] + 1) % 64  # key 5 of 10: the last query (9) sees keys 6..9
+    inside[0, 6] = (ids[0, 6] + 1) % 64
+    assert rel_err(model(outside).logits[0, -1], base) <= 1e-12
+    assert rel_err(model(inside).logits[0, -1], base) > 1e-4
+
+
+def test_sliding_window_generate_cache_and_left_padding():
+    """Generation through transformers' sliding-window cache (it keeps sliding_window - 1 past keys)
+    and the padded decode path give what the uncached, unpadded model gives."""
+    model = _model("MistralForCausalLM", "MistralConfig", dtype=torch.float64, sliding_window=3).eval()
+    model.generation_config.eos_token_id = None  # always 4 new tokens
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids, attention_mask=mask, use_cache=True, **kw)
+    uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
+    alone = model.generate(ids[1:, 3:], attention_mask=mask[1:, 3:], use_cache=True, **kw)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[1, 8:], alone[0, 5:])
+    full = model(cached[:1]).logits[0, -5:-1]
+    step_logits = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True).logits
+    assert rel_err(torch.stack(step_logits, 1)[0], full) <= 1e-6  # generate hands back float32 logits
+
+
+def test_softcap_dropout_and_position_bias_are_refused():
+    class M(torch.nn.Module):
+        is_causal = True
+        config = None
+
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    f = lla_hf.lla_attention_forward
+    with pytest.raises(ValueError, match="softcap"):
+        f(M(), q, q, q, None, scaling=0.5, softcap=50.0)
+    with pytest.raises(ValueError, match="dropout"):
+        f(M(), q, q, q, None, scaling=0.5, dropout=0.1)
+    with pytest.raises(ValueError, match="position_bias"):
+        f(M(), q, q, q, None, position_bias=torch.zeros(1, 2, 5, 5))
+    with pytest.raises(ValueError, match="sliding_window"):
+        f(M(), q, q, q, None, sliding_window=0)
+    f(M(), q, q, q, None, dropout=0.0, softcap=None)  # the values models pass when unused are fine
+    # through models: attention dropout in training mode; Gemma 2's logit soft-capping
+    model = _model(attention_dropout=0.1)
+    ids = torch.randint(0, 64, (1, 6))
+    with pytest.raises(ValueError, match="dropout"):
+        model.train()(ids)
+    model.eval()(ids)  # dropout is only passed in training mode
+    gemma = _model("Gemma2ForCausalLM", "Gemma2Config", head_dim=8, attn_logit_softcapping=50.0)
+    with pytest.raises(ValueError, match="softcap"):
+        gemma(ids)

@@ -1,114 +1,177 @@
 """Hugging Face ``transformers`` integration: ``register()`` adds ``"lla"`` as an attention backend.
 
     import lla.integrations.transformers as lla_hf
-    lla_hf.register()                                   # or register(ridge=0.5)
-    config = LlamaConfig(..., attn_implementation="lla")  # or model.set_attn_implementation("lla")
-    config.lla_ridge = 0.5                              # optional, per model (float or one per head)
+    lla_hf.register()
+    config = MistralConfig(..., attn_implementation="lla")  # or model.set_attn_implementation("lla")
+    config.lla_ridge = 0.5      # optional, per model: a float or one value per query head (default 1.0)
+    config.lla_solver = "cg"    # optional, per model: "auto" (default), "cg" or "direct"
 
-Any model that dispatches through ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2, Mistral, ...) then
+Any model that dispatches through ``ALL_ATTENTION_FUNCTIONS`` (Llama, Mistral, Qwen2, ...) then
 computes its attention with ``lla.local_linear_attention``; training (``loss.backward()``) and
 ``generate()`` with the standard ``DynamicCache`` work (the cache hands the attention the full
 key/value history and LLA's bottom-right causal alignment does the rest).
 
+What the model passes is honoured or refused, never dropped:
+
+* ``sliding_window`` (Mistral, Qwen2's sliding layers): transformers' convention for the attention
+  function's argument is that a query sees ``sliding_window`` keys counting itself (the mask keeps
+  ``kv_idx > q_idx - sliding_window``; its flash-attention path passes
+  ``window_size = (sliding_window - 1, sliding_window - 1)``), so it becomes the op's
+  ``window_size = (sliding_window - 1, sliding_window - 1)`` (the right side is moot when causal).
+* ``is_causal`` (when given) overrides ``module.is_causal``.
+* ``softcap`` (Gemma 2's logit soft-capping), ``dropout > 0`` (attention dropout in training) and
+  ``position_bias`` raise a ``ValueError``: LLA has no such terms.
+
+The ridge and the solver are read from the module's config (``config.lla_ridge``,
+``config.lla_solver``) on every call, so two models in one process keep their own.
+
 Masks: the name is also registered with ``AttentionMaskInterface`` using the flash-attention mask
-builder, so the model hands us ``None`` (pure causal) or the 2-D ``[B, S]`` padding mask; padded
-sequences are then run one by one on their real tokens.  Attention dropout is not applied (LLA's
-weights are not a probability distribution).
+builder, so the model hands us ``None`` (no padding) or the 2-D ``[B, S]`` padding mask.  Padded
+causal batches without a cache (training, prefill) take a static-shape path (real tokens sorted to
+the front, see ``lla.nn.attention.padded_causal_attention``); a padded decoding step reads each
+sequence's real cache entries through ``local_linear_attention_with_kvcache``; other padded cases
+run sequence by sequence on their real tokens.  A window then counts real tokens (as transformers'
+flash-attention paths do; with left or right padding that is also what its sdpa/eager masks do).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..nn.attention import padded_causal_attention
 from ..ops import local_linear_attention, local_linear_attention_with_kvcache
 
-__all__ = ["register", "lla_attention_forward", "NAME", "DEFAULT_RIDGE"]
+__all__ = ["register", "lla_attention_forward", "NAME", "DEFAULT_RIDGE", "DEFAULT_SOLVER"]
 
 NAME = "lla"
-#: Ridge used when the model config has no ``lla_ridge`` and ``register`` got none.
+#: Ridge used when the module's config has no ``lla_ridge``.
 DEFAULT_RIDGE = 1.0
-_state = {"ridge": None, "solver": "auto"}
+#: Solver used when the module's config has no ``lla_solver``.
+DEFAULT_SOLVER = "auto"
 
 
-def _ridge_for(module, query):
-    """The ridge for a module: ``config.lla_ridge`` > ``register(ridge=...)`` > ``DEFAULT_RIDGE``.
+def _settings(module, query):
+    """``(ridge, solver)`` of a module, from its config (``lla_ridge``, ``lla_solver``) or the defaults.
 
-    A float, or a sequence / tensor with one value per query head.
+    The ridge is a float, or a sequence / tensor with one value per query head.
     """
     config = getattr(module, "config", None)
     ridge = getattr(config, "lla_ridge", None)
-    if ridge is None:
-        ridge = _state["ridge"]
+    solver = getattr(config, "lla_solver", None)
     if ridge is None:
         ridge = DEFAULT_RIDGE
+    if solver is None:
+        solver = DEFAULT_SOLVER
     if isinstance(ridge, (list, tuple)):
         ridge = torch.tensor(ridge, dtype=torch.float32, device=query.device)
     elif isinstance(ridge, torch.Tensor):
         ridge = ridge.to(query.device)
-    return ridge
+    return ridge, solver
 
 
-def lla_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _window(sliding_window) -> int:
+    """transformers' ``sliding_window`` (keys a query sees, itself included) -> the op's ``left``."""
+    if sliding_window is None:
+        return -1
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+    return sliding_window - 1
+
+
+def lla_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    softcap=None,
+    is_causal=None,
+    position_bias=None,
+    **kwargs,
+):
     """transformers attention function: q ``[B, H, T, D]``, k/v ``[B, Hk, S, D]`` -> (``[B, T, H, Dv]``, None).
 
-    ``attention_mask``: None (causal, bottom-right aligned so that ``T < S`` with a cache works) or
-    the 2-D ``[B, S]`` padding mask (True / 1 = real token).
+    ``attention_mask``: None (no padding; causal attention is bottom-right aligned so that ``T < S``
+    with a cache works) or the 2-D ``[B, S]`` padding mask (True / 1 = real token).
+    ``sliding_window``: a query sees the last ``sliding_window`` keys, itself included (op
+    ``window_size = (sliding_window - 1, sliding_window - 1)``).  ``softcap``, ``dropout > 0`` and
+    ``position_bias`` raise ``ValueError``.  Other keyword arguments (``position_ids``,
+    ``output_attentions``, ...) do not change the attention and are ignored.
     """
-    q = query.transpose(1, 2)  # [B, T, H, D]
-    k = key.transpose(1, 2)  # [B, S, Hk, D]
-    v = value.transpose(1, 2)
-    causal = bool(getattr(module, "is_causal", True))
-    ridge = _ridge_for(module, query)
-    kw = {"scale": scaling, "causal": causal, "solver": _state["solver"]}
+    if softcap is not None:
+        raise ValueError(
+            f"lla attention has no logit soft-capping, got softcap={softcap!r} (e.g. Gemma 2's "
+            "attn_logit_softcapping): set it to None in the config or use another attn_implementation"
+        )
+    if dropout is not None and float(dropout) > 0:
+        raise ValueError(
+            f"lla attention does not implement attention dropout, got dropout={dropout!r}: set the config's "
+            "attention_dropout to 0.0 (it is only applied in training mode)"
+        )
+    if position_bias is not None:
+        raise ValueError("lla attention does not take an additive position_bias (T5-style relative attention)")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"lla attention expects no mask or a 2-D [B, S] padding mask, got shape {tuple(attention_mask.shape)}; "
             "call lla.integrations.transformers.register() so the model builds the right mask"
         )
-    if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.bool().all())):
-        if q.shape[1] == 1 and not torch.compiler.is_compiling():
-            # one decoding step: the cache's keys/values are all visible; the kvcache op's direct
-            # single-token solve reads them in place (no copies)
-            o = local_linear_attention_with_kvcache(
-                q, k, v, cache_seqlens=k.shape[1], ridge=ridge, scale=scaling, solver=_state["solver"]
-            )
-            return o, None
-        return local_linear_attention(q, k, v, ridge=ridge, **kw).contiguous(), None
+    left = _window(sliding_window)
+    q = query.transpose(1, 2)  # [B, T, H, D]
+    k = key.transpose(1, 2)  # [B, S, Hk, D]
+    v = value.transpose(1, 2)
     B, T = q.shape[:2]
     S = k.shape[1]
-    keep = attention_mask.bool()[:, -S:]  # [B, S]
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    ridge, solver = _settings(module, query)
+    kw = {"ridge": ridge, "scale": scaling, "solver": solver, "window_size": (left, left)}
+    compiling = torch.compiler.is_compiling()
+    keep = None if attention_mask is None else attention_mask.bool()[:, -S:]  # [B, S]
+    if keep is not None and not compiling and bool(keep.all()):
+        keep = None
+    if T == 1 and not compiling and (causal or keep is None):
+        # one decoding step: the kvcache op's direct single-token solve reads the keys in place; with
+        # padding, each sequence's real entries are sorted to the front (its cache length)
+        lens = S
+        if keep is not None:
+            order = torch.argsort((~keep).to(torch.int32), dim=1, stable=True)
+            k, v = (t.gather(1, order.view(B, S, 1, 1).expand(t.shape)) for t in (k, v))
+            lens = keep.sum(1)
+        o = local_linear_attention_with_kvcache(
+            q, k, v, cache_seqlens=lens, ridge=ridge, scale=scaling, solver=solver, window_size=(left, -1)
+        )
+        return o, None
+    if keep is None:
+        return local_linear_attention(q, k, v, causal=causal, **kw).contiguous(), None
+    if causal and S == T:  # padded batch without a cache: static shapes (compiles)
+        return padded_causal_attention(q, k, v, keep, **kw), None
     out = q.new_zeros(B, T, q.shape[2], v.shape[3])
-    for b in range(B):  # padded batch: each sequence on its real tokens
+    for b in range(B):  # padded batch against a cache (or not causal): each sequence on its real tokens
         kj = keep[b].nonzero().squeeze(-1)
         qi = keep[b, S - T :].nonzero().squeeze(-1)
         if kj.numel() == 0 or qi.numel() == 0:
             continue
-        ob = local_linear_attention(q[b : b + 1, qi], k[b : b + 1, kj], v[b : b + 1, kj], ridge=ridge, **kw)
+        ob = local_linear_attention(q[b : b + 1, qi], k[b : b + 1, kj], v[b : b + 1, kj], causal=causal, **kw)
         out = out.index_put((torch.tensor([b], device=q.device), qi), ob[0])
     return out, None
 
 
-def register(ridge=None, *, solver: str = "auto", name: str = NAME) -> str:
+def register(name: str = NAME, **removed) -> str:
     """Register LLA with transformers' ``AttentionInterface`` (and its mask builder) as ``name``.
 
-    Args:
-        ridge: default ridge for models whose config has no ``lla_ridge`` (float, or one value
-            per query head).  None keeps the previous default (``DEFAULT_RIDGE`` at first).
-        solver: passed to the op.
-        name: the ``attn_implementation`` string.
-
-    Returns the name.
+    The ridge and solver are per model: set ``config.lla_ridge`` / ``config.lla_solver`` (defaults
+    ``DEFAULT_RIDGE`` = 1.0 and ``DEFAULT_SOLVER`` = "auto").  Returns the name.
     """
+    if removed:
+        raise TypeError(
+            f"register() got {sorted(removed)}: the ridge and the solver are per model now; set "
+            "config.lla_ridge / config.lla_solver on each model's config instead"
+        )
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    if ridge is not None:
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float, list, tuple, torch.Tensor)):
-            raise TypeError(f"ridge must be a float, a per-head sequence or a tensor, got {type(ridge).__name__}")
-        if isinstance(ridge, (int, float)) and not ridge > 0:
-            raise ValueError(f"ridge must be > 0, got {ridge}")
-        _state["ridge"] = ridge
-    _state["solver"] = solver
     AttentionInterface.register(name, lla_attention_forward)
     AttentionMaskInterface.register(name, flash_attention_mask)
     return name
