@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -174,3 +176,91 @@ def test_decode_step_gradients_match_reference():
     assert rel_err(o, ref) <= 1e-10
     for g, w in zip(grads, want):
         assert rel_err(g, w) <= 1e-9
+
+
+def _one_token(q, k, v, ridge, **kw):
+    """A decoding step of the last query against all of k, v, with the warnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = lla.local_linear_attention_with_kvcache(q, k.clone(), v.clone(), cache_seqlens=k.shape[1], ridge=ridge, **kw)
+    return out, [w for w in caught if issubclass(w.category, lla.LLAConvergenceWarning)]
+
+
+def test_decode_return_aux_and_silent_when_accurate():
+    q, k, v = make_qkv(B=2, T=20, H=4, Hk=2, D=16, dtype=torch.float32, seed=11)
+    (o, aux), warned = _one_token(q[:, -1:], k, v, 0.5, return_aux=True)
+    ref = lla.local_linear_attention_ref(q.double(), k.double(), v.double(), ridge=0.5)[:, -1:]
+    assert rel_err(o, ref) <= 1e-5 and not warned
+    assert isinstance(aux, lla.LLAAux) and aux.solver == "direct" and aux.iters == 0
+    assert 0 <= aux.residual <= 1e-5 and 0 < aux.amplification < 1e3
+    logits = torch.einsum("bhd,bshd->bhs", q[:, -1].double(), k.double().repeat_interleave(2, dim=2)) * 16**-0.5
+    assert aux.lse.shape == (2, 1, 4) and aux.lse.dtype == torch.float32
+    assert rel_err(aux.lse[:, 0], torch.logsumexp(logits, -1)) <= 1e-6
+    # chunks (prefill on a cache) report the op's aux
+    kc, vc = torch.zeros(2, 24, 2, 16), torch.zeros(2, 24, 2, 16)
+    o, aux = lla.local_linear_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=0, ridge=0.5, return_aux=True)
+    assert aux.lse.shape == (2, 20, 4) and aux.residual <= 1e-5
+    assert rel_err(o, lla.local_linear_attention_ref(q.double(), k.double(), v.double(), ridge=0.5)) <= 1e-5
+
+
+@pytest.mark.parametrize("mult", [1e3, 1e4])
+def test_decode_huge_visible_key_accurate(mult):
+    """A huge newest key (x1e3, x1e4) that the query sees: finite and accurate (the output pass
+    used to form k_j . x - m . x, which cancels catastrophically: relative error 1.0 at x1e3)."""
+    for seed in range(3):
+        q, k, v = make_qkv(B=1, T=32, H=2, D=16, dtype=torch.float32, seed=seed)
+        k[:, -1] *= mult
+        o, warned = _one_token(q[:, -1:], k, v, 1.0)
+        ref = lla.local_linear_attention_ref(q.double(), k.double(), v.double(), ridge=1.0)[:, -1:]
+        assert torch.isfinite(o).all()
+        assert rel_err(o, ref) <= 1e-5, seed
+        assert not warned, seed
+
+
+def test_decode_warns_when_fp32_cannot_deliver():
+    """Tiny ridges in float32: the single-token solve used to stay silent (and redo a failed
+    Cholesky in float64 without a word); now the result is finite and warned about."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 1, 64, generator=g, dtype=torch.float64) for n in (1, 48, 48))
+    for ridge in (1e-6, 1e-8):  # 1e-8: float32 Cholesky of this system fails (shifted, reported)
+        o, warned = _one_token(q.float(), k.float(), v.float(), ridge)
+        ref, _ = _one_token(q, k, v, ridge)  # float64: centred on each row's mean, accurate here
+        assert torch.isfinite(o).all()
+        assert rel_err(o, ref) > 1e-3  # really at risk ...
+        assert warned and all("local_linear_attention_with_kvcache" in str(w.message) for w in warned)  # ... and said
+
+
+@pytest.mark.parametrize("mult", [1e3, 1e4])
+def test_decode_keys_a_row_cannot_see_change_nothing(mult):
+    """Locality: huge keys past a sequence's length, in another sequence, in another key head, or
+    before the window leave a row's output unchanged (and finite)."""
+    B, S_max, H, Hk, D = 3, 24, 4, 2, 16
+    q, k, v = make_qkv(B=B, T=S_max, H=H, Hk=Hk, D=D, dtype=torch.float32, seed=12)
+    lens = torch.tensor([10, 20, 24])
+    q1 = q[:, -1:]
+    for window in ((-1, -1), (5, -1)):
+        base = lla.local_linear_attention_with_kvcache(q1, k.clone(), v.clone(), cache_seqlens=lens, ridge=0.5, window_size=window)
+        k2 = k.clone()
+        k2[0, 10:] *= mult  # past sequence 0's length
+        k2[1, :, 1] *= mult  # sequence 1, key head 1 (query heads 2, 3)
+        if window[0] >= 0:
+            k2[2, : 24 - 6] *= mult  # before sequence 2's window of 6 entries
+        out = lla.local_linear_attention_with_kvcache(q1, k2, v.clone(), cache_seqlens=lens, ridge=0.5, window_size=window)
+        assert torch.isfinite(out).all()
+        assert rel_err(out[0], base[0]) <= 1e-5
+        assert rel_err(out[1, :, :2], base[1, :, :2]) <= 1e-5
+        if window[0] >= 0:
+            assert rel_err(out[2], base[2]) <= 1e-5
+
+
+def test_decode_and_chunks_with_window_match_reference():
+    q, k, v = make_qkv(B=2, T=14, H=2, D=8, dtype=torch.float64, seed=13)
+    ref = lla.local_linear_attention_ref(q, k, v, ridge=0.4, window_size=(3, 0))
+    out = lla.local_linear_attention_with_kvcache(q[:, -1:], k.clone(), v.clone(), cache_seqlens=14, ridge=0.4, window_size=(3, -1))
+    assert rel_err(out, ref[:, -1:]) <= 1e-10
+    kc, vc = torch.zeros(2, 16, 2, 8, dtype=torch.float64), torch.zeros(2, 16, 2, 8, dtype=torch.float64)
+    kc[:, :9], vc[:, :9] = k[:, :9], v[:, :9]
+    out = lla.local_linear_attention_with_kvcache(q[:, 9:], kc, vc, k[:, 9:], v[:, 9:], cache_seqlens=9, ridge=0.4, window_size=(3, -1))
+    assert rel_err(out, ref[:, 9:]) <= 1e-10
+    with pytest.raises(ValueError, match="window_size"):
+        lla.local_linear_attention_with_kvcache(q[:, -1:], k, v, cache_seqlens=14, window_size=(-2, 0))
