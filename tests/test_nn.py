@@ -122,3 +122,22 @@ def test_bad_arguments():
         layer(_x(), attention_mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_len"):
         LLACache(max_len=0)
+
+
+def test_ridge_is_in_squared_key_units():
+    """Scaling q and k by c (logit scale / c^2: same weights) is the ridge divided by c^2: the ridge
+    is not dimensionless.  qk_norm takes the projections' scale out, so the floor keeps its meaning."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 7, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    c, lam, scale = 10.0, 0.5, 8**-0.5
+    scaled = lla.local_linear_attention_ref(c * q, c * k, v, ridge=lam, scale=scale / c**2)
+    assert rel_err(scaled, lla.local_linear_attention_ref(q, k, v, ridge=lam / c**2, scale=scale)) <= 1e-12
+    assert rel_err(scaled, lla.local_linear_attention_ref(q, k, v, ridge=lam, scale=scale)) > 1e-3
+    x = _x(B=1, T=7)
+    for qk_norm, moved in ((True, False), (False, True)):
+        layer = _layer(qk_norm=qk_norm, ridge_init=0.5)
+        base = layer(x)
+        with torch.no_grad():
+            layer.k_proj.weight.mul_(c)
+            layer.q_proj.weight.div_(c)  # same logits, keys c x larger
+        assert (rel_err(layer(x), base) > 1e-3) == moved

@@ -128,7 +128,20 @@ class LocalLinearAttention(nn.Module):
         ridge_init: initial ridge of every head.
         ridge_floor: lower bound of the ridge.  The per-head ridge is
             ``ridge_floor + softplus(raw)``, positive by construction and never below the floor
-            (default 1e-3: below it float32 solves lose digits, see ``LLAConvergenceWarning``).
+            (default 1e-3).  See "What the ridge means" below.
+
+    What the ridge means: it is added to the softmax-weighted covariance of the keys around the
+    query, ``Sigma = sum_j s_j (k_j - q)(k_j - q)^T + ridge * I``, so it is measured in squared key
+    units, not dimensionless: scaling queries and keys by ``c`` (with the logit scale divided by
+    ``c^2``, so the weights stay put) gives exactly the output of the unscaled inputs with the
+    ridge divided by ``c^2``.  What matters is ``ridge`` relative to the key spread.
+    With ``qk_norm=True`` each key has RMS 1 per component times the norm's gain before the
+    (norm-preserving) rotary embedding, i.e. ``|k| ~ sqrt(head_dim) * gain``: the floor is relative
+    to a known scale, and float32 solves keep their digits as long as ``ridge`` is not tiny next
+    to ``head_dim * gain^2``.  Without ``qk_norm`` the key scale is whatever the projections make
+    it, so the floor's strength drifts with them: keys grown 10x in training make a fixed floor
+    100x weaker (and a float32 solve at the floor correspondingly worse conditioned; the op warns,
+    ``LLAConvergenceWarning``).  Use ``qk_norm=True`` when the floor should mean something fixed.
         learn_ridge: make the ridge a parameter (else a buffer).
         scale: logit scale, default ``1 / sqrt(head_dim)``.
         solver: passed to the op (``"auto"``, ``"cg"``, ``"direct"``).
