@@ -13,11 +13,14 @@ attention, it keeps every key and value and each new query does a pass over the 
   Conjugate gradient would cost ``O(S * D)`` per iteration, with ``~D`` iterations at small ridges;
   measured on CPU the direct step is several times faster (see ``docs/inference.md``).
 
-Per query row, with softmax weights ``s_j`` over its visible cache entries (as in
-``torch_backend/function.py``):
+Per query row, with softmax weights ``s_j`` over the cache entries it sees (every statistic is
+the row's own: entries it does not see never enter its arithmetic):
 
     m = sum_j s_j k_j,   A = sum_j s_j (k_j - m)(k_j - m)^T + lam I,   x = A^{-1} (m - q)
     o = sum_j s_j (1 - (k_j - m) . x) v_j
+
+The single-token path reports like the op: the solve's true relative residual and the rounding
+amplification go through ``lla.ops.diagnostics`` (``check_solve`` / ``check_conditioning``).
 """
 
 from __future__ import annotations
@@ -54,11 +57,13 @@ def _decode_one(q, k_cache, v_cache, lens, lam, scale, left, chunk):
     Q = q.to(cdt).reshape(B, Hk, G, D)  # query head h = hk * G + g
     L = lam.to(cdt).reshape(B, Hk, G)
     first = (lens - 1 - left).clamp_min(0) if left >= 0 else torch.zeros_like(lens)
-    if B == 0 or int(lens.max()) == 0:
+    # one host read: the span of entries any row sees, and whether some row sees less of it
+    S0, S1, first_max, lens_min = (
+        torch.stack([first.min(), lens.max(), first.max(), lens.min()]).tolist() if B else (0, 0, 0, 0)
+    )
+    if S1 == 0:
         lse = torch.full((B, 1, H), float("-inf"), dtype=torch.float32, device=q.device)
         return q.new_zeros(B, 1, H, Dv), lse, Q.new_zeros(2)
-    # one host read: the span of entries any row sees, and whether some row sees less of it
-    S0, S1, first_max, lens_min = torch.stack([first.min(), lens.max(), first.max(), lens.min()]).tolist()
     n = S1 - S0
     j = torch.arange(S0, S1, device=q.device)[None, :]
     visible = (j >= first[:, None]) & (j < lens[:, None])  # [B, n]
