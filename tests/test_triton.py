@@ -32,6 +32,7 @@ CASES = [
     "half_precision",
     "aux_and_solver_controls",
     "robustness",
+    "outlier_key_locality",
 ]
 
 
