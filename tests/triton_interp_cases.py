@@ -171,24 +171,70 @@ def _naive_same_dtype(q, k, v, ridge):
     return (w @ V).transpose(1, 2)
 
 
+def half_precision_errors(dtype, T=64, H=2, D=16, seed=21, ridge=1.0):
+    """Relative errors vs float64 of the Triton op and of a naive same-dtype LLA, for the output
+    and dq, dk, dv (cotangent ``do`` fixed); the Triton output and gradients in ``dtype``.
+    Returns ({name: triton err}, {name: naive err})."""
+    q, k, v = make_qkv(1, T, H, D, seed=seed)
+    do = torch.randn(1, T, H, D, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    ridge_t = torch.tensor(ridge, dtype=torch.float64)
+    ref = _outputs_and_grads(q, k, v, ridge_t, do, torch.float64, "ref")
+    got = _outputs_and_grads(q, k, v, ridge_t, do, dtype, "triton")
+    for t in got[:4]:
+        assert t.dtype == dtype and torch.isfinite(t).all()
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    o_n = _naive_same_dtype(qq, kk, vv, ridge)
+    (o_n.double() * do).sum().backward()
+    names = ("o", "dq", "dk", "dv")
+    err = {n: rel_err(a, b) for n, a, b in zip(names, got, ref)}
+    err["dridge"] = rel_err(got[4], ref[4])
+    naive = {n: rel_err(a, b) for n, a, b in zip(names, (o_n, qq.grad, kk.grad, vv.grad), ref)}
+    return err, naive
+
+
 def case_half_precision():
-    """bf16 / fp16 inputs: output in the input dtype, error at most twice a naive same-dtype LLA's;
-    gradients finite and in the input dtype."""
-    q, k, v = make_qkv(1, 64, 2, 16, seed=21)
-    ref = local_linear_attention_ref(q, k, v, ridge=1.0)
+    """bf16 / fp16 inputs with the GPU's dot rounding emulated: output and gradients in the input
+    dtype, finite, each error vs float64 at most twice a naive same-dtype LLA's."""
     msgs = []
     for dtype in (torch.bfloat16, torch.float16):
-        lo = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        o = lla.local_linear_attention(*lo, ridge=1.0, backend="triton", solver="cg")
-        assert o.dtype == dtype and torch.isfinite(o).all()
-        err = rel_err(o, ref)
-        naive = rel_err(_naive_same_dtype(*[t.detach() for t in lo], 1.0), ref)
-        assert err <= 2 * naive, (dtype, err, naive)
-        o.float().pow(2).sum().backward()
-        for t in lo:
-            assert t.grad.dtype == dtype and torch.isfinite(t.grad).all()
-        msgs.append(f"{str(dtype)[6:]}: err={err:.2e} naive={naive:.2e}")
+        err, naive = half_precision_errors(dtype)
+        for n in naive:
+            assert err[n] <= 2 * naive[n], (dtype, n, err[n], naive[n])
+        msgs.append(f"{str(dtype)[6:]}: " + " ".join(f"{n}={err[n]:.1e}(naive {naive[n]:.1e})" for n in naive)
+                    + f" dridge={err['dridge']:.1e}")
     return " | ".join(msgs)
+
+
+def case_tf32_rounding():
+    """The interpreter's TF32 operand rounding, bit for bit: round-to-nearest-even (and truncation)
+    to 10 mantissa bits against a float64 torch emulation, ties included; bf16 and fp16 values (which
+    the kernels feed to TF32 dots) pass unchanged."""
+    import triton
+
+    from lla.ops.triton_backend import kernels as K
+
+    g = torch.Generator().manual_seed(7)
+    mant = torch.randint(0, 2**23, (4096,), generator=g, dtype=torch.int64)
+    mant[:1024] = (mant[:1024] & ~0x1FFF) | 0x1000  # exact ties (both parities of bit 13)
+    mant[1024:1100] = 2**23 - 1  # rounds up into the next binade
+    expo = torch.randint(-100, 100, (4096,), generator=g)
+    sign = torch.where(torch.rand(4096, generator=g) < 0.5, -1.0, 1.0).double()
+    x = (sign * (1 + mant.double() / 2**23) * torch.pow(2.0, expo.double())).float()
+    mf, ef = torch.frexp(x.double())  # x = mf 2^ef, |mf| in [0.5, 1): 11 significant bits kept
+    want = {1: torch.ldexp(torch.round(mf * 2**11) / 2**11, ef).float(),  # torch.round: ties to even
+            2: torch.ldexp(torch.trunc(mf * 2**11) / 2**11, ef).float()}
+    for mode, w in want.items():
+        y = torch.empty_like(x)
+        K.round_tf32_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), EMU=mode, BLOCK=1024)
+        bad = (y.view(torch.int32) != w.view(torch.int32)).sum().item()
+        assert bad == 0, (mode, bad)
+    for dt in (torch.bfloat16, torch.float16):
+        h = (torch.randn(4096, generator=g) * 10).to(dt).float()
+        y = torch.empty_like(h)
+        K.round_tf32_kernel[(triton.cdiv(h.numel(), 1024),)](h, y, h.numel(), EMU=1, BLOCK=1024)
+        assert torch.equal(y.view(torch.int32), h.view(torch.int32)), dt
+    changed = (want[1] != x).float().mean().item()
+    return f"4096 values x 2 modes bit-exact ({changed:.0%} changed by rounding); bf16/fp16 values unchanged"
 
 
 def case_aux_and_solver_controls():
