@@ -38,7 +38,7 @@ NAMES = ("o", "dq", "dk", "dv")
 
 def run(dtype, mode, T, D):
     half_prec = F._HALF_PREC
-    os.environ["LLA_TRITON_EMULATE"] = {"all-tf32": "1"}.get(mode, mode.replace("tf32-rne", "1").replace("tf32-", ""))
+    os.environ["LLA_TRITON_EMULATE"] = {"tf32-rne": "1", "tf32-trunc": "trunc", "off": "0", "all-tf32": "1"}[mode]
     if mode == "all-tf32":
         F._HALF_PREC = "tf32"
     try:
@@ -59,7 +59,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     shapes = [(64, 16)] if args.quick else [(64, 16), (100, 48)]
-    print("| dtype | mode | T, D | o | dq | dk | dv | dridge | naive o / dq / dk / dv | max ratio to naive | residual |")
+    print("| dtype | mode | T, D | o | dq | dk | dv | dridge | naive o / dq / dk / dv | max ratio to naive "
+          "| residual |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         modes = ["tf32-rne", "tf32-trunc", "off"] + (["all-tf32"] if dtype != torch.float32 else [])

@@ -115,7 +115,8 @@ def launch_grid(n_tiles: int, n_heads: int) -> tuple:
     axes 1 and 2 at 65535, so everything goes on axis 0 (limit ``2^31 - 1``)."""
     n = n_tiles * n_heads
     if n > MAX_GRID_X:
-        raise ValueError(f"too many tiles for one launch: {n_tiles} tiles x {n_heads} (batch, head) pairs > {MAX_GRID_X}")
+        raise ValueError(
+            f"too many tiles for one launch: {n_tiles} tiles x {n_heads} (batch, head) pairs > {MAX_GRID_X}")
     return (max(n, 1),)
 
 

@@ -136,12 +136,18 @@ def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, 
 
 
 @triton.jit
-def _pcg(b, thresh, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
-         max_iters, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-         EMU: tl.constexpr):
-    """Jacobi-preconditioned CG on ``A x = b`` from ``x = 0``, one system per row; a row stops once
-    its recurrence residual ``||r||^2 <= thresh`` (per row), the tile stops when all rows have or
-    after ``max_iters``.  Returns (x, iterations)."""
+def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale, tol, max_iters,
+           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
+           EMU: tl.constexpr):
+    """Jacobi-preconditioned CG on ``A x = b``, one system per row, then its TRUE residual.
+
+    A row stops once its recurrence residual ``||r|| <= tol ||b||``; when every row has (or after
+    ``max_iters`` iterations) the loop applies ``A`` to ``x`` once and measures ``b - A x``.  If a row
+    misses ``tol`` there and iterations are left, CG restarts once from that true residual (iterative
+    refinement) and the true residual is measured again.  One matvec call site serves both, which
+    keeps the inlined code small.  Returns (x, true relative residual per row [BM], iterations)."""
+    bb = tl.sum(b * b, 1)
+    thresh = tol * tol * bb
     x = tl.zeros_like(b)
     r = b
     z = r * inv_diag
@@ -149,47 +155,39 @@ def _pcg(b, thresh, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c
     rz = tl.sum(r * z, 1)
     active = tl.sum(r * r, 1) > thresh
     it = 0
-    n_active = tl.sum(active.to(tl.int32), 0)
-    while (it < max_iters) & (n_active > 0):
-        ap = _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
-                         BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
-        pap = tl.sum(p * ap, 1)
-        ok = active & (pap > 0)
-        alpha = tl.where(ok, rz / tl.where(pap > 0, pap, 1.0), 0.0)
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        z = r * inv_diag
-        rz_new = tl.sum(r * z, 1)
-        beta = tl.where(rz > 0, rz_new / tl.where(rz > 0, rz, 1.0), 0.0)
-        p = z + beta[:, None] * p
-        rz = rz_new
-        active = active & (tl.sum(r * r, 1) > thresh)
-        n_active = tl.sum(active.to(tl.int32), 0)
-        it += 1
-    return x, it
-
-
-@triton.jit
-def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale, tol, max_iters,
-           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-           EMU: tl.constexpr):
-    """CG, then the TRUE residual ``b - A x`` (one extra matvec); when a row misses ``tol`` and
-    iterations are left, one refinement CG on ``A d = b - A x`` from the true residual and a new
-    true residual.  Returns (x, true relative residual per row [BM], iterations)."""
-    bb = tl.sum(b * b, 1)
-    thresh = tol * tol * bb
-    x, it = _pcg(b, thresh, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
-                 max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
-    r = b - _cov_matvec(x, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
-                        BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
-    missed = tl.sum((tl.sum(r * r, 1) > thresh).to(tl.int32), 0)
-    if (missed > 0) & (it < max_iters):
-        d, it2 = _pcg(r, thresh, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D,
-                      scale, max_iters - it, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
-        x += d
-        it += it2
-        r = b - _cov_matvec(x, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
-                            BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+    restarts = 0
+    check = (tl.sum(active.to(tl.int32), 0) == 0).to(tl.int32)  # 1: the next matvec measures b - A x
+    done = 0
+    while done == 0:
+        av = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride,
+                         S, D, scale, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+        if check > 0:
+            r = b - av  # the true residual
+            missed = tl.sum(r * r, 1) > thresh
+            if (tl.sum(missed.to(tl.int32), 0) > 0) & (it < max_iters) & (restarts < 1):
+                z = r * inv_diag
+                p = z
+                rz = tl.sum(r * z, 1)
+                active = missed
+                restarts += 1
+                check = 0
+            else:
+                done = 1
+        else:
+            pap = tl.sum(p * av, 1)
+            ok = active & (pap > 0)
+            alpha = tl.where(ok, rz / tl.where(pap > 0, pap, 1.0), 0.0)
+            x += alpha[:, None] * p
+            r -= alpha[:, None] * av
+            z = r * inv_diag
+            rz_new = tl.sum(r * z, 1)
+            beta = tl.where(rz > 0, rz_new / tl.where(rz > 0, rz, 1.0), 0.0)
+            p = z + beta[:, None] * p
+            rz = rz_new
+            active = active & (tl.sum(r * r, 1) > thresh)
+            it += 1
+            if (tl.sum(active.to(tl.int32), 0) == 0) | (it >= max_iters):
+                check = 1
     bnorm = tl.sqrt(bb)
     res = tl.sqrt(tl.sum(r * r, 1)) / tl.where(bnorm > 0, bnorm, 1.0)
     return x, res, it
