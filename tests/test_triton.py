@@ -181,6 +181,9 @@ def test_launch_grids_fold_batch_and_heads_into_axis_0(monkeypatch):
     assert grids[2][0] == B * 1 * triton_cdiv(T, F.block_config(D, D, q.dtype)["bwd_k"][1])
     with pytest.raises(ValueError, match="too many tiles"):
         F.launch_grid(2**20, 2**12)
+    for shape in ((0, 4, 2, 16), (1, 4, 0, 16), (1, 0, 2, 16)):  # an empty grid is never launched
+        z = torch.zeros(shape)
+        assert F._use_torch(z, z, z, "cg")
 
 
 def triton_cdiv(a, b):

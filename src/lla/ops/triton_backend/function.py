@@ -14,7 +14,8 @@ What runs where
   the key shifts ``c [B, Hk, n_tiles, D]`` (see ``key_shifts``): ``O(T * H * D)``.
 
 Transparent fallbacks to the PyTorch backend (same results, just not fused): float64 inputs,
-``solver="direct"``, non-finite keys or values, head dims above 256, empty sequences.
+``solver="direct"``, non-finite keys or values, head dims above 256, empty inputs (no batch, heads
+or positions).
 
 Under the Triton interpreter (``TRITON_INTERPRET=1``) every ``tl.dot`` rounds its operands as the
 GPU's tensor cores would (TF32, round to nearest even); ``LLA_TRITON_EMULATE=0`` switches that
@@ -117,7 +118,7 @@ def launch_grid(n_tiles: int, n_heads: int) -> tuple:
     if n > MAX_GRID_X:
         raise ValueError(
             f"too many tiles for one launch: {n_tiles} tiles x {n_heads} (batch, head) pairs > {MAX_GRID_X}")
-    return (max(n, 1),)
+    return (n,)
 
 
 def row_ranges(T: int, S: int, window_size, cu_seqlens, device):
@@ -171,7 +172,7 @@ def key_shifts(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block_m: int
     z = torch.where(some, hi_t, S).amin(1)  # first such row's hi (the smallest)
     idx = z[:, None] - torch.arange(SHIFT_KEYS, device=k.device)[None, :]  # [n_tiles, SHIFT_KEYS]
     valid = (idx >= a[:, None]) & some.any(1)[:, None] & (idx >= 0) & (idx < S)
-    picked = k.float().index_select(1, idx.clamp(0, max(S - 1, 0)).flatten())  # [B, n_tiles*NS, Hk, D]
+    picked = k.index_select(1, idx.clamp(0, max(S - 1, 0)).flatten()).float()  # [B, n_tiles*NS, Hk, D]
     picked = picked.view(B, n_tiles, SHIFT_KEYS, Hk, D)
     picked = torch.where(valid[None, :, :, None, None], picked, float("nan"))
     c = picked.nanmedian(dim=2).values.nan_to_num(0.0)  # [B, n_tiles, Hk, D]; all-NaN -> 0
@@ -269,7 +270,7 @@ class LLATritonFunction(torch.autograd.Function):
 def _use_torch(q, k, v, solver) -> bool:
     if q.dtype == torch.float64 or solver == "direct":
         return True
-    if q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM or q.shape[1] == 0 or k.shape[1] == 0:
+    if q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM or q.numel() == 0 or k.numel() == 0:
         return True
     return not bool(torch.isfinite(k).all() & torch.isfinite(v).all())
 
