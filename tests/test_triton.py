@@ -29,6 +29,7 @@ CASES = [
     "varlen",
     "d128_padded_dv",
     "long_t100_d32",
+    "awkward_t1_t63_d80",
     "half_precision",
     "aux_and_solver_controls",
     "robustness",
