@@ -338,7 +338,7 @@ def case_robustness():
     return " | ".join(msgs)
 
 
-def _outlier_locality(causal, window, j_out, factors, T=48, H=2, D=16, ridge=0.1):
+def _outlier_locality(causal, window, j_out, factors, T=40, H=1, D=16, ridge=0.1):
     """Scale key ``j_out`` by each of ``factors``: rows that cannot see it (and, through a cotangent
     that is zero on the rows that can, every gradient) must not move.  Returns, per factor, the
     worst relative change of a blind row's output, those of (dq, dk, dv, dridge), and whether every
@@ -376,7 +376,7 @@ def case_outlier_key_locality():
     blind row) and no gradient of a loss over those rows; never NaN.  Causal (outlier last) and
     windowed (outlier mid-sequence: rows before and after the window are blind)."""
     msgs = []
-    for label, causal, window, j_out in (("causal", True, (-1, -1), 47), ("window", True, (8, -1), 20),
+    for label, causal, window, j_out in (("causal", True, (-1, -1), 39), ("window", True, (8, -1), 20),
                                          ("two-sided", False, (6, 5), 24)):
         for factor, rows, grads, finite in _outlier_locality(causal, window, j_out, (1e3, 1e4)):
             worst = max(rows, *grads)
