@@ -195,7 +195,7 @@ def compile_check(args) -> int:
     from lla.ops.triton_backend.function import block_config
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    ints = {n: "i32" for n in ("T", "S", "H", "Hk", "D", "Dv", "max_iters")}
+    ints = {n: "i32" for n in ("T", "S", "H", "Hk", "D", "Dv", "max_iters", "n_tiles")}
     kernels = [("fwd", K.lla_fwd_kernel, True), ("bwd_q", K.lla_bwd_query_kernel, True), ("bwd_k", K.lla_bwd_key_kernel, False)]
     for D in args.D:
         for dtname in args.dtypes:
@@ -203,9 +203,12 @@ def compile_check(args) -> int:
             bc = block_config(D, D, DTYPES[dtname])
             for which, fn, precond in kernels:
                 bm, bn, warps = bc[which]
-                const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"])
+                const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"],
+                             PREC_QK=bc["PREC_QK"], EMU=0)
                 if precond:
                     const["PRECOND"] = True
+                if which != "fwd":
+                    const["SHIFT_M"] = bc["fwd"][0]
                 sig = {}
                 for a in fn.arg_names:
                     if a in const:

@@ -1,17 +1,25 @@
 """Triton backend entry point: argument preparation, launches, the autograd wrapper, fallbacks.
 
 ``lla_triton`` has the signature and return of ``lla.ops.torch_backend.lla_torch``:
-``(o [B, T, H, Dv], lse [B, T, H] float32, iters, residual, amplification)``.
+``(o [B, T, H, Dv], lse [B, T, H] float32, iters, residual, amplification)``, the residual being the
+worst TRUE relative residual ``||A x - mu|| / ||mu||`` of the forward solve at exit.
 
 What runs where
 ---------------
-* forward: ``lla_fwd_kernel`` (grid: query tiles x (batch, head)) -> o, x, m, lse.
+* forward: ``lla_fwd_kernel`` (1-D grid: query tiles x batch x head) -> o, x, m - c, lse.
 * backward: ``lla_bwd_query_kernel`` (adjoint CG, dq, dlam, per-row u / gbar / Ps), then
-  ``lla_bwd_key_kernel`` (grid: key tiles x (batch, key head)) -> dk, dv.  No atomics.
-* saved for backward: x, m ``[B, T, H, D]`` float32 and the lse ``[B, T, H]``: ``O(T * H * D)``.
+  ``lla_bwd_key_kernel`` (1-D grid: key tiles x batch x key head) -> dk, dv.  No atomics.  The
+  adjoint solve's true residual is checked here (``check_solve(stage="backward")``).
+* saved for backward: x, m - c ``[B, T, H, D]`` float32, the lse statistics ``[B, T, H, 2]`` and
+  the key shifts ``c [B, Hk, n_tiles, D]`` (see ``key_shifts``): ``O(T * H * D)``.
 
 Transparent fallbacks to the PyTorch backend (same results, just not fused): float64 inputs,
-``solver="direct"``, non-finite keys or values, head dims above 256, empty sequences.
+``solver="direct"``, non-finite keys or values, head dims above 256, empty inputs (no batch, heads
+or positions).
+
+Under the Triton interpreter (``TRITON_INTERPRET=1``) every ``tl.dot`` rounds its operands as the
+GPU's tensor cores would (TF32, round to nearest even); ``LLA_TRITON_EMULATE=0`` switches that
+off, ``=trunc`` truncates to TF32 instead (the worst case if the hardware drops the low bits).
 """
 
 from __future__ import annotations
@@ -21,17 +29,24 @@ import triton
 
 from . import kernels as _k
 
-__all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "MAX_HEAD_DIM"]
+__all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
+           "MAX_HEAD_DIM"]
 
 #: largest head dim the kernels take (padded to a power of two up to this)
 MAX_HEAD_DIM = 256
+#: keys (at most) behind each query tile's shift: the coordinatewise median of the last ones that
+#: every row of the tile sees
+SHIFT_KEYS = 8
+#: CUDA's limit on grid axis 0 (the kernels fold tiles x batch x heads into it)
+MAX_GRID_X = 2**31 - 1
 
 
 class _Cfg:
-    __slots__ = ("scale", "max_iters", "tol", "precondition")
+    __slots__ = ("scale", "max_iters", "tol", "precondition", "lam_min")
 
-    def __init__(self, scale, max_iters, tol, precondition):
+    def __init__(self, scale, max_iters, tol, precondition, lam_min=float("nan")):
         self.scale, self.max_iters, self.tol, self.precondition = scale, max_iters, tol, precondition
+        self.lam_min = lam_min
 
 
 def _interpreting() -> bool:
@@ -40,12 +55,27 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def emulation_mode() -> int:
+    """How ``tl.dot`` operands are rounded: 0 as asked (on the GPU), 1 TF32 round-to-nearest-even
+    (default under the interpreter), 2 TF32 truncation (``LLA_TRITON_EMULATE=trunc``)."""
+    import os
+
+    if not _interpreting():
+        return 0
+    mode = os.environ.get("LLA_TRITON_EMULATE", "1").lower()
+    return {"0": 0, "off": 0, "trunc": 2}.get(mode, 1)
+
+
 def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
     """Tile sizes, warps and dot precision for head dims ``D``/``Dv`` (padded to powers of two).
 
-    Returns ``BLOCK_D``, ``BLOCK_DV``, ``PREC`` and, per kernel (``fwd``, ``bwd_q``, ``bwd_k``),
-    ``(BLOCK_M, BLOCK_N, num_warps)``.  float32 inputs use exact fp32 dots (``ieee``), half inputs
-    TF32 dots with fp32 accumulation.  The tiles were chosen by compiling for sm_90 on a CPU machine
+    Returns ``BLOCK_D``, ``BLOCK_DV``, ``PREC``, ``PREC_QK`` and, per kernel (``fwd``, ``bwd_q``,
+    ``bwd_k``), ``(BLOCK_M, BLOCK_N, num_warps)``.  float32 inputs use exact fp32 dots (``ieee``).
+    Half inputs use TF32 dots (``PREC_QK``) where the operands are input-dtype values, which TF32
+    holds exactly (logits q.k, do.v), and ``PREC`` = ``"tf32x3"`` (three TF32 products, about fp32
+    accuracy) for the moments, the CG matvec, the output and the gradients.  The backward kernels'
+    ``BLOCK_M`` never exceeds the forward's (their tiles must sit inside one forward tile, whose key
+    shift they use).  The tiles were chosen by compiling for sm_90 on a CPU machine
     and keeping the configurations with (nearly) no register spills (see docs/triton.md); they are
     not timed.  Under the interpreter the tiles are 16..32 (few, large numpy steps), different per kernel.
     """
@@ -66,14 +96,29 @@ def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
         fwd, bwd_q, bwd_k = (16, 32, 8), (16, 32, 8), (16, 16, 8)
     else:
         fwd = bwd_q = bwd_k = (16, 16, 8)
-    prec = "ieee" if dtype == torch.float32 else "tf32"
-    return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k)
+    assert bwd_q[0] <= fwd[0] and bwd_k[0] <= fwd[0], "backward query tiles must fit in forward tiles"
+    prec, prec_qk = ("ieee", "ieee") if dtype == torch.float32 else (_HALF_PREC, "tf32")
+    return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, PREC_QK=prec_qk, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k)
+
+
+#: dot precision of the non-logit dots for bf16/fp16 inputs
+_HALF_PREC = "tf32x3"
 
 
 def _launch_args(bc: dict, which: str) -> dict:
     bm, bn, warps = bc[which]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"],
-                num_warps=warps)
+                PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), num_warps=warps)
+
+
+def launch_grid(n_tiles: int, n_heads: int) -> tuple:
+    """The 1-D grid of ``n_tiles`` tiles for each of ``n_heads`` (batch x head) slices: CUDA caps
+    axes 1 and 2 at 65535, so everything goes on axis 0 (limit ``2^31 - 1``)."""
+    n = n_tiles * n_heads
+    if n > MAX_GRID_X:
+        raise ValueError(
+            f"too many tiles for one launch: {n_tiles} tiles x {n_heads} (batch, head) pairs > {MAX_GRID_X}")
+    return (n,)
 
 
 def row_ranges(T: int, S: int, window_size, cu_seqlens, device):
@@ -106,17 +151,41 @@ def row_ranges(T: int, S: int, window_size, cu_seqlens, device):
     return tuple(t.to(torch.int32).contiguous() for t in (lo, hi, qlo, qhi))
 
 
-def _key_mean(k: torch.Tensor) -> torch.Tensor:
-    """Per-head key mean ``kbar [B, Hk, D]`` float32; the kernels shift keys by it on load."""
-    return torch.mean(k, dim=1, dtype=torch.float32).contiguous()
+def key_shifts(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block_m: int) -> torch.Tensor:
+    """Per forward query tile, a key shift ``c [B, Hk, n_tiles, D]`` float32 built only from keys
+    that EVERY row of the tile sees (so no row's arithmetic touches a key it cannot see).
+
+    The rows ``i0 .. i1-1`` of a tile that see any key share the keys ``lo[last] .. hi[first]``
+    (both bounds are non-decreasing); ``c`` is the coordinatewise median of the last ``SHIFT_KEYS``
+    of them (robust to one outlier among them), zero when they share none.  The kernels' results do
+    not depend on ``c`` in exact arithmetic; it removes a common offset of the keys before the
+    cancelling products of the matvec.
+    """
+    B, S, Hk, D = k.shape
+    T = lo.shape[0]
+    n_tiles = triton.cdiv(T, block_m)
+    pad = n_tiles * block_m - T
+    lo_t = torch.nn.functional.pad(lo.long(), (0, pad), value=S).view(n_tiles, block_m)
+    hi_t = torch.nn.functional.pad(hi.long(), (0, pad), value=-1).view(n_tiles, block_m)
+    some = lo_t <= hi_t  # rows that see a key
+    a = torch.where(some, lo_t, -1).amax(1)  # [n_tiles]  last such row's lo (the largest)
+    z = torch.where(some, hi_t, S).amin(1)  # first such row's hi (the smallest)
+    idx = z[:, None] - torch.arange(SHIFT_KEYS, device=k.device)[None, :]  # [n_tiles, SHIFT_KEYS]
+    valid = (idx >= a[:, None]) & some.any(1)[:, None] & (idx >= 0) & (idx < S)
+    picked = k.index_select(1, idx.clamp(0, max(S - 1, 0)).flatten()).float()  # [B, n_tiles*NS, Hk, D]
+    picked = picked.view(B, n_tiles, SHIFT_KEYS, Hk, D)
+    picked = torch.where(valid[None, :, :, None, None], picked, float("nan"))
+    c = picked.nanmedian(dim=2).values.nan_to_num(0.0)  # [B, n_tiles, Hk, D]; all-NaN -> 0
+    return c.permute(0, 2, 1, 3).contiguous()
 
 
 def _forward(q, k, v, lam, ranges, cfg):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     bc = block_config(D, Dv, q.dtype)
-    kbar = _key_mean(k)
     lo, hi, _, _ = ranges
+    bm = bc["fwd"][0]
+    shift = key_shifts(k, lo, hi, bm)  # [B, Hk, n_m, D]
     dev = q.device
     o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=dev)
     X = torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
@@ -125,24 +194,24 @@ def _forward(q, k, v, lam, ranges, cfg):
     lse = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     res = torch.empty_like(lse)
     amp = torch.empty_like(lse)
-    n_m = triton.cdiv(T, bc["fwd"][0])
+    n_m = triton.cdiv(T, bm)
     iters = torch.zeros(B * H * n_m, dtype=torch.int32, device=dev)
-    _k.lla_fwd_kernel[(n_m, B * H)](
-        q, k, v, kbar, lam, lo, hi,
+    _k.lla_fwd_kernel[launch_grid(n_m, B * H)](
+        q, k, v, shift, lam, lo, hi,
         o, X, M, stat, lse, res, amp, iters,
-        T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters,
+        T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters, n_m,
         PRECOND=cfg.precondition, **_launch_args(bc, "fwd"),
     )
     stats = torch.stack([iters.max().float(), res.max(), amp.max()]).double().cpu()
-    return o, lse, stats, X, M, stat
+    return o, lse, stats, X, M, stat, shift
 
 
-def _backward(do, q, k, v, lam, X, M, stat, ranges, cfg):
+def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     bc = block_config(D, Dv, q.dtype)
-    kbar = _key_mean(k)
     lo, hi, qlo, qhi = ranges
+    n_shift = shift.shape[2]
     dev = q.device
     do = do.contiguous()
     dq = torch.empty_like(q)
@@ -150,48 +219,58 @@ def _backward(do, q, k, v, lam, X, M, stat, ranges, cfg):
     gbar = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     ps = torch.empty_like(gbar)
     dlam = torch.empty_like(gbar)
+    res = torch.empty_like(gbar)
     n_m = triton.cdiv(T, bc["bwd_q"][0])
     iters = torch.zeros(B * H * n_m, dtype=torch.int32, device=dev)
-    _k.lla_bwd_query_kernel[(n_m, B * H)](
-        q, k, v, kbar, lam, lo, hi, X, M, stat, do,
-        dq, U, gbar, ps, dlam, iters,
-        T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters,
-        PRECOND=cfg.precondition, **_launch_args(bc, "bwd_q"),
+    _k.lla_bwd_query_kernel[launch_grid(n_m, B * H)](
+        q, k, v, shift, lam, lo, hi, X, M, stat, do,
+        dq, U, gbar, ps, dlam, res, iters,
+        T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters, n_shift,
+        PRECOND=cfg.precondition, SHIFT_M=bc["fwd"][0], **_launch_args(bc, "bwd_q"),
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    _k.lla_bwd_key_kernel[(triton.cdiv(S, bc["bwd_k"][1]), B * Hk)](
-        q, k, v, kbar, lo, hi, qlo, qhi, X, M, stat, do, U, gbar, ps,
+    _k.lla_bwd_key_kernel[launch_grid(triton.cdiv(S, bc["bwd_k"][1]), B * Hk)](
+        q, k, v, shift, lo, hi, qlo, qhi, X, M, stat, do, U, gbar, ps,
         dk, dv,
-        T, S, H, Hk, D, Dv, cfg.scale,
-        **_launch_args(bc, "bwd_k"),
+        T, S, H, Hk, D, Dv, cfg.scale, n_shift,
+        SHIFT_M=bc["fwd"][0], **_launch_args(bc, "bwd_k"),
     )
-    return dq, dk, dv, dlam
+    stats = torch.stack([iters.max().float(), res.max()]).double().cpu()
+    return dq, dk, dv, dlam, stats
 
 
 class LLATritonFunction(torch.autograd.Function):
     """``(q, k, v, lam [B, T, H] float32, ranges, cfg) -> (o, lse, stats)``; stats = (iterations,
-    worst relative residual, worst amplification) as a float64 CPU tensor, like the torch backend."""
+    worst true relative residual, worst amplification) as a float64 CPU tensor, like the torch
+    backend.  The backward checks its adjoint solve's true residual (``check_solve``, stage
+    ``"backward"``) and warns ``LLAConvergenceWarning`` when it missed the tolerance."""
 
     @staticmethod
     def forward(ctx, q, k, v, lam, ranges, cfg):
-        o, lse, stats, X, M, stat = _forward(q, k, v, lam, ranges, cfg)
-        ctx.save_for_backward(q, k, v, lam, X, M, stat, *ranges)
+        o, lse, stats, X, M, stat, shift = _forward(q, k, v, lam, ranges, cfg)
+        ctx.save_for_backward(q, k, v, lam, X, M, stat, shift, *ranges)
         ctx.cfg = cfg
         ctx.mark_non_differentiable(lse, stats)
         return o, lse, stats
 
     @staticmethod
     def backward(ctx, do, _dlse, _dstats):
-        q, k, v, lam, X, M, stat, *ranges = ctx.saved_tensors
-        dq, dk, dv, dlam = _backward(do, q, k, v, lam, X, M, stat, ranges, ctx.cfg)
+        from ..diagnostics import check_solve
+
+        q, k, v, lam, X, M, stat, shift, *ranges = ctx.saved_tensors
+        cfg = ctx.cfg
+        dq, dk, dv, dlam, stats = _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg)
+        iters, resid = stats.tolist()
+        check_solve(stage="backward", solver="cg", residual=resid, tol=cfg.tol, iters=int(iters),
+                    lam_min=cfg.lam_min, op="local_linear_attention (triton)")
         return dq, dk, dv, (dlam if ctx.needs_input_grad[3] else None), None, None
 
 
 def _use_torch(q, k, v, solver) -> bool:
     if q.dtype == torch.float64 or solver == "direct":
         return True
-    if q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM or q.shape[1] == 0 or k.shape[1] == 0:
+    if q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM or q.numel() == 0 or k.numel() == 0:
         return True
     return not bool(torch.isfinite(k).all() & torch.isfinite(v).all())
 
@@ -211,8 +290,8 @@ def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iter
         )
     T, S = q.shape[1], k.shape[1]
     ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device)
-    cfg = _Cfg(float(scale), int(max_iters), float(tol), bool(precondition))
     lam32 = lam.float().contiguous()  # [B, T, H]; autograd casts dlam back to lam's dtype
+    cfg = _Cfg(float(scale), int(max_iters), float(tol), bool(precondition), float(lam32.detach().min()))
     o, lse, stats = LLATritonFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), lam32, ranges, cfg)
     iters, resid, amp = stats.tolist()
     return o, lse, int(iters), resid, amp

@@ -1,21 +1,34 @@
 """FlashLLA-style Triton kernels: forward (moments, in-kernel CG, output) and backward (adjoint).
 
 The math is the PyTorch backend's (``lla.ops.torch_backend.function``), in its notation.  Per query
-row ``i`` with softmax weights ``s_j`` over its visible keys (keys already shifted by their per-head
-mean ``kbar``, queries not):
+row ``i`` with softmax weights ``s_j`` over its visible keys:
 
     m     = sum_j s_j k_j                                   (D)
-    mu    = m - (q - kbar)                                  (D)
+    mu    = m - q                                           (D)
     A p   = sum_j s_j ((k_j - m) . p) (k_j - m) + lam p    matrix-free, streamed over key tiles
     x     = A^{-1} mu                                       Jacobi-preconditioned CG, per-row exit
     o     = sum_j s_j (1 - (k_j - m) . x) v_j
 
+Locality: nothing a row computes involves a key it cannot see.  The logits use the RAW keys (the
+softmax needs no shift, and bf16/fp16 keys stay exact in TF32 dots only unshifted).  The moments and
+the matvec use keys shifted by ``c``, one vector per (batch, key head, forward query tile) computed
+by the launcher from keys that EVERY row of that tile sees (``C [B, Hk, n_tiles, D]``, zero when
+they share none); ``A``, ``mu`` and ``o`` do not depend on ``c`` in exact arithmetic, it only
+removes a common offset before the cancelling products ``(k_j - c).p - (m - c).p``.  The saved
+``M`` is ``m - c`` of the row's forward tile; the backward kernels' query tiles are never larger
+than the forward's and are aligned to them, so every tile they touch has one shift.
+
 Layouts (all contiguous): ``q [B, T, H, D]``, ``k [B, S, Hk, D]``, ``v [B, S, Hk, Dv]`` in the input
-dtype (tiles are cast to float32 on load, keys shifted by ``kbar [B, Hk, D]`` float32 on load),
-per-row float32 state ``[B, T, H, D]`` / ``[B, T, H]`` / ``[B, T, H, 2]``.
-Visibility (causal, window, packed sequences) arrives as per-row key ranges ``lo[T], hi[T]``
-(query row ``i`` sees keys ``lo_i <= j <= hi_i``) and, for the key-tile kernel, per-key query
-ranges ``qlo[S], qhi[S]``; tiles outside the ranges are never visited.
+dtype (tiles are cast to float32 on load), per-row float32 state ``[B, T, H, D]`` / ``[B, T, H]`` /
+``[B, T, H, 2]``.  Visibility (causal, window, packed sequences) arrives as per-row key ranges
+``lo[T], hi[T]`` (query row ``i`` sees keys ``lo_i <= j <= hi_i``) and, for the key-tile kernel,
+per-key query ranges ``qlo[S], qhi[S]``; tiles outside the ranges are never visited.  Grids are 1-D
+(tiles x batch x heads folded into axis 0, which CUDA allows up to 2^31 - 1).
+
+Dots: ``PREC_QK`` for the dots whose operands are exact in it (q.k logits and do.v: input-dtype
+values, exact in TF32 for bf16/fp16), ``PREC`` for the rest (moments, CG matvec, output, gradients).
+Every dot goes through ``_dot``, which under the interpreter (``EMU`` > 0) rounds the operands as the
+GPU would (the interpreter's ``tl.dot`` is a plain float32 product whatever the precision asked).
 
 Head dims are padded to powers of two (``BLOCK_D``, ``BLOCK_DV``) with masked loads: padded
 coordinates hold zeros, the ridge keeps their diagonal positive, and the right-hand sides are zero
@@ -27,38 +40,85 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel"]
+__all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel", "round_tf32_kernel"]
 
 _BIG = tl.constexpr(1.0e30)  # finite stand-in for -inf as the initial running maximum
 
 
 @triton.jit
-def _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC: tl.constexpr):
-    """Normalised softmax weights of a (rows x key tile) block: s [BM, BN] (0 where not visible).
+def _round_tf32(a, EMU: tl.constexpr):
+    """float32 -> the nearest TF32 value (10 explicit mantissa bits), as float32.  ``EMU == 1``:
+    round to nearest, ties to even; ``EMU == 2``: truncate (drop the low 13 bits)."""
+    bits = a.to(tl.uint32, bitcast=True)
+    if EMU == 1:
+        bits = bits + (0xFFF + ((bits >> 13) & 1))
+    bits = bits & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, EMU: tl.constexpr):
+    """``tl.dot(a, b)`` with float32 accumulation at precision ``PREC``; with ``EMU`` (interpreter
+    only) the operands are rounded as the GPU's tensor cores see them: TF32 for ``"tf32"``, and
+    the split ``a = hi + lo`` three-product scheme for ``"tf32x3"``; ``"ieee"`` is left exact."""
+    if EMU == 0:
+        return tl.dot(a, b, input_precision=PREC)
+    elif PREC == "tf32":
+        return tl.dot(_round_tf32(a, EMU), _round_tf32(b, EMU), input_precision="ieee")
+    elif PREC == "tf32x3":
+        a_hi = _round_tf32(a, EMU)
+        b_hi = _round_tf32(b, EMU)
+        a_lo = _round_tf32(a - a_hi, EMU)
+        b_lo = _round_tf32(b - b_hi, EMU)
+        small = tl.dot(a_lo, b_hi, input_precision="ieee") + tl.dot(a_hi, b_lo, input_precision="ieee")
+        return small + tl.dot(a_hi, b_hi, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def round_tf32_kernel(X, Y, N, EMU: tl.constexpr, BLOCK: tl.constexpr):
+    """``Y = round_tf32(X)`` elementwise (tests check the rounding helper against torch)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < N, other=0.0)
+    tl.store(Y + offs, _round_tf32(x, EMU), mask=offs < N)
+
+
+@triton.jit
+def _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK: tl.constexpr, EMU: tl.constexpr):
+    """Normalised softmax weights of a (rows x key tile) block from RAW keys ``kt``: s [BM, BN]
+    (0 where not visible).
 
     ``exp(logit - max) / omega`` from the row max and mass kept apart: folding them into one lse
     would round it to ulp(max), which at logits ~1e4 moves every weight by ~1e-3."""
-    logits = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
+    logits = _dot(q, tl.trans(kt), PREC_QK, EMU) * scale
     vis = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
     return tl.where(vis, tl.exp(logits - mxs[:, None]) * iom[:, None], 0.0)
 
 
 @triton.jit
-def _load_keys(Kb, kbar, j, offs_d, S, D, kstride):
-    """A shifted key tile ``k_j - kbar`` [BN, BLOCK_D] in float32.  Zero in padded head dims (kbar is
-    zero there); rows past the sequence hold ``-kbar``, harmless as their weights are always zero."""
+def _load_keys(Kb, j, offs_d, S, D, kstride):
+    """A raw key tile [BN, BLOCK_D] in float32; zero in padded head dims and rows past the sequence."""
     ptrs = Kb + j[:, None].to(tl.int64) * kstride + offs_d[None, :]
     inside = (j[:, None] < S) & (offs_d[None, :] < D)
-    return tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) - kbar[None, :]
+    return tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+def _load_shift(C, b, hk, Hk, n_tiles, tile, offs_d, D):
+    """The key shift ``c [BLOCK_D]`` of forward query tile ``tile`` (zero in padded head dims)."""
+    base = ((b.to(tl.int64) * Hk + hk) * n_tiles + tile) * D
+    return tl.load(C + base + offs_d, mask=offs_d < D, other=0.0)
+
+
+@triton.jit
+def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
+                EMU: tl.constexpr):
     """``A p = sum_j s_j (y_j . p) y_j + lam p`` (``y_j = k_j - m``) for a tile of rows, streaming key
-    tiles and recomputing the weights: [BM, BLOCK_D].  The centred form keeps ``A`` positive
-    definite in floating point even when the keys are large (the uncentred
-    ``sum_j s_j (k_j . p) k_j - (m . p) m`` cancels catastrophically there)."""
+    tiles and recomputing the weights: [BM, BLOCK_D].  ``m`` is relative to the shift ``c`` (as the
+    keys are here).  The centred form keeps ``A`` positive definite in floating point even when the
+    keys are large (the uncentred ``sum_j s_j (k_j . p) k_j - (m . p) m`` cancels catastrophically)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros_like(p)
@@ -66,65 +126,100 @@ def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstrid
     mp = tl.sum(m * p, 1)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
-        kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
-        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC)
-        w = s * (tl.dot(p, tl.trans(kt), input_precision=PREC) - mp[:, None])  # [BM, BN]  s_j y_j . p
-        acc += tl.dot(w, kt, input_precision=PREC)
+        kt = _load_keys(Kb, j, offs_d, S, D, kstride)
+        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
+        kc = kt - c[None, :]
+        w = s * (_dot(p, tl.trans(kc), PREC, EMU) - mp[:, None])  # [BM, BN]  s_j y_j . p
+        acc += _dot(w, kc, PREC, EMU)
         wsum += tl.sum(w, 1)
     return acc - wsum[:, None] * m + lam[:, None] * p
 
 
 @triton.jit
-def _pcg(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol, max_iters,
-         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """Jacobi-preconditioned CG on ``A x = b``, one system per row; a row stops once
-    ``||r|| <= tol ||b||``, the tile stops when all rows have.  Returns (x, r, iterations)."""
+def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale, tol, max_iters,
+           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
+           EMU: tl.constexpr):
+    """Jacobi-preconditioned CG on ``A x = b``, one system per row, then its TRUE residual.
+
+    A row stops once its recurrence residual ``||r|| <= tol ||b||``; when every row has (or after
+    ``max_iters`` iterations) the loop applies ``A`` to ``x`` once and measures ``b - A x``.  If a row
+    misses ``tol`` there and iterations are left, CG restarts once from that true residual (iterative
+    refinement) and the true residual is measured again.  One matvec call site serves both, which
+    keeps the inlined code small.  Returns (x, true relative residual per row [BM], iterations)."""
+    bb = tl.sum(b * b, 1)
+    thresh = tol * tol * bb
     x = tl.zeros_like(b)
     r = b
     z = r * inv_diag
     p = z
     rz = tl.sum(r * z, 1)
-    thresh = tol * tol * tl.sum(b * b, 1)
     active = tl.sum(r * r, 1) > thresh
     it = 0
-    n_active = tl.sum(active.to(tl.int32), 0)
-    while (it < max_iters) & (n_active > 0):
-        ap = _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale,
-                         BLOCK_N, BLOCK_D, PREC)
-        pap = tl.sum(p * ap, 1)
-        ok = active & (pap > 0)
-        alpha = tl.where(ok, rz / tl.where(pap > 0, pap, 1.0), 0.0)
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        z = r * inv_diag
-        rz_new = tl.sum(r * z, 1)
-        beta = tl.where(rz > 0, rz_new / tl.where(rz > 0, rz, 1.0), 0.0)
-        p = z + beta[:, None] * p
-        rz = rz_new
-        active = active & (tl.sum(r * r, 1) > thresh)
-        n_active = tl.sum(active.to(tl.int32), 0)
-        it += 1
-    return x, r, it
+    restarts = 0
+    check = (tl.sum(active.to(tl.int32), 0) == 0).to(tl.int32)  # 1: the next matvec measures b - A x
+    done = 0
+    while done == 0:
+        av = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride,
+                         S, D, scale, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+        if check > 0:
+            r = b - av  # the true residual
+            missed = tl.sum(r * r, 1) > thresh
+            if (tl.sum(missed.to(tl.int32), 0) > 0) & (it < max_iters) & (restarts < 1):
+                z = r * inv_diag
+                p = z
+                rz = tl.sum(r * z, 1)
+                active = missed
+                restarts += 1
+                check = 0
+            else:
+                done = 1
+        else:
+            pap = tl.sum(p * av, 1)
+            ok = active & (pap > 0)
+            alpha = tl.where(ok, rz / tl.where(pap > 0, pap, 1.0), 0.0)
+            x += alpha[:, None] * p
+            r -= alpha[:, None] * av
+            z = r * inv_diag
+            rz_new = tl.sum(r * z, 1)
+            beta = tl.where(rz > 0, rz_new / tl.where(rz > 0, rz, 1.0), 0.0)
+            p = z + beta[:, None] * p
+            rz = rz_new
+            active = active & (tl.sum(r * r, 1) > thresh)
+            it += 1
+            if (tl.sum(active.to(tl.int32), 0) == 0) | (it >= max_iters):
+                check = 1
+    bnorm = tl.sqrt(bb)
+    res = tl.sqrt(tl.sum(r * r, 1)) / tl.where(bnorm > 0, bnorm, 1.0)
+    return x, res, it
+
+
+@triton.jit
+def _program_ids(T, BLOCK_M: tl.constexpr):
+    """(query tile, flat batch*head) of this program: axis 0 holds tiles x (batch, head)."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(T, BLOCK_M)
+    return pid % n_m, pid // n_m
 
 
 @triton.jit
 def lla_fwd_kernel(
-    Q, K, V, KBAR, LAM, LO, HI,  # inputs
+    Q, K, V, C, LAM, LO, HI,  # inputs
     O, X, M, STAT, LSE, RES, AMP, ITERS,  # outputs
-    T, S, H, Hk, D, Dv, scale, tol, max_iters,
+    T, S, H, Hk, D, Dv, scale, tol, max_iters, n_tiles,
     PRECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
+    EMU: tl.constexpr,
 ):
-    """One program = BLOCK_M query rows of one (batch, head).
+    """One program = BLOCK_M query rows of one (batch, head); its tile is shift tile ``pid_m``.
 
     Pass 1 streams key tiles with an online max: omega (the mass), m (weighted key sum) and the
-    weighted squared keys (Jacobi diagonal).  Then CG for x, then the output pass.  Writes o, x, m,
-    the row max and inverse mass of the shifted logits (``STAT [B, T, H, 2]``; 0 and 0 for rows that
-    see no key), the true lse, the final relative residual and the rounding amplification per row,
-    and the iterations per program.
+    weighted squared keys (Jacobi diagonal).  Then CG for x, then the output pass.  Writes o, x,
+    ``m - c``, the row max and inverse mass of the logits (``STAT [B, T, H, 2]``; 0 and 0 for rows
+    that see no key), the lse, the true relative residual and the rounding amplification
+    ``sum_j s_j |y_j . x| + sum_j s_j |y_j|^2 / lam`` per row (both terms shift-free), and the
+    iterations per program.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(T, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // Hk)
@@ -138,7 +233,7 @@ def lla_fwd_kernel(
     row = (b.to(tl.int64) * T + offs_m) * H + h  # [BM] index into [B, T, H]
     q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     lam = tl.load(LAM + row, mask=row_ok, other=1.0)
-    kbar = tl.load(KBAR + (b.to(tl.int64) * Hk + hk) * D + offs_d, mask=dmask, other=0.0)
+    c = _load_shift(C, b, hk, Hk, n_tiles, pid_m, offs_d, D)
     lo = tl.load(LO + offs_m, mask=row_ok, other=S)
     hi = tl.load(HI + offs_m, mask=row_ok, other=-1)
     nonempty = lo <= hi
@@ -149,39 +244,40 @@ def lla_fwd_kernel(
     vstride = Hk * Dv
     Vb = V + b.to(tl.int64) * S * vstride + hk * Dv
 
-    # pass 1: online softmax statistics and weighted key moments
+    # pass 1: online softmax statistics (raw logits) and weighted moments of the shifted keys
     mx = tl.full([BLOCK_M], -_BIG, tl.float32)
     omega = tl.zeros([BLOCK_M], tl.float32)
     msum = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dsum = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
-        kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
-        logits = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
+        kt = _load_keys(Kb, j, offs_d, S, D, kstride)
+        logits = _dot(q, tl.trans(kt), PREC_QK, EMU) * scale
         vis = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
         logits = tl.where(vis, logits, -float("inf"))
         mx_new = tl.maximum(mx, tl.max(logits, 1))
         alpha = tl.exp(mx - mx_new)
         p = tl.exp(logits - mx_new[:, None])
+        kc = kt - c[None, :]
         omega = omega * alpha + tl.sum(p, 1)
-        msum = msum * alpha[:, None] + tl.dot(p, kt, input_precision=PREC)
-        dsum = dsum * alpha[:, None] + tl.dot(p, kt * kt, input_precision=PREC)
+        msum = msum * alpha[:, None] + _dot(p, kc, PREC, EMU)
+        dsum = dsum * alpha[:, None] + _dot(p, kc * kc, PREC, EMU)
         mx = mx_new
     seen = omega > 0
     inv_om = tl.where(seen, 1.0 / tl.where(seen, omega, 1.0), 0.0)
-    m = msum * inv_om[:, None]  # [BM, BD]  weighted key mean (shifted keys)
-    ksq = dsum * inv_om[:, None]  # [BM, BD]  sum_j s_j k_j^2
+    m = msum * inv_om[:, None]  # [BM, BD]  weighted key mean, minus c
+    ksq = dsum * inv_om[:, None]  # [BM, BD]  sum_j s_j (k_j - c)^2
     mxs = tl.where(seen, mx, 0.0)
     iom = inv_om
-    mu = tl.where(seen[:, None], m - q + kbar[None, :], 0.0)  # [BM, BD]  m - (q - kbar)
+    mu = tl.where(seen[:, None], m - (q - c[None, :]), 0.0)  # [BM, BD]  m - q
     if PRECOND:
         diag = tl.maximum(ksq - m * m, 0.0) + lam[:, None]  # diag(A) >= lam in exact arithmetic
         inv_diag = tl.where(dmask[None, :], 1.0 / diag, 0.0)
     else:
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    x, r, it = _pcg(mu, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol,
-                    max_iters, BLOCK_N, BLOCK_D, PREC)
+    x, res, it = _solve(mu, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
+                        tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
 
     # output pass: o = sum_j s_j (1 - (k_j - m) . x) v_j
     mx_dot = tl.sum(m * x, 1)
@@ -189,14 +285,14 @@ def lla_fwd_kernel(
     amp = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
-        kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
+        kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
-        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC)
-        yx = tl.dot(x, tl.trans(kt), input_precision=PREC) - mx_dot[:, None]  # [BM, BN]  y_j . x
-        o += tl.dot(s * (1.0 - yx), vt, input_precision=PREC)
+        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
+        yx = _dot(x, tl.trans(kt - c[None, :]), PREC, EMU) - mx_dot[:, None]  # [BM, BN]  y_j . x
+        o += _dot(s * (1.0 - yx), vt, PREC, EMU)
         amp += tl.sum(s * tl.abs(yx), 1)
-    amp += tl.sum(ksq, 1) / lam
+    amp += tl.sum(tl.maximum(ksq - m * m, 0.0), 1) / lam  # trace of the key covariance / lam
 
     rmask = row_ok[:, None] & dmask[None, :]
     tl.store(O + row[:, None] * Dv + offs_dv[None, :], o.to(O.dtype.element_ty),
@@ -205,35 +301,34 @@ def lla_fwd_kernel(
     tl.store(M + row[:, None] * D + offs_d[None, :], m, mask=rmask)
     tl.store(STAT + 2 * row, mxs, mask=row_ok)
     tl.store(STAT + 2 * row + 1, iom, mask=row_ok)
-    lse = mx + tl.log(tl.where(seen, omega, 1.0)) + scale * tl.sum(q * kbar[None, :], 1)
-    lse = tl.where(seen, lse, -float("inf"))
+    lse = tl.where(seen, mx + tl.log(tl.where(seen, omega, 1.0)), -float("inf"))
     tl.store(LSE + row, lse, mask=row_ok)
-    bnorm = tl.sqrt(tl.sum(mu * mu, 1))
-    res = tl.sqrt(tl.sum(r * r, 1)) / tl.where(bnorm > 0, bnorm, 1.0)
     tl.store(RES + row, res, mask=row_ok)
     tl.store(AMP + row, tl.where(seen, amp, 0.0), mask=row_ok)
-    tl.store(ITERS + pid_bh * tl.num_programs(0) + pid_m, it)
+    tl.store(ITERS + tl.program_id(0), it)
 
 
 @triton.jit
 def lla_bwd_query_kernel(
-    Q, K, V, KBAR, LAM, LO, HI, X, M, STAT, DO,  # inputs
-    DQ, U, GBAR, PS, DLAM, ITERS,  # outputs
-    T, S, H, Hk, D, Dv, scale, tol, max_iters,
-    PRECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    Q, K, V, C, LAM, LO, HI, X, M, STAT, DO,  # inputs
+    DQ, U, GBAR, PS, DLAM, RES, ITERS,  # outputs
+    T, S, H, Hk, D, Dv, scale, tol, max_iters, n_tiles,
+    PRECOND: tl.constexpr, SHIFT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
+    EMU: tl.constexpr,
 ):
-    """Query side of the backward, per BLOCK_M rows of one (batch, head).
+    """Query side of the backward, per BLOCK_M rows of one (batch, head) (inside one forward tile
+    of ``SHIFT_M`` rows, whose shift ``c`` it uses).
 
     With ``g_j = do . v_j``, ``gbar = sum_j s_j g_j``, ``y_j = k_j - m``:
-    pass A: gbar and ``gx = -sum_j s_j g_j y_j`` (and the Jacobi diagonal); adjoint CG ``A u = gx``;
+    pass A: gbar and ``gx = -sum_j s_j g_j y_j`` (and the Jacobi diagonal); adjoint CG ``A u = gx``
+    (true residual per row written to ``RES``);
     pass B: ``P_j = (1 - y_j.x) g_j - (y_j.u)(y_j.x) + y_j.gm`` with ``gm = gbar x + u`` (so
     ``y_j.gm = gbar y_j.x + y_j.u``), giving
-    ``Ps = sum_j s_j P_j`` and ``dq = scale (sum_j s_j P_j k_j - Ps m) - u``; ``dlam = -u . x``.
+    ``Ps = sum_j s_j P_j`` and ``dq = scale sum_j s_j P_j y_j - u``; ``dlam = -u . x``.
     Writes dq, dlam and, for the key-tile kernel, u, gbar and Ps.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(T, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // Hk)
@@ -254,7 +349,7 @@ def lla_bwd_query_kernel(
     lam = tl.load(LAM + row, mask=row_ok, other=1.0)
     mxs = tl.load(STAT + 2 * row, mask=row_ok, other=0.0)
     iom = tl.load(STAT + 2 * row + 1, mask=row_ok, other=0.0)
-    kbar = tl.load(KBAR + (b.to(tl.int64) * Hk + hk) * D + offs_d, mask=dmask, other=0.0)
+    c = _load_shift(C, b, hk, Hk, n_tiles, (pid_m * BLOCK_M) // SHIFT_M, offs_d, D)
     lo = tl.load(LO + offs_m, mask=row_ok, other=S)
     hi = tl.load(HI + offs_m, mask=row_ok, other=-1)
     nonempty = lo <= hi
@@ -271,16 +366,17 @@ def lla_bwd_query_kernel(
     ksq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
-        kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
+        kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
-        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC)
-        g = tl.dot(do, tl.trans(vt), input_precision=PREC)  # [BM, BN]
+        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
+        kc = kt - c[None, :]
+        g = _dot(do, tl.trans(vt), PREC_QK, EMU)  # [BM, BN]
         sg = s * g
         gbar += tl.sum(sg, 1)
-        sgk += tl.dot(sg, kt, input_precision=PREC)
+        sgk += _dot(sg, kc, PREC, EMU)
         if PRECOND:
-            ksq += tl.dot(s, kt * kt, input_precision=PREC)
+            ksq += _dot(s, kc * kc, PREC, EMU)
     gx = gbar[:, None] * m - sgk  # -sum_j s_j g_j y_j
     if PRECOND:
         diag = tl.maximum(ksq - m * m, 0.0) + lam[:, None]  # diag(A) >= lam in exact arithmetic
@@ -288,8 +384,8 @@ def lla_bwd_query_kernel(
     else:
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    u, r, it = _pcg(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, kbar, kstride, S, D, scale, tol,
-                    max_iters, BLOCK_N, BLOCK_D, PREC)
+    u, res, it = _solve(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
+                        tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
     mx_dot = tl.sum(m * x, 1)
     mu_dot = tl.sum(m * u, 1)
 
@@ -298,17 +394,18 @@ def lla_bwd_query_kernel(
     spk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
-        kt = _load_keys(Kb, kbar, j, offs_d, S, D, kstride)
+        kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
-        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC)
-        g = tl.dot(do, tl.trans(vt), input_precision=PREC)
-        yx = tl.dot(x, tl.trans(kt), input_precision=PREC) - mx_dot[:, None]
-        yu = tl.dot(u, tl.trans(kt), input_precision=PREC) - mu_dot[:, None]
+        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
+        kc = kt - c[None, :]
+        g = _dot(do, tl.trans(vt), PREC_QK, EMU)
+        yx = _dot(x, tl.trans(kc), PREC, EMU) - mx_dot[:, None]
+        yu = _dot(u, tl.trans(kc), PREC, EMU) - mu_dot[:, None]
         # y.gm = gbar (y.x) + y.u  with gm = gbar x + u
         sp = s * ((1.0 - yx) * g - yu * yx + gbar[:, None] * yx + yu)
         ps += tl.sum(sp, 1)
-        spk += tl.dot(sp, kt, input_precision=PREC)
+        spk += _dot(sp, kc, PREC, EMU)
     dq = scale * (spk - ps[:, None] * m) - u
 
     tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
@@ -316,25 +413,30 @@ def lla_bwd_query_kernel(
     tl.store(GBAR + row, gbar, mask=row_ok)
     tl.store(PS + row, ps, mask=row_ok)
     tl.store(DLAM + row, -tl.sum(u * x, 1), mask=row_ok)
-    tl.store(ITERS + pid_bh * tl.num_programs(0) + pid_m, it)
+    tl.store(RES + row, res, mask=row_ok)
+    tl.store(ITERS + tl.program_id(0), it)
 
 
 @triton.jit
 def lla_bwd_key_kernel(
-    Q, K, V, KBAR, LO, HI, QLO, QHI, X, M, STAT, DO, U, GBAR, PS,  # inputs
+    Q, K, V, C, LO, HI, QLO, QHI, X, M, STAT, DO, U, GBAR, PS,  # inputs
     DK, DV,  # outputs
-    T, S, H, Hk, D, Dv, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    T, S, H, Hk, D, Dv, scale, n_tiles,
+    SHIFT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
+    EMU: tl.constexpr,
 ):
     """Key side of the backward, per BLOCK_N keys of one (batch, key head), over the query heads
-    of its group and the query rows that see these keys (no atomics):
+    of its group and the query rows that see these keys (no atomics), in query tiles aligned to
+    ``BLOCK_M`` (each inside one forward tile, whose shift ``c`` it applies to this key tile):
 
         dk_j = sum_i s_ij [(gbar_i - g_ij - y_ij.u_i) x_i + (1 - y_ij.x_i) u_i] + scale dl_ij q_i
         dv_j = sum_i s_ij (1 - y_ij.x_i) do_i,     dl_ij = s_ij (P_ij - Ps_i)
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(S, BLOCK_N)
+    pid_n = pid % n_n
+    pid_bh = pid // n_n
     b = pid_bh // Hk
     hk = pid_bh % Hk
     G = H // Hk
@@ -350,14 +452,13 @@ def lla_bwd_key_kernel(
     Kb = K + b.to(tl.int64) * S * kstride + hk * D
     vstride = Hk * Dv
     Vb = V + b.to(tl.int64) * S * vstride + hk * Dv
-    kbar = tl.load(KBAR + (b.to(tl.int64) * Hk + hk) * D + offs_d, mask=dmask, other=0.0)
-    kt = _load_keys(Kb, kbar, offs_n, offs_d, S, D, kstride)  # [BN, BD]
+    kt = _load_keys(Kb, offs_n, offs_d, S, D, kstride)  # [BN, BD] raw
     vt = tl.load(Vb + offs_n[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                  mask=col_ok[:, None] & dvmask[None, :], other=0.0).to(tl.float32)
     qlo = tl.load(QLO + offs_n, mask=col_ok, other=T)
     qhi = tl.load(QHI + offs_n, mask=col_ok, other=-1)
     seen = qlo <= qhi
-    i_start = tl.min(tl.where(seen, qlo, T), 0)
+    i_start = (tl.min(tl.where(seen, qlo, T), 0) // BLOCK_M) * BLOCK_M  # aligned: one shift per tile
     i_end = tl.max(tl.where(seen, qhi, -1), 0) + 1
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -381,17 +482,19 @@ def lla_bwd_key_kernel(
             ps = tl.load(PS + row, mask=row_ok, other=0.0)
             lo = tl.load(LO + rows, mask=row_ok, other=S)
             hi = tl.load(HI + rows, mask=row_ok, other=-1)
-            s = _weights(q, kt, mxs, iom, lo, hi, offs_n, scale, PREC)  # [BM, BN]
-            g = tl.dot(do, tl.trans(vt), input_precision=PREC)
-            yx = tl.dot(x, tl.trans(kt), input_precision=PREC) - tl.sum(m * x, 1)[:, None]
-            yu = tl.dot(u, tl.trans(kt), input_precision=PREC) - tl.sum(m * u, 1)[:, None]
-            c = 1.0 - yx
-            dl = s * (c * g - yu * yx + gbar[:, None] * yx + yu - ps[:, None])  # y.gm = gbar y.x + y.u
-            sc = s * c
-            dk += tl.dot(tl.trans(s * (gbar[:, None] - g - yu)), x, input_precision=PREC)
-            dk += tl.dot(tl.trans(sc), u, input_precision=PREC)
-            dk += scale * tl.dot(tl.trans(dl), q, input_precision=PREC)
-            dv += tl.dot(tl.trans(sc), do, input_precision=PREC)
+            c = _load_shift(C, b, hk, Hk, n_tiles, i0 // SHIFT_M, offs_d, D)
+            kc = kt - c[None, :]
+            s = _weights(q, kt, mxs, iom, lo, hi, offs_n, scale, PREC_QK, EMU)  # [BM, BN]
+            g = _dot(do, tl.trans(vt), PREC_QK, EMU)
+            yx = _dot(x, tl.trans(kc), PREC, EMU) - tl.sum(m * x, 1)[:, None]
+            yu = _dot(u, tl.trans(kc), PREC, EMU) - tl.sum(m * u, 1)[:, None]
+            cc = 1.0 - yx
+            dl = s * (cc * g - yu * yx + gbar[:, None] * yx + yu - ps[:, None])  # y.gm = gbar y.x + y.u
+            sc = s * cc
+            dk += _dot(tl.trans(s * (gbar[:, None] - g - yu)), x, PREC, EMU)
+            dk += _dot(tl.trans(sc), u, PREC, EMU)
+            dk += scale * _dot(tl.trans(dl), q, PREC, EMU)
+            dv += _dot(tl.trans(sc), do, PREC, EMU)
 
     kcol = (b.to(tl.int64) * S + offs_n) * Hk + hk
     tl.store(DK + kcol[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
