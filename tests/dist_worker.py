@@ -105,6 +105,9 @@ def case_attention(group=None):
     checks += compare("zigzag/full/fp64/window(-1,2)", causal=False, window=(-1, 2), seed=6)
     checks += compare("zigzag/full/fp64/window(4,-1)", causal=False, window=(4, -1), seed=7)
     checks += compare("contiguous/causal/fp64/window(0,0)", sharding="contiguous", window=(0, 0), seed=8)
+    world = dist.get_world_size()
+    for cp in sorted({world, 2, 1}):
+        checks += model_checks(cp)
     return {"checks": checks, "warning": _warning_check(group)}
 
 
@@ -118,6 +121,54 @@ def _warning_check(group):
         context_parallel_attention(loc["q"], loc["k"], loc["v"], ridge=1e-2, group=group, solver="cg", max_iters=1)
     msgs = [str(w.message) for w in caught if issubclass(w.category, lla.LLAConvergenceWarning)]
     return {"n": len(msgs), "names_rank": any(f"context parallel rank {rank}/" in m for m in msgs)}
+
+
+def model_checks(cp: int):
+    """One training step's gradients under the trainer's context/data parallelism (``cp`` ranks
+    per sequence, ``world / cp`` replicas, DDP) equal one process's on the whole batch.
+
+    MQAR at T = 30 (padded to a multiple of 2 cp), learned positions, the ``lla`` mixer (sharded
+    natively) and ``softmax`` (the gather-everything fallback).  The task loss runs in float32, so
+    the tolerance is float32's (1e-5).
+    """
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lla.distributed import set_context_parallel
+    from lla.experiments.model import CausalModel, ModelConfig
+    from lla.experiments.tasks.mqar import MQARTask, make_mqar
+    from lla.experiments.train import _cp_loss, context_parallel_groups
+
+    cp_group, dp_rank, dp_world = context_parallel_groups(cp)
+    x, y = make_mqar(4, 30, 4, 64, torch.Generator().manual_seed(0))
+    checks = []
+    for mixer in ("lla", "softmax"):
+        torch.manual_seed(0)
+        model = CausalModel(ModelConfig(mixer=mixer, d_model=16, num_heads=2, n_layers=2, vocab_size=64, output_dim=64,
+                                        max_len=32)).double()
+        ref = copy.deepcopy(model)
+        loss_ref = MQARTask.loss(ref(x), y)
+        loss_ref.backward()
+        per = x.shape[0] // dp_world
+        xs, ys = x[dp_rank * per : (dp_rank + 1) * per], y[dp_rank * per : (dp_rank + 1) * per]
+        ddp = DistributedDataParallel(model)
+        if cp > 1:
+            set_context_parallel(model, cp_group)
+            xs, ys = shard(xs, cp_group, pad=True), shard(ys, cp_group, pad=True, pad_value=-100)
+            loss = _cp_loss(MQARTask, ddp(xs), ys, cp_group, cp)
+        else:
+            loss = MQARTask.loss(ddp(xs), ys)
+        loss.backward()
+        lv = loss.detach().clone()
+        dist.all_reduce(lv)
+        lv /= dist.get_world_size()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        grads_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+        tag = f"model/{mixer}/cp{cp}xdp{dp_world}"
+        checks.append({"name": f"{tag}/loss", "err": rel_err(lv, loss_ref), "tol": 1e-5})
+        checks.append({"name": f"{tag}/grad", "err": rel_err(grads, grads_ref), "tol": 1e-5})
+    return checks
 
 
 def case_parallax(group=None):

@@ -141,3 +141,67 @@ def test_warnings_are_reissued_with_the_rank():
         context_parallel_attention(q, k, v, ridge=1e-2, solver="cg", max_iters=1)
     msgs = [str(w.message) for w in caught if issubclass(w.category, lla.LLAConvergenceWarning)]
     assert msgs and all("context parallel rank 0/1" in m for m in msgs)
+
+
+# ------------------------------------------------------------------------- the training runner
+def _lla_run(out, *extra, world: int = 1, timeout: float = 120.0):
+    """``lla run mqar --preset smoke`` (lla mixer, 4 steps, a loss logged every step)."""
+    launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={world}"]
+    cmd = launcher + ["-m", "lla", "run", "mqar", "--preset", "smoke", "--mixers", "lla", "--steps", "4", "--log-every", "1",
+                      "--no-progress", "--out", str(out), *extra]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=str(out.parent))
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses = [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if r["kind"] == "train"]
+    state = torch.load(out / "ckpt" / "mqar_lla.pt", weights_only=False)["model"]
+    return losses, state
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    return _lla_run(tmp_path_factory.mktemp("single") / "out")
+
+
+def _initial_state():
+    from lla.experiments.model import CausalModel, ModelConfig
+    from lla.experiments.presets import get_preset
+    from lla.experiments.tasks.mqar import MQARTask
+
+    cfg = get_preset("mqar", "smoke")
+    torch.manual_seed(cfg["train"]["seed"])  # what the runner does before building each model
+    return CausalModel(ModelConfig(mixer="lla", **cfg["model"], **MQARTask(cfg).model_kwargs())).state_dict()
+
+
+def test_ddp_two_processes_match_one_process(single_run, tmp_path):
+    """2-process DDP (gloo) at the same global batch ends with the parameters of one process:
+    every tensor and the total update within float32 rounding (the update is far from zero)."""
+    losses1, p1 = single_run
+    losses2, p2 = _lla_run(tmp_path / "out", world=2)
+    assert len(losses2) == len(losses1) == 4
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses2, losses1)) <= 1e-5
+    init = _initial_state()
+    u1 = torch.cat([(p1[k] - init[k]).flatten() for k in p1])
+    u2 = torch.cat([(p2[k] - init[k]).flatten() for k in p1])
+    assert u1.norm() > 0.1
+    assert rel_err(u2, u1) <= 1e-5
+    assert max(rel_err(p2[k], p1[k]) for k in p1) <= 1e-5
+
+
+def test_cli_context_parallel_matches_one_process(single_run, tmp_path):
+    """``torchrun --nproc_per_node=2 -m lla run mqar --preset smoke --context-parallel 2``: the loss
+    of every step equals the single-process run's (float32 rounding)."""
+    losses1, _ = single_run
+    losses2, _ = _lla_run(tmp_path / "out", "--context-parallel", "2", world=2)
+    assert len(losses2) == len(losses1) == 4
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses2, losses1)) <= 1e-5
+    config = json.loads(open(tmp_path / "out" / "metrics.jsonl").readline())
+    assert config["world_size"] == 2 and config["context_parallel"] == 2
+
+
+def test_runner_context_parallel_arguments(tmp_path):
+    from lla.experiments.runner import run_experiment
+
+    with pytest.raises(ValueError, match="mqar and state"):
+        run_experiment("icr", "smoke", out_dir=str(tmp_path), context_parallel=2)
+    with pytest.raises(ValueError, match="divisor of the world size"):
+        run_experiment("mqar", "smoke", mixers=["lla"], out_dir=str(tmp_path), context_parallel=2, progress=False)

@@ -39,6 +39,7 @@ __all__ = [
     "shard_positions",
     "shard_ranges",
     "all_gather_seq",
+    "set_context_parallel",
     "SHARDINGS",
 ]
 
@@ -363,3 +364,23 @@ def _parallax_op():
             "mechanism='parallax' needs lla.parallax_attention, which this installation of lla does not provide"
         )
     return op
+
+
+# ----------------------------------------------------------------------------------------- models
+def set_context_parallel(model: torch.nn.Module, group=None, sharding: str = "zigzag", *, enabled: bool = True):
+    """Switch every submodule that supports it (those with a ``cp_group`` attribute:
+    ``LocalLinearAttention``, the experiments' mixers and ``CausalModel``) to context parallelism
+    over ``group`` (default: the whole world) in ``sharding`` -- or back off with ``enabled=False``.
+
+    Inputs must then be sharded (``shard``) along the sequence; positions are the global ones.
+    """
+    _check_sharding(sharding)
+    if enabled and group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("set_context_parallel needs an initialised torch.distributed process group")
+        group = dist.group.WORLD
+    for m in model.modules():
+        if hasattr(m, "cp_group"):
+            m.cp_group = group if enabled else None
+            m.cp_sharding = sharding
+    return model
