@@ -105,6 +105,7 @@ def case_attention(group=None):
     checks += compare("zigzag/full/fp64/window(-1,2)", causal=False, window=(-1, 2), seed=6)
     checks += compare("zigzag/full/fp64/window(4,-1)", causal=False, window=(4, -1), seed=7)
     checks += compare("contiguous/causal/fp64/window(0,0)", sharding="contiguous", window=(0, 0), seed=8)
+    checks += layer_checks(group)
     world = dist.get_world_size()
     for cp in sorted({world, 2, 1}):
         checks += model_checks(cp)
@@ -168,6 +169,37 @@ def model_checks(cp: int):
         tag = f"model/{mixer}/cp{cp}xdp{dp_world}"
         checks.append({"name": f"{tag}/loss", "err": rel_err(lv, loss_ref), "tol": 1e-5})
         checks.append({"name": f"{tag}/grad", "err": rel_err(grads, grads_ref), "tol": 1e-5})
+    return checks
+
+
+def layer_checks(group=None):
+    """``nn.LocalLinearAttention(cp_group=...)``: rotary at the global positions, GQA; output and
+    the gradients of x and of every parameter (summed over ranks) equal the unsharded layer's."""
+    import copy
+
+    from lla.nn import LocalLinearAttention
+
+    checks = []
+    for sharding in ("zigzag", "contiguous"):
+        torch.manual_seed(0)
+        ref = LocalLinearAttention(32, 4, 2, qk_norm=True, dtype=torch.float64)
+        layer = copy.deepcopy(ref)
+        layer.cp_group, layer.cp_sharding = dist.group.WORLD if group is None else group, sharding
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 16, 32, generator=g, dtype=torch.float64, requires_grad=True)
+        do = torch.randn(2, 16, 32, generator=g, dtype=torch.float64)
+        o_ref = ref(x)
+        (o_ref * do).sum().backward()
+        x_loc = shard(x.detach(), group, sharding).requires_grad_(True)
+        o = layer(x_loc)
+        (o * shard(do, group, sharding)).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in layer.parameters()])
+        dist.all_reduce(grads, group=group)
+        tag = f"layer/{sharding}"
+        checks.append({"name": f"{tag}/o", "err": rel_err(unshard(o.detach(), group, sharding), o_ref), "tol": 1e-10})
+        checks.append({"name": f"{tag}/dx", "err": rel_err(unshard(x_loc.grad, group, sharding), x.grad), "tol": 1e-10})
+        checks.append({"name": f"{tag}/dparams", "err": rel_err(grads, torch.cat([p.grad.flatten() for p in ref.parameters()])),
+                       "tol": 1e-10})
     return checks
 
 
