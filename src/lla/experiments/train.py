@@ -109,7 +109,9 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     differs is not resumed from (training starts over).
     ``context_parallel`` ``C`` > 1: groups of ``C`` consecutive ranks share each batch slice and shard
     its sequences (``lla.distributed``, zigzag, padded at the end); the task's targets must be
-    per-token labels ``[B, T]`` (``-100`` ignored).  Data parallelism runs over ``world / C`` replicas.
+    per-token labels ``[B, T]`` (``-100`` ignored).  Data parallelism runs over ``world / C`` replicas;
+    the loss is the mean of the replicas' losses (the whole batch's when every sequence has the same
+    number of labelled tokens, as in every task here).
     Returns ``{"step", "loss"}`` of the last step run.  Rank 0 writes checkpoints and logs.
     """
     rank, world = dist_info()
