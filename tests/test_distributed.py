@@ -73,6 +73,11 @@ def test_context_parallel_equals_single_process(world, tmp_path):
     ridges, T = 21 (padded), both solvers; and a rank whose solve misses its tolerance warns."""
     results = _launch(world, "attention", tmp_path)
     _assert_checks(results)
+    worst = {}
+    for c in (c for res in results for c in res["checks"]):
+        kind = "model/layer" if c["name"].startswith(("model/", "layer/")) else ("fp32" if "fp32" in c["name"] else "fp64")
+        worst[kind] = max(worst.get(kind, 0.0), c["err"])
+    print(f"\n{world} ranks, worst relative error: " + ", ".join(f"{k} {v:.2e}" for k, v in sorted(worst.items())))
     names = {c["name"] for c in results[0]["checks"]}
     assert any("T=21" in n for n in names) and any("gqa" in n for n in names) and any("contiguous" in n for n in names)
     for r, res in enumerate(results):
