@@ -9,10 +9,12 @@ LLA (float32, ridge 1, solver "auto") on one sequence of ``T`` tokens:
 * ``1 process``: ``lla.local_linear_attention`` on the whole sequence (no process group);
 * ``P ranks, zigzag|contiguous``: ``lla.distributed.context_parallel_attention`` on each rank's shard.
 
-Per rank it reports the fwd+bwd step time (best of ``--repeats`` after one untimed step; the ranks
-wait for each other in the collectives, so this is the slowest rank's), the time of the rank's own
-attention work alone (its query chunks against the gathered keys, no collectives: min .. max over
-ranks shows the load balance), the time of the collectives alone (all-gather of K,V forward + reduce-scatter of dK,dV backward, same tensors), and
+Per rank it reports the fwd+bwd step wall time (best of ``--repeats`` after one untimed step; the
+ranks wait for each other in the collectives, so this is the slowest rank's), the CPU time of the
+rank's own attention work (its query chunks against the gathered keys, no collectives; one thread,
+so CPU seconds are what a dedicated core would take, whatever else runs on the machine: min .. max
+over ranks shows the load balance, and the single process's CPU time over the slowest rank's is the
+speed-up P dedicated cores would see before communication), the wall time of the collectives alone (all-gather of K,V forward + reduce-scatter of dK,dV backward, same tensors), and
 the peak-RSS growth of the first step (``ru_maxrss`` after the step minus before it: what the step
 allocates on top of the inputs).  Times are on whatever cores the machine gives: with 2 cores, 4
 ranks oversubscribe them, so their wall time says nothing about 4 devices.
@@ -72,12 +74,13 @@ def worker(args) -> None:
     before = _rss_mb()
     step()
     peak = _rss_mb() - before
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
         barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     comm = compute = float("nan")
     if cp:  # this rank's share of the attention alone (K, V gathered beforehand): shows the balance
         from lla.distributed import shard_ranges
@@ -87,13 +90,13 @@ def worker(args) -> None:
         v_all.requires_grad_(True)
         ts = []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0 = time.process_time()  # CPU seconds: what a dedicated core would take
             start = 0
             for c0, c1 in shard_ranges(xs[0].shape[1], rank, world, args.sharding):
                 qc = xs[0][:, start : start + c1 - c0]
                 start += c1 - c0
                 lla.local_linear_attention(qc, k_all[:, :c1], v_all[:, :c1], ridge=1.0).sum().backward()
-            ts.append(time.perf_counter() - t0)
+            ts.append(time.process_time() - t0)
         compute = min(ts)
     if cp:  # the collectives alone: all-gather [B, T_local, Hk, D + Dv] and reduce-scatter its gradient
         kv = torch.cat([xs[1], xs[2]], dim=-1).detach().requires_grad_(True)
@@ -104,7 +107,8 @@ def worker(args) -> None:
             all_gather_seq(kv, sharding=args.sharding).sum().backward()
             ts.append(time.perf_counter() - t0)
         comm = min(ts)
-    rec = {"rank": rank, "world": world, "time": min(times), "comm": comm, "compute": compute, "peak_mb": peak}
+    rec = {"rank": rank, "world": world, "time": min(times), "cpu": min(cpu), "comm": comm,
+           "compute": compute if cp else min(cpu), "peak_mb": peak}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(rec, f)
     if cp:
@@ -180,15 +184,16 @@ def main() -> None:
     for world in args.worlds:
         for sharding in ("zigzag", "contiguous"):
             rows.append((f"{world} ranks, {sharding}", launch(world, sharding, args)))
-    print("\n| run | step time, s | speed-up vs 1 process | attention alone per rank, s (min .. max) | collectives, s "
-          "| peak RSS growth per rank, MB (max) |")
+    print("\n| run | step wall time, s | attention CPU time per rank, s (min .. max) | CPU-time speed-up | "
+          "collectives wall time, s | peak RSS growth per rank, MB (max) |")
     print("|---|---|---|---|---|---|")
     for name, recs in rows:
         t = max(r["time"] for r in recs)  # the ranks wait for each other in the collectives
         one = recs[0]["world"] == 1
-        work = "-" if one else f"{min(r['compute'] for r in recs):.2f} .. {max(r['compute'] for r in recs):.2f}"
+        lo, hi = min(r["compute"] for r in recs), max(r["compute"] for r in recs)
         comm = "-" if one else f"{max(r['comm'] for r in recs):.3f}"
-        print(f"| {name} | {t:.2f} | {base['time'] / t:.2f}x | {work} | {comm} | {max(r['peak_mb'] for r in recs):.0f} |")
+        print(f"| {name} | {t:.2f} | {lo:.2f} .. {hi:.2f} | {base['compute'] / hi:.2f}x | {comm} | "
+              f"{max(r['peak_mb'] for r in recs):.0f} |")
 
 
 if __name__ == "__main__":
