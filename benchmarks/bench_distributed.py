@@ -14,9 +14,10 @@ ranks wait for each other in the collectives, so this is the slowest rank's), th
 rank's own attention work (its query chunks against the gathered keys, no collectives; one thread,
 so CPU seconds are what a dedicated core would take, whatever else runs on the machine: min .. max
 over ranks shows the load balance, and the single process's CPU time over the slowest rank's is the
-speed-up P dedicated cores would see before communication), the wall time of the collectives alone (all-gather of K,V forward + reduce-scatter of dK,dV backward, same tensors), and
-the peak-RSS growth of the first step (``ru_maxrss`` after the step minus before it: what the step
-allocates on top of the inputs).  Times are on whatever cores the machine gives: with 2 cores, 4
+speed-up P dedicated cores would see before communication), the wall time of the collectives alone
+(all-gather of K,V forward + reduce-scatter of dK,dV backward, same tensors), and the peak-RSS
+growth of the first step (``ru_maxrss`` after the step minus before it: what the step allocates on
+top of the inputs).  Times are on whatever cores the machine gives: with 2 cores, 4
 ranks oversubscribe them, so their wall time says nothing about 4 devices.
 """
 
