@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -46,10 +47,10 @@ def _launch(world: int, case: str, out, timeout: float = 90.0) -> list[dict]:
                                   MASTER_PORT=str(port)))
         for r in range(world)
     ]
-    logs = []
+    logs, deadline = [], time.monotonic() + timeout
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode(errors="replace"))
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
