@@ -9,6 +9,7 @@ from .ops import (
 )
 
 from . import nn  # noqa: E402  (layers; after the ops they build on)
+from . import distributed  # noqa: E402  (context parallelism over torch.distributed)
 
 __version__ = "0.1.0"
 

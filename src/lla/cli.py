@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="output directory (default: runs/EXPERIMENT-PRESET)")
     r.add_argument("--steps", type=int, default=None, help="override the preset's training steps (trained experiments)")
     r.add_argument("--seed", type=int, default=None, help="override the preset's seed (data and initial weights)")
+    r.add_argument("--log-every", type=int, default=None, help="override the preset's logging interval in steps")
+    r.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="shard each sequence over N ranks (torchrun; mqar and state; world size divisible by N)")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     r.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # interruption, for resume tests
     sub.add_parser("bench", help="benchmarks (lla.bench); arguments are passed through", add_help=False)
@@ -42,7 +45,7 @@ def main(argv=None) -> int:
         runner.demo(args.out)
     elif args.command == "run":
         cfg = None
-        if args.steps is not None or args.seed is not None:
+        if args.steps is not None or args.seed is not None or args.log_every is not None:
             from lla.experiments.presets import get_preset
 
             cfg = get_preset(args.experiment, args.preset)
@@ -52,10 +55,15 @@ def main(argv=None) -> int:
             if args.steps < 1:
                 raise SystemExit(f"lla run: --steps must be >= 1, got {args.steps}")
             cfg["train"]["steps"] = args.steps
+        if args.log_every is not None:
+            if args.experiment == "ttr" or args.log_every < 1:
+                raise SystemExit("lla run: --log-every must be >= 1 and applies to trained experiments (icr, mqar, state)")
+            cfg["train"]["log_every"] = args.log_every
         if args.seed is not None:
             (cfg if args.experiment == "ttr" else cfg["train"])["seed"] = args.seed
         runner.run_experiment(args.experiment, args.preset, mixers=args.mixers, out_dir=args.out,
-                              progress=not args.no_progress, stop_after=args.stop_after, cfg=cfg)
+                              progress=not args.no_progress, stop_after=args.stop_after, cfg=cfg,
+                              context_parallel=args.context_parallel)
     return 0
 
 

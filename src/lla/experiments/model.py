@@ -66,11 +66,20 @@ class CausalModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.output_dim)
+        # context parallelism (``lla.distributed.set_context_parallel``): x is this rank's shard
+        self.cp_group, self.cp_sharding = None, "zigzag"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.read_in(x)  # [B, T, d_model]
         if self.pos is not None:
-            h = h + self.pos(torch.arange(h.shape[1], device=h.device))
+            if self.cp_group is None:
+                positions = torch.arange(h.shape[1], device=h.device)
+            else:  # the global positions of this rank's tokens
+                from lla.distributed import shard_positions
+
+                positions = shard_positions(h.shape[1], self.cp_group, self.cp_sharding, device=h.device)
+                positions = positions.clamp_max(self.cfg.max_len - 1)  # only end padding lies beyond
+            h = h + self.pos(positions)
         for blk in self.blocks:
             h = blk(h)
         return self.head(self.norm(h))

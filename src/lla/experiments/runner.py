@@ -43,7 +43,7 @@ def _trained_runs(experiment: str, cfg: dict):
             yield {"group": group}, StateTask(cfg, group)
 
 
-def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_after):
+def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_after, context_parallel=1):
     rows, curves = [], []
     tcfg = TrainConfig(**cfg["train"])
     for key, task in _trained_runs(experiment, cfg):
@@ -54,6 +54,7 @@ def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_a
             model = CausalModel(mcfg)
             t0 = time.time()
             last = train(model, task, tcfg, device=device, log=log, desc=name, progress=progress, stop_after=stop_after,
+                         context_parallel=context_parallel,
                          meta={"model": mcfg.to_dict(), "task": cfg}, ckpt_path=os.path.join(out_dir, "ckpt", name + ".pt") if out_dir else None)
             seconds = time.time() - t0
             if stop_after is not None and last["step"] < tcfg.steps:
@@ -114,8 +115,12 @@ def _plot_mqar(out_dir, rows):
 
 
 def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir: str | None = None,
-                   progress: bool = True, stop_after: int | None = None, cfg: dict | None = None) -> list[dict]:
+                   progress: bool = True, stop_after: int | None = None, cfg: dict | None = None,
+                   context_parallel: int = 1) -> list[dict]:
     """Run one experiment; rank 0 writes the outputs into ``out_dir`` (default ``runs/<experiment>-<preset>``).
+
+    ``context_parallel`` > 1 (under ``torchrun``): shard each training sequence over groups of that
+    many ranks (mqar and state, whose labels are per token); see ``lla.experiments.train.train``.
 
     Returns the summary rows ``{"experiment", "mixer", "metric", "value", ...config keys}``.
     """
@@ -123,6 +128,10 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
         raise ValueError(f"experiment must be one of {list(EXPERIMENTS)}, got {experiment!r}")
     cfg = get_preset(experiment, preset) if cfg is None else cfg
     mixers = _check_mixers(experiment, mixers)
+    if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
+        raise ValueError(f"context_parallel must be a positive int, got {context_parallel!r}")
+    if context_parallel > 1 and experiment not in ("mqar", "state"):
+        raise ValueError(f"context_parallel applies to mqar and state (per-token labels), not {experiment}")
     out_dir = out_dir or os.path.join("runs", f"{experiment}-{preset}")
     device = setup_distributed()
     rank, world = dist_info()
@@ -131,6 +140,7 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
         os.makedirs(out_dir, exist_ok=True)
     log = report.JsonlLogger(os.path.join(out_dir, "metrics.jsonl") if is_main else None)
     log({"kind": "config", "experiment": experiment, "preset": preset, "mixers": mixers, "world_size": world,
+         "context_parallel": context_parallel,
          "device": str(device), "torch": torch.__version__, "config": cfg, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     t0 = time.time()
     if experiment == "ttr":
@@ -142,7 +152,7 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
 
         rows = ttr.run(cfg, mixers, ttr_log) if is_main else []
     else:
-        rows, curves = _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_after)
+        rows, curves = _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_after, context_parallel)
         if experiment == "mqar":
             curves = [r for r in rows if r["metric"] == "accuracy"]
     if is_main and rows:

@@ -1,8 +1,10 @@
 """Training loop: AdamW, warmup + cosine schedule, seeded data, evaluation, checkpoint/resume,
-tqdm progress, JSONL metrics; single process or DistributedDataParallel under ``torchrun``.
+tqdm progress, JSONL metrics; single process or DistributedDataParallel under ``torchrun``,
+optionally with context parallelism (each sequence sharded over a group of ranks).
 
-Data are drawn from a generator seeded by ``(seed, step, rank)``, so a resumed run sees exactly the
-batches an uninterrupted run would have seen.
+Every step's global batch is drawn from a generator seeded by ``(seed, step)``; each data-parallel
+replica takes its slice.  So a resumed run sees exactly the batches an uninterrupted run would have
+seen, and any number of processes trains on the same data as one process.
 """
 
 from __future__ import annotations
@@ -63,19 +65,64 @@ def batch_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank * 104_729 + 1)
 
 
+def context_parallel_groups(cp: int):
+    """``(cp_group, dp_rank, dp_world)`` for context-parallel groups of ``cp`` consecutive ranks.
+
+    Every rank creates every group (``new_group`` is collective); ``cp_group`` is this rank's.
+    """
+    rank, world = dist_info()
+    if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1 or world % cp:
+        raise ValueError(f"context_parallel must be a positive divisor of the world size {world}, got {cp!r}")
+    if cp == 1:
+        return None, rank, world
+    mine = None
+    for d in range(world // cp):
+        g = dist.new_group(list(range(d * cp, (d + 1) * cp)))
+        if d == rank // cp:
+            mine = g
+    return mine, rank // cp, world // cp
+
+
+def _cp_loss(task, out, y, cp_group, cp: int):
+    """This rank's share of the replica's loss, times ``cp`` (DDP averages over all ranks).
+
+    The share is the task's mean over this rank's labelled tokens weighted by their fraction of the
+    replica's labelled tokens (labels ``-100`` are ignored), so the shares sum to the loss of the
+    whole sequence batch.
+    """
+    n_loc = (y != -100).sum()
+    n_all = n_loc.clone()
+    dist.all_reduce(n_all, group=cp_group)
+    if int(n_loc) == 0:  # nothing labelled here: still join the backward's collectives
+        return out.sum().float() * 0.0  # (float32, like the tasks' losses: the loss all-reduce matches)
+    return task.loss(out, y) * (n_loc / n_all) * cp
+
+
 def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None, log=None,
-          desc: str = "train", stop_after: int | None = None, progress: bool = True, meta: dict | None = None) -> dict:
+          desc: str = "train", stop_after: int | None = None, progress: bool = True, meta: dict | None = None,
+          context_parallel: int = 1) -> dict:
     """Train ``model`` on ``task`` for ``cfg.steps`` steps (resuming from ``ckpt_path`` if it exists).
 
     ``task.sample(batch, generator) -> (inputs, targets)`` and ``task.loss(outputs, targets)``.
     ``stop_after`` ends this invocation after that many total steps (an interruption, for tests).
     ``meta`` (e.g. the model and train configs) is stored in the checkpoint; a checkpoint whose meta
     differs is not resumed from (training starts over).
+    ``context_parallel`` ``C`` > 1: groups of ``C`` consecutive ranks share each batch slice and shard
+    its sequences (``lla.distributed``, zigzag, padded at the end); the task's targets must be
+    per-token labels ``[B, T]`` (``-100`` ignored).  Data parallelism runs over ``world / C`` replicas;
+    the loss is the mean of the replicas' losses (the whole batch's when every sequence has the same
+    number of labelled tokens, as in every task here).
     Returns ``{"step", "loss"}`` of the last step run.  Rank 0 writes checkpoints and logs.
     """
     rank, world = dist_info()
-    if cfg.batch_size % world != 0:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {world}")
+    cp = context_parallel
+    cp_group, dp_rank, dp_world = context_parallel_groups(cp)
+    if cfg.batch_size % dp_world != 0:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the data-parallel size {dp_world}")
+    if cp > 1:
+        from lla.distributed import set_context_parallel, shard
+
+        set_context_parallel(model, cp_group)
     model.to(device)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -104,10 +151,17 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     last = {"step": start, "loss": start_loss}  # a finished run resumed reports its last loss
     bar = tqdm(range(start, end), desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
     ddp.train()
+    per = cfg.batch_size // dp_world
     for step in bar:
-        x, y = task.sample(cfg.batch_size // world, batch_generator(cfg.seed, step, rank))
-        x, y = x.to(device), y.to(device)
-        loss = task.loss(ddp(x), y)
+        x, y = task.sample(cfg.batch_size, batch_generator(cfg.seed, step, 0))  # the global batch
+        x, y = x[dp_rank * per : (dp_rank + 1) * per].to(device), y[dp_rank * per : (dp_rank + 1) * per].to(device)
+        if cp > 1:
+            if y.dim() != 2 or y.shape != x.shape[:2] or y.is_floating_point():
+                raise ValueError(f"{desc}: context parallelism needs per-token integer labels [B, T], got {tuple(y.shape)}")
+            x, y = shard(x, cp_group, pad=True), shard(y, cp_group, pad=True, pad_value=-100)
+            loss = _cp_loss(task, ddp(x), y, cp_group, cp)
+        else:
+            loss = task.loss(ddp(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -130,5 +184,7 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     bar.close()
     if end > start:
         save(end, last["loss"])
+    if cp > 1:
+        set_context_parallel(model, enabled=False)  # evaluation runs whole sequences
     model.eval()
     return last

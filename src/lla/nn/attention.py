@@ -146,6 +146,12 @@ class LocalLinearAttention(nn.Module):
         scale: logit scale, default ``1 / sqrt(head_dim)``.
         solver: passed to the op (``"auto"``, ``"cg"``, ``"direct"``).
         layer_idx: key of this layer in an ``LLACache``.
+        cp_group: a ``torch.distributed`` process group for context parallelism (``None``: off).
+            Then ``x`` is this rank's shard of the sequence in the layout ``cp_sharding``
+            (``lla.distributed.shard``), rotary positions default to the shard's global positions,
+            and attention runs through ``lla.distributed.context_parallel_attention`` (no
+            ``attention_mask`` or ``cache``).
+        cp_sharding: ``"zigzag"`` (default) or ``"contiguous"``.
     """
 
     def __init__(
@@ -165,6 +171,8 @@ class LocalLinearAttention(nn.Module):
         scale: float | None = None,
         solver: str = "auto",
         layer_idx: int = 0,
+        cp_group=None,
+        cp_sharding: str = "zigzag",
         device=None,
         dtype=None,
     ):
@@ -186,6 +194,7 @@ class LocalLinearAttention(nn.Module):
         self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, num_kv_heads, head_dim
         self.rope, self.rope_base, self.ridge_floor = rope, rope_base, ridge_floor
         self.scale, self.solver, self.layer_idx = scale, solver, layer_idx
+        self.cp_group, self.cp_sharding = cp_group, cp_sharding
         self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=bias, **kw)
         self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=bias, **kw)
@@ -239,6 +248,8 @@ class LocalLinearAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [B, T, d_model={self.d_model}], got {tuple(x.shape)}")
         B, T, _ = x.shape
+        if self.cp_group is not None:
+            return self._context_parallel(x, attention_mask, cache, position_ids)
         mask = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (B, T):
@@ -260,6 +271,20 @@ class LocalLinearAttention(nn.Module):
                 o = padded_causal_attention(q, k, v, mask, **kw)
         else:
             o = self._cached(q, k, v, mask, cache, kw)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _context_parallel(self, x, attention_mask, cache, position_ids):
+        """x is this rank's shard of the sequence (``lla.distributed``)."""
+        from ..distributed import context_parallel_attention, shard_positions
+
+        if attention_mask is not None or cache is not None:
+            raise ValueError("attention_mask and cache are not supported with cp_group (context parallelism)")
+        B, T, _ = x.shape
+        if position_ids is None:
+            position_ids = shard_positions(T, self.cp_group, self.cp_sharding, device=x.device).expand(B, T)
+        q, k, v = self._project(x, position_ids)
+        o = context_parallel_attention(q, k, v, ridge=self.ridge, scale=self.scale, solver=self.solver,
+                                       group=self.cp_group, sharding=self.cp_sharding)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
     def _cached(self, q, k, v, mask, cache, kw):

@@ -38,6 +38,12 @@ class QKVMixer(nn.Module):
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
+        # context parallelism (``lla.distributed.set_context_parallel``): x is this rank's shard
+        self.cp_group, self.cp_sharding = None, "zigzag"
+
+    #: True when ``attend`` shards the work itself under context parallelism (else the shell
+    #: gathers q, k, v, x, attends over the whole sequence on every rank and keeps its rows)
+    native_cp = False
 
     def attend(self, q, k, v, x):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -45,7 +51,13 @@ class QKVMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)  # [B, T, H, Dh]
-        o = self.attend(q, k, v, x)  # [B, T, H, Dh]
+        if self.cp_group is not None and not self.native_cp:
+            from lla.distributed import all_gather_seq, shard
+
+            full = lambda t: all_gather_seq(t, self.cp_group, self.cp_sharding)  # noqa: E731
+            o = shard(self.attend(full(q), full(k), full(v), full(x)), self.cp_group, self.cp_sharding)
+        else:
+            o = self.attend(q, k, v, x)  # [B, T, H, Dh]
         return self.out(o.reshape(B, T, self.d_model))
 
 
@@ -69,9 +81,16 @@ class LLAMixer(QKVMixer):
         self.ridge = LearnableRidge(num_heads, ridge_init, ridge_floor)
         self.solver = solver
 
+    native_cp = True
+
     def attend(self, q, k, v, x):
         lam = self.ridge()  # [H], broadcast to [B, T, H] by the op; float32 at least
         lam = lam.double() if q.dtype == torch.float64 else lam.float()
+        if self.cp_group is not None:
+            from lla.distributed import context_parallel_attention
+
+            o = context_parallel_attention(q, k, v, ridge=lam, solver=self.solver, group=self.cp_group, sharding=self.cp_sharding)
+            return o.to(q.dtype)
         return lla.local_linear_attention(q, k, v, ridge=lam, solver=self.solver).to(q.dtype)
 
 
