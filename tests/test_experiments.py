@@ -21,7 +21,7 @@ from lla.experiments.tasks.icr import baselines as icr_baselines
 from lla.experiments.tasks.icr import make_icr
 from lla.experiments.tasks.mqar import make_mqar
 from lla.experiments.tasks.state import StateTask, alphabet, group_table, make_word_problem
-from lla.experiments.train import TrainConfig, train
+from lla.experiments.train import CheckpointMismatchError, TrainConfig, train
 
 from conftest import rel_err
 
@@ -164,13 +164,14 @@ def test_model_config_checks():
     assert m(torch.randint(7, (2, 9))).shape == (2, 9, 7)
 
 
-def _tiny_state_run(ckpt, stop_after=None, steps=4):
+def _tiny_state_run(ckpt, stop_after=None, steps=4, restart=False):
     cfg = get_preset("state", "smoke")
     task = StateTask(cfg, "A5")
     torch.manual_seed(0)
     model = CausalModel(ModelConfig(mixer="lla", d_model=16, num_heads=2, n_layers=1, **task.model_kwargs()))
     tcfg = TrainConfig(steps=steps, batch_size=4, warmup=1, lr=3e-3, ckpt_every=1)
-    last = train(model, task, tcfg, device=torch.device("cpu"), ckpt_path=ckpt, stop_after=stop_after, progress=False)
+    last = train(model, task, tcfg, device=torch.device("cpu"), ckpt_path=ckpt, stop_after=stop_after, progress=False,
+                 restart=restart)
     return model, last
 
 
@@ -186,9 +187,13 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     # a finished run started again resumes at its end: no step, and it reports its last loss
     again, last_again = _tiny_state_run(str(tmp_path / "b.pt"))
     assert last_again == last_res and all(torch.equal(p, q) for p, q in zip(again.parameters(), resumed.parameters()))
-    # a checkpoint made under another configuration is not resumed from
-    _, last_other = _tiny_state_run(str(tmp_path / "b.pt"), steps=5)
+    # a checkpoint made under another configuration is refused (never a silent restart) ...
+    with pytest.raises(CheckpointMismatchError, match=r"differs in: train\.steps.*restart"):
+        _tiny_state_run(str(tmp_path / "b.pt"), steps=5)
+    # ... unless the restart is asked for: training starts over, from step 0, and overwrites it
+    fresh, last_other = _tiny_state_run(str(tmp_path / "b.pt"), steps=5, restart=True)
     assert last_other["step"] == 5
+    assert torch.load(str(tmp_path / "b.pt"), weights_only=False)["meta"]["train"]["steps"] == 5
 
 
 # ---- runner, CLI -------------------------------------------------------------------------------------
@@ -225,7 +230,7 @@ def test_runner_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="preset"):
         run_experiment("ttr", "huge", out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="mixers"):
-        run_experiment("ttr", "smoke", mixers=["gated_deltanet"], out_dir=str(tmp_path))
+        run_experiment("ttr", "smoke", mixers=["sliding_window"], out_dir=str(tmp_path))
 
 
 def test_cli_run_and_demo(tmp_path, monkeypatch, capsys):

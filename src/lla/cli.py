@@ -19,12 +19,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--mixers", nargs="+", default=None, help="mixers to compare (default: lla softmax mesa linear)")
     r.add_argument("--out", default=None, help="output directory (default: runs/EXPERIMENT-PRESET)")
     r.add_argument("--steps", type=int, default=None, help="override the preset's training steps (trained experiments)")
-    r.add_argument("--seed", type=int, default=None, help="override the preset's seed (data and initial weights)")
+    r.add_argument("--seed", type=int, default=None, help="override the preset's seed (data and initial weights); one seed")
+    r.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds to run, each a full run (default: the preset's; quick: 0 1 2); summary gives mean, std, 95%% interval")
+    r.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="learning rates to sweep on the first seed, per mixer (best on validation streams; default: the preset's)")
+    r.add_argument("--positions", choices=["learned", "none"], default=None,
+                   help="mqar: learned absolute positions (Zoology's setting, default) or none")
+    r.add_argument("--estimate", action="store_true",
+                   help="print the run's estimated wall time on this machine (from a timed short run) and exit")
+    r.add_argument("--restart", action="store_true",
+                   help="start over when a checkpoint in --out was made under another configuration (else: an error)")
     r.add_argument("--log-every", type=int, default=None, help="override the preset's logging interval in steps")
     r.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="shard each sequence over N ranks (torchrun; mqar and state; world size divisible by N)")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     r.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # interruption, for resume tests
+    rp = sub.add_parser("report", help="lla report results: write results/README.md from every results/<exp>/summary.json")
+    rp.add_argument("results_dir", nargs="?", default="results", help="folder of run folders (default: results)")
+    rp.add_argument("--out", default=None, help="page to write (default: RESULTS_DIR/README.md)")
     sub.add_parser("bench", help="benchmarks (lla.bench); arguments are passed through", add_help=False)
     return p
 
@@ -43,9 +56,20 @@ def main(argv=None) -> int:
 
     if args.command == "demo":
         runner.demo(args.out)
+    elif args.command == "report":
+        from lla.experiments.report import results_page
+
+        path = results_page(args.results_dir, args.out)
+        print(f"wrote {path}")
     elif args.command == "run":
         cfg = None
-        if args.steps is not None or args.seed is not None or args.log_every is not None:
+        if args.seed is not None and args.seeds is not None:
+            raise SystemExit("lla run: give --seed or --seeds, not both")
+        if args.positions is not None and args.experiment != "mqar":
+            raise SystemExit("lla run: --positions applies to mqar")
+        if args.lrs is not None and args.experiment == "ttr":
+            raise SystemExit("lla run: --lrs applies to trained experiments (icr, mqar, state); ttr tunes each method's own hyperparameters")
+        if args.steps is not None or args.seed is not None or args.log_every is not None or args.positions is not None:
             from lla.experiments.presets import get_preset
 
             cfg = get_preset(args.experiment, args.preset)
@@ -59,11 +83,27 @@ def main(argv=None) -> int:
             if args.experiment == "ttr" or args.log_every < 1:
                 raise SystemExit("lla run: --log-every must be >= 1 and applies to trained experiments (icr, mqar, state)")
             cfg["train"]["log_every"] = args.log_every
+        seeds = args.seeds
         if args.seed is not None:
             (cfg if args.experiment == "ttr" else cfg["train"])["seed"] = args.seed
-        runner.run_experiment(args.experiment, args.preset, mixers=args.mixers, out_dir=args.out,
-                              progress=not args.no_progress, stop_after=args.stop_after, cfg=cfg,
-                              context_parallel=args.context_parallel)
+            seeds = [args.seed]
+        if args.positions is not None:
+            cfg["positions"] = args.positions
+        from lla.experiments.train import CheckpointMismatchError
+
+        if args.estimate:
+            est = runner.estimate(args.experiment, args.preset, mixers=args.mixers, cfg=cfg, seeds=seeds, lrs=args.lrs)
+            per = ", ".join(f"{m} {s / 60:.1f}" for m, s in est["per_mixer"].items())
+            print(f"estimated wall time of lla run {args.experiment} --preset {args.preset}: {est['seconds'] / 60:.1f} min "
+                  f"({est['trainings']} trainings per mixer and setting; minutes per mixer: {per})")
+            return 0
+        try:
+            runner.run_experiment(args.experiment, args.preset, mixers=args.mixers, out_dir=args.out,
+                                  progress=not args.no_progress, stop_after=args.stop_after, cfg=cfg,
+                                  context_parallel=args.context_parallel, seeds=seeds, lrs=args.lrs, restart=args.restart,
+                                  command="lla " + " ".join(argv))
+        except CheckpointMismatchError as e:
+            raise SystemExit(f"lla run: {e}") from None
     return 0
 
 

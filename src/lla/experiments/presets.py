@@ -1,8 +1,14 @@
 """Experiment configurations: ``PRESETS[experiment][preset]`` (plain dicts, JSON-serialisable).
 
-smoke: seconds on CPU (tests).  quick: under 15 minutes each on 2 idle CPU cores, sized so that the
-effect the paper reports can show (ICR at d = 2, the swap task at N = 3..5).  paper: the paper's
-sizes (GPU).
+smoke: seconds on CPU (tests).  quick: sized so that the effect the paper reports can show (ICR at
+d = 2, the swap task at N = 3..5) with three seeds and, for trained experiments, a learning-rate
+sweep (``lrs``, on the first seed; the other seeds run at each mixer's best rate); the estimated
+wall time of each family's full quick run is in docs/experiments.md.  paper: the paper's sizes (GPU).
+
+Keys the runner reads besides the task's own: ``seeds`` (default ``[seed]``), ``lrs`` (trained: the
+sweep; absent: ``train.lr`` alone), ``eval_every`` (trained: steps between validation evaluations,
+the curve that "steps to reach a target" is read from), ``target`` (``{"metric", "at_least"}``);
+ttr: ``hparams`` (per-method grids, tuned on a held-out stream).
 """
 
 from __future__ import annotations
@@ -10,31 +16,48 @@ from __future__ import annotations
 import copy
 
 EXPERIMENTS = ("ttr", "icr", "mqar", "state")
+_TRAINED = ["lla", "parallax", "softmax", "mesa", "linear", "gated_deltanet"]
+#: every mixer is used when registered (``parallax`` joins once ``lla.nn.mixers`` has it)
 DEFAULT_MIXERS = {
-    "ttr": ["lla", "softmax", "mesa", "linear"],
-    "icr": ["lla", "softmax", "mesa", "linear"],
-    "mqar": ["lla", "softmax", "mesa", "linear"],
-    "state": ["lla", "softmax", "mesa", "linear"],
+    "ttr": ["lla", "softmax", "mesa", "linear", "gated_deltanet"],
+    "icr": list(_TRAINED),
+    "mqar": _TRAINED + ["sliding_window"],
+    "state": _TRAINED + ["sliding_window"],
+}
+SEEDS = [0, 1, 2]
+LRS = [1e-3, 3e-3, 1e-2]
+#: TTR: each method's own hyperparameter grid (tuned per setting on a held-out stream);
+#: softmax ``scale`` multiplies 1/sqrt(d); gated_deltanet is the normalised delta rule (beta / |k|^2)
+#: with a constant decay alpha
+TTR_HPARAMS = {
+    "lla": {"ridge": [1e-3, 1e-2, 1e-1, 1.0, 10.0]},
+    "mesa": {"ridge": [1e-3, 1e-2, 1e-1, 1.0, 10.0]},
+    "softmax": {"scale": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]},
+    "linear": {"feature_map": ["elu1", "relu", "softmax"]},
+    "gated_deltanet": {"beta": [0.1, 0.3, 1.0], "alpha": [0.9, 0.97, 0.99, 1.0]},
 }
 
-_TTR = {"seq_len": 1024, "noise": 0.1, "ridge": 0.1, "seed": 0}
+_TTR = {"seq_len": 1024, "noise": 0.1, "ridge": 0.1, "seed": 0, "hparams": TTR_HPARAMS}
 _MODEL = {"d_model": 64, "num_heads": 2, "n_layers": 2, "mlp": True}
 _TRAIN = {"lr": 1e-3, "weight_decay": 0.1, "warmup": 20, "grad_clip": 1.0, "seed": 0, "log_every": 10}
 
 PRESETS = {
     "ttr": {
         "smoke": {**_TTR, "seq_len": 96, "batch": 2, "dims": [4], "seg_lens": [32], "shifts": [2.0]},
-        "demo": {**_TTR, "batch": 32, "dims": [8], "seg_lens": [128], "shifts": [2.0, 0.0]},
-        "quick": {**_TTR, "batch": 32, "dims": [4, 8, 16, 32], "seg_lens": [64, 128, 256], "shifts": [2.0, 0.0]},
+        "demo": {**_TTR, "hparams": {}, "batch": 32, "dims": [8], "seg_lens": [128], "shifts": [2.0, 0.0]},
+        "quick": {**_TTR, "batch": 32, "dims": [2, 4, 8, 16, 32, 64], "seg_lens": [64, 128, 256], "shifts": [2.0, 0.0],
+                  "seeds": SEEDS},
         "paper": {**_TTR, "batch": 256, "dims": [4, 8, 16, 32], "seg_lens": [32, 64, 128, 256, 512], "shifts": [2.0, 0.0]},
     },
     "mqar": {
         "smoke": {"vocab": 64, "train_configs": [[32, 4]], "eval_configs": [[32, 4]], "eval_batch": 8, "eval_batches": 1,
+                  "positions": "learned", "eval_every": 1, "target": {"metric": "accuracy", "at_least": 0.99},
                   "model": {**_MODEL, "d_model": 32}, "train": {**_TRAIN, "steps": 3, "batch_size": 8, "warmup": 1}},
         "quick": {"vocab": 128, "train_configs": [[32, 4], [64, 8]], "eval_configs": [[32, 4], [64, 4], [64, 8], [64, 12]],
-                  "eval_batch": 128, "eval_batches": 2,
+                  "eval_batch": 128, "eval_batches": 2, "positions": "learned",
+                  "seeds": SEEDS, "lrs": LRS, "eval_every": 100, "target": {"metric": "accuracy", "at_least": 0.99},
                   "model": {**_MODEL, "num_heads": 4, "mlp": False},
-                  "train": {**_TRAIN, "steps": 800, "batch_size": 32, "lr": 3e-3}},
+                  "train": {**_TRAIN, "steps": 1500, "batch_size": 32, "lr": 3e-3}},
         "paper": {"vocab": 8192, "train_configs": [[64, 4], [128, 8], [256, 16], [256, 32], [256, 64]],
                   "eval_configs": [[64, 4], [128, 8], [256, 16], [512, 64], [1024, 128], [1024, 256]],
                   "eval_batch": 256, "eval_batches": 4,
@@ -45,6 +68,7 @@ PRESETS = {
         "smoke": {"dim": 4, "n_pairs": 16, "seg_lens": [8], "shift": 0.0, "noise": 0.0, "eval_batch": 8, "baselines": True,
                   "model": {**_MODEL, "d_model": 32, "mlp": False}, "train": {**_TRAIN, "steps": 3, "batch_size": 8, "warmup": 1}},
         "quick": {"dim": 2, "n_pairs": 32, "seg_lens": [4, 16], "shift": 0.0, "noise": 0.0, "eval_batch": 256, "baselines": True,
+                  "seeds": SEEDS, "lrs": LRS, "eval_every": 100,
                   "model": {**_MODEL, "num_heads": 4, "mlp": False}, "train": {**_TRAIN, "steps": 1200, "batch_size": 32, "lr": 3e-3}},
         "paper": {"dim": 32, "n_pairs": 256, "seg_lens": [16, 32, 64, 128, 256], "shift": 0.0, "noise": 0.0,
                   "eval_batch": 1024, "baselines": True,
@@ -55,6 +79,7 @@ PRESETS = {
         "smoke": {"groups": ["A5"], "seq_len": 8, "eval_batch": 8, "report_lengths": [4, 8],
                   "model": {**_MODEL, "d_model": 32}, "train": {**_TRAIN, "steps": 3, "batch_size": 8, "warmup": 1}},
         "quick": {"groups": ["S3-swap", "S4-swap", "S5-swap"], "seq_len": 16, "eval_batch": 256, "report_lengths": [2, 4, 8, 16],
+                  "seeds": SEEDS, "lrs": LRS, "eval_every": 100,
                   "model": {**_MODEL, "num_heads": 4}, "train": {**_TRAIN, "steps": 1500, "batch_size": 32, "lr": 3e-3}},
         "paper": {"groups": ["S3-swap", "S4-swap", "S5-swap", "S6-swap", "Z60", "A5", "S5"], "seq_len": 128, "eval_batch": 1024, "report_lengths": [8, 16, 32, 64, 128],
                   "model": {**_MODEL, "d_model": 256, "num_heads": 4, "n_layers": 4},

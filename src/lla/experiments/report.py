@@ -2,11 +2,103 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
 from collections import defaultdict
 
 _FIXED = ("experiment", "mixer", "metric", "value")
+#: fields that are not part of a row's identity when seeds are aggregated
+_STAT = ("kind", "seed", "value", "mean", "std", "n_seeds", "ci95", "n_runs")
+#: two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (beyond: 1.96 + ...)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+
+
+def mean_std_ci(values) -> dict:
+    """``{"mean", "std" (sample, ddof 1; 0 for one value), "n_seeds", "ci95" ([lo, hi] t-based, n >= 2)}``.
+
+    None / non-finite values are left out (e.g. "steps to target" never reached); ``n_seeds`` counts
+    the values used.
+    """
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    if n == 0:
+        return {"mean": None, "std": None, "n_seeds": 0}
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    out = {"mean": mean, "std": std, "n_seeds": n}
+    if n > 1:
+        h = t975(n - 1) * std / math.sqrt(n)
+        out["ci95"] = [mean - h, mean + h]
+    return out
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One ``kind="aggregate"`` row per distinct (row without seed/value) over the ``kind="seed"`` rows:
+    ``value`` = ``mean``, ``std``, ``n_seeds``, ``ci95`` (n >= 2), ``n_runs`` (seeds run)."""
+    groups = {}
+    for r in rows:
+        if r.get("kind") != "seed":
+            continue
+        ident = {k: v for k, v in r.items() if k not in _STAT}
+        groups.setdefault(json.dumps(ident, sort_keys=True, default=str), (ident, []))[1].append(r.get("value"))
+    out = []
+    for ident, vals in groups.values():
+        st = mean_std_ci(vals)
+        out.append({**ident, "kind": "aggregate", "value": st["mean"], **st, "n_runs": len(vals)})
+    return out
+
+
+def _pm(r: dict) -> str:
+    if r.get("mean") is None:
+        return "never"
+    s = _fmt(r["mean"])
+    if r.get("n_seeds", 1) > 1:
+        s += f" ± {_fmt(r['std'])}"
+    if r.get("n_runs", r.get("n_seeds", 1)) != r.get("n_seeds", 1):
+        s += f" ({r['n_seeds']}/{r['n_runs']})"
+    return s
+
+
+def pivot_table(rows: list[dict], cell, skip=("lr", "hparams", "target")) -> str:
+    """One line per (metric, config), one column per mixer; ``cell(row) -> str``."""
+    mixers = list(dict.fromkeys(r["mixer"] for r in rows))
+    cfg_keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in _FIXED + _STAT + tuple(skip)]
+    table = defaultdict(dict)
+    for r in rows:
+        key = (r["metric"],) + tuple(r.get(k, "") for k in cfg_keys)
+        table[key][r["mixer"]] = cell(r)
+    head = ["metric", *cfg_keys, *mixers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, vals in table.items():
+        lines.append("| " + " | ".join([_fmt(x) for x in key] + [vals.get(m, "") for m in mixers]) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(rows: list[dict], title: str) -> str:
+    """The run's summary.md: mean ± std over seeds, chosen hyperparameters, the sweep (sensitivity)."""
+    agg = [r for r in rows if r.get("kind") == "aggregate"]
+    parts = [f"# {title}\n"]
+    n = max((r.get("n_runs", 1) for r in agg), default=1)
+    parts.append(f"Mean ± sample std over {n} seed(s) (`summary.json` holds every seed's value and the 95% t-interval).\n")
+    parts.append(pivot_table(agg, _pm))
+    chosen = [r for r in rows if r.get("kind") == "chosen"]
+    if chosen:
+        parts.append("\n## Chosen hyperparameters (best on the validation stream)\n")
+        parts.append(pivot_table(chosen, lambda r: _fmt(r["value"])))
+    sweep = [r for r in rows if r.get("kind") == "sweep"]
+    if sweep:
+        parts.append("\n## Sensitivity (validation stream, first seed): every mixer at every swept value\n")
+        sw = [{**r, "metric": f"{r['metric']} @ {('lr=' + _fmt(r['lr'])) if 'lr' in r else r.get('hparams', '')}"} for r in sweep]
+        parts.append(pivot_table(sw, lambda r: _fmt(r["value"])))
+    return "\n".join(parts) + "\n"
 
 
 class JsonlLogger:
@@ -52,10 +144,18 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_summary(out_dir: str, rows: list[dict], title: str) -> str:
-    """Write ``summary.json`` and ``summary.md``; return the markdown table."""
+    """Write ``summary.json`` and ``summary.md``; return the markdown.
+
+    Rows with ``kind`` (the runner's): the markdown is ``summary_markdown``; plain rows: one table.
+    """
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    if any("kind" in r for r in rows):
+        md = summary_markdown(rows, title)
+        with open(os.path.join(out_dir, "summary.md"), "w") as f:
+            f.write(md)
+        return md
     md = markdown_table(rows)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(f"# {title}\n\n{md}\n")
@@ -75,6 +175,9 @@ def plot_curves(out_dir: str, curves: list[dict], group_keys, xlabel: str, ylabe
                 boundaries_key: str | None = None, logy: bool = False, ylim=None) -> list[str]:
     """One PNG per group (distinct values of ``group_keys``), one line per mixer.
 
+    Several curves of one mixer in a group (seeds) are drawn as their mean with a band of
+    ± one sample standard deviation.
+
     ``curves``: records with ``mixer``, ``x``, ``y`` and the group keys; ``boundaries_key`` names a
     key holding the segment length, drawn as dotted vertical lines; ``ylim`` = (bottom, top), either
     None to leave it automatic.
@@ -86,8 +189,20 @@ def plot_curves(out_dir: str, curves: list[dict], group_keys, xlabel: str, ylabe
     paths = []
     for gkey, cs in groups.items():
         fig, ax = plt.subplots(figsize=(7, 3.6))
+        by_mixer = defaultdict(list)
         for c in cs:
-            ax.plot(c["x"], c["y"], label=c["mixer"], lw=1.2)
+            by_mixer[c["mixer"]].append(c)
+        for mixer, ms in by_mixer.items():
+            xs = ms[0]["x"]
+            ys = [[float("nan") if v is None else v for v in m["y"]] for m in ms if len(m["y"]) == len(xs)]
+            mean = [sum(col) / len(col) for col in zip(*ys)]
+            (line,) = ax.plot(xs, mean, label=mixer + (f" ({len(ys)} seeds)" if len(ys) > 1 else ""), lw=1.2)
+            if len(ys) > 1:
+                sd = [math.sqrt(sum((v - m) ** 2 for v in col) / (len(col) - 1)) for col, m in zip(zip(*ys), mean)]
+                lo = [m - d for m, d in zip(mean, sd)]
+                if logy:
+                    lo = [max(v, m * 0.05) for v, m in zip(lo, mean)]
+                ax.fill_between(xs, lo, [m + d for m, d in zip(mean, sd)], color=line.get_color(), alpha=0.2, lw=0)
         if boundaries_key is not None:
             seg = cs[0][boundaries_key]
             xmax = max(cs[0]["x"])
@@ -108,3 +223,73 @@ def plot_curves(out_dir: str, curves: list[dict], group_keys, xlabel: str, ylabe
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+_ORDER = ("ttr", "icr", "mqar", "state")
+
+
+def _run_sort_key(name: str):
+    base = name.split("-")[0]
+    return (_ORDER.index(base) if base in _ORDER else len(_ORDER), name)
+
+
+def results_page(results_dir: str = "results", out: str | None = None, max_figures: int = 8) -> str:
+    """Write ``results_dir/README.md`` (or ``out``) from every ``results_dir/<run>/summary.json``.
+
+    Per run folder: the command (``run.json``, else a ``COMMAND`` file), seeds, wall time, the table
+    of mean ± std over seeds, the chosen hyperparameters, and its figures (the first ``max_figures``
+    embedded, the others linked).  Summaries written before seeds were built in (rows without
+    ``kind``) are shown as they are, marked as single runs.  Returns the page's path.
+    """
+    out = out or os.path.join(results_dir, "README.md")
+    page_dir = os.path.dirname(os.path.abspath(out))
+    runs = sorted((os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(results_dir, "*", "summary.json"))),
+                  key=_run_sort_key)
+    lines = ["# Results", "",
+             "Generated by `lla report results` from every `results/<run>/summary.json`; do not edit by hand.",
+             "Tables show the mean ± sample standard deviation over seeds (`summary.json` has every seed's value",
+             "and the 95% t-interval); `(k/n)` marks a statistic over the k of n seeds that reached it.", ""]
+    lines += ["| run | command | seeds | wall time |", "|---|---|---|---|"]
+    body = []
+    for name in runs:
+        d = os.path.join(results_dir, name)
+        with open(os.path.join(d, "summary.json")) as f:
+            rows = json.load(f)
+        meta = {}
+        if os.path.exists(os.path.join(d, "run.json")):
+            with open(os.path.join(d, "run.json")) as f:
+                meta = json.load(f)
+        cmd = meta.get("command")
+        if not cmd and os.path.exists(os.path.join(d, "COMMAND")):
+            cmd = open(os.path.join(d, "COMMAND")).read().strip().splitlines()[-1]
+        seeds = meta.get("seeds")
+        secs = meta.get("seconds")
+        if secs is None:
+            done = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if r.get("kind") == "done"]
+            secs = done[-1]["seconds"] if done else None
+        wall = f"{secs / 60:.1f} min" if secs is not None else "?"
+        lines.append(f"| [{name}](#{name}) | `{cmd or '?'}` | {', '.join(map(str, seeds)) if seeds else '1 (legacy run)'} | {wall} |")
+        body += ["", f"## {name}", "", f"Command: `{cmd or '?'}`" + (f" ({wall})" if secs is not None else ""), ""]
+        if any("kind" in r for r in rows):
+            agg = [r for r in rows if r.get("kind") == "aggregate"]
+            body.append(pivot_table(agg, _pm))
+            if meta.get("lrs"):
+                body += ["", f"Learning rates swept on seed {seeds[0]}: {', '.join(_fmt(x) for x in meta['lrs'])}."]
+            chosen = [r for r in rows if r.get("kind") == "chosen"]
+            if chosen:
+                body += ["", "Chosen on the validation stream:", "", pivot_table(chosen, lambda r: _fmt(r["value"]))]
+            if any(r.get("kind") == "sweep" for r in rows):
+                body += ["", f"Sensitivity table (every mixer at every swept value): [{name}/summary.md]({name}/summary.md)."]
+        else:
+            body += ["Single run (written before seeds were built in):", "", markdown_table(rows)]
+        figs = sorted(glob.glob(os.path.join(d, "*.png")))
+        figs.sort(key=lambda p: ("_vs_" not in os.path.basename(p) and "accuracy" not in os.path.basename(p), p))
+        rel = [os.path.relpath(p, page_dir) for p in figs]
+        if rel:
+            body.append("")
+            body += [f"![{os.path.basename(p)}]({p})" for p in rel[:max_figures]]
+            if len(rel) > max_figures:
+                body += ["", "More figures: " + ", ".join(f"[{os.path.basename(p)}]({p})" for p in rel[max_figures:])]
+    with open(out, "w") as f:
+        f.write("\n".join(lines + body) + "\n")
+    return out

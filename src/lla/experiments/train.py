@@ -34,6 +34,25 @@ class TrainConfig:
         return asdict(self)
 
 
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint exists at the run's path but was made under another configuration."""
+
+    def __init__(self, path: str, old: dict | None, new: dict):
+        diff = sorted(_diff_keys(old or {}, new))
+        super().__init__(f"checkpoint {path} was made under another configuration (differs in: {', '.join(diff) or 'meta'}); "
+                         f"use a new output directory, or restart=True (lla run --restart) to start over explicitly")
+        self.path, self.differs = path, diff
+
+
+def _diff_keys(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in dict.fromkeys([*a, *b]):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def dist_info() -> tuple[int, int]:
     """``(rank, world_size)``; ``(0, 1)`` without an initialised process group."""
     if dist.is_available() and dist.is_initialized():
@@ -100,13 +119,17 @@ def _cp_loss(task, out, y, cp_group, cp: int):
 
 def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None, log=None,
           desc: str = "train", stop_after: int | None = None, progress: bool = True, meta: dict | None = None,
-          context_parallel: int = 1) -> dict:
+          context_parallel: int = 1, eval_fn=None, eval_every: int = 0, restart: bool = False) -> dict:
     """Train ``model`` on ``task`` for ``cfg.steps`` steps (resuming from ``ckpt_path`` if it exists).
 
     ``task.sample(batch, generator) -> (inputs, targets)`` and ``task.loss(outputs, targets)``.
     ``stop_after`` ends this invocation after that many total steps (an interruption, for tests).
     ``meta`` (e.g. the model and train configs) is stored in the checkpoint; a checkpoint whose meta
-    differs is not resumed from (training starts over).
+    differs raises ``CheckpointMismatchError`` naming the differing keys (never a silent restart);
+    ``restart=True`` ignores an existing checkpoint and starts over explicitly.
+    ``eval_fn(model, step)`` (single process, no context parallelism) is called every ``eval_every``
+    steps and after the last step, in eval mode (an evaluation curve; a resumed run calls it only for
+    the steps it runs).
     ``context_parallel`` ``C`` > 1: groups of ``C`` consecutive ranks share each batch slice and shard
     its sequences (``lla.distributed``, zigzag, padded at the end); the task's targets must be
     per-token labels ``[B, T]`` (``-100`` ignored).  Data parallelism runs over ``world / C`` replicas;
@@ -130,7 +153,9 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     start, start_loss = 0, float("nan")
     meta = {"train": cfg.to_dict(), **(meta or {})}
     state = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path and os.path.exists(ckpt_path) else None
-    if state is not None and state.get("meta") == meta:
+    if state is not None and state.get("meta") != meta and not restart:
+        raise CheckpointMismatchError(ckpt_path, state.get("meta"), meta)
+    if state is not None and not restart:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -179,6 +204,10 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
             bar.set_postfix(loss=f"{last['loss']:.4f}")
             if log is not None and rank == 0:
                 log({"kind": "train", "run": desc, "step": step + 1, "loss": last["loss"], "lr": sched.get_last_lr()[0]})
+        if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
+            model.eval()
+            eval_fn(model, step + 1)
+            ddp.train()
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
             save(step + 1, last["loss"])
     bar.close()

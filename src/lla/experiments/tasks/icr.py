@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .mqar import eval_seed
+
 
 def make_icr(batch: int, n_pairs: int, dim: int, seg_len: int, shift: float, noise: float, generator):
     """``tokens [B, 2n, 2d]``, inputs ``x [B, n, d]``, targets ``y [B, n, d]`` (float32)."""
@@ -69,12 +71,12 @@ class ICRTask:
         return ((out[:, 0::2].float() - y) ** 2).mean()
 
     @torch.no_grad()
-    def evaluate(self, model, device, seed: int):
-        g = torch.Generator().manual_seed(seed + 1000 + self.seg_len)
+    def evaluate(self, model, device, seed: int, split: str = "test"):
+        g = torch.Generator().manual_seed(eval_seed(seed, split) + 1000 + self.seg_len)
         tokens, x, y = make_icr(self.cfg["eval_batch"], self.n, self.dim, self.seg_len, self.cfg["shift"], self.cfg["noise"], g)
         pred = model(tokens.to(device))[:, 0::2].double().cpu()
         curves = {"model": ((pred - y.double()) ** 2).mean(dim=(0, 2))}
-        if self.cfg.get("baselines", True):
+        if self.cfg.get("baselines", True) and split == "test":
             curves.update(baselines(x, y, self.seg_len))
         rows = []
         for name, c in curves.items():

@@ -35,8 +35,23 @@ def make_mqar(batch: int, seq_len: int, num_kv: int, vocab: int, generator, powe
     return tokens, labels
 
 
+#: validation streams (learning-rate selection, curves) use seeds offset by this much
+VAL_SEED_OFFSET = 1_000_000
+
+
+def eval_seed(seed: int, split: str) -> int:
+    """The evaluation seed of ``split`` ("test" or "val": disjoint streams for every run seed)."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    return seed + (VAL_SEED_OFFSET if split == "val" else 0)
+
+
 class MQARTask:
-    """Trains on ``train_configs`` [(T, N), ...] in turn, one configuration per step."""
+    """Trains on ``train_configs`` [(T, N), ...] in turn, one configuration per step.
+
+    ``cfg["positions"]``: ``"learned"`` (absolute positions, Zoology's setting; the default) or
+    ``"none"`` (no positional information at all, no short convolutions).
+    """
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -44,10 +59,13 @@ class MQARTask:
         self.train_configs = [tuple(c) for c in cfg["train_configs"]]
         self.eval_configs = [tuple(c) for c in cfg["eval_configs"]]
         self._step = 0
+        self.positions = cfg.get("positions", "learned")
+        if self.positions not in ("learned", "none"):
+            raise ValueError(f"positions must be 'learned' or 'none', got {self.positions!r}")
 
     def model_kwargs(self) -> dict:
         max_len = max(t for t, _ in self.train_configs + self.eval_configs)
-        return {"vocab_size": self.vocab, "output_dim": self.vocab, "max_len": max_len}
+        return {"vocab_size": self.vocab, "output_dim": self.vocab, "max_len": max_len if self.positions == "learned" else 0}
 
     def sample(self, batch, generator):
         # the step index is folded into the generator's seed by the trainer; the config cycles with a draw
@@ -60,10 +78,10 @@ class MQARTask:
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
-    def evaluate(self, model, device, seed: int) -> tuple[list[dict], list[dict]]:
+    def evaluate(self, model, device, seed: int, split: str = "test") -> tuple[list[dict], list[dict]]:
         rows, curves = [], []
         for T, N in self.eval_configs:
-            g = torch.Generator().manual_seed(seed + 17 * T + N)
+            g = torch.Generator().manual_seed(eval_seed(seed, split) + 17 * T + N)
             correct = total = 0
             for _ in range(self.cfg["eval_batches"]):
                 x, y = make_mqar(self.cfg["eval_batch"], T, N, self.vocab, g)
@@ -71,5 +89,5 @@ class MQARTask:
                 m = y != -100
                 correct += (pred[m] == y[m]).sum().item()
                 total += m.sum().item()
-            rows.append({"seq_len": T, "num_kv": N, "metric": "accuracy", "value": correct / total})
+            rows.append({"seq_len": T, "num_kv": N, "positions": self.positions, "metric": "accuracy", "value": correct / total})
         return rows, curves

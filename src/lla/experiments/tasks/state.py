@@ -18,6 +18,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from .mqar import eval_seed
+
 
 def _parity(p) -> int:
     return sum(1 for i in range(len(p)) for j in range(i + 1, len(p)) if p[i] > p[j]) % 2
@@ -83,8 +85,8 @@ class StateTask:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     @torch.no_grad()
-    def evaluate(self, model, device, seed: int):
-        g = torch.Generator().manual_seed(seed + 2000)
+    def evaluate(self, model, device, seed: int, split: str = "test"):
+        g = torch.Generator().manual_seed(eval_seed(seed, split) + 2000)
         x, y = make_word_problem(self.cfg["eval_batch"], self.cfg["seq_len"], self.group, g)
         acc = (model(x.to(device)).argmax(-1).cpu() == y).double().mean(0)  # [T] accuracy per position
         T = self.cfg["seq_len"]
