@@ -37,14 +37,14 @@ TTR_HPARAMS = {
     "gated_deltanet": {"beta": [0.1, 0.3, 1.0], "alpha": [0.9, 0.97, 0.99, 1.0]},
 }
 
-_TTR = {"seq_len": 1024, "noise": 0.1, "ridge": 0.1, "seed": 0, "hparams": TTR_HPARAMS}
+_TTR = {"seq_len": 1024, "noise": 0.1, "ridge": 0.1, "seed": 0, "hparams": TTR_HPARAMS, "dtype": "float64"}
 _MODEL = {"d_model": 64, "num_heads": 2, "n_layers": 2, "mlp": True}
 _TRAIN = {"lr": 1e-3, "weight_decay": 0.1, "warmup": 20, "grad_clip": 1.0, "seed": 0, "log_every": 10}
 
 PRESETS = {
     "ttr": {
         "smoke": {**_TTR, "seq_len": 96, "batch": 2, "dims": [4], "seg_lens": [32], "shifts": [2.0]},
-        "demo": {**_TTR, "hparams": {}, "batch": 32, "dims": [8], "seg_lens": [128], "shifts": [2.0, 0.0]},
+        "demo": {**_TTR, "hparams": {}, "dtype": "float32", "batch": 32, "dims": [8], "seg_lens": [128], "shifts": [2.0, 0.0]},
         "quick": {**_TTR, "batch": 32, "dims": [2, 4, 8, 16, 32, 64], "seg_lens": [64, 128, 256], "shifts": [2.0, 0.0],
                   "seeds": SEEDS},
         "paper": {**_TTR, "batch": 256, "dims": [4, 8, 16, 32], "seg_lens": [32, 64, 128, 256, 512], "shifts": [2.0, 0.0]},

@@ -93,6 +93,7 @@ def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_a
     eval_every = int(cfg.get("eval_every", 0)) if context_parallel == 1 else 0
     seen = eval_log if eval_log is not None else {}  # (name, seed, lr) -> [{"step", "rows"}], from earlier invocations too
     finished = True
+    written = set()  # checkpoints of this invocation (``restart`` applies to older ones only)
 
     def one(task, key, mixer, seed, lr):
         """Train one run (or resume it); returns its ``last`` dict and model, or None when interrupted."""
@@ -110,13 +111,12 @@ def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_a
             seen.setdefault(ident, []).append({"step": step, "rows": vrows})
             log({"kind": "eval", "run": name, "mixer": mixer, **key, "seed": seed, "lr": lr, "step": step, "rows": vrows})
 
-        if restart and ident in seen:
-            seen[ident] = []
         t0 = time.time()
         last = train(model, task, tcfg, device=device, log=log, desc=f"{name} seed{seed} lr{lr:g}", progress=progress,
-                     stop_after=stop_after, context_parallel=context_parallel, restart=restart,
+                     stop_after=stop_after, context_parallel=context_parallel, restart=restart and ck not in written,
                      eval_fn=on_eval if eval_every else None, eval_every=eval_every,
                      meta={"model": mcfg.to_dict(), "task": cfg}, ckpt_path=ck)
+        written.add(ck)
         if stop_after is not None and last["step"] < tcfg.steps:
             finished = False
             return None  # interrupted on purpose: evaluate when resumed
