@@ -110,11 +110,15 @@ def _steps(T, S, window, G, N, device, elems=None):
             yield (c, *step)
 
 
-def _softmax_(x, fill, empty):
-    """Masked softmax of a logit tile ``[nb, R, n]`` in place (fused), rows that see nothing -> 0."""
+def _softmax_(x, a, fill, empty):
+    """Masked softmax of a logit tile ``[nb, R, n]`` in place (fused), rows that see nothing -> 0.
+
+    ``r . k`` (``a``, same shape) is zeroed where hidden, so that a huge key a row cannot see (even
+    one whose ``r . k`` overflows) cannot reach the row through ``0 * inf``."""
     if fill is not None:
         c0, c1, hidden = fill
         x[..., c0:c1].masked_fill_(hidden, float("-inf"))
+        a[..., c0:c1].masked_fill_(hidden, 0.0)
     torch.softmax(x, -1, out=x)
     if empty is not None:
         x.masked_fill_(empty[:, None], 0.0)
@@ -197,7 +201,7 @@ def parallax_forward(q, r, k, v, cfg):
             if fill is not None:
                 s[..., fill[0]:fill[1]].masked_fill_(fill[2], float("-inf"))
             LSE[c, :, i0:i1] = torch.logsumexp(s, -1).view(nbc, G, t)
-        _softmax_(s, fill, empty)
+        _softmax_(s, a, fill, empty)
         cm = torch.mul(s, a, out=sa).sum(-1, keepdim=True)  # c = sum_j s_j a_j   [nb, R, 1]
         nw = a.sub_(cm + 1.0).mul_(s)  # s (a - c - 1) = -w, centred on the row's own c
         o = torch.matmul(nw, Vt).neg_()  # [nb, R, Dv]
@@ -241,7 +245,7 @@ def parallax_backward(do, q, r, k, v, C, cfg):
         Xt = _rows(X, c, i0, i1)  # (scale q | r) rows of the tile
         torch.matmul(Xt, Kt.transpose(-1, -2), out=tile[:, : 2 * R])
         s, a, sg = tile[:, :R], tile[:, R : 2 * R], tile[:, 2 * R :]
-        _softmax_(s, fill, empty)
+        _softmax_(s, a, fill, empty)
         do_t = dO[c, :, i0:i1].reshape(nbc, R, Dv)
         e = torch.matmul(do_t, Vt.transpose(-1, -2), out=gbuf[:size].view(nbc, R, n))  # g_j = do . v_j
         gbar = torch.mul(s, e, out=sg).sum(-1, keepdim=True)  # sum_j s_j g_j
