@@ -157,7 +157,8 @@ def parallax_bwd_query_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dq = scale sum_j dl_j k_j and dr = sum_j da_j k_j for BLOCK_M rows of one (batch, head)."""
+    """dq = scale sum_j dl_j (k_j - m) and dr = sum_j da_j (k_j - m) (``m = E_s[k]``, see below) for
+    BLOCK_M rows of one (batch, head)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -186,6 +187,9 @@ def parallax_bwd_query_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dr = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    sdl = tl.zeros([BLOCK_M], tl.float32)
+    sda = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, Hk * D)
@@ -193,6 +197,14 @@ def parallax_bwd_query_kernel(
         s, w, dl, da = _grad_weights(q, r, kt, vt, do, mxs, iom, cm, gbar, beta, lo, hi, j, scale, PREC)
         dq += _dot(dl, kt, PREC)
         dr += _dot(da, kt, PREC)
+        m += _dot(s, kt, PREC)
+        sdl += tl.sum(dl, 1)
+        sda += tl.sum(da, 1)
+    # sum_j dl_j = sum_j da_j = 0 exactly, but gbar and beta come from the forward's sums, so the
+    # computed ones are rounding noise; times keys with a large common offset that noise would
+    # dominate dq and dr.  Centre the keys on their weighted mean m (exact in exact arithmetic).
+    dq -= sdl[:, None] * m
+    dr -= sda[:, None] * m
     dm = row_ok[:, None] & (offs_d[None, :] < D)
     tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=dm)
     tl.store(DR + row[:, None] * D + offs_d[None, :], dr.to(DR.dtype.element_ty), mask=dm)
