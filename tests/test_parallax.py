@@ -301,3 +301,15 @@ def test_compile_fullgraph_matches_eager():
     assert rel_err(out_c, out_e) <= 1e-6
     for gc, ge in zip(grads_c, grads_e):
         assert rel_err(gc, ge) <= 1e-6
+
+
+def test_experiments_accept_the_parallax_mixer():
+    from lla.experiments.model import CausalModel, ModelConfig
+    from lla.experiments.runner import _check_mixers
+
+    assert _check_mixers("mqar", ["parallax", "lla"]) == ["parallax", "lla"]
+    torch.manual_seed(0)
+    model = CausalModel(ModelConfig(mixer="parallax", d_model=16, num_heads=2, vocab_size=7, output_dim=7, max_len=9))
+    out = model(torch.randint(7, (2, 9)))
+    out.sum().backward()
+    assert out.shape == (2, 9, 7) and all(p.grad is not None for p in model.parameters())
