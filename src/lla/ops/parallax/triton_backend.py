@@ -279,23 +279,25 @@ def _interpreting() -> bool:
 def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
     """Tile sizes ``(BLOCK_M, BLOCK_N, num_warps)`` per kernel, padded head dims and dot precision.
 
-    float32 inputs use exact fp32 dots (``ieee``), half inputs their native tensor-core dots with
-    float32 accumulation (``tf32`` for the float32-cast tiles).  Hopper-minded defaults (64 x 64
-    tiles, 4 warps, 32-row tiles for head dims above 64 so that the two ``[BM, D]`` accumulators of
-    the backward stay in registers); not tuned on hardware (no GPU here).  Under the interpreter the
-    tiles are 16..32, different per kernel, so that CI sees tiles that do not line up.
+    float32 inputs use exact fp32 dots (``ieee``), half inputs ``tf32`` dots on their float32-cast
+    tiles, float32 accumulation everywhere.  The tiles are the least-spilling of 7 combinations
+    compiled for sm_90 on a CPU machine (``benchmarks/parallax_compile_check.py``, results in
+    ``docs/parallax.md``); never timed on a GPU.  Under the interpreter the tiles are 16..32,
+    different per kernel, so that CI sees tiles that do not line up.
     """
     bd = max(16, triton.next_power_of_2(D))
     bdv = max(16, triton.next_power_of_2(Dv))
     widest = max(bd, bdv)
     if _interpreting():
         fwd, bwd_q, bwd_k = (32, 16, 4), (16, 32, 4), (32, 16, 4)
-    elif widest <= 64:
-        fwd, bwd_q, bwd_k = (64, 64, 4), (64, 32, 4), (32, 64, 4)
+    elif widest <= 64 and dtype != torch.float32:
+        fwd, bwd_q, bwd_k = (64, 32, 8), (32, 32, 4), (32, 32, 4)
+    elif widest <= 64:  # ieee fp32 dots need more registers
+        fwd, bwd_q, bwd_k = (32, 32, 4), (32, 32, 4), (64, 32, 8)
     elif widest <= 128:
-        fwd, bwd_q, bwd_k = (64, 32, 4), (32, 32, 4), (32, 32, 4)
-    else:
-        fwd = bwd_q = bwd_k = (16, 16, 8)
+        fwd = bwd_q = bwd_k = (32, 32, 4)
+    else:  # not compile-checked
+        fwd = bwd_q = bwd_k = (16, 32, 4)
     prec = "ieee" if dtype == torch.float32 else "tf32"
     return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k)
 
