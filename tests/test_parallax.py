@@ -313,3 +313,27 @@ def test_experiments_accept_the_parallax_mixer():
     out = model(torch.randint(7, (2, 9)))
     out.sum().backward()
     assert out.shape == (2, 9, 7) and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("elems", [512, 40000])
+def test_many_small_tiles_match_reference(monkeypatch, elems):
+    """Tiles of 16 query rows (``elems=512``) or some of the (batch, key head) pairs per step (40000):
+    partly visible column bands, rows that see nothing inside a tile, windows on both sides."""
+    from lla.ops.parallax import torch_backend
+
+    monkeypatch.setattr(torch_backend, "TILE_ELEMS", elems)
+    cases = [
+        dict(T=100, S=100, causal=True, window_size=(-1, -1)),
+        dict(T=70, S=40, causal=True, window_size=(-1, -1)),
+        dict(T=63, S=100, causal=False, window_size=(9, 20)),
+        dict(T=100, S=100, causal=True, window_size=(17, -1)),
+        dict(T=50, S=63, causal=False, window_size=(-1, 3)),
+    ]
+    for i, c in enumerate(cases):
+        T, S = c.pop("T"), c.pop("S")
+        x = make_qrkv(B=2, T=T, S=S, H=4, Hk=2, D=16, Dv=8, seed=10 + i)
+        do = torch.randn(2, T, 4, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        want = out_and_grads(ref, x, do, torch.float64, **c)
+        got = out_and_grads(op, x, do, torch.float64, **c)
+        for name, g, w in zip(NAMES, got, want):
+            assert rel_err(g, w) <= 1e-12, (i, name, rel_err(g, w))
