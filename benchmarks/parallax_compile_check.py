@@ -2,7 +2,10 @@
 cubin): checks that they compile (the interpreter is more lenient than the compiler) and prints
 shared memory, registers and spill stack per thread for the tiles ``block_config`` picks.
 
-    PYTHONPATH=src python benchmarks/parallax_compile_check.py [--arch 90] [--D 64 128] [--dtypes bf16 fp32]
+    PYTHONPATH=src python benchmarks/parallax_compile_check.py [--arch 90] [--D 64 128] [--dtypes bf16 fp32] [--sweep]
+
+``--sweep`` compiles every kernel at each of ``SWEEP`` (BLOCK_M, BLOCK_N, num_warps) instead of the
+tiles ``block_config`` picks (how those were chosen: the least spill stack per kernel).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from triton.compiler import ASTSource
 from lla.ops.parallax import triton_backend as P
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SWEEP = [(64, 32, 4), (32, 64, 4), (32, 32, 4), (64, 64, 8), (64, 32, 8), (128, 32, 8), (16, 64, 4)]
 
 
 def main(argv=None) -> int:
@@ -29,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--D", type=int, nargs="+", default=[64, 128])
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--sweep", action="store_true", help="compile every kernel at each tile of SWEEP")
     a = p.parse_args(argv)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     kernels = [("fwd", P.parallax_fwd_kernel), ("bwd_q", P.parallax_bwd_query_kernel), ("bwd_k", P.parallax_bwd_key_kernel)]
@@ -36,8 +41,9 @@ def main(argv=None) -> int:
     for D in a.D:
         for dt in a.dtypes:
             bc = P.block_config(D, D, DTYPES[dt])
-            for which, fn in kernels:
-                bm, bn, warps = bc[which]
+            tiles = [(which, fn, cfg) for cfg in SWEEP for which, fn in kernels] if a.sweep else \
+                [(which, fn, bc[which]) for which, fn in kernels]
+            for which, fn, (bm, bn, warps) in tiles:
                 const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"])
                 sig = {}
                 for arg in fn.arg_names:
