@@ -122,13 +122,14 @@ def _softmax_(x, a, fill, empty):
     torch.softmax(x, -1, out=x)
     if empty is not None:
         x.masked_fill_(empty[:, None], 0.0)
+        a.masked_fill_(empty[:, None], 0.0)
     return x
 
 
-def _prepare(q, r, k, v, scale, order):
+def _prepare(q, r, k, v, scale):
     """Head-major compute-dtype tensors, (batch, key head) pairs folded into ``N``.
 
-    Returns ``X [N, 2 G, T, D]`` (scaled queries and ``r`` stacked in ``order``: ``"qr"`` or ``"rq"``),
+    Returns ``X [N, 2 G, T, D]`` (scaled queries, then ``r``),
     ``K [N, S, D]``, ``V [N, S, Dv]`` and ``bad [N, S]`` flagging non-finite keys/values (zeroed
     here, so that ``0 * inf`` cannot reach rows that do not see them), or None."""
     B, T, H, D = q.shape
@@ -137,7 +138,7 @@ def _prepare(q, r, k, v, scale, order):
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     Qs = (q.to(cdt) * scale).permute(0, 2, 1, 3).reshape(B * Hk, G, T, D)
     R = r.to(cdt).permute(0, 2, 1, 3).reshape(B * Hk, G, T, D)
-    X = torch.cat([Qs, R] if order == "qr" else [R, Qs], dim=1)
+    X = torch.cat([Qs, R], dim=1)
     K = k.to(cdt).permute(0, 2, 1, 3).reshape(B * Hk, S, D)
     V = v.to(cdt).permute(0, 2, 1, 3).reshape(B * Hk, S, Dv)
     bad = None
@@ -185,7 +186,7 @@ def parallax_forward(q, r, k, v, cfg):
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hk
     N = B * Hk
-    X, K, V, bad = _prepare(q, r, k, v, cfg.scale, "qr")
+    X, K, V, bad = _prepare(q, r, k, v, cfg.scale)
     cdt = X.dtype
     O = X.new_zeros(N, G, T, Dv)
     C = X.new_zeros(N, G, T)
@@ -222,15 +223,16 @@ def parallax_forward(q, r, k, v, cfg):
 def parallax_backward(do, q, r, k, v, C, cfg):
     """Backward from the saved row means ``C [B, Hk, G, T]`` -> ``(dq, dr, dk, dv)``.
 
-    The forward's steps, the softmax recomputed per tile; with the ``[nb, 2 R, n]`` tile holding
-    ``(weights | r . k)`` and then, in place, ``(-da | -dl)``: one GEMM gives ``(-dr | -dq / scale)``
-    and one the tile's ``-dk`` (against the stacked ``(r | scale q)``).
+    The forward's steps, the softmax recomputed per tile, in a ``[nb, 3 R, n]`` tile holding
+    ``(weights | r . k | s g)``; the last two thirds become ``(-dl | -da)`` in place, so that one GEMM
+    against the keys gives ``(-dq / scale | -dr)`` and one against the stacked ``(scale q | r)`` the
+    tile's ``-dk``.
     """
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hk
     N = B * Hk
-    X, K, V, _ = _prepare(q, r, k, v, cfg.scale, "qr")
+    X, K, V, _ = _prepare(q, r, k, v, cfg.scale)
     cdt = X.dtype
     dO = do.to(cdt).permute(0, 2, 1, 3).reshape(N, G, T, Dv)
     C = C.reshape(N, G, T)
