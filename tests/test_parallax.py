@@ -337,3 +337,16 @@ def test_many_small_tiles_match_reference(monkeypatch, elems):
         got = out_and_grads(op, x, do, torch.float64, **c)
         for name, g, w in zip(NAMES, got, want):
             assert rel_err(g, w) <= 1e-12, (i, name, rel_err(g, w))
+
+
+def test_bench_provider_in_process():
+    import warnings
+
+    from lla import bench
+
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():  # run_point silences warnings and sets the thread count
+        rec = bench.run_point("parallax", "fwdbwd", 24, 8, 1.0, repeats=1, threads=1)
+    torch.set_num_threads(threads)
+    assert rec["ms"] > 0 and rec["rel_err"] <= 1e-5 and rec["flops"] == 22 * 8 * 24 * 25 / 2 * 8
+    assert "parallax" in bench.PROVIDERS and "parallax" in bench.FLOP_FORMULAS
