@@ -44,7 +44,8 @@ def main(argv=None) -> int:
             tiles = [(which, fn, cfg) for cfg in SWEEP for which, fn in kernels] if a.sweep else \
                 [(which, fn, bc[which]) for which, fn in kernels]
             for which, fn, (bm, bn, warps) in tiles:
-                const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"])
+                const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"],
+                             PREC=bc["PREC"][which], PREC_QK=bc["PREC_QK"], EMU=0)
                 sig = {}
                 for arg in fn.arg_names:
                     if arg in const:

@@ -25,6 +25,7 @@ CASES = [
     "varlen",
     "long_t100",
     "half_precision",
+    "half_rk_offset",
     "rk_offset_centring",
     "huge_invisible_key",
 ]

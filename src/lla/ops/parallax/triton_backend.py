@@ -25,8 +25,16 @@ Backward: ``parallax_bwd_query_kernel`` (dq, dr; grid: query tiles x (batch, hea
 heads of its group and the rows that see the tile).  No atomics.  With ``b = a - c``,
 ``w = s (1 - b)``, ``e = do . v - gbar``: ``dl = w e + s beta``, ``da = -s e``.
 
-Every product goes through ``_dot`` (``tl.dot`` with float32 accumulation, ``input_precision`` PREC)
-so that a rounding emulation for interpreter tests can be swapped in at one place.
+Dots (float32 accumulation): float32 inputs use exact fp32 products (``ieee``) throughout.  For
+bf16/fp16 inputs, ``PREC_QK`` = ``"tf32"`` for the dots whose operands are raw input-dtype values
+(``q . k``, ``r . k``, ``do . v``: the tiles are widened to float32, which TF32 holds exactly), and
+``PREC`` (per kernel, ``_HALF_PREC``) for the dots with a float32 intermediate operand (weights
+times values, keys, queries or ``do``): ``"tf32x3"`` (three TF32 products, about fp32 accuracy)
+wherever plain TF32 measurably raised the error under emulation (every kernel for fp16; for bf16
+the query-gradient kernel, whose key centring cancels), ``"tf32"`` elsewhere (docs/parallax.md).  Every product goes through the LLA kernels' ``_dot``
+(``lla.ops.triton_common``), which under the interpreter rounds the operands as the GPU's tensor
+cores would (``EMU``; ``LLA_TRITON_EMULATE`` as for LLA), and every store goes through ``_cast``,
+which with ``EMU`` rounds float32 -> bf16 to nearest even as the GPU does (the interpreter truncates).
 
 Transparent fallbacks to the PyTorch backend: float64 inputs, non-finite keys or values, head dims
 above 256, empty sequences.
@@ -39,6 +47,7 @@ import triton
 import triton.language as tl
 
 from ..triton_backend.function import row_ranges
+from ..triton_common import _cast, _dot, emulation_mode, interpreting
 
 __all__ = ["parallax_triton", "ParallaxTritonFunction", "block_config", "MAX_HEAD_DIM"]
 
@@ -46,12 +55,6 @@ __all__ = ["parallax_triton", "ParallaxTritonFunction", "block_config", "MAX_HEA
 MAX_HEAD_DIM = 256
 
 _BIG = tl.constexpr(1.0e30)  # finite stand-in for -inf as the initial running maximum
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr):
-    """The one matrix product of these kernels: float32 accumulation."""
-    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -74,7 +77,7 @@ def parallax_fwd_kernel(
     O, STAT, EV, CV, LSE,  # outputs
     T, S, H, Hk, D, Dv, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, PREC_QK: tl.constexpr, EMU: tl.constexpr,
 ):
     """One program = BLOCK_M query rows of one (batch, head).  Writes o, the row statistics
     ``STAT [B, T, H, 3]`` = (max, 1 / d1, c) (zeros for a row that sees no key), ``Ev``, ``Cv`` and
@@ -109,16 +112,16 @@ def parallax_fwd_kernel(
         kt = _load_keys(Kb, j, offs_d, S, D, Hk * D)
         vt = _load_keys(Vb, j, offs_dv, S, Dv, Hk * Dv)
         vis = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
-        logits = tl.where(vis, _dot(q, tl.trans(kt), PREC) * scale, -float("inf"))
-        a = tl.where(vis, _dot(r, tl.trans(kt), PREC), 0.0)
+        logits = tl.where(vis, _dot(q, tl.trans(kt), PREC_QK, EMU) * scale, -float("inf"))
+        a = tl.where(vis, _dot(r, tl.trans(kt), PREC_QK, EMU), 0.0)
         mx_new = tl.maximum(mx, tl.max(logits, 1))
         alpha = tl.exp(mx - mx_new)
         p = tl.exp(logits - mx_new[:, None])
         n = alpha * d1 + tl.sum(p, 1)
         shift = tl.where(n > 0, tl.sum(p * (a - cbar[:, None]), 1) / tl.where(n > 0, n, 1.0), 0.0)
         cbar = cbar + shift
-        C = alpha[:, None] * (C - shift[:, None] * O1) + _dot(p * (a - cbar[:, None]), vt, PREC)
-        O1 = alpha[:, None] * O1 + _dot(p, vt, PREC)
+        C = alpha[:, None] * (C - shift[:, None] * O1) + _dot(p * (a - cbar[:, None]), vt, PREC, EMU)
+        O1 = alpha[:, None] * O1 + _dot(p, vt, PREC, EMU)
         d1 = n
         mx = mx_new
     seen = d1 > 0
@@ -126,7 +129,7 @@ def parallax_fwd_kernel(
     ev = O1 * iom[:, None]
     cv = C * iom[:, None]
     dvm = row_ok[:, None] & (offs_dv[None, :] < Dv)
-    tl.store(O + row[:, None] * Dv + offs_dv[None, :], (ev - cv).to(O.dtype.element_ty), mask=dvm)
+    tl.store(O + row[:, None] * Dv + offs_dv[None, :], _cast(ev - cv, O.dtype.element_ty, EMU), mask=dvm)
     tl.store(EV + row[:, None] * Dv + offs_dv[None, :], ev, mask=dvm)
     tl.store(CV + row[:, None] * Dv + offs_dv[None, :], cv, mask=dvm)
     tl.store(STAT + 3 * row, tl.where(seen, mx, 0.0), mask=row_ok)
@@ -137,12 +140,13 @@ def parallax_fwd_kernel(
 
 
 @triton.jit
-def _grad_weights(q, r, kt, vt, do, mxs, iom, cm, gbar, beta, lo, hi, j, scale, PREC: tl.constexpr):
+def _grad_weights(q, r, kt, vt, do, mxs, iom, cm, gbar, beta, lo, hi, j, scale, PREC_QK: tl.constexpr,
+                  EMU: tl.constexpr):
     """A (rows x key tile) block of the backward: ``(s, w, dl, da)`` [BM, BN], zero where hidden."""
     vis = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
-    s = tl.where(vis, tl.exp(_dot(q, tl.trans(kt), PREC) * scale - mxs[:, None]) * iom[:, None], 0.0)
-    bb = tl.where(vis, _dot(r, tl.trans(kt), PREC) - cm[:, None], 0.0)  # b_j = a_j - c
-    e = _dot(do, tl.trans(vt), PREC) - gbar[:, None]  # e_j = do . v_j - gbar
+    s = tl.where(vis, tl.exp(_dot(q, tl.trans(kt), PREC_QK, EMU) * scale - mxs[:, None]) * iom[:, None], 0.0)
+    bb = tl.where(vis, _dot(r, tl.trans(kt), PREC_QK, EMU) - cm[:, None], 0.0)  # b_j = a_j - c
+    e = _dot(do, tl.trans(vt), PREC_QK, EMU) - gbar[:, None]  # e_j = do . v_j - gbar
     w = s * (1.0 - bb)
     dl = w * e + s * beta[:, None]
     da = -s * e
@@ -155,7 +159,7 @@ def parallax_bwd_query_kernel(
     DQ, DR,  # outputs
     T, S, H, Hk, D, Dv, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, PREC_QK: tl.constexpr, EMU: tl.constexpr,
 ):
     """dq = scale sum_j dl_j (k_j - m) and dr = sum_j da_j (k_j - m) (``m = E_s[k]``, see below) for
     BLOCK_M rows of one (batch, head)."""
@@ -194,10 +198,10 @@ def parallax_bwd_query_kernel(
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, Hk * D)
         vt = _load_keys(Vb, j, offs_dv, S, Dv, Hk * Dv)
-        s, w, dl, da = _grad_weights(q, r, kt, vt, do, mxs, iom, cm, gbar, beta, lo, hi, j, scale, PREC)
-        dq += _dot(dl, kt, PREC)
-        dr += _dot(da, kt, PREC)
-        m += _dot(s, kt, PREC)
+        s, w, dl, da = _grad_weights(q, r, kt, vt, do, mxs, iom, cm, gbar, beta, lo, hi, j, scale, PREC_QK, EMU)
+        dq += _dot(dl, kt, PREC, EMU)
+        dr += _dot(da, kt, PREC, EMU)
+        m += _dot(s, kt, PREC, EMU)
         sdl += tl.sum(dl, 1)
         sda += tl.sum(da, 1)
     # sum_j dl_j = sum_j da_j = 0 exactly, but gbar and beta come from the forward's sums, so the
@@ -206,8 +210,8 @@ def parallax_bwd_query_kernel(
     dq -= sdl[:, None] * m
     dr -= sda[:, None] * m
     dm = row_ok[:, None] & (offs_d[None, :] < D)
-    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=dm)
-    tl.store(DR + row[:, None] * D + offs_d[None, :], dr.to(DR.dtype.element_ty), mask=dm)
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], _cast(dq * scale, DQ.dtype.element_ty, EMU), mask=dm)
+    tl.store(DR + row[:, None] * D + offs_d[None, :], _cast(dr, DR.dtype.element_ty, EMU), mask=dm)
 
 
 @triton.jit
@@ -216,7 +220,7 @@ def parallax_bwd_key_kernel(
     DK, DV,  # outputs
     T, S, H, Hk, D, Dv, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, PREC_QK: tl.constexpr, EMU: tl.constexpr,
 ):
     """dk_j = sum_i (scale dl_ij q_i + da_ij r_i), dv_j = sum_i w_ij do_i for BLOCK_N keys of one
     (batch, key head), over the query heads of its group and the rows that see these keys."""
@@ -258,29 +262,25 @@ def parallax_bwd_key_kernel(
             beta = tl.load(GB + 2 * row + 1, mask=row_ok, other=0.0)
             lo = tl.load(LO + rows, mask=row_ok, other=S)
             hi = tl.load(HI + rows, mask=row_ok, other=-1)
-            s, w, dl, da = _grad_weights(q, r, kt, vt, do, mxs, iom, cm, gbar, beta, lo, hi, offs_n, scale, PREC)
-            dkq += _dot(tl.trans(dl), q, PREC)
-            dkr += _dot(tl.trans(da), r, PREC)
-            dv += _dot(tl.trans(w), do, PREC)
+            s, w, dl, da = _grad_weights(q, r, kt, vt, do, mxs, iom, cm, gbar, beta, lo, hi, offs_n, scale,
+                                         PREC_QK, EMU)
+            dkq += _dot(tl.trans(dl), q, PREC, EMU)
+            dkr += _dot(tl.trans(da), r, PREC, EMU)
+            dv += _dot(tl.trans(w), do, PREC, EMU)
     kcol = (b.to(tl.int64) * S + offs_n) * Hk + hk
-    tl.store(DK + kcol[:, None] * D + offs_d[None, :], (dkq * scale + dkr).to(DK.dtype.element_ty),
+    tl.store(DK + kcol[:, None] * D + offs_d[None, :], _cast(dkq * scale + dkr, DK.dtype.element_ty, EMU),
              mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV + kcol[:, None] * Dv + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + kcol[:, None] * Dv + offs_dv[None, :], _cast(dv, DV.dtype.element_ty, EMU),
              mask=col_ok[:, None] & (offs_dv[None, :] < Dv))
 
 
 # ------------------------------------------------------------------------------------------ launcher
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
     """Tile sizes ``(BLOCK_M, BLOCK_N, num_warps)`` per kernel, padded head dims and dot precision.
 
-    float32 inputs use exact fp32 dots (``ieee``), half inputs ``tf32`` dots on their float32-cast
-    tiles, float32 accumulation everywhere.  The tiles are the least-spilling of 7 combinations
+    float32 inputs use exact fp32 dots (``ieee``).  Half inputs (tiles cast to float32) use
+    ``PREC_QK = "tf32"`` for the dots of raw inputs (exact in TF32) and, per kernel, ``PREC[which]``
+    from ``_HALF_PREC`` for the others; float32 accumulation everywhere.  The tiles are the least-spilling of 7 combinations
     compiled for sm_90 on a CPU machine (``benchmarks/parallax_compile_check.py``, results in
     ``docs/parallax.md``); never timed on a GPU.  Under the interpreter the tiles are 16..32,
     different per kernel, so that CI sees tiles that do not line up.
@@ -288,7 +288,7 @@ def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
     bd = max(16, triton.next_power_of_2(D))
     bdv = max(16, triton.next_power_of_2(Dv))
     widest = max(bd, bdv)
-    if _interpreting():
+    if interpreting():
         fwd, bwd_q, bwd_k = (32, 16, 4), (16, 32, 4), (32, 16, 4)
     elif widest <= 64 and dtype != torch.float32:
         fwd, bwd_q, bwd_k = (64, 32, 8), (32, 32, 4), (32, 32, 4)
@@ -298,14 +298,27 @@ def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
         fwd = bwd_q = bwd_k = (32, 32, 4)
     else:  # not compile-checked
         fwd = bwd_q = bwd_k = (16, 32, 4)
-    prec = "ieee" if dtype == torch.float32 else "tf32"
-    return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k)
+    if dtype == torch.float32:
+        prec, prec_qk = dict(fwd="ieee", bwd_q="ieee", bwd_k="ieee"), "ieee"
+    else:
+        prec, prec_qk = dict(_HALF_PREC[dtype]), "tf32"
+    return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, PREC_QK=prec_qk, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k)
+
+
+#: per kernel, the precision of the dots with a float32 intermediate operand for half inputs
+#: (measured under the interpreter's TF32 emulation, table in docs/parallax.md): fp16 results
+#: resolve TF32's rounding of the weights (plain TF32 raised their error 1.2-1.5x), bf16 results do
+#: not, except dq, dr, whose key-centring cancels (plain TF32 in ``bwd_q``: 4.5x at ``r.k ~ 9000``)
+_HALF_PREC = {
+    torch.float16: dict(fwd="tf32x3", bwd_q="tf32x3", bwd_k="tf32x3"),
+    torch.bfloat16: dict(fwd="tf32", bwd_q="tf32x3", bwd_k="tf32"),
+}
 
 
 def _launch_args(bc: dict, which: str) -> dict:
     bm, bn, warps = bc[which]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"],
-                num_warps=warps)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"][which],
+                PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), num_warps=warps)
 
 
 def _forward(q, r, k, v, ranges, scale):
