@@ -1,7 +1,8 @@
 """Parallax accuracy: output and gradients of every dtype against the float64 reference, and
 prefill + token-by-token decoding against the full forward.
 
-    PYTHONPATH=src python benchmarks/parallax_accuracy.py [--triton [--ablation]] [--out benchmarks/results/parallax_accuracy.md]
+    PYTHONPATH=src python benchmarks/parallax_accuracy.py [--triton [--ablation]]
+        [--out benchmarks/results/parallax_accuracy.md]
 
 Inputs: B = 2, T = S = 256, H = 4, Hk = 2 (grouped-query), D = Dv = 64, causal, ``q, k, v ~ N(0, 1)``,
 ``r ~ N(0, 1) / sqrt(D)`` (case "typical"), and the same with keys and ``r`` sharing a large common
@@ -154,8 +155,8 @@ def main(argv=None):
         cells = [f"{e:.1e} ({n:.1e})" for e, n in zip(r["errs"], r["naive"])]
         lines.append(f"| {r['case']} | {r['dtype']} | {r['backend']} | " + " | ".join(cells) + " |")
     if a.triton and a.ablation:
-        lines += ["", "Dot precision of the Triton kernels for half inputs (emulated; B=2, T=64, H=4, Hk=2, D=Dv=64, causal): "
-                  "error against the exact result for the half-rounded inputs, in units of that result correctly "
+        lines += ["", "Dot precision of the Triton kernels for half inputs (emulated; B=2, T=64, H=4, Hk=2, "
+                  "D=Dv=64, causal): error against the exact result for the half-rounded inputs, in units of that result correctly "
                   "rounded to the dtype (floor in brackets, relative RMS). Raw-input dots (q.k, r.k, do.v) are TF32 "
                   "in every variant; the variant sets the other dots per kernel.", "",
                   "| case | dtype | variant | o | dq | dr | dk | dv |", "|---|---|---|---:|---:|---:|---:|---:|"]

@@ -31,10 +31,11 @@ bf16/fp16 inputs, ``PREC_QK`` = ``"tf32"`` for the dots whose operands are raw i
 ``PREC`` (per kernel, ``_HALF_PREC``) for the dots with a float32 intermediate operand (weights
 times values, keys, queries or ``do``): ``"tf32x3"`` (three TF32 products, about fp32 accuracy)
 wherever plain TF32 measurably raised the error under emulation (every kernel for fp16; for bf16
-the query-gradient kernel, whose key centring cancels), ``"tf32"`` elsewhere (docs/parallax.md).  Every product goes through the LLA kernels' ``_dot``
-(``lla.ops.triton_common``), which under the interpreter rounds the operands as the GPU's tensor
-cores would (``EMU``; ``LLA_TRITON_EMULATE`` as for LLA), and every store goes through ``_cast``,
-which with ``EMU`` rounds float32 -> bf16 to nearest even as the GPU does (the interpreter truncates).
+the query-gradient kernel, whose key centring cancels), ``"tf32"`` elsewhere (docs/parallax.md).
+Every product goes through the LLA kernels' ``_dot`` (``lla.ops.triton_common``), which under the
+interpreter rounds the operands as the GPU's tensor cores would (``EMU``; ``LLA_TRITON_EMULATE`` as
+for LLA), and every store goes through ``_cast``, which with ``EMU`` rounds float32 -> bf16 to
+nearest even as the GPU does (the interpreter truncates).
 
 Transparent fallbacks to the PyTorch backend: float64 inputs, non-finite keys or values, head dims
 above 256, empty sequences.
@@ -280,9 +281,9 @@ def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
 
     float32 inputs use exact fp32 dots (``ieee``).  Half inputs (tiles cast to float32) use
     ``PREC_QK = "tf32"`` for the dots of raw inputs (exact in TF32) and, per kernel, ``PREC[which]``
-    from ``_HALF_PREC`` for the others; float32 accumulation everywhere.  The tiles are the least-spilling of 7 combinations
-    compiled for sm_90 on a CPU machine (``benchmarks/parallax_compile_check.py``, results in
-    ``docs/parallax.md``); never timed on a GPU.  Under the interpreter the tiles are 16..32,
+    from ``_HALF_PREC`` for the others; float32 accumulation everywhere.  The tiles are the
+    least-spilling of 7 combinations compiled for sm_90 on a CPU machine
+    (``benchmarks/parallax_compile_check.py``, results in ``docs/parallax.md``); never timed on a GPU.  Under the interpreter the tiles are 16..32,
     different per kernel, so that CI sees tiles that do not line up.
     """
     bd = max(16, triton.next_power_of_2(D))
