@@ -68,3 +68,18 @@ def test_triton_backend_needs_cuda_or_interpreter():
     x = make_qrkv(T=4, H=2, D=8, dtype=torch.float32)
     with pytest.raises(ValueError, match="CUDA"):
         parallax_attention(*x, backend="triton")
+
+
+def test_dot_precision_choices():
+    """The measured choices (docs/parallax.md): exact fp32 dots for fp32; TF32 for the raw-input dots
+    of half inputs; tf32x3 wherever plain TF32 raised the emulated error (the query-gradient kernel
+    always, every kernel for fp16)."""
+    pytest.importorskip("triton")
+    from lla.ops.parallax.triton_backend import block_config
+
+    fp32 = block_config(64, 64, torch.float32)
+    assert fp32["PREC_QK"] == "ieee" and set(fp32["PREC"].values()) == {"ieee"}
+    for dtype, fwd_bwd_k in ((torch.float16, "tf32x3"), (torch.bfloat16, "tf32")):
+        cfg = block_config(48, 20, dtype)
+        assert cfg["PREC_QK"] == "tf32"
+        assert cfg["PREC"] == dict(fwd=fwd_bwd_k, bwd_q="tf32x3", bwd_k=fwd_bwd_k)
