@@ -7,6 +7,7 @@ from .ops import (
     local_linear_attention_ref,
     local_linear_attention_with_kvcache,
 )
+from .ops.parallax import parallax_attention, parallax_attention_ref, parallax_attention_with_kvcache
 
 from . import nn  # noqa: E402  (layers; after the ops they build on)
 from . import distributed  # noqa: E402  (context parallelism over torch.distributed)
@@ -19,4 +20,7 @@ __all__ = [
     "local_linear_attention_ref",
     "LLAAux",
     "LLAConvergenceWarning",
+    "parallax_attention",
+    "parallax_attention_with_kvcache",
+    "parallax_attention_ref",
 ]

@@ -40,7 +40,7 @@ import warnings
 
 __all__ = ["main", "run_point", "TARGETS", "FLOP_FORMULAS"]
 
-PROVIDERS = ("lla-auto", "lla-cg", "lla-direct", "ref", "sdpa")
+PROVIDERS = ("lla-auto", "lla-cg", "lla-direct", "ref", "sdpa", "parallax")
 MODES = ("fwd", "fwdbwd")
 FULL_GRID = dict(T=[512, 1024, 2048, 4096, 8192, 16384], D=[64, 128], ridge=[0.01, 1.0, 10.0])
 H = 8
@@ -50,6 +50,7 @@ FLOP_FORMULAS = {
     "lla-cg": "fwd P*(8*D + 4*D*it), bwd P*(20*D + 4*D*it)",
     "lla-direct": "fwd P*(8*D + D*(D+1)) + H*T*D^3/3, bwd the same plus P*20*D",
     "ref": "as lla-direct (it materialises z [T, S, D]: not a fair FLOP count)",
+    "parallax": "fwd 6*P*D, fwd+bwd 22*P*D (Dv = D; the torch backend's GEMMs)",
 }
 
 #: The issue's targets: (name, description).  Evaluated by ``targets_summary``.
@@ -87,6 +88,8 @@ def _flops(provider: str, mode: str, T: int, D: int, iters: int, solver: str | N
     P = B * heads * T * (T + 1) / 2
     if provider == "sdpa":
         return (4 if mode == "fwd" else 14) * P * D
+    if provider == "parallax":
+        return (6 if mode == "fwd" else 22) * P * D
     direct = solver == "direct" or provider == "ref"
     solve = D * (D + 1) if direct else 4 * D * iters
     f = P * (8 * D + solve) + (B * heads * T * D**3 / 3 if direct else 0.0)
@@ -110,6 +113,15 @@ def _ref_rows(q, k, v, ridge, rows):
     return __import__("torch").cat(outs, dim=1)
 
 
+def _parallax_ref_rows(q, r, k, v, rows):
+    """Float64 Parallax reference at query rows ``rows`` (each against its causal keys)."""
+    import lla
+
+    outs = [lla.parallax_attention_ref(q[:, i : i + 1].double(), r[:, i : i + 1].double(), k[:, : i + 1].double(),
+                                       v[:, : i + 1].double()) for i in rows]
+    return __import__("torch").cat(outs, dim=1)
+
+
 def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: int = 3, threads: int | None = None,
               seed: int = 0, B: int = 1, heads: int = H) -> dict:
     """Run one point in this process; returns a record (see the module docstring).  Call it from a
@@ -125,6 +137,7 @@ def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: i
     g = torch.Generator().manual_seed(seed)
     shape = (B, T, heads, D)
     q, k, v, do = (torch.randn(shape, generator=g) for _ in range(4))
+    r = torch.randn(shape, generator=g) * D**-0.5 if provider == "parallax" else None  # Parallax's slope query
     bwd = mode == "fwdbwd"
     aux_box = {}
 
@@ -134,6 +147,8 @@ def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: i
                                                   is_causal=True).transpose(1, 2)
         if provider == "ref":
             return lla.local_linear_attention_ref(q_, k_, v_, ridge=ridge)
+        if provider == "parallax":
+            return lla.parallax_attention(q_, r[:, : q_.shape[1]], k_, v_, backend="torch")  # (warm-up: a prefix)
         o, aux = lla.local_linear_attention(q_, k_, v_, ridge=ridge, solver=provider.split("-")[1], backend="torch",
                                             return_aux=True)
         aux_box["aux"] = aux
@@ -169,7 +184,7 @@ def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: i
     err = None
     if provider != "sdpa":
         rows = _sample_rows(T)
-        ref = _ref_rows(q, k, v, ridge, rows)
+        ref = _ref_rows(q, k, v, ridge, rows) if provider != "parallax" else _parallax_ref_rows(q, r, k, v, rows)
         out = o[:, rows].double()
         err = float((out - ref).norm() / ref.norm())
     flops = _flops(provider, mode, T, D, iters, solver, B, heads)
@@ -209,7 +224,7 @@ def _grid(a) -> list[dict]:
             for D in a.D:
                 for T in a.T:
                     for prov in a.providers:
-                        if prov == "sdpa":
+                        if prov in ("sdpa", "parallax"):  # no ridge
                             pts.append(dict(provider=prov, mode=mode, T=T, D=D, ridge=None))
                             continue
                         if prov == "ref" and T > a.ref_max_T:

@@ -2,5 +2,6 @@
 
 from .attention import LLACache, LocalLinearAttention
 from .mixers import MIXERS, build_mixer
+from .parallax import ParallaxAttention
 
-__all__ = ["LocalLinearAttention", "LLACache", "MIXERS", "build_mixer"]
+__all__ = ["LocalLinearAttention", "LLACache", "ParallaxAttention", "MIXERS", "build_mixer"]

@@ -94,6 +94,22 @@ class LLAMixer(QKVMixer):
         return lla.local_linear_attention(q, k, v, ridge=lam, solver=self.solver).to(q.dtype)
 
 
+class ParallaxMixer(QKVMixer):
+    """Parallax through the public op: an extra ``r`` projection (zero-initialised, so the mixer
+    starts as softmax attention), no positional encoding inside the mixer."""
+
+    def __init__(self, d_model, num_heads, **kw):
+        super().__init__(d_model, num_heads, **kw)
+        self.r = nn.Linear(d_model, d_model, bias=self.qkv.bias is not None)
+        nn.init.zeros_(self.r.weight)
+        if self.r.bias is not None:
+            nn.init.zeros_(self.r.bias)
+
+    def attend(self, q, k, v, x):
+        r = self.r(x).view(*q.shape)
+        return lla.parallax_attention(q, r, k, v)
+
+
 class SoftmaxMixer(QKVMixer):
     """Causal softmax attention (SDPA)."""
 
@@ -154,6 +170,7 @@ class GatedDeltaNetMixer(QKVMixer):
 #: name -> mixer class, each ``cls(d_model, num_heads, **kwargs)``
 MIXERS: dict[str, type[QKVMixer]] = {
     "lla": LLAMixer,
+    "parallax": ParallaxMixer,
     "softmax": SoftmaxMixer,
     "linear": LinearMixer,
     "mesa": MesaMixer,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..triton_common import emulation_mode
 from . import kernels as _k
 
 __all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
@@ -53,17 +54,6 @@ def _interpreting() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def emulation_mode() -> int:
-    """How ``tl.dot`` operands are rounded: 0 as asked (on the GPU), 1 TF32 round-to-nearest-even
-    (default under the interpreter), 2 TF32 truncation (``LLA_TRITON_EMULATE=trunc``)."""
-    import os
-
-    if not _interpreting():
-        return 0
-    mode = os.environ.get("LLA_TRITON_EMULATE", "1").lower()
-    return {"0": 0, "off": 0, "trunc": 2}.get(mode, 1)
 
 
 def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:

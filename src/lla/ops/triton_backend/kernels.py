@@ -27,8 +27,9 @@ per-key query ranges ``qlo[S], qhi[S]``; tiles outside the ranges are never visi
 
 Dots: ``PREC_QK`` for the dots whose operands are exact in it (q.k logits and do.v: input-dtype
 values, exact in TF32 for bf16/fp16), ``PREC`` for the rest (moments, CG matvec, output, gradients).
-Every dot goes through ``_dot``, which under the interpreter (``EMU`` > 0) rounds the operands as the
-GPU would (the interpreter's ``tl.dot`` is a plain float32 product whatever the precision asked).
+Every dot goes through ``_dot`` (``lla.ops.triton_common``, shared with the Parallax kernels), which
+under the interpreter (``EMU`` > 0) rounds the operands as the GPU would (the interpreter's
+``tl.dot`` is a plain float32 product whatever the precision asked).
 
 Head dims are padded to powers of two (``BLOCK_D``, ``BLOCK_DV``) with masked loads: padded
 coordinates hold zeros, the ridge keeps their diagonal positive, and the right-hand sides are zero
@@ -40,40 +41,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..triton_common import _dot, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
+
 __all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel", "round_tf32_kernel"]
 
 _BIG = tl.constexpr(1.0e30)  # finite stand-in for -inf as the initial running maximum
-
-
-@triton.jit
-def _round_tf32(a, EMU: tl.constexpr):
-    """float32 -> the nearest TF32 value (10 explicit mantissa bits), as float32.  ``EMU == 1``:
-    round to nearest, ties to even; ``EMU == 2``: truncate (drop the low 13 bits)."""
-    bits = a.to(tl.uint32, bitcast=True)
-    if EMU == 1:
-        bits = bits + (0xFFF + ((bits >> 13) & 1))
-    bits = bits & 0xFFFFE000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr, EMU: tl.constexpr):
-    """``tl.dot(a, b)`` with float32 accumulation at precision ``PREC``; with ``EMU`` (interpreter
-    only) the operands are rounded as the GPU's tensor cores see them: TF32 for ``"tf32"``, and
-    the split ``a = hi + lo`` three-product scheme for ``"tf32x3"``; ``"ieee"`` is left exact."""
-    if EMU == 0:
-        return tl.dot(a, b, input_precision=PREC)
-    elif PREC == "tf32":
-        return tl.dot(_round_tf32(a, EMU), _round_tf32(b, EMU), input_precision="ieee")
-    elif PREC == "tf32x3":
-        a_hi = _round_tf32(a, EMU)
-        b_hi = _round_tf32(b, EMU)
-        a_lo = _round_tf32(a - a_hi, EMU)
-        b_lo = _round_tf32(b - b_hi, EMU)
-        small = tl.dot(a_lo, b_hi, input_precision="ieee") + tl.dot(a_hi, b_lo, input_precision="ieee")
-        return small + tl.dot(a_hi, b_hi, input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit

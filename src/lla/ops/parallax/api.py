@@ -1,0 +1,124 @@
+"""The public Parallax op: argument checks, defaults and backend dispatch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..api import _check_cu_seqlens, _check_tensor, _pick_backend
+
+__all__ = ["parallax_attention"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _check_qrkv(q, r, k, v):
+    """Shapes, dtypes and devices shared by the ops -> ``(B, T, H, D, S, Hk, Dv)``."""
+    for name, x in (("q", q), ("r", r), ("k", k), ("v", v)):
+        _check_tensor(name, x, 4)
+    if not (q.dtype == r.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, r, k and v must share a dtype, got {q.dtype}, {r.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == r.device == k.device == v.device):
+        raise ValueError(f"q, r, k and v must be on one device, got {q.device}, {r.device}, {k.device}, {v.device}")
+    if r.shape != q.shape:
+        raise ValueError(f"r must have the shape of q {tuple(q.shape)}, got {tuple(r.shape)}")
+    B, T, H, D = q.shape
+    Bk, S, Hk, Dk = k.shape
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
+    if v.shape[1] != S:
+        raise ValueError(f"k and v must have the same length S, got {S} and {v.shape[1]}")
+    if v.shape[2] != Hk:
+        raise ValueError(f"k and v must have the same number of heads, got {Hk} and {v.shape[2]}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim D, got {D} and {Dk}")
+    if Hk == 0 or H % Hk != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hk})")
+    if D == 0 or v.shape[3] == 0:
+        raise ValueError("head dims must be > 0")
+    return B, T, H, D, S, Hk, v.shape[3]
+
+
+def _check_scale(scale, D):
+    if scale is None:
+        return D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _check_window(window_size, causal):
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    ):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), got {window_size!r}")
+    return int(window_size[0]), 0 if causal else int(window_size[1])
+
+
+def parallax_attention(
+    q: torch.Tensor,
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """Parallax (Zuo et al. 2026): softmax attention minus the weighted covariance of ``r . k`` and ``v``.
+
+    ``o_i = sum_j s_ij (1 + c_i - r_i . k_j) v_j`` with ``s_ij = softmax_j(scale q_i . k_j)`` over the
+    visible keys and ``c_i = sum_j s_ij r_i . k_j`` (``r . k`` is not scaled).  LLA is the case
+    ``r_i = A_i^{-1} (E_s[k] - q_i)``, ``A_i = Cov_s(k) + ridge I``.
+
+    Args:
+        q: ``[B, T, H, D]`` queries.
+        r: ``[B, T, H, D]`` the second (slope) queries, shaped like ``q``.
+        k: ``[B, S, Hk, D]`` keys; ``H % Hk == 0`` (grouped-query: query head ``h`` reads key head
+            ``h // (H // Hk)``).
+        v: ``[B, S, Hk, Dv]`` values.
+        scale: logit scale, default ``1 / sqrt(D)``.
+        causal: bottom-right aligned causal mask (query ``i`` sees keys ``j <= i + S - T``).  A query
+            that sees no key outputs zeros.
+        window_size: ``(left, right)``, flash-attn semantics, ``-1`` unbounded.
+        cu_seqlens: ``[N + 1]`` int offsets of packed sequences (``B == 1``, ``S == T``); each
+            sequence only attends within itself.
+        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"``, ``"triton"``
+            (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+        return_lse: also return the softmax log-sum-exp ``[B, T, H]`` float32 (``-inf`` for a row
+            that sees no key).
+
+    Returns:
+        ``o [B, T, H, Dv]`` in the dtype of ``q`` (computed in float32, float64 for float64 inputs),
+        or ``(o, lse)`` with ``return_lse=True``.  Differentiable in ``q, r, k, v`` (exact gradients).
+    """
+    B, T, H, D, S, Hk, Dv = _check_qrkv(q, r, k, v)
+    scale = _check_scale(scale, D)
+    window_size = _check_window(window_size, causal)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if torch.compiler.is_compiling():
+        # one opaque custom op (fake impl + autograd) for torch.compile; the eager path is below
+        from .custom_op import parallax_compiled
+
+        o, lse = parallax_compiled(q, r, k, v, cu_seqlens, scale=scale, window_size=window_size)
+        return (o, lse) if return_lse else o
+    if cu_seqlens is not None:
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, B, T, S, q.device)
+    name = _pick_backend(backend, q)
+    if name == "triton":
+        from .triton_backend import parallax_triton as fn
+    else:
+        from .torch_backend import parallax_torch as fn
+    o, lse = fn(q, r, k, v, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens, return_lse=return_lse)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,79 @@
+"""What the LLA and Parallax Triton kernels share: the one matrix product ``_dot`` with its GPU
+rounding emulation, and the switch that picks the emulation.
+
+The Triton interpreter's ``tl.dot`` is a plain float32 product whatever ``input_precision`` asks, so
+interpreter tests would never see the rounding of the GPU's tensor cores.  Every dot of both kernel
+families goes through ``_dot(a, b, PREC, EMU)``: with ``EMU == 0`` (compiled for a GPU) it is
+``tl.dot(a, b, input_precision=PREC)``; with ``EMU > 0`` (interpreter only) the operands are first
+rounded as the tensor cores see them: TF32 (10 explicit mantissa bits) for ``"tf32"``, the split
+``a = hi + lo`` three-product scheme for ``"tf32x3"``; ``"ieee"`` stays an exact float32 product.
+``emulation_mode()`` gives ``EMU``: 0 on the GPU; under the interpreter 1 (TF32 round to nearest
+even, the default), 2 (truncation, ``LLA_TRITON_EMULATE=trunc``) or 0 (``LLA_TRITON_EMULATE=0``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+__all__ = ["emulation_mode", "interpreting"]
+
+
+def interpreting() -> bool:
+    """True when the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def emulation_mode() -> int:
+    """How ``tl.dot`` operands are rounded: 0 as asked (on the GPU), 1 TF32 round-to-nearest-even
+    (default under the interpreter), 2 TF32 truncation (``LLA_TRITON_EMULATE=trunc``)."""
+    if not interpreting():
+        return 0
+    mode = os.environ.get("LLA_TRITON_EMULATE", "1").lower()
+    return {"0": 0, "off": 0, "trunc": 2}.get(mode, 1)
+
+
+@triton.jit
+def _round_tf32(a, EMU: tl.constexpr):
+    """float32 -> the nearest TF32 value (10 explicit mantissa bits), as float32.  ``EMU == 1``:
+    round to nearest, ties to even; ``EMU == 2``: truncate (drop the low 13 bits)."""
+    bits = a.to(tl.uint32, bitcast=True)
+    if EMU == 1:
+        bits = bits + (0xFFF + ((bits >> 13) & 1))
+    bits = bits & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, EMU: tl.constexpr):
+    """``tl.dot(a, b)`` with float32 accumulation at precision ``PREC``; with ``EMU`` (interpreter
+    only) the operands are rounded as the GPU's tensor cores see them: TF32 for ``"tf32"``, and
+    the split ``a = hi + lo`` three-product scheme for ``"tf32x3"``; ``"ieee"`` is left exact."""
+    if EMU == 0:
+        return tl.dot(a, b, input_precision=PREC)
+    elif PREC == "tf32":
+        return tl.dot(_round_tf32(a, EMU), _round_tf32(b, EMU), input_precision="ieee")
+    elif PREC == "tf32x3":
+        a_hi = _round_tf32(a, EMU)
+        b_hi = _round_tf32(b, EMU)
+        a_lo = _round_tf32(a - a_hi, EMU)
+        b_lo = _round_tf32(b - b_hi, EMU)
+        small = tl.dot(a_lo, b_hi, input_precision="ieee") + tl.dot(a_hi, b_lo, input_precision="ieee")
+        return small + tl.dot(a_hi, b_hi, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, EMU: tl.constexpr):
+    """``x.to(dtype)`` for a float32 result being stored.  The GPU rounds float32 -> bf16 to nearest
+    even; the interpreter truncates (twice the RMS error), so with ``EMU`` the bf16 value is first
+    rounded to nearest even in the bits (after which the cast is exact).  float16 is rounded to
+    nearest even by the interpreter already."""
+    if EMU != 0 and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
