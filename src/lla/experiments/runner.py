@@ -341,7 +341,7 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
 
 
 def estimate(experiment: str, preset: str = "quick", mixers=None, cfg: dict | None = None, seeds=None, lrs=None,
-             steps: int = 8, device=None) -> dict:
+             steps: int = 16, device=None) -> dict:
     """Estimate a full run's wall time from a timed short run: per (task setting, mixer), ``steps``
     training steps (after one untimed step) and one validation evaluation, scaled to the run's
     ``(len(lrs) + len(seeds) - 1)`` trainings (the first seed's run at the best rate is the sweep's)
