@@ -15,7 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="lla-demo", help="output directory (default: lla-demo)")
     r = sub.add_parser("run", help="run one of the paper's experiments")
     r.add_argument("experiment", choices=EXPERIMENTS)
-    r.add_argument("--preset", default="quick", choices=["smoke", "quick", "paper"])
+    r.add_argument("--preset", default="quick", help="smoke | quick | paper (icr also: seglens, the segment-length sweep)")
     r.add_argument("--mixers", nargs="+", default=None, help="mixers to compare (default: lla softmax mesa linear)")
     r.add_argument("--out", default=None, help="output directory (default: runs/EXPERIMENT-PRESET)")
     r.add_argument("--steps", type=int, default=None, help="override the preset's training steps (trained experiments)")
@@ -53,7 +53,13 @@ def main(argv=None) -> int:
         return bench.main(argv[1:]) or 0
     args = _parser().parse_args(argv)
     from lla.experiments import runner
+    from lla.experiments.presets import get_preset
 
+    if args.command == "run":
+        try:
+            get_preset(args.experiment, args.preset)
+        except ValueError as e:
+            raise SystemExit(f"lla run: {e}") from None
     if args.command == "demo":
         runner.demo(args.out)
     elif args.command == "report":
@@ -70,7 +76,6 @@ def main(argv=None) -> int:
         if args.lrs is not None and args.experiment == "ttr":
             raise SystemExit("lla run: --lrs applies to trained experiments (icr, mqar, state); ttr tunes each method's own hyperparameters")
         if args.steps is not None or args.seed is not None or args.log_every is not None or args.positions is not None:
-            from lla.experiments.presets import get_preset
 
             cfg = get_preset(args.experiment, args.preset)
         if args.steps is not None:
