@@ -76,7 +76,6 @@ def main(argv=None) -> int:
         if args.lrs is not None and args.experiment == "ttr":
             raise SystemExit("lla run: --lrs applies to trained experiments (icr, mqar, state); ttr tunes each method's own hyperparameters")
         if args.steps is not None or args.seed is not None or args.log_every is not None or args.positions is not None:
-
             cfg = get_preset(args.experiment, args.preset)
         if args.steps is not None:
             if args.experiment == "ttr":
