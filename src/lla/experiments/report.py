@@ -61,7 +61,7 @@ def _pm(r: dict) -> str:
         return "never"
     s = _fmt(r["mean"])
     if r.get("n_seeds", 1) > 1:
-        s += f" ± {_fmt(r['std'])}"
+        s += f" ± {r['std']:.2g}"
     if r.get("n_runs", r.get("n_seeds", 1)) != r.get("n_seeds", 1):
         s += f" ({r['n_seeds']}/{r['n_runs']})"
     return s
