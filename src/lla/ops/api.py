@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import NamedTuple
 
 import torch
 
-from .diagnostics import LLAConvergenceWarning
+from .diagnostics import LLAConvergenceWarning, check_conditioning, check_solve, default_max_iters, default_tol
 
 __all__ = ["local_linear_attention", "LLAAux", "LLAConvergenceWarning", "resolve_solver"]
 
@@ -262,9 +261,9 @@ def local_linear_attention(
         solver = "cg"  # the fused kernels solve by CG; "direct" and float64 run the PyTorch path
     solver = resolve_solver(solver, lam_min, D, q.dtype, S=S)
     if max_iters is None:
-        max_iters = 4 * D if q.dtype == torch.float64 else 2 * D
+        max_iters = default_max_iters(q.dtype, D)
     if tol is None:
-        tol = 1e-11 if q.dtype == torch.float64 else 1e-6
+        tol = default_tol(q.dtype)
 
     o, lse, iters, residual, *extra = _backend_fn(name)(
         q,
@@ -279,25 +278,11 @@ def local_linear_attention(
         tol=float(tol),
         precondition=bool(precondition),
     )
-    limit = max(100.0 * tol, 1e-3) if solver == "cg" else 1e-3
-    if residual > limit or not math.isfinite(residual):
-        warnings.warn(
-            f"local_linear_attention: the {solver} solve did not converge: worst relative residual "
-            f"{residual:.3g} after {iters} iterations (tol {tol:g}, min ridge {lam_min:g}). Raise max_iters or "
-            "the ridge, or use solver='direct'.",
-            LLAConvergenceWarning,
-            stacklevel=2,
-        )
     amplification = float(extra[0]) if extra else float("nan")
-    eps = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).eps
-    if amplification * eps > 1e-3:
-        warnings.warn(
-            f"local_linear_attention: ill-conditioned for {q.dtype}: the local-linear weights amplify rounding "
-            f"by ~{amplification:.3g} (expected relative error ~{amplification * eps:.1e}). Use float64 inputs, a "
-            "larger ridge, or smaller logits.",
-            LLAConvergenceWarning,
-            stacklevel=2,
-        )
+    chk_residual, chk_floor = extra[1] if len(extra) > 1 else (residual, 0.0)
+    check_solve(stage="forward", solver=solver, residual=chk_residual, tol=float(tol), iters=iters, lam_min=lam_min,
+                floor=chk_floor)
+    check_conditioning(amplification, q.dtype)
     if return_aux:
         return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver, amplification=amplification)
     return o
