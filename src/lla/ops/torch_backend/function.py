@@ -383,11 +383,14 @@ def lla_forward(q, k, v, lam, cfg):
         acc = _merge(acc, _solve_stats(res, fl, cfg.tol))
         # output weights w_j = s_j (1 - y_j . x)
         w = _centred(x, k1[..., :D], s, scratch.get("k", s.shape)).neg_().add_(1.0).mul_(s)
-        amp = torch.maximum(amp, _amplification(w, x, m, qc, lam_t, mom, D, cfg.scale, Q[c, :, i0:i1].reshape(-1, R, D),
-                                                smax))
         if bad is not None:
             sees_bad = (s > 0).to(cdt) @ bad[c, j0:j1, None].to(cdt)  # [nb, R, 1]
         o = torch.matmul(w, Vt)  # [nb, R, Dv]
+        ev = (s @ Vt.norm(dim=-1, keepdim=True)).squeeze(-1)  # E_s |v|: the scale of the error bounds
+        on = o.norm(dim=-1)
+        rel = ev / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
+        amp = torch.maximum(amp, _amplification(w, x, m, qc, lam_t, mom, D, cfg.scale, Q[c, :, i0:i1].reshape(-1, R, D),
+                                                smax, rel))
         if bad is not None:
             o = o.masked_fill(sees_bad > 0, float("nan"))
         O[c, :, i0:i1] = o.view(-1, G, t, Dv)
@@ -413,7 +416,7 @@ def _centred(p, kc, s, out):
     return out.sub_(torch.linalg.vecdot(s, out).unsqueeze(-1))
 
 
-def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax):
+def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
     """Worst row's rounding magnifier (see ``LLAAux.amplification``): w [nb, R, n] the output weights.
 
     Per row, with ``E`` the softmax mean over its keys, ``c`` the tile's key shift, ``C`` the
@@ -423,7 +426,8 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax):
     ``|w|_1 (1 + 2 (1 - s_max) scale |q| E|k|)``  the output sum, and logit rounding moving weights,
     ``2 (1 - s_max) E|k - c| |x|``               forming ``y . x``,
     ``f sqrt(tr C  E|k - c|^2) |x|``              the centred matvec's rounding,
-    ``f (E|k - c| + |q - c|)``                    the right-hand side ``m - q``.
+    ``f (E|k - c| + |q - c|)``                    the right-hand side ``m - q``,
+    all in units of ``E|v|``, so times ``rel = E|v| / max(|o|, mean_tile |o|)`` to be relative to the output.
     """
     aw = torch.linalg.vector_norm(w, ord=1, dim=-1)
     ekc = mom[..., 2 * D + 1]
@@ -435,7 +439,7 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax):
     f = torch.minimum(0.5 / lam.sqrt(), trc.sqrt() / lam)
     spread = 2.0 * (1.0 - smax).clamp_min(0.0)
     a = aw * (1.0 + spread * scale * q.norm(dim=-1) * ek) + spread * ekc * xn
-    a = a + f * ((trc * ekc2).sqrt() * xn + ekc + qc.norm(dim=-1))
+    a = (a + f * ((trc * ekc2).sqrt() * xn + ekc + qc.norm(dim=-1))) * rel
     a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
     return a.max() if a.numel() else a.new_zeros(())
 
