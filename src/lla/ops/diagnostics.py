@@ -29,8 +29,12 @@ __all__ = [
     "check_conditioning",
 ]
 
-#: a solve warns when its true relative residual exceeds ``RESIDUAL_FACTOR * tol``
+#: a solve warns when its true relative residual exceeds ``RESIDUAL_FACTOR * max(tol, floor)``
 RESIDUAL_FACTOR = 10.0
+
+#: ``check_conditioning`` warns when ``amplification * eps`` exceeds this (calibrated on
+#: ``benchmarks/robustness.py``: see ``docs/robustness.md``)
+CONDITIONING_THRESHOLD = 1e-3
 
 
 class LLAConvergenceWarning(RuntimeWarning):
@@ -103,13 +107,14 @@ def check_conditioning(
     dtype: torch.dtype,
     *,
     op: str = "local_linear_attention",
-    threshold: float = 1e-3,
+    threshold: float | None = None,
     stacklevel: int = 3,
 ) -> None:
     """Warn when ``amplification * eps(compute dtype)`` (the estimated relative rounding error of
     the output) exceeds ``threshold``.  NaN (not reported) never warns."""
     if torch.compiler.is_compiling() or not math.isfinite(amplification) and not math.isinf(amplification):
         return
+    threshold = CONDITIONING_THRESHOLD if threshold is None else threshold
     eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
     if amplification * eps > threshold:
         warnings.warn(

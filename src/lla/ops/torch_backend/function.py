@@ -368,7 +368,7 @@ def lla_forward(q, k, v, lam, cfg):
         s, lse_t, smax = _softmax_tile(Qs[c, :, i0:i1].reshape(-1, R, D), K[c, j0:j1], mask, G, scratch)  # [nb, R, n]
         LSE[c, :, i0:i1] = lse_t.view(-1, G, t)
         ke, shift = _shifted_keys(K, c, common, j0, j1, extra=True)
-        k1 = ke[..., : D + 1]
+        k1 = ke[..., : D + 1].contiguous()  # GEMM-friendly layout for the CG loop
         mom = s @ ke  # [nb, R, 2 D + 3]: m | sum s | diag moments | E|k - c| | E|k|
         m = mom[..., :D]
         ekc2 = mom[..., D + 1 : 2 * D + 1].sum(-1)  # E_s |k - c|^2
@@ -438,7 +438,10 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
     trc = (ekc2 - mn * mn).clamp_min(0.0)
     f = torch.minimum(0.5 / lam.sqrt(), trc.sqrt() / lam)
     spread = 2.0 * (1.0 - smax).clamp_min(0.0)
-    a = aw * (1.0 + spread * scale * q.norm(dim=-1) * ek) + spread * ekc * xn
+    logit = abs(scale) * q.norm(dim=-1) * ek  # |logits| scale: their rounding is eps times this
+    # a logit error near 1e-2 or more can move a one-hot weight to another key: no cancellation then
+    eps = torch.finfo(w.dtype).eps
+    a = aw * (1.0 + torch.maximum(spread, (100.0 * eps * logit).clamp_max(1.0)) * logit) + spread * ekc * xn
     a = (a + f * ((trc * ekc2).sqrt() * xn + ekc + qc.norm(dim=-1))) * rel
     a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
     return a.max() if a.numel() else a.new_zeros(())
