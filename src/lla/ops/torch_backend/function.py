@@ -156,31 +156,47 @@ CG_FLOOR_STOP = 0.25
 
 
 def _solve(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2):
-    """Solve A x = b for a tile's rows with the configured solver.
+    """Solve A x = b for a tile's rows with the configured solver -> (x, iters, residual, floor).
 
-    -> (x, iters, true relative residual per row, attainable floor per row).  A CG row whose true
-    residual at exit misses ``max(tol, floor)`` (the recurrence residual drifted from the true one)
-    is restarted from its iterate, once, within the iteration cap.
+    The direct solve returns its true relative residual per row and the attainable floor; CG returns
+    None for both: the caller measures the true residual from the ``y . x`` pass it makes anyway
+    (``_cg_exit``), which saves the exit matvec's first GEMM.
     """
-    eps = torch.finfo(b.dtype).eps
     if cfg.solver == "direct":
         x, res = direct_solve(s, k1, m, lam, b, tol=tol)
-        return x, 0, res, _floor(eps, x, b, lam, ekc2, m)
-    d = diag if cfg.precondition else None
+        return x, 0, res, _floor(torch.finfo(b.dtype).eps, x, b, lam, ekc2, m)
     trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
     coef = FLOOR_FACTOR * CG_FLOOR_STOP * ((trc * ekc2).sqrt() + lam)
-    x, it, res = pcg_compact(s, k1, m, lam, b, d, tol=tol, max_iters=cfg.max_iters, scratch=scratch, floor_coef=coef)
+    x, it, _ = pcg_compact(s, k1, m, lam, b, diag if cfg.precondition else None, tol=tol, max_iters=cfg.max_iters,
+                           scratch=scratch, floor_coef=coef, residual=False)
+    return x, it, None, None
+
+
+def _cg_exit(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, x, it, sy):
+    """True residual of a CG solve from ``sy = s_j y_j . x`` ``[nb, R, n]`` (one GEMM instead of a matvec).
+
+    A row whose true residual misses ``max(tol, floor)`` (the recurrence residual drifted from the
+    true one) is restarted from its iterate, once, within the iteration cap; then ``redone`` is True
+    and the caller recomputes what it derived from ``x``.  -> (x, iters, residual, floor, redone)
+    """
+    D = x.shape[-1]
+    ax1 = sy @ k1  # [nb, R, D + 1]: sum_j s_j (y_j.x)(k_j - c) | sum_j s_j (y_j.x)
+    ax = torch.addcmul(ax1[..., :D], ax1[..., D:], m, value=-1.0).addcmul_(x, lam.unsqueeze(-1))
+    bn = b.norm(dim=-1)
+    res = (b - ax).norm(dim=-1) / bn.where(bn > 0, torch.ones_like(bn))
+    eps = torch.finfo(b.dtype).eps
     fl = _floor(eps, x, b, lam, ekc2, m)
     miss = res > torch.maximum(fl, torch.full_like(fl, tol)) * 2.0
-    if it < cfg.max_iters and bool(miss.any()):
-        x2, it2, res2 = pcg_compact(s, k1, m, lam, b, d, tol=tol, max_iters=cfg.max_iters - it, scratch=scratch, x0=x,
-                                       floor_coef=coef)
-        better = res2 < res
-        x = torch.where(better.unsqueeze(-1), x2, x)
-        res = torch.where(better, res2, res)
-        it += it2
-        fl = _floor(eps, x, b, lam, ekc2, m)
-    return x, it, res, fl
+    if it >= cfg.max_iters or not bool(miss.any()):
+        return x, it, res, fl, False
+    trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
+    coef = FLOOR_FACTOR * CG_FLOOR_STOP * ((trc * ekc2).sqrt() + lam)
+    x2, it2, res2 = pcg_compact(s, k1, m, lam, b, diag if cfg.precondition else None, tol=tol,
+                                max_iters=cfg.max_iters - it, scratch=scratch, x0=x, floor_coef=coef)
+    better = res2 < res
+    x = torch.where(better.unsqueeze(-1), x2, x)
+    res = torch.where(better, res2, res)
+    return x, it + it2, res, _floor(eps, x, b, lam, ekc2, m), True
 
 
 class _Scratch:
@@ -379,10 +395,15 @@ def lla_forward(q, k, v, lam, cfg):
         seen = torch.isfinite(lse_t).unsqueeze(-1)  # rows that see a key (others output 0)
         mu = torch.where(seen, m - qc, torch.zeros_like(m))
         x, it, res, fl = _solve(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2)
+        # output weights w_j = s_j (1 - y_j . x); s_j y_j . x on the way gives CG's true residual
+        w = _centred(x, k1[..., :D], s, scratch.get("k", s.shape)).mul_(s)
+        if res is None:
+            x, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2, x, it, w)
+            if redone:
+                w = _centred(x, k1[..., :D], s, scratch.get("k", s.shape)).mul_(s)
+        w.neg_().add_(s)
         iters = max(iters, it)
         acc = _merge(acc, _solve_stats(res, fl, cfg.tol))
-        # output weights w_j = s_j (1 - y_j . x)
-        w = _centred(x, k1[..., :D], s, scratch.get("k", s.shape)).neg_().add_(1.0).mul_(s)
         if bad is not None:
             sees_bad = (s > 0).to(cdt) @ bad[c, j0:j1, None].to(cdt)  # [nb, R, 1]
         o = torch.matmul(w, Vt)  # [nb, R, Dv]
@@ -439,9 +460,11 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
     f = torch.minimum(0.5 / lam.sqrt(), trc.sqrt() / lam)
     spread = 2.0 * (1.0 - smax).clamp_min(0.0)
     logit = abs(scale) * q.norm(dim=-1) * ek  # |logits| scale: their rounding is eps times this
-    # a logit error near 1e-2 or more can move a one-hot weight to another key: no cancellation then
-    eps = torch.finfo(w.dtype).eps
-    a = aw * (1.0 + torch.maximum(spread, (100.0 * eps * logit).clamp_max(1.0)) * logit) + spread * ekc * xn
+    # a logit error dl can move weight onto keys within dl of the largest logit (weight ~ (1 - s_max) e^dl):
+    # once that is not small, the errors no longer cancel
+    dl = (torch.finfo(w.dtype).eps * logit).clamp_max(50.0)
+    flip = ((1.0 - smax).clamp_min(0.0) * dl.exp() * dl).clamp_max(1.0)
+    a = aw * (1.0 + torch.maximum(spread, flip) * logit) + spread * ekc * xn
     a = (a + f * ((trc * ekc2).sqrt() * xn + ekc + qc.norm(dim=-1))) * rel
     a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
     return a.max() if a.numel() else a.new_zeros(())
@@ -497,12 +520,17 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
         ekc2 = sk2.sum(-1)
         diag = (sk2 - m * m).clamp_min_(0.0).add_(lam_t.unsqueeze(-1))
         u, it, res, fl = _solve(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2)  # adjoint solve
+        _centred(u, Kt, s, a)  # y_j . u
+        if res is None:  # CG: the true residual from s_j y_j . u
+            su = torch.mul(a, s, out=scratch.get("yx", (nbc, R, n)))
+            u, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2, u, it, su)
+            if redone:
+                _centred(u, Kt, s, a)
         iters = max(iters, it)
         acc = _merge(acc, _solve_stats(res, fl, cfg.adj_tol))
         gm = gbar * x + u
-
+        a.add_(g)  # g_j + y_j . u
         yx = _centred(x, Kt, s, scratch.get("yx", (nbc, R, n)))  # y_j . x
-        _centred(u, Kt, s, a).add_(g)  # g_j + y_j . u
         P = _centred(gm, Kt, s, scratch.get("P", (nbc, R, n)))  # y_j . gm
         P.add_(g).addcmul_(yx, a, value=-1.0)  # P_j = (1 - y.x) g - (y.u)(y.x) + y.gm
         sP = torch.linalg.vecdot(s, P).unsqueeze(-1)  # [nb, R, 1]

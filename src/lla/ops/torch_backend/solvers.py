@@ -64,7 +64,8 @@ def _take_rows(t, sel):
     return t.gather(-2, sel[..., None].expand(*sel.shape, t.shape[-1]))
 
 
-def pcg_compact(s, k1, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, x0=None, floor_coef=None):
+def pcg_compact(s, k1, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, x0=None, floor_coef=None,
+                residual: bool = True):
     """Jacobi-preconditioned CG on ``A x = b`` for a tile of rows, converged rows dropped as it goes.
 
     One independent system per row (the rows never mix: a row's iterates depend only on its own
@@ -79,7 +80,8 @@ def pcg_compact(s, k1, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
     ``scratch`` (optional) has ``get(slot, shape)`` returning reusable buffers for the ``[..., R, n]``
     intermediates.  ``floor_coef [..., R]`` (optional): a row also stops once its recurrence residual
     is below the rounding floor ``eps (floor_coef |x| + |b|)`` (see ``function._floor``), where more
-    iterations no longer move the true residual.
+    iterations no longer move the true residual.  ``residual=False`` skips the exit matvec (the
+    caller measures the true residual from a pass it makes anyway) and returns None for it.
     -> (x [..., R, D], iterations of the slowest row, true relative residual per row [..., R])
     """
     R = b.shape[-2]
@@ -153,6 +155,8 @@ def pcg_compact(s, k1, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
         x_out = x
     else:
         x_out.scatter_(-2, idx[..., None].expand_as(x), x)
+    if not residual:
+        return x_out, it, None
     kp_buf = None if scratch is None else scratch.get("kp", s_all.shape)
     return x_out, it, true_residual(s_all, k1, m_all, lam_all, x_out, b, kp_buf)
 
