@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from ..diagnostics import adjoint_tol, check_solve
+from ..diagnostics import adjoint_tol, check_conditioning, check_solve
 from .solvers import direct_solve, pcg_compact
 
 __all__ = ["lla_torch", "lla_forward", "lla_backward", "LLATorchFunction", "TILE_ELEMS"]
@@ -148,6 +148,11 @@ def _floor(eps, x, b, lam, ekc2, m):
 #: The residual a solve can be held to is ``FLOOR_FACTOR`` times the estimate in ``_floor``
 #: (accumulated rounding of the key-length sums; measured in ``benchmarks/tolerance_curves.py``).
 FLOOR_FACTOR = 1.0
+
+#: The backward warns when ``BACKWARD_LOGIT_FACTOR * eps * scale |q| E|k|`` (the logits' rounding,
+#: which the gradients through nearly one-hot weights do not average out) exceeds the conditioning
+#: threshold (measured on ``benchmarks/robustness.py``).
+BACKWARD_LOGIT_FACTOR = 4.0
 
 #: CG stops a row once its recurrence residual is below ``CG_FLOOR_STOP`` times the floor estimate
 #: (measured: the true residual then sits at ~1x the estimate, and output and gradient errors match a
@@ -491,7 +496,7 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
     Qs, Q, K, V, L, dO = (t.reshape(N, *t.shape[2:]) for t in (Qs, Q, K, V, L, dO))
     dQ, dK, dV, dL = (t.view(N, *t.shape[2:]) for t in (dQ, dK, dV, dL))
     X, M, LSE = (t.reshape(N, *t.shape[2:]) for t in (X, M, LSE))
-    iters, acc = 0, None
+    iters, acc, amp_b = 0, None, Q.new_zeros(())
     for c, i0, i1, j0, j1, mask, common in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
         t = i1 - i0
         R = G * t
@@ -511,11 +516,13 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
         lam_t = L[c, :, i0:i1].reshape(nbc, R)
         g = scratch.get("g", (nbc, R, n))
         torch.matmul(do_t, Vt.transpose(-1, -2), out=g)  # g_j = do . v_j
+        gbar = torch.linalg.vecdot(s, g).unsqueeze(-1)  # [nb, R, 1]
         a = scratch.get("a", (nbc, R, n))
-        torch.mul(s, g, out=a)  # s_j g_j
-        sg = a @ k1  # [nb, R, D + 1]: sum_j s_j g_j (k_j - c) | gbar
-        gbar = sg[..., D:]
-        gx = torch.addcmul(-sg[..., :D], gbar, m)  # -sum_j s_j g_j y_j
+        torch.sub(g, gbar, out=a).mul_(s)  # s_j (g_j - gbar): centred, so one-hot rows give exactly 0
+        gx = -(a @ Kt)  # -sum_j s_j g_j y_j = -sum_j s_j (g_j - gbar)(k_j - c)
+        # logit scale of each row (scale |q| E_s|k|): rounding of the logits reaches the gradients
+        logit = abs(scale) * q_t.norm(dim=-1) * (s @ K[c, j0:j1].norm(dim=-1).unsqueeze(-1)).squeeze(-1)
+        amp_b = torch.maximum(amp_b, logit.max())
         sk2 = s @ (Kt * Kt)
         ekc2 = sk2.sum(-1)
         diag = (sk2 - m * m).clamp_min_(0.0).add_(lam_t.unsqueeze(-1))
@@ -545,7 +552,7 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
         dV[c, j0:j1].baddbmm_(sc.transpose(-1, -2), do_t)
         dL[c, :, i0:i1] = (-(u * x).sum(-1)).view(nbc, G, t)
     if report is not None and acc is not None:
-        report.append((float(acc[0]), float(acc[1]), float(acc[2]), iters))
+        report.append((float(acc[0]), float(acc[1]), float(acc[2]), iters, float(amp_b)))
     dQ, dK, dV, dL = (t.view(B, Hk, *t.shape[1:]) for t in (dQ, dK, dV, dL))
     dq = dQ.reshape(B, H, T, D).permute(0, 2, 1, 3).to(q.dtype)
     dk = dK.permute(0, 2, 1, 3).to(k.dtype)
@@ -573,9 +580,11 @@ class LLATorchFunction(torch.autograd.Function):
         report = []
         dq, dk, dv, dlam = lla_backward(do, q, k, v, lam, X, M, LSE, ctx.cfg, ctx.needs_input_grad[3], report=report)
         if report:
-            _worst, res, floor, iters = report[0]
+            _worst, res, floor, iters, logit = report[0]
             check_solve(stage="backward", solver=ctx.cfg.solver, residual=res, tol=ctx.cfg.adj_tol, iters=iters,
                         lam_min=float(lam.detach().min()) if lam.numel() else float("nan"), floor=floor)
+            # gradients through nearly one-hot weights are relatively as inexact as the logits
+            check_conditioning(BACKWARD_LOGIT_FACTOR * logit, q.dtype, op="local_linear_attention (backward)")
         return dq, dk, dv, dlam, None
 
 
