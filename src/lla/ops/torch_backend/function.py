@@ -184,9 +184,7 @@ def _cg_exit(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, x, it, sy):
     true one) is restarted from its iterate, once, within the iteration cap; then ``redone`` is True
     and the caller recomputes what it derived from ``x``.  -> (x, iters, residual, floor, redone)
     """
-    D = x.shape[-1]
-    ax1 = sy @ k1  # [nb, R, D + 1]: sum_j s_j (y_j.x)(k_j - c) | sum_j s_j (y_j.x)
-    ax = torch.addcmul(ax1[..., :D], ax1[..., D:], m, value=-1.0).addcmul_(x, lam.unsqueeze(-1))
+    ax = (sy @ k1).addcmul_(sy.sum(-1, keepdim=True), m, value=-1.0).addcmul_(x, lam.unsqueeze(-1))
     bn = b.norm(dim=-1)
     res = (b - ax).norm(dim=-1) / bn.where(bn > 0, torch.ones_like(bn))
     eps = torch.finfo(b.dtype).eps
@@ -282,24 +280,25 @@ def _softmax_tile(Qs, Kt, mask, G, scratch):
 
 
 def _shifted_keys(K, c, common, j0, j1, extra: bool):
-    """The tile's keys in its own frame: ``[k_j - c_t | 1]`` (``[nb, n, D + 1]``), and with ``extra``
-    also ``(k_j - c_t)^2`` and ``|k_j - c_t|``, ``|k_j|`` (``[nb, n, 2 D + 3]``; the first ``D + 1``
-    columns are the same).  ``c_t`` (``[nb, 1, D]``) is the coordinate-wise median of the tile's shift
-    sample (keys every row of the tile sees), zero when there is none.  -> (keys, c_t)"""
+    """The tile's keys in its own frame, ``kc = k_j - c_t`` (``[nb, n, D]``, contiguous), and with
+    ``extra`` also ``[1 | (k_j - c_t)^2 | |k_j - c_t| | |k_j|]`` (``[nb, n, D + 3]``, else None).
+    ``c_t`` (``[nb, 1, D]``) is the coordinate-wise median of the tile's shift sample (keys every row
+    of the tile sees), zero when there is none.  -> (kc, extras, c_t)"""
     Kr = K[c, j0:j1]
     D = Kr.shape[-1]
     if common is None:
         shift = Kr.new_zeros(Kr.shape[0], 1, D)
     else:
         shift = K[c, common[0]:common[1]].median(dim=-2, keepdim=True).values
-    out = Kr.new_empty(*Kr.shape[:-1], 2 * D + 3 if extra else D + 1)
-    kc = torch.sub(Kr, shift, out=out[..., :D])
-    out[..., D] = 1.0
-    if extra:
-        torch.mul(kc, kc, out=out[..., D + 1 : 2 * D + 1])
-        out[..., 2 * D + 1] = out[..., D + 1 : 2 * D + 1].sum(-1).sqrt_()
-        out[..., 2 * D + 2] = Kr.norm(dim=-1)
-    return out, shift
+    kc = Kr - shift
+    if not extra:
+        return kc, None, shift
+    ext = Kr.new_empty(*Kr.shape[:-1], D + 3)
+    ext[..., 0] = 1.0
+    torch.mul(kc, kc, out=ext[..., 1 : D + 1])
+    ext[..., D + 1] = ext[..., 1 : D + 1].sum(-1).sqrt_()
+    ext[..., D + 2] = Kr.norm(dim=-1)
+    return kc, ext, shift
 
 
 def _prepare(q, k, v, lam):
@@ -388,9 +387,8 @@ def lla_forward(q, k, v, lam, cfg):
         Vt = V[c, j0:j1]  # [nb, n, Dv]
         s, lse_t, smax = _softmax_tile(Qs[c, :, i0:i1].reshape(-1, R, D), K[c, j0:j1], mask, G, scratch)  # [nb, R, n]
         LSE[c, :, i0:i1] = lse_t.view(-1, G, t)
-        ke, shift = _shifted_keys(K, c, common, j0, j1, extra=True)
-        k1 = ke[..., : D + 1].contiguous()  # GEMM-friendly layout for the CG loop
-        mom = s @ ke  # [nb, R, 2 D + 3]: m | sum s | diag moments | E|k - c| | E|k|
+        k1, ext, shift = _shifted_keys(K, c, common, j0, j1, extra=True)
+        mom = torch.cat([s @ k1, s @ ext], dim=-1)  # [nb, R, 2 D + 3]: m | sum s | diag moments | E|k - c| | E|k|
         m = mom[..., :D]
         ekc2 = mom[..., D + 1 : 2 * D + 1].sum(-1)  # E_s |k - c|^2
         diag = (mom[..., D + 1 : 2 * D + 1] - m * m).clamp_min_(0.0)
@@ -401,11 +399,11 @@ def lla_forward(q, k, v, lam, cfg):
         mu = torch.where(seen, m - qc, torch.zeros_like(m))
         x, it, res, fl = _solve(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2)
         # output weights w_j = s_j (1 - y_j . x); s_j y_j . x on the way gives CG's true residual
-        w = _centred(x, k1[..., :D], s, scratch.get("k", s.shape)).mul_(s)
+        w = _centred(x, k1, s, scratch.get("k", s.shape)).mul_(s)
         if res is None:
             x, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2, x, it, w)
             if redone:
-                w = _centred(x, k1[..., :D], s, scratch.get("k", s.shape)).mul_(s)
+                w = _centred(x, k1, s, scratch.get("k", s.shape)).mul_(s)
         w.neg_().add_(s)
         iters = max(iters, it)
         acc = _merge(acc, _solve_stats(res, fl, cfg.tol))
@@ -446,12 +444,14 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
     """Worst row's rounding magnifier (see ``LLAAux.amplification``): w [nb, R, n] the output weights.
 
     Per row, with ``E`` the softmax mean over its keys, ``c`` the tile's key shift, ``C`` the
-    weighted key covariance, ``f = min(1 / (2 sqrt(lam)), sqrt(tr C) / lam)`` (how much of an error
-    ``e`` in ``A x`` or in ``m - q`` reaches the output: ``sqrt(e^T A^-1 C A^-1 e) <= f |e|``) and
+    weighted key covariance, ``f = sqrt(c) / (c + lam)`` with ``c = tr C / D`` (how much of an error
+    ``e`` in ``A x`` or in ``m - q`` reaches the output, ``sqrt(e^T A^-1 C A^-1 e) ~ f |e|``, for an
+    isotropic covariance; the bound over all eigenvalues, ``1 / (2 sqrt(lam))``, over-warns) and
     ``1 - s_max`` (the weight not on the row's largest key; errors common to all keys cancel):
     ``|w|_1 (1 + 2 (1 - s_max) scale |q| E|k|)``  the output sum, and logit rounding moving weights,
     ``2 (1 - s_max) E|k - c| |x|``               forming ``y . x``,
-    ``f sqrt(tr C  E|k - c|^2) |x|``              the centred matvec's rounding,
+    ``E|k - c| |x| c / (c + lam)``                the centred matvec's rounding (it lies along the
+                                                  keys' spread, so ``A^-1`` does not magnify it),
     ``f (E|k - c| + |q - c|)``                    the right-hand side ``m - q``,
     all in units of ``E|v|``, so times ``rel = E|v| / max(|o|, mean_tile |o|)`` to be relative to the output.
     """
@@ -462,7 +462,10 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
     mn = m.norm(dim=-1)
     xn = x.norm(dim=-1)
     trc = (ekc2 - mn * mn).clamp_min(0.0)
-    f = torch.minimum(0.5 / lam.sqrt(), trc.sqrt() / lam)
+    # typical (isotropic) case of sqrt(c) / (c + lam) over the covariance's eigenvalues c ~ tr C / D;
+    # the worst case min(1 / (2 sqrt(lam)), sqrt(tr C) / lam) over-warned by 10-1000x on the grid
+    ci = trc / D
+    f = ci.sqrt() / (ci + lam)
     spread = 2.0 * (1.0 - smax).clamp_min(0.0)
     logit = abs(scale) * q.norm(dim=-1) * ek  # |logits| scale: their rounding is eps times this
     # a logit error dl can move weight onto keys within dl of the largest logit (weight ~ (1 - s_max) e^dl):
@@ -470,7 +473,9 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
     dl = (torch.finfo(w.dtype).eps * logit).clamp_max(50.0)
     flip = ((1.0 - smax).clamp_min(0.0) * dl.exp() * dl).clamp_max(1.0)
     a = aw * (1.0 + torch.maximum(spread, flip) * logit) + spread * ekc * xn
-    a = (a + f * ((trc * ekc2).sqrt() * xn + ekc + qc.norm(dim=-1))) * rel
+    # the centred matvec's rounding lies along the keys' spread (its components scale with sqrt(c)), so
+    # after A^-1 it reaches the output like the rounding of y . x does: E|k - c| |x|
+    a = (a + ekc * xn * (ci / (ci + lam)) + f * (ekc + qc.norm(dim=-1))) * rel
     a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
     return a.max() if a.numel() else a.new_zeros(())
 
@@ -508,8 +513,8 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
         torch.matmul(Qs[c, :, i0:i1].reshape(nbc, R, D), K[c, j0:j1].transpose(-1, -2), out=s)
         _mask_fill_(s, mask)
         s.sub_(lse).exp_()  # [nb, R, n] softmax weights
-        k1, _ = _shifted_keys(K, c, common, j0, j1, extra=False)
-        Kt = k1[..., :D]
+        k1, _, _ = _shifted_keys(K, c, common, j0, j1, extra=False)
+        Kt = k1
         x, m = X[c, :, i0:i1].reshape(nbc, R, D), M[c, :, i0:i1].reshape(nbc, R, D)
         q_t = Q[c, :, i0:i1].reshape(nbc, R, D)
         do_t = dO[c, :, i0:i1].reshape(nbc, R, Dv)
@@ -522,7 +527,10 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
         gx = -(a @ Kt)  # -sum_j s_j g_j y_j = -sum_j s_j (g_j - gbar)(k_j - c)
         # logit scale of each row (scale |q| E_s|k|): rounding of the logits reaches the gradients
         logit = abs(scale) * q_t.norm(dim=-1) * (s @ K[c, j0:j1].norm(dim=-1).unsqueeze(-1)).squeeze(-1)
-        amp_b = torch.maximum(amp_b, logit.max())
+        # a row whose weight is exactly on one key (the others underflow to 0) has exact logit gradients;
+        # otherwise gradients through nearly one-hot weights are tiny and relatively as inexact as the logits
+        several = (s.amax(-1) < 1.0).to(logit.dtype)
+        amp_b = torch.maximum(amp_b, (several * logit).max())
         sk2 = s @ (Kt * Kt)
         ekc2 = sk2.sum(-1)
         diag = (sk2 - m * m).clamp_min_(0.0).add_(lam_t.unsqueeze(-1))

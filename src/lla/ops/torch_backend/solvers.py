@@ -5,14 +5,11 @@ key covariance of row ``i`` (see ``function.py`` for why we solve with it rather
 Both solvers take a tile of rows at once: every tensor below is ``[..., R, *]`` with ``R`` rows
 sharing the ``n`` keys and the weights ``s [..., R, n]``.
 
-Keys come as ``k1 [..., n, D + 1] = [k_j - c | 1]``: shifted by a vector ``c`` that the caller
-computed from keys every row of the tile can see (``m [..., R, D]`` is the weighted mean in the
-same frame), with a column of ones appended.  The ones make the covariance matvec *centred per
-row* at no extra pass: ``[p, -m.p] @ k1^T`` is ``y_j . p`` with ``y_j = k_j - m`` (the row constant
-folded into the GEMM), and ``(s y.p) @ k1`` returns ``sum_j s_j (y_j.p)(k_j - c)`` together with
-``sum_j s_j (y_j.p)``, whose difference with ``m`` is ``sum_j s_j (y_j.p) y_j``.  Rounding then
-scales with ``|y_j| |k_j - c|`` instead of ``|k_j - c|^2`` (the uncentred ``E[kk^T] - m m^T``),
-which is what keeps a far-away key, or keys far from ``c``, from swamping the ridge.
+Keys come as ``kc [..., n, D] = k_j - c``: shifted by a vector ``c`` that the caller computed from
+keys every row of the tile can see (``m [..., R, D]`` is the weighted mean in the same frame).  The
+covariance matvec is *centred per row* (``cov_matvec``): rounding then scales with
+``|y_j| |k_j - c|`` instead of ``|k_j - c|^2`` (the uncentred ``E[kk^T] - m m^T``), which is what
+keeps a far-away key, or keys far from ``c``, from swamping the ridge.
 
 Every solver returns the *true* relative residual ``||b - A x|| / ||b||`` of each row at exit,
 measured with one more matvec (not the CG recurrence, which drifts from it in floating point).
@@ -28,25 +25,29 @@ __all__ = ["cov_matvec", "cov_diag", "pcg_compact", "cov_matrix", "direct_solve"
 COMPACT_FRACTION = 0.75
 
 
-def cov_matvec(s, k1, m, lam, p, kp=None):
+def cov_matvec(s, kc, m, lam, p, kp=None):
     """``A p = sum_j s_j (y_j . p) y_j + lam p`` (``y_j = k_j - m``), centred per row; two GEMMs.
 
-    s [..., R, n], k1 [..., n, D + 1] (``[k - c | 1]``), m [..., R, D], lam [..., R], p [..., R, D]
-    -> [..., R, D].  ``kp`` (optional) is a ``[..., R, n]`` buffer for the intermediate.
+    ``y_j . p = (k_j - c) . p - m . p`` (the row constant folded into the first GEMM), then
+    ``sum_j s_j (y_j.p)(k_j - c) - (sum_j s_j (y_j.p)) m``: the second term is zero in exact arithmetic
+    and cancels the rounding of ``y_j . p`` that the first carries (so a row whose weight sits on one
+    key gets exactly ``lam p``).
+    s [..., R, n], kc [..., n, D] (``k - c``), m [..., R, D], lam [..., R], p [..., R, D] -> [..., R, D].
+    ``kp`` (optional) is a ``[..., R, n]`` buffer for the intermediate.
     """
-    D = p.shape[-1]
-    p1 = torch.cat([p, -torch.linalg.vecdot(m, p).unsqueeze(-1)], dim=-1)  # [..., R, D + 1]
+    mp = -torch.linalg.vecdot(m, p).unsqueeze(-1)
     if kp is None:
-        kp = p1 @ k1.transpose(-1, -2)
+        kp = torch.baddbmm(mp, p, kc.transpose(-1, -2)) if p.dim() == 3 else p @ kc.transpose(-1, -2) + mp
     else:
-        torch.matmul(p1, k1.transpose(-1, -2), out=kp)
-    a1 = kp.mul_(s) @ k1  # [..., R, D + 1]: sum_j s_j (y_j.p)(k_j - c) | sum_j s_j (y_j.p)
-    return torch.addcmul(a1[..., :D], a1[..., D:], m, value=-1.0).addcmul_(p, lam.unsqueeze(-1))
+        torch.baddbmm(mp, p, kc.transpose(-1, -2), out=kp) if p.dim() == 3 else torch.add(p @ kc.transpose(-1, -2), mp, out=kp)
+    kp.mul_(s)
+    ap = kp @ kc
+    return ap.addcmul_(kp.sum(-1, keepdim=True), m, value=-1.0).addcmul_(p, lam.unsqueeze(-1))
 
 
-def true_residual(s, k1, m, lam, x, b, kp=None):
+def true_residual(s, kc, m, lam, x, b, kp=None):
     """Per-row true relative residual ``||b - A x|| / ||b||`` (0 where ``b == 0``): [..., R]."""
-    r = b - cov_matvec(s, k1, m, lam, x, kp)
+    r = b - cov_matvec(s, kc, m, lam, x, kp)
     bnorm = b.norm(dim=-1)
     return r.norm(dim=-1) / bnorm.where(bnorm > 0, torch.ones_like(bnorm))
 
@@ -64,7 +65,7 @@ def _take_rows(t, sel):
     return t.gather(-2, sel[..., None].expand(*sel.shape, t.shape[-1]))
 
 
-def pcg_compact(s, k1, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, x0=None, floor_coef=None,
+def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, x0=None, floor_coef=None,
                 residual: bool = True):
     """Jacobi-preconditioned CG on ``A x = b`` for a tile of rows, converged rows dropped as it goes.
 
@@ -75,7 +76,7 @@ def pcg_compact(s, k1, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
     passes.  Rows converge at very different rates (a row seeing few keys is ill-conditioned, a row
     seeing thousands is not), so this is where most of the saving is.
 
-    s [..., R, n], k1 [..., n, D + 1] (see the module docstring), m [..., R, D], lam [..., R],
+    s [..., R, n], kc [..., n, D] (see the module docstring), m [..., R, D], lam [..., R],
     b [..., R, D], diag [..., R, D] or None (no preconditioner), x0 [..., R, D] or None (start).
     ``scratch`` (optional) has ``get(slot, shape)`` returning reusable buffers for the ``[..., R, n]``
     intermediates.  ``floor_coef [..., R]`` (optional): a row also stops once its recurrence residual
@@ -106,7 +107,7 @@ def pcg_compact(s, k1, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
         r = b.clone()
     else:
         x = x0.clone()
-        r = b - cov_matvec(s, k1, m, lam, x, kp_buf)
+        r = b - cov_matvec(s, kc, m, lam, x, kp_buf)
     x_out = x.clone()
     idx = None  # [..., Ra] original row of each working row (None: all rows, in order)
     z = precond(r)
@@ -138,7 +139,7 @@ def pcg_compact(s, k1, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
                 floor_coef = _take_rows(floor_coef, order)
             if inv_diag is not None:
                 inv_diag = _take_rows(inv_diag, order)
-        ap = cov_matvec(s, k1, m, lam, p, kp_buf)
+        ap = cov_matvec(s, kc, m, lam, p, kp_buf)
         pap = torch.linalg.vecdot(p, ap)
         # pap > 0 for p != 0 in exact arithmetic (A is SPD); rounding can break that: no step then
         alpha = (rz / pap.clamp_min(tiny) * (active & (pap > 0))).unsqueeze(-1)
@@ -158,7 +159,7 @@ def pcg_compact(s, k1, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
     if not residual:
         return x_out, it, None
     kp_buf = None if scratch is None else scratch.get("kp", s_all.shape)
-    return x_out, it, true_residual(s_all, k1, m_all, lam_all, x_out, b, kp_buf)
+    return x_out, it, true_residual(s_all, kc, m_all, lam_all, x_out, b, kp_buf)
 
 
 def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
@@ -211,7 +212,7 @@ def _chol_apply(L, L64, bad, b):
     return x
 
 
-def direct_solve(s, k1, m, lam, b, *, tol: float, refine: int = 4):
+def direct_solve(s, kc, m, lam, b, *, tol: float, refine: int = 4):
     """Solve ``A x = b`` row-wise: ``A`` formed (``cov_matrix``), Cholesky, then up to ``refine``
     steps of iterative refinement with the centred matvec (the formed ``A`` carries the rounding of
     the shifted second moment; refinement brings ``x`` to the accuracy of the centred ``A``).
@@ -219,19 +220,17 @@ def direct_solve(s, k1, m, lam, b, *, tol: float, refine: int = 4):
 
     -> (x [..., R, D], true relative residual per row [..., R])
     """
-    D = b.shape[-1]
-    kc = k1[..., :D]
     L, L64, bad = _cholesky(cov_matrix(s, kc, m, lam))
     x = _chol_apply(L, L64, bad, b)
     bnorm = b.norm(dim=-1)
     bnorm = bnorm.where(bnorm > 0, torch.ones_like(bnorm))
-    r = b - cov_matvec(s, k1, m, lam, x)
+    r = b - cov_matvec(s, kc, m, lam, x)
     res = r.norm(dim=-1) / bnorm
     for _ in range(refine):
         if not bool((res > tol).any()):
             break
         x_new = x + _chol_apply(L, L64, bad, r)
-        r_new = b - cov_matvec(s, k1, m, lam, x_new)
+        r_new = b - cov_matvec(s, kc, m, lam, x_new)
         res_new = r_new.norm(dim=-1) / bnorm
         # keep a refinement step only where it helped (it cannot when A's rounding dominates)
         better = res_new < res
