@@ -449,8 +449,8 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
     isotropic covariance; the bound over all eigenvalues, ``1 / (2 sqrt(lam))``, over-warns) and
     ``1 - s_max`` (the weight not on the row's largest key; errors common to all keys cancel):
     ``|w|_1 (1 + 2 (1 - s_max) scale |q| E|k|)``  the output sum, and logit rounding moving weights,
-    ``2 (1 - s_max) E|k - c| |x|``               forming ``y . x``,
-    ``E|k - c| |x| c / (c + lam)``                the centred matvec's rounding (it lies along the
+    ``2 (1 - s_max) E|k - c| |x| sqrt(s_max / D)``  forming ``y . x`` (typical, not worst-case, rounding),
+    ``E|k - c| |x| c / (c + lam) sqrt(s_max / D)`` the centred matvec's rounding (it lies along the
                                                   keys' spread, so ``A^-1`` does not magnify it),
     ``f (E|k - c| + |q - c|)``                    the right-hand side ``m - q``,
     all in units of ``E|v|``, so times ``rel = E|v| / max(|o|, mean_tile |o|)`` to be relative to the output.
@@ -472,10 +472,13 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
     # once that is not small, the errors no longer cancel
     dl = (torch.finfo(w.dtype).eps * logit).clamp_max(50.0)
     flip = ((1.0 - smax).clamp_min(0.0) * dl.exp() * dl).clamp_max(1.0)
-    a = aw * (1.0 + torch.maximum(spread, flip) * logit) + spread * ekc * xn
+    # rounding of y . x (a D-term dot product per key, errors of either sign summed over the keys with
+    # weights s_j): typically sqrt(sum_j s_j^2 / D) <= sqrt(s_max / D) of the worst case E|k - c| |x|
+    typ = (smax / D).sqrt()
+    a = aw * (1.0 + torch.maximum(spread, flip) * logit) + typ * spread * ekc * xn
     # the centred matvec's rounding lies along the keys' spread (its components scale with sqrt(c)), so
     # after A^-1 it reaches the output like the rounding of y . x does: E|k - c| |x|
-    a = (a + ekc * xn * (ci / (ci + lam)) + f * (ekc + qc.norm(dim=-1))) * rel
+    a = (a + typ * ekc * xn * (ci / (ci + lam)) + f * (ekc + qc.norm(dim=-1))) * rel
     a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
     return a.max() if a.numel() else a.new_zeros(())
 
