@@ -276,7 +276,8 @@ def _softmax_tile(Qs, Kt, mask, G, scratch):
     s.sub_(mx).exp_()
     z = s.sum(-1, keepdim=True)
     s.mul_(1.0 / z.clamp_min(torch.finfo(s.dtype).tiny))
-    return s, (mx + z.log()).squeeze(-1), (1.0 / z).squeeze(-1)
+    smax = torch.where(z > 0, 1.0 / z, torch.zeros_like(z))  # a row that sees no key has no largest weight
+    return s, (mx + z.log()).squeeze(-1), smax.squeeze(-1)
 
 
 def _shifted_keys(K, c, common, j0, j1, extra: bool):
