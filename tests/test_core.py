@@ -308,7 +308,7 @@ def test_auto_solver_choice_reaches_the_op():
 
 def test_unconverged_cg_warns():
     q, k, v = make_qkv(1, 64, 2, 32, dtype=torch.float32, seed=4)
-    with pytest.warns(lla.LLAConvergenceWarning, match="did not converge"):
+    with pytest.warns(lla.LLAConvergenceWarning, match="forward cg solve missed its tolerance"):
         _, aux = _lla(q, k, v, ridge=0.01, solver="cg", max_iters=2, return_aux=True)
     assert aux.iters == 2 and aux.residual > 1e-3
     with warnings.catch_warnings():

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import NamedTuple
 
 import torch
 
-from .diagnostics import LLAConvergenceWarning
+from .diagnostics import LLAConvergenceWarning, check_conditioning, check_solve, default_max_iters, default_tol
 
 __all__ = ["local_linear_attention", "LLAAux", "LLAConvergenceWarning", "resolve_solver"]
 
@@ -22,16 +21,20 @@ class LLAAux(NamedTuple):
     """What a call reports besides its output.
 
     iters:    CG iterations of the slowest row (0 for the direct solver).
-    residual: worst final relative residual ``||A x - b|| / ||b||`` of the forward solve, over all
-              rows (``A`` the ridge-regularised key covariance, see ``lla.ops.torch_backend``).
+    residual: worst *true* relative residual ``||A x - b|| / ||b||`` of the forward solve over all
+              rows, measured at exit with one more matvec (``A`` the ridge-regularised key
+              covariance, see ``lla.ops.torch_backend``).  In float32 it cannot go below a rounding
+              floor of about ``eps * cond(A)``; the op warns when it exceeds ``RESIDUAL_FACTOR``
+              times the larger of ``tol`` and that floor (``lla.ops.diagnostics.check_solve``).
     lse:      softmax log-sum-exp of the scaled logits, ``[B, T, H]`` float32 (``-inf`` for a row
               that sees no key).
     solver:   the solver that ran ("cg" or "direct").
-    amplification: a rounding-error magnifier, worst over rows of
-              ``sum_j s_ij |(k_j - m_i) . x_i|`` (the possibly negative equivalent weights) plus
-              ``sum_j s_ij |k_j - kbar|^2 / lam_i`` (forming ``A`` next to the ridge).  The output's
-              relative error is at most about ``amplification * eps(compute dtype)``; the op warns
-              when that exceeds 1e-3 (huge keys, a tiny ridge).  NaN when a backend does not report it.
+    amplification: a rounding-error magnifier, worst over rows: the estimated relative error of the
+              output is ``amplification * eps(compute dtype)`` (terms: the possibly negative
+              equivalent weights, logit rounding, forming ``y . x``, the solve, the right-hand
+              side; see ``torch_backend.function._amplification``).  The op warns when that
+              estimate exceeds ``diagnostics.CONDITIONING_THRESHOLD``.  NaN when a backend does not
+              report it.
     """
 
     iters: int
@@ -180,8 +183,12 @@ def local_linear_attention(
             ``h // (H // Hk)``).
         v: ``[B, S, Hk, Dv]`` values.
         ridge: penalty on the local slope ``W``: a float or a tensor broadcastable to ``[B, T, H]``
-            (scalar, per head ``[H]``, per position ``[B, T, H]``), > 0, differentiable.  Relative to
-            the softmax mass (the weights are normalised), so it is dimensionless.
+            (scalar, per head ``[H]``, per position ``[B, T, H]``), > 0, differentiable.  It is
+            added to the softmax-weighted key covariance, so it has the units of ``|k|^2``:
+            scaling queries and keys by ``c`` (and the logit scale by ``1 / c^2``) gives the same
+            output with the ridge times ``c^2``; at a fixed ridge, larger keys mean a relatively
+            weaker penalty (more local-linear, worse conditioned) and smaller keys a stronger one
+            (closer to softmax attention).
         scale: logit scale, default ``1 / sqrt(D)``.  ``0`` gives flat weights.
         causal: bottom-right aligned causal mask (query ``i`` sees keys ``j <= i + S - T``).  A query
             that sees no key outputs zeros.
@@ -190,10 +197,12 @@ def local_linear_attention(
             sequence only attends within itself.
         solver: ``"cg"`` (matrix-free preconditioned conjugate gradient), ``"direct"`` (tile-wise
             moments + batched Cholesky, exact at any ridge) or ``"auto"`` (see ``resolve_solver``).
-        max_iters: CG iteration cap (default ``2 D``, ``4 D`` in float64).
-        tol: CG relative-residual tolerance per row (default 1e-6, 1e-11 in float64).
-        precondition: precondition CG (PyTorch backend: the tile-mean system matrix, redone with
-            per-row Jacobi for a tile that does not converge with it; Triton: per-row Jacobi).
+        max_iters: CG iteration cap (default ``diagnostics.default_max_iters``: ``2 D``, ``4 D`` in
+            float64).
+        tol: relative-residual tolerance per row (default ``diagnostics.default_tol``: 1e-6 for
+            float32/bf16/fp16 inputs, 1e-11 in float64).  A CG row also stops once its residual
+            reaches the rounding floor of the working precision (no iteration is spent below it).
+        precondition: precondition CG with the per-row Jacobi diagonal.
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"``, ``"triton"``.
         return_aux: also return an ``LLAAux``.
 
@@ -262,9 +271,9 @@ def local_linear_attention(
         solver = "cg"  # the fused kernels solve by CG; "direct" and float64 run the PyTorch path
     solver = resolve_solver(solver, lam_min, D, q.dtype, S=S)
     if max_iters is None:
-        max_iters = 4 * D if q.dtype == torch.float64 else 2 * D
+        max_iters = default_max_iters(q.dtype, D)
     if tol is None:
-        tol = 1e-11 if q.dtype == torch.float64 else 1e-6
+        tol = default_tol(q.dtype)
 
     o, lse, iters, residual, *extra = _backend_fn(name)(
         q,
@@ -279,25 +288,11 @@ def local_linear_attention(
         tol=float(tol),
         precondition=bool(precondition),
     )
-    limit = max(100.0 * tol, 1e-3) if solver == "cg" else 1e-3
-    if residual > limit or not math.isfinite(residual):
-        warnings.warn(
-            f"local_linear_attention: the {solver} solve did not converge: worst relative residual "
-            f"{residual:.3g} after {iters} iterations (tol {tol:g}, min ridge {lam_min:g}). Raise max_iters or "
-            "the ridge, or use solver='direct'.",
-            LLAConvergenceWarning,
-            stacklevel=2,
-        )
     amplification = float(extra[0]) if extra else float("nan")
-    eps = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).eps
-    if amplification * eps > 1e-3:
-        warnings.warn(
-            f"local_linear_attention: ill-conditioned for {q.dtype}: the local-linear weights amplify rounding "
-            f"by ~{amplification:.3g} (expected relative error ~{amplification * eps:.1e}). Use float64 inputs, a "
-            "larger ridge, or smaller logits.",
-            LLAConvergenceWarning,
-            stacklevel=2,
-        )
+    chk_residual, chk_floor = extra[1] if len(extra) > 1 else (residual, 0.0)
+    check_solve(stage="forward", solver=solver, residual=chk_residual, tol=float(tol), iters=iters, lam_min=lam_min,
+                floor=chk_floor)
+    check_conditioning(amplification, q.dtype)
     if return_aux:
         return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver, amplification=amplification)
     return o

@@ -11,6 +11,7 @@ path is tested against.  It follows ``LLA.md`` section 1 literally:
     rho_i   = Sigma_i^{-1} mu_i
     delta_i = 1 - mu_i . rho_i
     o_i     = sum_j s_ij (1 - z_ij . rho_i) / delta_i * v_j
+            = sum_j s_ij (1 - (z_ij - mu_i) . rho_i / delta_i) * v_j    (the form computed below)
 
 A query row that sees no key outputs zeros.  Differentiable by plain autograd.
 """
@@ -114,7 +115,10 @@ def local_linear_attention_ref(
     sigma = torch.einsum("bhts,bhtsd,bhtse->bhtde", s, z, z) + lam[..., None, None] * eye  # [B, H, T, D, D]
     rho = torch.linalg.solve(sigma, mu.unsqueeze(-1)).squeeze(-1)  # [B, H, T, D]
     delta = 1.0 - (mu * rho).sum(-1)  # [B, H, T]
-    weights = s * (1.0 - torch.einsum("bhtsd,bhtd->bhts", z, rho)) / delta[..., None]  # [B, H, T, S]
+    # (1 - z_ij . rho_i) / delta_i  =  1 - (z_ij - mu_i) . rho_i / delta_i  (as 1 - mu . rho = delta):
+    # the same weights, written so that a row with one key gets exactly 1 (z - mu = 0), not 1 + rounding
+    y = z - mu[..., None, :]  # [B, H, T, S, D]: k_j - m_i
+    weights = s * (1.0 - torch.einsum("bhtsd,bhtd->bhts", y, rho) / delta[..., None])  # [B, H, T, S]
     o = weights @ V  # [B, H, T, Dv]
     o = torch.where(seen[:, None], o, torch.zeros_like(o))
     return o.transpose(1, 2)

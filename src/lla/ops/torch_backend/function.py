@@ -45,7 +45,8 @@ import math
 
 import torch
 
-from .solvers import cholesky_solve, cov_diag, cov_matrix, pcg_compact, tile_preconditioner
+from ..diagnostics import adjoint_tol, check_conditioning, check_solve
+from .solvers import direct_solve, pcg_compact
 
 __all__ = ["lla_torch", "lla_forward", "lla_backward", "LLATorchFunction", "TILE_ELEMS"]
 
@@ -58,20 +59,61 @@ HEAD_TILE_ELEMS = 1 << 20
 
 
 class _Cfg:
-    __slots__ = ("scale", "window", "solver", "max_iters", "tol", "precondition")
+    __slots__ = ("scale", "window", "solver", "max_iters", "tol", "precondition", "adj_tol")
 
-    def __init__(self, scale, window, solver, max_iters, tol, precondition):
+    def __init__(self, scale, window, solver, max_iters, tol, precondition, adj_tol=None):
         self.scale, self.window, self.solver = scale, window, solver
         self.max_iters, self.tol, self.precondition = max_iters, tol, precondition
+        self.adj_tol = adjoint_tol(tol) if adj_tol is None else adj_tol
+
+
+def _row_range(i, T, S, window):
+    """Keys ``[lo, hi]`` (inclusive; empty when ``lo > hi``) visible to query row ``i``."""
+    left, right = window
+    off = S - T
+    lo = 0 if left < 0 else max(0, i + off - left)
+    hi = S - 1 if right < 0 else min(S - 1, i + off + right)
+    return lo, hi
+
+
+def _common_keys(i0, i1, T, S, window):
+    """Keys every row of ``i0:i1`` that sees any key can see, as a half-open ``(a, b)`` range of at most
+    ``SHIFT_SAMPLE`` keys (the ones nearest the tile's first row), or None when there is none.
+
+    Visible ranges ``[lo_i, hi_i]`` are non-decreasing in ``i``, so the common range of rows
+    ``ia..ib`` (the first and last row that see a key) is ``[lo_ib, hi_ia]``."""
+    def sees(i):
+        lo, hi = _row_range(i, T, S, window)
+        return lo <= hi
+
+    ia = next((i for i in range(i0, i1) if sees(i)), None)
+    if ia is None:
+        return None
+    ib = next(i for i in range(i1 - 1, ia - 1, -1) if sees(i))
+    a, b = _row_range(ib, T, S, window)[0], _row_range(ia, T, S, window)[1]
+    if a > b:
+        return None
+    return max(a, b + 1 - SHIFT_SAMPLE), b + 1
+
+
+#: How many keys (nearest the tile's first row, all visible to every row of the tile) the tile's
+#: key shift is the coordinate-wise median of.
+SHIFT_SAMPLE = 64
 
 
 def _tiles(T: int, S: int, window, rows_per_q: int, elems: int = TILE_ELEMS):
     """Yield (i0, i1, j0, j1, mask[t, n] or None): query tiles and the key range they can see.
 
-    A tile has ``t`` query positions, ``rows_per_q * t * S <= elems`` (at least 16 positions)."""
+    A tile has ``t`` query positions, ``rows_per_q * t * S <= elems`` (at least 16 positions).
+    With a bounded window, a tile is also no taller than the window is wide (when that is at least
+    16 rows), so that its rows share keys (the key shift needs some, see ``_common_keys``)."""
     left, right = window
     off = S - T
     t = max(16, min(T, elems // max(1, rows_per_q * S)))
+    if left >= 0:
+        span = left + (right if right >= 0 else S) + 1
+        if span >= 16:
+            t = min(t, span)
     for i0 in range(0, T, t):
         i1 = min(T, i0 + t)
         j1 = S if right < 0 else max(0, min(S, i1 - 1 + off + right + 1))
@@ -89,26 +131,75 @@ def _tiles(T: int, S: int, window, rows_per_q: int, elems: int = TILE_ELEMS):
         yield i0, i1, j0, j1, (None if bool(mask.all()) else mask)
 
 
-def _solve(cfg, s, kc, m, lam, b, diag=None, scratch=None):
-    """Solve A x = b for a tile's rows with the configured solver -> (x, iters, residual).
+def _floor(eps, x, b, lam, ekc2, m):
+    """Per-row rounding floor of the true relative residual ``||b - A x|| / ||b||`` in working precision.
 
-    ``diag`` (CG only) is the Jacobi diagonal when the caller has it already (else computed here).
+    The centred matvec forms ``y_j . x`` as ``(k_j - c) . x - m . x``, with an error of about
+    ``eps |k_j - c| |x|`` that reaches ``A x`` multiplied by ``s_j y_j``: in all about
+    ``eps sqrt(E|k - c|^2  tr C) |x|`` (Cauchy-Schwarz, ``C`` the weighted key covariance), plus the
+    ridge and right-hand side terms.  x, b, m [..., R, D], lam, ekc2 [..., R] -> [..., R]
+    """
+    xn = x.norm(dim=-1)
+    bn = b.norm(dim=-1)
+    trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
+    return FLOOR_FACTOR * eps * ((trc * ekc2).sqrt() * xn + lam * xn + bn) / bn.where(bn > 0, torch.ones_like(bn))
+
+
+#: The residual a solve can be held to is ``FLOOR_FACTOR`` times the estimate in ``_floor``
+#: (accumulated rounding of the key-length sums; measured in ``benchmarks/tolerance_curves.py``).
+FLOOR_FACTOR = 1.0
+
+#: The backward warns when ``BACKWARD_LOGIT_FACTOR * eps * scale |q| E|k|`` (the logits' rounding,
+#: which the gradients through nearly one-hot weights do not average out) exceeds the conditioning
+#: threshold (measured on ``benchmarks/robustness.py``).
+BACKWARD_LOGIT_FACTOR = 4.0
+
+#: CG stops a row once its recurrence residual is below ``CG_FLOOR_STOP`` times the floor estimate
+#: (measured: the true residual then sits at ~1x the estimate, and output and gradient errors match a
+#: solve run to the iteration cap; ``benchmarks/tolerance_curves.py``).
+CG_FLOOR_STOP = 0.25
+
+
+def _solve(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2):
+    """Solve A x = b for a tile's rows with the configured solver -> (x, iters, residual, floor).
+
+    The direct solve returns its true relative residual per row and the attainable floor; CG returns
+    None for both: the caller measures the true residual from the ``y . x`` pass it makes anyway
+    (``_cg_exit``), which saves the exit matvec's first GEMM.
     """
     if cfg.solver == "direct":
-        x, resid = cholesky_solve(cov_matrix(s, kc, m, lam), b)
-        return x, 0, resid
-    minv = tile_preconditioner(s, kc, m, lam) if cfg.precondition else None
-    if minv is not None:
-        x, it, resid = pcg_compact(s, kc, m, lam, b, None, tol=cfg.tol, max_iters=cfg.max_iters, scratch=scratch,
-                                   minv=minv)
-        if bool(resid <= cfg.tol):
-            return x, it, resid
-        # The shared preconditioner can be poor when the rows' weights differ wildly (very peaked
-        # softmax): redo the tile with the per-row Jacobi preconditioner, which has no such failure.
-    if cfg.precondition and diag is None:
-        diag = cov_diag(s, kc, m, lam)
-    return pcg_compact(s, kc, m, lam, b, diag if cfg.precondition else None, tol=cfg.tol,
-                       max_iters=cfg.max_iters, scratch=scratch)
+        x, res = direct_solve(s, k1, m, lam, b, tol=tol)
+        return x, 0, res, _floor(torch.finfo(b.dtype).eps, x, b, lam, ekc2, m)
+    trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
+    coef = FLOOR_FACTOR * CG_FLOOR_STOP * ((trc * ekc2).sqrt() + lam)
+    x, it, _ = pcg_compact(s, k1, m, lam, b, diag if cfg.precondition else None, tol=tol, max_iters=cfg.max_iters,
+                           scratch=scratch, floor_coef=coef, residual=False)
+    return x, it, None, None
+
+
+def _cg_exit(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, x, it, sy):
+    """True residual of a CG solve from ``sy = s_j y_j . x`` ``[nb, R, n]`` (one GEMM instead of a matvec).
+
+    A row whose true residual misses ``max(tol, floor)`` (the recurrence residual drifted from the
+    true one) is restarted from its iterate, once, within the iteration cap; then ``redone`` is True
+    and the caller recomputes what it derived from ``x``.  -> (x, iters, residual, floor, redone)
+    """
+    ax = (sy @ k1).addcmul_(sy.sum(-1, keepdim=True), m, value=-1.0).addcmul_(x, lam.unsqueeze(-1))
+    bn = b.norm(dim=-1)
+    res = (b - ax).norm(dim=-1) / bn.where(bn > 0, torch.ones_like(bn))
+    eps = torch.finfo(b.dtype).eps
+    fl = _floor(eps, x, b, lam, ekc2, m)
+    miss = res > torch.maximum(fl, torch.full_like(fl, tol)) * 2.0
+    if it >= cfg.max_iters or not bool(miss.any()):
+        return x, it, res, fl, False
+    trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
+    coef = FLOOR_FACTOR * CG_FLOOR_STOP * ((trc * ekc2).sqrt() + lam)
+    x2, it2, res2 = pcg_compact(s, k1, m, lam, b, diag if cfg.precondition else None, tol=tol,
+                                max_iters=cfg.max_iters - it, scratch=scratch, x0=x, floor_coef=coef)
+    better = res2 < res
+    x = torch.where(better.unsqueeze(-1), x2, x)
+    res = torch.where(better, res2, res)
+    return x, it + it2, res, _floor(eps, x, b, lam, ekc2, m), True
 
 
 class _Scratch:
@@ -130,12 +221,13 @@ class _Scratch:
 
 def _tile_plan(T, S, window, G, elems, device, pairs: int = 1, D: int = 0, direct: bool = False):
     """``_tiles`` with each mask reduced, once, to what ``_mask_fill_`` needs: ``(c0, c1, hidden)``
-    with ``hidden [G * t, c1 - c0]`` the masked entries of the only partly visible columns.
+    with ``hidden [G * t, c1 - c0]`` the masked entries of the only partly visible columns, and each
+    tile's shift sample (``_common_keys``).
 
     Also returns ``nb``: how many of the ``pairs`` (batch, key head) pairs to process together so
     that a step's largest intermediates stay within ``elems`` (1 once one pair fills it): the
     ``[nb, G * t, n]`` weight tile, and, for head size ``D``, the solver's per-row systems
-    (``[nb, G * t, D, D]`` for the direct solve) and per-pair ``[nb, D, D]`` preconditioner.
+    (``[nb, G * t, D, D]`` for the direct solve).
     """
     plan = []
     widest = 1
@@ -146,22 +238,23 @@ def _tile_plan(T, S, window, G, elems, device, pairs: int = 1, D: int = 0, direc
             c0, c1 = int(partial[0]), int(partial[-1]) + 1
             hidden = ~mask[:, c0:c1]
             fill = (c0, c1, (hidden.repeat(G, 1) if G > 1 else hidden).to(device))
-        plan.append((i0, i1, j0, j1, fill))
+        plan.append((i0, i1, j0, j1, fill, _common_keys(i0, i1, T, S, window)))
         rows = G * (i1 - i0)
         widest = max(widest, rows * (j1 - j0), rows * D * D if direct else D * D)
     return plan, max(1, min(pairs, elems // widest))
 
 
 def _blocks(T, S, window, G, N, device, D, solver):
-    """The steps of the forward and backward loops: ``(c, i0, i1, j0, j1, mask)`` with ``c`` a slice
-    of the ``N`` folded (batch, key head) pairs (``nb`` of them, see ``_tile_plan``), rows ``i0:i1``,
-    the keys ``j0:j1`` they can see and the tile's mask fill; tiles that see no key are skipped."""
+    """The steps of the forward and backward loops: ``(c, i0, i1, j0, j1, mask, common)`` with ``c``
+    a slice of the ``N`` folded (batch, key head) pairs (``nb`` of them, see ``_tile_plan``), rows
+    ``i0:i1``, the keys ``j0:j1`` they can see, the tile's mask fill and its shift sample; tiles that
+    see no key are skipped."""
     tiles, nb = _tile_plan(T, S, window, G, HEAD_TILE_ELEMS, device, N, D, solver == "direct")
     for c0 in range(0, N, nb):
         c = slice(c0, min(N, c0 + nb))
-        for i0, i1, j0, j1, mask in tiles:
+        for i0, i1, j0, j1, mask, common in tiles:
             if j1 > j0:
-                yield c, i0, i1, j0, j1, mask
+                yield c, i0, i1, j0, j1, mask, common
 
 
 def _mask_fill_(logits, fill):
@@ -174,7 +267,7 @@ def _mask_fill_(logits, fill):
 
 def _softmax_tile(Qs, Kt, mask, G, scratch):
     """Softmax weights of a tile, in a scratch buffer: Qs [..., R, D] (already scaled),
-    Kt [..., n, D] -> (s [..., R, n], lse [..., R] of the (shifted) logits)."""
+    Kt [..., n, D] (raw keys) -> (s [..., R, n], lse [..., R] of the logits, largest weight [..., R])."""
     s = scratch.get("s", (*Qs.shape[:-1], Kt.shape[-2]))
     torch.matmul(Qs, Kt.transpose(-1, -2), out=s)
     _mask_fill_(s, mask)
@@ -183,13 +276,36 @@ def _softmax_tile(Qs, Kt, mask, G, scratch):
     s.sub_(mx).exp_()
     z = s.sum(-1, keepdim=True)
     s.mul_(1.0 / z.clamp_min(torch.finfo(s.dtype).tiny))
-    return s, (mx + z.log()).squeeze(-1)
+    smax = torch.where(z > 0, 1.0 / z, torch.zeros_like(z))  # a row that sees no key has no largest weight
+    return s, (mx + z.log()).squeeze(-1), smax.squeeze(-1)
+
+
+def _shifted_keys(K, c, common, j0, j1, extra: bool):
+    """The tile's keys in its own frame, ``kc = k_j - c_t`` (``[nb, n, D]``, contiguous), and with
+    ``extra`` also ``[1 | (k_j - c_t)^2 | |k_j - c_t| | |k_j|]`` (``[nb, n, D + 3]``, else None).
+    ``c_t`` (``[nb, 1, D]``) is the coordinate-wise median of the tile's shift sample (keys every row
+    of the tile sees), zero when there is none.  -> (kc, extras, c_t)"""
+    Kr = K[c, j0:j1]
+    D = Kr.shape[-1]
+    if common is None:
+        shift = Kr.new_zeros(Kr.shape[0], 1, D)
+    else:
+        shift = K[c, common[0]:common[1]].median(dim=-2, keepdim=True).values
+    kc = Kr - shift
+    if not extra:
+        return kc, None, shift
+    ext = Kr.new_empty(*Kr.shape[:-1], D + 3)
+    ext[..., 0] = 1.0
+    torch.mul(kc, kc, out=ext[..., 1 : D + 1])
+    ext[..., D + 1] = ext[..., 1 : D + 1].sum(-1).sqrt_()
+    ext[..., D + 2] = Kr.norm(dim=-1)
+    return kc, ext, shift
 
 
 def _prepare(q, k, v, lam):
-    """Head-major compute-dtype views, keys shifted by their per-head mean, non-finite keys zeroed.
+    """Head-major compute-dtype views, non-finite keys zeroed.
 
-    Returns Q [B, Hk, G, T, D], Kc [B, Hk, S, D], V [B, Hk, S, Dv], L [B, Hk, G, T], kbar, bad
+    Returns Q [B, Hk, G, T, D], K [B, Hk, S, D], V [B, Hk, S, Dv], L [B, Hk, G, T], bad
     where ``bad [B, Hk, S]`` flags keys/values that are not finite (None when all are).
     """
     B, T, H, D = q.shape
@@ -208,67 +324,98 @@ def _prepare(q, k, v, lam):
         bad = ~finite
         K = K.masked_fill(bad[..., None], 0.0)
         V = V.masked_fill(bad[..., None], 0.0)
-    kbar = K.mean(dim=2, keepdim=True) if K.shape[2] else K.new_zeros(B, Hk, 1, D)  # [B, Hk, 1, D]
-    return Q, K - kbar, V, L, kbar, bad
+    return Q, K, V, L, bad
+
+
+def _solve_stats(res, fl, tol):
+    """(worst true residual, the residual and floor of the row furthest past ``max(tol, floor)``)."""
+    ratio = res / torch.maximum(fl, torch.full_like(fl, tol))
+    ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, float("inf")), ratio)
+    k = ratio.reshape(-1).argmax()
+    return res.max(), res.reshape(-1)[k], fl.reshape(-1)[k], ratio.reshape(-1)[k]
+
+
+def _merge(acc, new):
+    """Keep the worse of two ``_solve_stats`` tuples (NaN residuals propagate)."""
+    if acc is None:
+        return new
+    worst = torch.maximum(acc[0], new[0])
+    worst = torch.where(torch.isnan(acc[0]) | torch.isnan(new[0]), torch.full_like(worst, float("nan")), worst)
+    take = new[3] > acc[3]
+    return (worst, *(torch.where(take, b, a) for a, b in zip(acc[1:], new[1:])))
 
 
 def lla_forward(q, k, v, lam, cfg):
     """Forward pass.  q [B, T, H, D], k [B, S, Hk, D], v [B, S, Hk, Dv], lam [B, T, H].
 
-    Returns ``o [B, T, H, Dv]`` (dtype of q), ``lse [B, T, H]`` float32 (true logits),
-    ``stats [3]`` = (CG iterations, worst relative residual, worst amplification) on the CPU, where
+    Returns ``o [B, T, H, Dv]`` (dtype of q), ``lse [B, T, H]`` float32, ``stats [5]`` on the CPU =
+    (CG iterations, worst true relative residual, worst amplification, and the residual and
+    attainable floor of the row furthest past its tolerance, see ``diagnostics.check_solve``), where
     the amplification estimates how much rounding is magnified (see ``LLAAux``), and the saved state
-    ``x, m [B, Hk, G, T, D]``, ``lse_c [B, Hk, G, T]`` (compute dtype; lse of the shifted logits).
+    ``x, m [B, Hk, G, T, D]`` (``m`` in its tile's key frame), ``lse_c [B, Hk, G, T]`` (compute dtype).
 
     Per step (``_blocks``): a chunk of (batch, key head) pairs, each with its ``G`` query heads, and
-    a tile of query rows: one logits GEMM and an in-place softmax in a reused buffer; one GEMM for
-    the mean ``m``; the solve (CG with a tile-shared dense preconditioner, dropping converged rows as
-    it goes); one GEMM for ``y . x`` and one for the output.  A step is at most ``HEAD_TILE_ELEMS``
-    weights (4 MiB in float32), which keeps the CG loop's weight tile in cache (measured ~1.5x faster
-    per iteration than all heads at once at long T); at short T many pairs share a step.
+    a tile of query rows: one logits GEMM (raw keys) and an in-place softmax in a reused buffer; the
+    tile's keys shifted by a vector from keys all its rows see; one GEMM for the mean ``m`` and the
+    moments the preconditioner and diagnostics need; the solve (CG dropping converged rows as it
+    goes, or direct); one GEMM for ``y . x`` and one for the output.  A step is at most
+    ``HEAD_TILE_ELEMS`` weights (4 MiB in float32), which keeps the CG loop's weight tile in cache;
+    at short T many pairs share a step.
     """
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hk
-    Q, Kc, V, L, kbar, bad = _prepare(q, k, v, lam)
+    Q, K, V, L, bad = _prepare(q, k, v, lam)
     cdt = Q.dtype
+    eps = torch.finfo(cdt).eps
     scratch = _Scratch(Q)
     Qs = Q * cfg.scale  # [B, Hk, G, T, D] scaled once
-    Qmu = Q - kbar.unsqueeze(2)  # queries in the shifted key frame (for mu = m - q)
-    Kx = torch.cat([Kc, (Kc * Kc).sum(-1, keepdim=True)], dim=-1)  # [B, Hk, S, D + 1]: keys | |k|^2
     O = Q.new_zeros(B, Hk, G, T, Dv)
     X = Q.new_zeros(B, Hk, G, T, D)
     M = Q.new_zeros(B, Hk, G, T, D)
     LSE = Q.new_full((B, Hk, G, T), float("-inf"))
-    iters, resid, amp = 0, Q.new_zeros(()), Q.new_zeros(())
+    iters, amp, acc = 0, Q.new_zeros(()), None
     # (batch, key head) pairs folded into one dim N, processed ``nb`` at a time: one pair per step
     # at long T (a tile is already HEAD_TILE_ELEMS), many at short T (training shapes), so that
     # small problems are a few batched GEMMs rather than B * Hk tiny ones.
     N = B * Hk
-    Qs, Qmu, Kc, Kx, V, L = (t.reshape(N, *t.shape[2:]) for t in (Qs, Qmu, Kc, Kx, V, L))
+    Q, Qs, K, V, L = (t.reshape(N, *t.shape[2:]) for t in (Q, Qs, K, V, L))
     O, X, M, LSE = (t.view(N, *t.shape[2:]) for t in (O, X, M, LSE))
     bad = None if bad is None else bad.reshape(N, S)
-    for c, i0, i1, j0, j1, mask in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
+    for c, i0, i1, j0, j1, mask, common in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
         t = i1 - i0
         R = G * t
-        Kt, Vt = Kc[c, j0:j1], V[c, j0:j1]  # [nb, n, D], [nb, n, Dv]
-        s, lse_t = _softmax_tile(Qs[c, :, i0:i1].reshape(-1, R, D), Kt, mask, G, scratch)  # [nb, R, n]
+        Vt = V[c, j0:j1]  # [nb, n, Dv]
+        s, lse_t, smax = _softmax_tile(Qs[c, :, i0:i1].reshape(-1, R, D), K[c, j0:j1], mask, G, scratch)  # [nb, R, n]
         LSE[c, :, i0:i1] = lse_t.view(-1, G, t)
-        msk = s @ Kx[c, j0:j1]  # [nb, R, D + 1]: m and sum_j s_j |k_j|^2 in one GEMM
-        m = msk[..., :D]
+        k1, ext, shift = _shifted_keys(K, c, common, j0, j1, extra=True)
+        mom = torch.cat([s @ k1, s @ ext], dim=-1)  # [nb, R, 2 D + 3]: m | sum s | diag moments | E|k - c| | E|k|
+        m = mom[..., :D]
+        ekc2 = mom[..., D + 1 : 2 * D + 1].sum(-1)  # E_s |k - c|^2
+        diag = (mom[..., D + 1 : 2 * D + 1] - m * m).clamp_min_(0.0)
         lam_t = L[c, :, i0:i1].reshape(-1, R)
-        mu = m - Qmu[c, :, i0:i1].reshape(-1, R, D)
-        x, it, r = _solve(cfg, s, Kt, m, lam_t, mu, None, scratch)
-        iters, resid = max(iters, it), torch.maximum(resid, r)
-        # y_j . x, then s_j (y_j . x) in place; the output weights are s_j - s_j (y_j . x)
-        syx = scratch.get("k", s.shape)
-        torch.baddbmm(-(m * x).sum(-1, keepdim=True), x, Kt.transpose(-1, -2), out=syx).mul_(s)
-        # rounding amplification: of the output weights, and of forming A next to the ridge
-        amp_rows = torch.linalg.vector_norm(syx, ord=1, dim=-1) + msk[..., D] / lam_t
-        amp = torch.maximum(amp, amp_rows.max())
+        diag.add_(lam_t.unsqueeze(-1))
+        qc = Q[c, :, i0:i1].reshape(-1, R, D) - shift
+        seen = torch.isfinite(lse_t).unsqueeze(-1)  # rows that see a key (others output 0)
+        mu = torch.where(seen, m - qc, torch.zeros_like(m))
+        x, it, res, fl = _solve(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2)
+        # output weights w_j = s_j (1 - y_j . x); s_j y_j . x on the way gives CG's true residual
+        w = _centred(x, k1, s, scratch.get("k", s.shape)).mul_(s)
+        if res is None:
+            x, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2, x, it, w)
+            if redone:
+                w = _centred(x, k1, s, scratch.get("k", s.shape)).mul_(s)
+        w.neg_().add_(s)
+        iters = max(iters, it)
+        acc = _merge(acc, _solve_stats(res, fl, cfg.tol))
         if bad is not None:
             sees_bad = (s > 0).to(cdt) @ bad[c, j0:j1, None].to(cdt)  # [nb, R, 1]
-        o = torch.matmul(torch.sub(s, syx, out=syx), Vt)  # [nb, R, Dv]
+        o = torch.matmul(w, Vt)  # [nb, R, Dv]
+        ev = (s @ Vt.norm(dim=-1, keepdim=True)).squeeze(-1)  # E_s |v|: the scale of the error bounds
+        on = o.norm(dim=-1)
+        rel = ev / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
+        amp = torch.maximum(amp, _amplification(w, x, m, qc, lam_t, mom, D, cfg.scale, Q[c, :, i0:i1].reshape(-1, R, D),
+                                                smax, rel))
         if bad is not None:
             o = o.masked_fill(sees_bad > 0, float("nan"))
         O[c, :, i0:i1] = o.view(-1, G, t, Dv)
@@ -276,67 +423,138 @@ def lla_forward(q, k, v, lam, cfg):
         M[c, :, i0:i1] = m.reshape(-1, G, t, D)
     O, X, M, LSE = (t.view(B, Hk, *t.shape[1:]) for t in (O, X, M, LSE))
     o = O.reshape(B, H, T, Dv).permute(0, 2, 1, 3).to(q.dtype)
-    # lse of the true logits: the key shift moved each row's logits by scale * q . kbar
-    lse = (LSE + cfg.scale * (Q @ kbar.unsqueeze(2).transpose(-1, -2)).squeeze(-1)).reshape(B, H, T)
-    lse = lse.permute(0, 2, 1).float()
-    stats = torch.stack([torch.tensor(float(iters), dtype=resid.dtype), resid.cpu(), amp.cpu()])
+    lse = LSE.reshape(B, H, T).permute(0, 2, 1).float()
+    if acc is None:
+        z = Q.new_zeros(())
+        acc = (z, z, z, z)
+    del eps
+    stats = torch.stack([torch.tensor(float(iters), dtype=cdt), acc[0].cpu(), amp.cpu(), acc[1].cpu(), acc[2].cpu()])
     return o, lse, stats, X, M, LSE
 
 
-def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True):
+def _centred(p, kc, s, out):
+    """``y_j . p`` for every key of a tile (``kc = k - c`` [nb, n, D], p [nb, R, D] -> out [nb, R, n]),
+    centred with the weighted mean of the *computed* ``(k_j - c) . p``, so that ``sum_j s_j y_j . p``
+    is zero to rounding of that sum: a row whose weight sits on one key gets ``y . p = 0`` for it
+    exactly, however large ``|p| |k - c|`` (the rounding of each product cancels with itself)."""
+    torch.matmul(p, kc.transpose(-1, -2), out=out)
+    return out.sub_(torch.linalg.vecdot(s, out).unsqueeze(-1))
+
+
+def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
+    """Worst row's rounding magnifier (see ``LLAAux.amplification``): w [nb, R, n] the output weights.
+
+    Per row, with ``E`` the softmax mean over its keys, ``c`` the tile's key shift, ``C`` the
+    weighted key covariance, ``f = sqrt(c) / (c + lam)`` with ``c = tr C / D`` (how much of an error
+    ``e`` in ``A x`` or in ``m - q`` reaches the output, ``sqrt(e^T A^-1 C A^-1 e) ~ f |e|``, for an
+    isotropic covariance; the bound over all eigenvalues, ``1 / (2 sqrt(lam))``, over-warns) and
+    ``1 - s_max`` (the weight not on the row's largest key; errors common to all keys cancel):
+    ``|w|_1 (1 + 2 (1 - s_max) scale |q| E|k|)``  the output sum, and logit rounding moving weights,
+    ``2 (1 - s_max) E|k - c| |x| sqrt(s_max / D)``  forming ``y . x`` (typical, not worst-case, rounding),
+    ``E|k - c| |x| c / (c + lam) sqrt(s_max / D)`` the centred matvec's rounding (it lies along the
+                                                  keys' spread, so ``A^-1`` does not magnify it),
+    ``f (E|k - c| + |q - c|)``                    the right-hand side ``m - q``,
+    all in units of ``E|v|``, so times ``rel = E|v| / max(|o|, mean_tile |o|)`` to be relative to the output.
+    """
+    aw = torch.linalg.vector_norm(w, ord=1, dim=-1)
+    ekc = mom[..., 2 * D + 1]
+    ek = mom[..., 2 * D + 2]
+    ekc2 = mom[..., D + 1 : 2 * D + 1].sum(-1)
+    mn = m.norm(dim=-1)
+    xn = x.norm(dim=-1)
+    trc = (ekc2 - mn * mn).clamp_min(0.0)
+    # typical (isotropic) case of sqrt(c) / (c + lam) over the covariance's eigenvalues c ~ tr C / D;
+    # the worst case min(1 / (2 sqrt(lam)), sqrt(tr C) / lam) over-warned by 10-1000x on the grid
+    ci = trc / D
+    f = ci.sqrt() / (ci + lam)
+    spread = 2.0 * (1.0 - smax).clamp_min(0.0)
+    logit = abs(scale) * q.norm(dim=-1) * ek  # |logits| scale: their rounding is eps times this
+    # a logit error dl can move weight onto keys within dl of the largest logit (weight ~ (1 - s_max) e^dl):
+    # once that is not small, the errors no longer cancel
+    dl = (torch.finfo(w.dtype).eps * logit).clamp_max(50.0)
+    flip = ((1.0 - smax).clamp_min(0.0) * dl.exp() * dl).clamp_max(1.0)
+    # rounding of y . x (a D-term dot product per key, errors of either sign summed over the keys with
+    # weights s_j): typically sqrt(sum_j s_j^2 / D) <= sqrt(s_max / D) of the worst case E|k - c| |x|
+    typ = (smax / D).sqrt()
+    a = aw * (1.0 + torch.maximum(spread, flip) * logit) + typ * spread * ekc * xn
+    # the centred matvec's rounding lies along the keys' spread (its components scale with sqrt(c)), so
+    # after A^-1 it reaches the output like the rounding of y . x does: E|k - c| |x|
+    a = (a + typ * ekc * xn * (ci / (ci + lam)) + f * (ekc + qc.norm(dim=-1))) * rel
+    a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
+    return a.max() if a.numel() else a.new_zeros(())
+
+
+def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, report=None):
     """Backward pass from the forward's saved state -> ``(dq, dk, dv, dlam [B, T, H] or None)``.
 
-    The forward's steps (``_blocks``), the ``[nb, R, n]`` intermediates in reused buffers and updated
-    in place; the adjoint solve as in the forward.
+    The forward's steps (``_blocks``, the same tiles and key shifts), the ``[nb, R, n]`` intermediates
+    in reused buffers and updated in place; the adjoint solve as in the forward, to ``cfg.adj_tol``.
+    ``report`` (optional list) receives ``(worst true residual, residual and floor of the row
+    furthest past its tolerance, CG iterations)`` of the adjoint solves, as host floats.
     """
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hk
-    Q, Kc, V, L, _, _ = _prepare(q, k, v, lam)
-    cdt = Q.dtype
+    Q, K, V, L, _ = _prepare(q, k, v, lam)
     scratch = _Scratch(Q)
     scale = cfg.scale
     Qs = Q * scale
-    dO = do.to(cdt).permute(0, 2, 1, 3).reshape(B, Hk, G, T, Dv)
-    dQ, dK, dV, dL = (t.new_zeros(t.shape) for t in (Q, Kc, V, L))  # contiguous (Q, V, L are views)
+    dO = do.to(Q.dtype).permute(0, 2, 1, 3).reshape(B, Hk, G, T, Dv)
+    dQ, dK, dV, dL = (t.new_zeros(t.shape) for t in (Q, K, V, L))  # contiguous (Q, V, L are views)
     N = B * Hk  # (batch, key head) pairs folded, ``nb`` at a time, as in the forward
-    Qs, Q, Kc, V, L, dO = (t.reshape(N, *t.shape[2:]) for t in (Qs, Q, Kc, V, L, dO))
+    Qs, Q, K, V, L, dO = (t.reshape(N, *t.shape[2:]) for t in (Qs, Q, K, V, L, dO))
     dQ, dK, dV, dL = (t.view(N, *t.shape[2:]) for t in (dQ, dK, dV, dL))
     X, M, LSE = (t.reshape(N, *t.shape[2:]) for t in (X, M, LSE))
-    for c, i0, i1, j0, j1, mask in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
+    iters, acc, amp_b = 0, None, Q.new_zeros(())
+    for c, i0, i1, j0, j1, mask, common in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
         t = i1 - i0
         R = G * t
-        Kt, Vt = Kc[c, j0:j1], V[c, j0:j1]  # [nb, n, D], [nb, n, Dv]
-        KtT = Kt.transpose(-1, -2)
-        nbc, n = Kt.shape[0], Kt.shape[1]
+        Vt = V[c, j0:j1]  # [nb, n, Dv]
+        nbc, n = Vt.shape[0], Vt.shape[1]
         lse = LSE[c, :, i0:i1].reshape(nbc, R, 1)
         lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
         s = scratch.get("s", (nbc, R, n))
-        torch.matmul(Qs[c, :, i0:i1].reshape(nbc, R, D), KtT, out=s)
+        torch.matmul(Qs[c, :, i0:i1].reshape(nbc, R, D), K[c, j0:j1].transpose(-1, -2), out=s)
         _mask_fill_(s, mask)
         s.sub_(lse).exp_()  # [nb, R, n] softmax weights
+        k1, _, _ = _shifted_keys(K, c, common, j0, j1, extra=False)
+        Kt = k1
         x, m = X[c, :, i0:i1].reshape(nbc, R, D), M[c, :, i0:i1].reshape(nbc, R, D)
         q_t = Q[c, :, i0:i1].reshape(nbc, R, D)
         do_t = dO[c, :, i0:i1].reshape(nbc, R, Dv)
         lam_t = L[c, :, i0:i1].reshape(nbc, R)
         g = scratch.get("g", (nbc, R, n))
         torch.matmul(do_t, Vt.transpose(-1, -2), out=g)  # g_j = do . v_j
+        gbar = torch.linalg.vecdot(s, g).unsqueeze(-1)  # [nb, R, 1]
         a = scratch.get("a", (nbc, R, n))
-        torch.mul(s, g, out=a)  # s_j g_j
-        gbar = a.sum(-1, keepdim=True)  # [nb, R, 1]
-        gx = gbar * m - a @ Kt  # -sum_j s_j g_j y_j
-        u, _, _ = _solve(cfg, s, Kt, m, lam_t, gx, None, scratch)  # adjoint solve
+        torch.sub(g, gbar, out=a).mul_(s)  # s_j (g_j - gbar): centred, so one-hot rows give exactly 0
+        gx = -(a @ Kt)  # -sum_j s_j g_j y_j = -sum_j s_j (g_j - gbar)(k_j - c)
+        # logit scale of each row (scale |q| E_s|k|): rounding of the logits reaches the gradients
+        logit = abs(scale) * q_t.norm(dim=-1) * (s @ K[c, j0:j1].norm(dim=-1).unsqueeze(-1)).squeeze(-1)
+        # a row whose weight is exactly on one key (the others underflow to 0) has exact logit gradients;
+        # otherwise gradients through nearly one-hot weights are tiny and relatively as inexact as the logits
+        several = (s.amax(-1) < 1.0).to(logit.dtype)
+        amp_b = torch.maximum(amp_b, (several * logit).max())
+        sk2 = s @ (Kt * Kt)
+        ekc2 = sk2.sum(-1)
+        diag = (sk2 - m * m).clamp_min_(0.0).add_(lam_t.unsqueeze(-1))
+        u, it, res, fl = _solve(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2)  # adjoint solve
+        _centred(u, Kt, s, a)  # y_j . u
+        if res is None:  # CG: the true residual from s_j y_j . u
+            su = torch.mul(a, s, out=scratch.get("yx", (nbc, R, n)))
+            u, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2, u, it, su)
+            if redone:
+                _centred(u, Kt, s, a)
+        iters = max(iters, it)
+        acc = _merge(acc, _solve_stats(res, fl, cfg.adj_tol))
         gm = gbar * x + u
-        yx = scratch.get("yx", (nbc, R, n))
-        torch.matmul(x, KtT, out=yx).sub_((m * x).sum(-1, keepdim=True))  # y_j . x
-        torch.matmul(u, KtT, out=a).sub_((m * u).sum(-1, keepdim=True))  # y_j . u
         a.add_(g)  # g_j + y_j . u
-        P = scratch.get("P", (nbc, R, n))
-        torch.matmul(gm, KtT, out=P).sub_((m * gm).sum(-1, keepdim=True))  # y_j . gm
+        yx = _centred(x, Kt, s, scratch.get("yx", (nbc, R, n)))  # y_j . x
+        P = _centred(gm, Kt, s, scratch.get("P", (nbc, R, n)))  # y_j . gm
         P.add_(g).addcmul_(yx, a, value=-1.0)  # P_j = (1 - y.x) g - (y.u)(y.x) + y.gm
         sP = torch.linalg.vecdot(s, P).unsqueeze(-1)  # [nb, R, 1]
         dl = P.sub_(sP).mul_(s)  # softmax backward
-        dq = torch.baddbmm(u, dl, Kt, beta=-1.0, alpha=scale)  # scale * dl @ K - u
+        dq = torch.baddbmm(u, dl, Kt, beta=-1.0, alpha=scale)  # scale * dl @ (K - c) - u  (sum_j dl_j = 0)
         dQ[c, :, i0:i1] = dq.view(nbc, G, t, D)
         coef = a.neg_().add_(gbar).mul_(s)  # s_j (gbar - g_j - y_j . u)
         sc = yx.neg_().add_(1.0).mul_(s)  # s_j (1 - y_j . x)
@@ -345,6 +563,8 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True):
         dKh.baddbmm_(dl.transpose(-1, -2), q_t, alpha=scale)
         dV[c, j0:j1].baddbmm_(sc.transpose(-1, -2), do_t)
         dL[c, :, i0:i1] = (-(u * x).sum(-1)).view(nbc, G, t)
+    if report is not None and acc is not None:
+        report.append((float(acc[0]), float(acc[1]), float(acc[2]), iters, float(amp_b)))
     dQ, dK, dV, dL = (t.view(B, Hk, *t.shape[1:]) for t in (dQ, dK, dV, dL))
     dq = dQ.reshape(B, H, T, D).permute(0, 2, 1, 3).to(q.dtype)
     dk = dK.permute(0, 2, 1, 3).to(k.dtype)
@@ -354,7 +574,9 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True):
 
 
 class LLATorchFunction(torch.autograd.Function):
-    """Autograd wrapper: ``(q, k, v, lam[B, T, H], cfg) -> (o, lse, stats)``; stats as in ``lla_forward``."""
+    """Autograd wrapper: ``(q, k, v, lam[B, T, H], cfg) -> (o, lse, stats)``; stats as in ``lla_forward``.
+
+    The backward checks its adjoint solves (``diagnostics.check_solve(stage="backward")``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, lam, cfg):
@@ -367,28 +589,44 @@ class LLATorchFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse, _dstats):
         q, k, v, lam, X, M, LSE = ctx.saved_tensors
-        dq, dk, dv, dlam = lla_backward(do, q, k, v, lam, X, M, LSE, ctx.cfg, ctx.needs_input_grad[3])
+        report = []
+        dq, dk, dv, dlam = lla_backward(do, q, k, v, lam, X, M, LSE, ctx.cfg, ctx.needs_input_grad[3], report=report)
+        if report:
+            _worst, res, floor, iters, logit = report[0]
+            check_solve(stage="backward", solver=ctx.cfg.solver, residual=res, tol=ctx.cfg.adj_tol, iters=iters,
+                        lam_min=float(lam.detach().min()) if lam.numel() else float("nan"), floor=floor)
+            # gradients through nearly one-hot weights are relatively as inexact as the logits
+            check_conditioning(BACKWARD_LOGIT_FACTOR * logit, q.dtype, op="local_linear_attention (backward)")
         return dq, dk, dv, dlam, None
 
 
 def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition):
-    """PyTorch backend entry: ``(o [B, T, H, Dv], lse [B, T, H], iters, residual, amplification)``.
+    """PyTorch backend entry: ``(o [B, T, H, Dv], lse [B, T, H], iters, residual, amplification,
+    (residual, floor))`` where the last pair is what ``diagnostics.check_solve`` takes: the true
+    residual and attainable floor of the row furthest past its tolerance.
 
     Packed sequences (``cu_seqlens``) run one after the other, so nothing crosses a boundary.
     """
     cfg = _Cfg(scale, tuple(window_size), solver, max_iters, tol, precondition)
-    if cu_seqlens is None:
-        o, lse, stats = LLATorchFunction.apply(q, k, v, lam, cfg)
-        iters, resid, amp = stats.tolist()
-        return o, lse, int(iters), resid, amp
-    outs, lses, iters, resid, amp = [], [], 0, 0.0, 0.0
-    bounds = cu_seqlens.tolist()
+    bounds = [0, q.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+    outs, lses, iters, resid, amp, chk = [], [], 0, 0.0, 0.0, (0.0, 0.0)
     for a, b in zip(bounds, bounds[1:]):
-        o, lse, stats = LLATorchFunction.apply(q[:, a:b], k[:, a:b], v[:, a:b], lam[:, a:b], cfg)
-        it, r, amp_seq = stats.tolist()
+        if cu_seqlens is None:
+            o, lse, stats = LLATorchFunction.apply(q, k, v, lam, cfg)
+        else:
+            o, lse, stats = LLATorchFunction.apply(q[:, a:b], k[:, a:b], v[:, a:b], lam[:, a:b], cfg)
+        it, r, amp_seq, r_chk, f_chk = stats.tolist()
         amp = max(amp, amp_seq)
         outs.append(o)
         lses.append(lse)
         iters = max(iters, int(it))
-        resid = r if math.isnan(r) else max(resid, r)
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1), iters, resid, amp
+        resid = r if (math.isnan(r) or math.isnan(resid)) else max(resid, r)
+        if _excess(r_chk, f_chk, tol) > _excess(*chk, tol):
+            chk = (r_chk, f_chk)
+    if len(outs) == 1:
+        return outs[0], lses[0], iters, resid, amp, chk
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1), iters, resid, amp, chk
+
+
+def _excess(res, floor, tol):
+    return float("inf") if math.isnan(res) else res / max(tol, floor)
