@@ -159,7 +159,9 @@ def _lla_run(out, *extra, world: int = 1, timeout: float = 120.0):
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=str(out.parent))
     assert res.returncode == 0, res.stderr[-3000:]
     losses = [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if r["kind"] == "train"]
-    state = torch.load(out / "ckpt" / "mqar_lla.pt", weights_only=False)["model"]
+    ckpts = sorted(out.glob("seed*/ckpt/mqar_lla*.pt"))  # one seed, one learning rate: one checkpoint
+    assert len(ckpts) == 1, ckpts
+    state = torch.load(ckpts[0], weights_only=False)["model"]
     return losses, state
 
 
