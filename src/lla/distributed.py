@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .ops.api import LLAAux, local_linear_attention
+from .ops.api import LLAAux, _check_window, local_linear_attention
 
 __all__ = [
     "context_parallel_attention",
@@ -257,14 +257,7 @@ def context_parallel_attention(
     _check_local("v", v, T_local)
     if "cu_seqlens" in op_kwargs:
         raise ValueError("cu_seqlens is not supported by context_parallel_attention (shard one sequence per batch row)")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
-    ):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), got {window_size!r}")
+    _check_window(window_size, causal)
     if mechanism == "lla":
         if r is not None:
             raise ValueError("r is the second query of mechanism='parallax'; mechanism='lla' takes no r")

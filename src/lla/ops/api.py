@@ -53,6 +53,49 @@ def _check_tensor(name: str, x, rank: int) -> None:
         raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {x.dtype}")
 
 
+def _check_qkv(q, k, v, r=None):
+    """The shared checks of ``q [B, T, H, D]``, ``k [B, S, Hk, D]``, ``v [B, S, Hk, Dv]`` (and Parallax's
+    ``r``, shaped like ``q``) -> ``(B, T, H, D, S, Hk, Dv)``."""
+    names, ts = ("q", "r", "k", "v") if r is not None else ("q", "k", "v"), (q, r, k, v) if r is not None else (q, k, v)
+    for name, t in zip(names, ts):
+        _check_tensor(name, t, 4)
+    if len({t.dtype for t in ts}) != 1:
+        raise TypeError(f"{', '.join(names)} must share a dtype, got {', '.join(str(t.dtype) for t in ts)}")
+    if len({t.device for t in ts}) != 1:
+        raise ValueError(f"{', '.join(names)} must be on one device, got {', '.join(str(t.device) for t in ts)}")
+    if r is not None and r.shape != q.shape:
+        raise ValueError(f"r must have the shape of q {tuple(q.shape)}, got {tuple(r.shape)}")
+    B, T, H, D = q.shape
+    Bk, S, Hk, Dk = k.shape
+    if Bk != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
+    if v.shape[1] != S:
+        raise ValueError(f"k and v must have the same length S, got {S} and {v.shape[1]}")
+    if v.shape[2] != Hk:
+        raise ValueError(f"k and v must have the same number of heads, got {Hk} and {v.shape[2]}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim D, got {D} and {Dk}")
+    if Hk == 0 or H % Hk != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hk})")
+    if D == 0 or v.shape[3] == 0:
+        raise ValueError("head dims must be > 0")
+    return B, T, H, D, S, Hk, v.shape[3]
+
+
+def _check_window(window_size, causal) -> tuple[int, int]:
+    """``causal`` a bool and ``window_size`` a pair of ints >= -1 -> the ``(left, right)`` the backends
+    take (``right = 0`` when causal)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    ):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), got {window_size!r}")
+    return int(window_size[0]), 0 if causal else int(window_size[1])
+
+
 def _normalise_ridge(ridge, B: int, T: int, H: int, q: torch.Tensor) -> torch.Tensor:
     """Return the ridge as a ``[B, T, H]`` float tensor (an expanded view when given smaller)."""
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float, torch.Tensor)):
@@ -209,40 +252,12 @@ def local_linear_attention(
     Returns:
         ``o [B, T, H, Dv]`` in the dtype of ``q``, or ``(o, LLAAux)`` with ``return_aux=True``.
     """
-    _check_tensor("q", q, 4)
-    _check_tensor("k", k, 4)
-    _check_tensor("v", v, 4)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, T, H, D = q.shape
-    Bk, S, Hk, Dk = k.shape
-    if Bk != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
-    if v.shape[1] != S:
-        raise ValueError(f"k and v must have the same length S, got {S} and {v.shape[1]}")
-    if v.shape[2] != Hk:
-        raise ValueError(f"k and v must have the same number of heads, got {Hk} and {v.shape[2]}")
-    if Dk != D:
-        raise ValueError(f"q and k must have the same head dim D, got {D} and {Dk}")
-    if Hk == 0 or H % Hk != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hk})")
-    if D == 0 or v.shape[3] == 0:
-        raise ValueError("head dims must be > 0")
+    B, T, H, D, S, Hk, _ = _check_qkv(q, k, v)
     if scale is None:
         scale = D ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
-    ):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), got {window_size!r}")
-    window_size = (int(window_size[0]), 0 if causal else int(window_size[1]))
+    window_size = _check_window(window_size, causal)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if backend not in BACKENDS:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..api import _check_cu_seqlens, _check_tensor, _pick_backend
+from ..api import _check_cu_seqlens, _check_qkv, _check_tensor, _check_window, _pick_backend
 
 __all__ = ["parallax_attention"]
 
@@ -15,29 +15,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 def _check_qrkv(q, r, k, v):
     """Shapes, dtypes and devices shared by the ops -> ``(B, T, H, D, S, Hk, Dv)``."""
-    for name, x in (("q", q), ("r", r), ("k", k), ("v", v)):
-        _check_tensor(name, x, 4)
-    if not (q.dtype == r.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, r, k and v must share a dtype, got {q.dtype}, {r.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == r.device == k.device == v.device):
-        raise ValueError(f"q, r, k and v must be on one device, got {q.device}, {r.device}, {k.device}, {v.device}")
-    if r.shape != q.shape:
-        raise ValueError(f"r must have the shape of q {tuple(q.shape)}, got {tuple(r.shape)}")
-    B, T, H, D = q.shape
-    Bk, S, Hk, Dk = k.shape
-    if Bk != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
-    if v.shape[1] != S:
-        raise ValueError(f"k and v must have the same length S, got {S} and {v.shape[1]}")
-    if v.shape[2] != Hk:
-        raise ValueError(f"k and v must have the same number of heads, got {Hk} and {v.shape[2]}")
-    if Dk != D:
-        raise ValueError(f"q and k must have the same head dim D, got {D} and {Dk}")
-    if Hk == 0 or H % Hk != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hk})")
-    if D == 0 or v.shape[3] == 0:
-        raise ValueError("head dims must be > 0")
-    return B, T, H, D, S, Hk, v.shape[3]
+    return _check_qkv(q, k, v, r=r)
 
 
 def _check_scale(scale, D):
@@ -46,18 +24,6 @@ def _check_scale(scale, D):
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     return float(scale)
-
-
-def _check_window(window_size, causal):
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
-    ):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), got {window_size!r}")
-    return int(window_size[0]), 0 if causal else int(window_size[1])
 
 
 def parallax_attention(

@@ -17,9 +17,11 @@ Sherman-Morrison ``rho = Sigma^{-1} mu = x / (1 + mu . x)`` and ``delta = 1 - mu
 1 / (1 + mu . x)``, which turns the paper's weights ``s_j (1 - z_j . rho) / delta`` into the ones
 above.  ``A`` does not carry the rank-one spike ``mu mu^T``, so it is far better conditioned when the
 query sits away from its keys (large logits, large key norms), CG converges in fewer iterations,
-and ``delta`` is never formed by cancellation.  Keys are also shifted by their per-head mean
-``kbar`` before anything else: ``A``, ``mu`` and the weights are invariant to a common shift, and the
-logits change by a per-row constant that the softmax ignores (added back to the reported lse).
+and ``delta`` is never formed by cancellation.  Logits come from the raw keys.  For the moments and
+the solve, the keys of a query tile are shifted by a vector taken only from keys that every row of
+the tile sees (``A``, ``mu`` and the weights are invariant to a common shift; the shift only keeps
+the products small), and the covariance matvec is applied centred per row: no statistic over keys a
+row cannot see enters its arithmetic.
 
 Backward (implicit differentiation, one adjoint solve, no unrolling)
 --------------------------------------------------------------------
