@@ -15,6 +15,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 def _check_qrkv(q, r, k, v):
     """Shapes, dtypes and devices shared by the ops -> ``(B, T, H, D, S, Hk, Dv)``."""
+    _check_tensor("r", r, 4)  # (``_check_qkv`` takes ``r=None`` for "no second query")
     return _check_qkv(q, k, v, r=r)
 
 
