@@ -190,3 +190,44 @@ def test_ridge_scales_with_the_square_of_the_key_scale(c):
     assert rel_err(_op(c * q, c * k, v, ridge=c * c * lam, scale=scale / (c * c)), o) < 1e-9
     # and it is not dimensionless: the same ridge on scaled keys is a different op
     assert rel_err(local_linear_attention_ref(c * q, c * k, v, ridge=lam, scale=scale / (c * c)), o) > 1e-3
+
+
+def _grid_inputs(T=64, H=2, D=16, qmag=1.0, kmag=1.0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, T, H, D, generator=g, dtype=torch.float64) * qmag
+    k = torch.randn(1, T, H, D, generator=g, dtype=torch.float64) * kmag
+    v = torch.randn(1, T, H, D, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _backward_warnings(q, k, v, ridge, **kw):
+    import lla as _lla
+
+    ll = torch.tensor(ridge, dtype=q.dtype, requires_grad=True)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o = _lla.local_linear_attention(qq, kk, vv, ridge=ll, solver="cg", backend="torch", **kw)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).to(o.dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.autograd.grad(o, (qq, kk, vv, ll), do)
+    return [str(w.message) for w in caught if issubclass(w.category, _lla.LLAConvergenceWarning)]
+
+
+def test_backward_warns_logits_1e4_tiny_weights():
+    # robustness grid: fp32 logits ~1e4, every row's weight nearly one-hot (other weights < eps / 2, so
+    # s_max == 1): dq / dk are 0.28 / 0.23 off the float64 reference; the backward must say so
+    q, k, v = _grid_inputs()
+    msgs = _backward_warnings(q, k, v, 1.0, scale=1e4 / 4.0)
+    assert any("(backward): ill-conditioned" in m for m in msgs), msgs
+
+
+def test_ridge_gradient_cancellation_warns_and_base_case_silent():
+    # fp32 ridge 0.01, scalar ridge: the summed -u.x cancels (ridge gradient 3.9e-3 off the reference,
+    # everything else < 4e-5): warned at backward time
+    q, k, v = _grid_inputs()
+    msgs = _backward_warnings(q, k, v, 0.01)
+    assert any("(ridge gradient): ill-conditioned" in m for m in msgs), msgs
+    # the same inputs at ridge 1 (every error < 1e-5): no warning at all
+    assert _backward_warnings(q, k, v, 1.0) == []

@@ -36,7 +36,8 @@ RESIDUAL_FACTOR = 10.0
 #: ``benchmarks/robustness.py`` (PyTorch path, 111 cases): 1e-4 left 4 silent misses (all gradient
 #: errors) with 5 false alarms but warned on well-posed fp32 solves at ridge 0.01 (errors ~5e-6);
 #: 2e-4 leaves 7 silent misses (gradient errors the output estimate does not see) and 4 false alarms
-#: (3.6 %); see ``docs/robustness.md``.
+#: (3.6 %); the backward's checks (logit rounding through tiny weights, the ridge gradient's
+#: cancellation, both through ``check_conditioning``) bring the misses to 1; see ``docs/robustness.md``.
 CONDITIONING_THRESHOLD = 2e-4
 
 

@@ -535,7 +535,8 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
         logit = abs(scale) * q_t.norm(dim=-1) * (s @ K[c, j0:j1].norm(dim=-1).unsqueeze(-1)).squeeze(-1)
         # a row whose weight is exactly on one key (the others underflow to 0) has exact logit gradients;
         # otherwise gradients through nearly one-hot weights are tiny and relatively as inexact as the logits
-        several = (s.amax(-1) < 1.0).to(logit.dtype)
+        # (``s_max < 1`` is not the test: weights below eps / 2 leave ``s_max == 1`` but carry the gradient)
+        several = ((s > 0).sum(-1) > 1).to(logit.dtype)
         amp_b = torch.maximum(amp_b, (several * logit).max())
         sk2 = s @ (Kt * Kt)
         ekc2 = sk2.sum(-1)
@@ -566,7 +567,15 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
         dV[c, j0:j1].baddbmm_(sc.transpose(-1, -2), do_t)
         dL[c, :, i0:i1] = (-(u * x).sum(-1)).view(nbc, G, t)
     if report is not None and acc is not None:
-        report.append((float(acc[0]), float(acc[1]), float(acc[2]), iters, float(amp_b)))
+        canc = 0.0
+        if need_dlam:  # dlam's cancellation in the sums autograd makes of it (over lam's broadcast dims):
+            # rounding errors of the terms add up like sqrt(sum t^2), the sum is |sum t|
+            dLs = dL.view(B, Hk, G, T).permute(0, 3, 1, 2).reshape(B, T, H)
+            dims = [d for d in range(3) if lam.stride(d) == 0 and lam.shape[d] > 1]
+            num = float(dLs.norm())
+            den = float((dLs.sum(dims) if dims else dLs).norm())
+            canc = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+        report.append((float(acc[0]), float(acc[1]), float(acc[2]), iters, float(amp_b), canc))
     dQ, dK, dV, dL = (t.view(B, Hk, *t.shape[1:]) for t in (dQ, dK, dV, dL))
     dq = dQ.reshape(B, H, T, D).permute(0, 2, 1, 3).to(q.dtype)
     dk = dK.permute(0, 2, 1, 3).to(k.dtype)
@@ -585,6 +594,7 @@ class LLATorchFunction(torch.autograd.Function):
         o, lse, stats, X, M, LSE = lla_forward(q, k, v, lam, cfg)
         ctx.save_for_backward(q, k, v, lam, X, M, LSE)
         ctx.cfg = cfg
+        ctx.amp = stats[2]
         ctx.mark_non_differentiable(lse, stats)
         return o, lse, stats
 
@@ -594,11 +604,15 @@ class LLATorchFunction(torch.autograd.Function):
         report = []
         dq, dk, dv, dlam = lla_backward(do, q, k, v, lam, X, M, LSE, ctx.cfg, ctx.needs_input_grad[3], report=report)
         if report:
-            _worst, res, floor, iters, logit = report[0]
+            _worst, res, floor, iters, logit, canc = report[0]
             check_solve(stage="backward", solver=ctx.cfg.solver, residual=res, tol=ctx.cfg.adj_tol, iters=iters,
                         lam_min=float(lam.detach().min()) if lam.numel() else float("nan"), floor=floor)
             # gradients through nearly one-hot weights are relatively as inexact as the logits
             check_conditioning(BACKWARD_LOGIT_FACTOR * logit, q.dtype, op="local_linear_attention (backward)")
+            # the ridge gradient -u.x, summed by autograd over lam's broadcast dims, is relatively as inexact
+            # as the output (the forward's estimate) times the sums' cancellation ||u.x|| / ||sum u.x||
+            if canc > 0:
+                check_conditioning(float(ctx.amp) * canc, q.dtype, op="local_linear_attention (ridge gradient)")
         return dq, dk, dv, dlam, None
 
 
