@@ -7,7 +7,7 @@ worst TRUE relative residual ``||A x - mu|| / ||mu||`` of the forward solve at e
 What runs where
 ---------------
 * forward: ``lla_fwd_kernel`` (1-D grid: query tiles x batch x head) -> o, x, m - c, lse.
-* backward: ``lla_bwd_query_kernel`` (adjoint CG, dq, dlam, per-row u / gbar / Ps), then
+* backward: ``lla_bwd_query_kernel`` (adjoint CG, dq, dlam, per-row u / gbar and the pivot-relative sums), then
   ``lla_bwd_key_kernel`` (1-D grid: key tiles x batch x key head) -> dk, dv.  No atomics.  The
   adjoint solve's true residual is checked here (``check_solve(stage="backward")``).
 * saved for backward: x, m - c ``[B, T, H, D]`` float32, the lse statistics ``[B, T, H, 2]`` and
