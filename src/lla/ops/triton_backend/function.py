@@ -208,7 +208,7 @@ def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
     U = torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
     gbar = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     piv = torch.empty(B, T, H, dtype=torch.int32, device=dev)
-    pivs = torch.empty(B, T, H, 4, dtype=torch.float32, device=dev)
+    pivs = torch.empty(B, T, H, 8, dtype=torch.float32, device=dev)
     dlam = torch.empty_like(gbar)
     res = torch.empty_like(gbar)
     n_m = triton.cdiv(T, bc["bwd_q"][0])

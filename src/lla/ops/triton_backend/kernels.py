@@ -321,13 +321,17 @@ def lla_bwd_query_kernel(
     ``y_j.gm = gbar y_j.x + y_j.u``), giving
     ``Ps = sum_j s_j P_j`` and ``dq = scale sum_j s_j P_j y_j - u``; ``dlam = -u . x``.
     Writes dq, dlam and, for the key-tile kernel, u, gbar, the row's pivot key ``piv`` (its
-    largest weight, ``PIV [B, T, H]``, -1 when it sees none) and ``PIVS [B, T, H, 4]``:
-    ``gbar - g_piv = sum_{j != piv} s_j (g_j - g_piv)``, ``g_piv``, ``P_piv`` and
-    ``Ps - P_piv = sum_{j != piv} s_j (P_j - P_piv)``, each formed from this kernel's products
+    largest weight, ``PIV [B, T, H]``, -1 when it sees none) and ``PIVS [B, T, H, 8]``:
+    ``gbar - g_piv = sum_{j != piv} s_j (g_j - g_piv)``, ``g_piv``, ``P_piv``,
+    ``Ps - P_piv = sum_{j != piv} s_j (P_j - P_piv)``, and for ``p = x, u``: ``a_piv = (k_piv - c) . p``
+    and ``(m - k_piv) . p = sum_{j != piv} s_j (a_j - a_piv)``, each formed from this kernel's products
     with the pivot's own term left out, so that they are exactly 0 for a row whose weight sits
-    on one key; the key kernel takes its ``g_j - g_piv`` and ``P_j - P_piv`` as exactly 0 at the
-    pivot, so ``gbar - g_j`` and ``dl_j = s_j (P_j - Ps)`` cancel there whatever the rounding of
-    the recomputed products (they are multiplied by ``|x|`` and ``scale |q|``).
+    on one key; the key kernel takes its ``g_j - g_piv``, ``P_j - P_piv``, ``a_j - a_piv`` as exactly
+    0 at the pivot, so ``gbar - g_j``, ``y_j . x``, ``y_j . u`` and ``dl_j = s_j (P_j - Ps)`` cancel
+    there whatever the rounding of the recomputed products (they are multiplied by ``|x|``,
+    ``|u|``, ``|do|`` and ``scale |q|``).  Here ``y_j . x`` and ``y_j . u`` are centred by the
+    weighted means of the products as computed with this kernel's tiles (pass A, the adjoint
+    solve's last matvec), for the same reason.
     """
     pid_m, pid_bh = _program_ids(T, BLOCK_M)
     b = pid_bh // H
@@ -367,12 +371,14 @@ def lla_bwd_query_kernel(
     ksq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     best = tl.full([BLOCK_M], -1.0, tl.float32)
     piv = tl.full([BLOCK_M], -1, tl.int32)
+    sx = tl.zeros([BLOCK_M], tl.float32)  # sum_j s_j (k_j - c) . x as computed in pass B
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
         s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
+        sx += tl.sum(s * _dot(x, tl.trans(kt - c[None, :]), PREC, EMU), 1)  # same tiles as pass B
         s_top = tl.max(s, 1)
         better = s_top > tl.where(best > 0.0, best, 0.0)  # first tile holding the largest weight
         piv = tl.where(better, (j0 + tl.argmax(s, 1)).to(tl.int32), piv)
@@ -391,10 +397,12 @@ def lla_bwd_query_kernel(
     else:
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    u, res, it, _su = _solve(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
+    u, res, it, su = _solve(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
                         tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
-    mx_dot = tl.sum(m * x, 1)
-    mu_dot = tl.sum(m * u, 1)
+    # y_j . x and y_j . u centred by the weighted means of the products as computed with these tiles
+    # (pass A, the solve's last matvec): exactly 0 for a row whose weight sits on one key
+    mx_dot = sx
+    mu_dot = su
 
     # pass B
     ps = tl.zeros([BLOCK_M], tl.float32)
@@ -404,6 +412,10 @@ def lla_bwd_query_kernel(
     sp_off = tl.zeros([BLOCK_M], tl.float32)  # sum_{j != piv} s_j P_j
     g_piv = tl.zeros([BLOCK_M], tl.float32)
     p_piv = tl.zeros([BLOCK_M], tl.float32)
+    ax_piv = tl.zeros([BLOCK_M], tl.float32)  # (k_piv - c) . x
+    au_piv = tl.zeros([BLOCK_M], tl.float32)
+    sax_off = tl.zeros([BLOCK_M], tl.float32)  # sum_{j != piv} s_j (k_j - c) . x
+    sau_off = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
@@ -412,8 +424,10 @@ def lla_bwd_query_kernel(
         s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
         kc = kt - c[None, :]
         g = _dot(do, tl.trans(vt), PREC_QK, EMU)
-        yx = _dot(x, tl.trans(kc), PREC, EMU) - mx_dot[:, None]
-        yu = _dot(u, tl.trans(kc), PREC, EMU) - mu_dot[:, None]
+        ax = _dot(x, tl.trans(kc), PREC, EMU)
+        au = _dot(u, tl.trans(kc), PREC, EMU)
+        yx = ax - mx_dot[:, None]
+        yu = au - mu_dot[:, None]
         # y.gm = gbar (y.x) + y.u  with gm = gbar x + u
         pj = (1.0 - yx) * g - yu * yx + gbar[:, None] * yx + yu
         sp = s * pj
@@ -426,16 +440,24 @@ def lla_bwd_query_kernel(
         sp_off += tl.sum(s_off * pj, 1)
         g_piv += tl.sum(tl.where(is_piv, g, 0.0), 1)
         p_piv += tl.sum(tl.where(is_piv, pj, 0.0), 1)
+        ax_piv += tl.sum(tl.where(is_piv, ax, 0.0), 1)
+        au_piv += tl.sum(tl.where(is_piv, au, 0.0), 1)
+        sax_off += tl.sum(s_off * ax, 1)
+        sau_off += tl.sum(s_off * au, 1)
     dq = scale * (spk - ps[:, None] * m) - u
 
     tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
     tl.store(U + row[:, None] * D + offs_d[None, :], u, mask=rmask)
     tl.store(GBAR + row, gbar, mask=row_ok)
     tl.store(PIV + row, piv, mask=row_ok)
-    tl.store(PIVS + 4 * row, sg_off - g_piv * w_off, mask=row_ok)  # gbar - g_piv
-    tl.store(PIVS + 4 * row + 1, g_piv, mask=row_ok)
-    tl.store(PIVS + 4 * row + 2, p_piv, mask=row_ok)
-    tl.store(PIVS + 4 * row + 3, sp_off - p_piv * w_off, mask=row_ok)  # Ps - P_piv
+    tl.store(PIVS + 8 * row, sg_off - g_piv * w_off, mask=row_ok)  # gbar - g_piv
+    tl.store(PIVS + 8 * row + 1, g_piv, mask=row_ok)
+    tl.store(PIVS + 8 * row + 2, p_piv, mask=row_ok)
+    tl.store(PIVS + 8 * row + 3, sp_off - p_piv * w_off, mask=row_ok)  # Ps - P_piv
+    tl.store(PIVS + 8 * row + 4, ax_piv, mask=row_ok)
+    tl.store(PIVS + 8 * row + 5, sax_off - ax_piv * w_off, mask=row_ok)  # (m - k_piv) . x
+    tl.store(PIVS + 8 * row + 6, au_piv, mask=row_ok)
+    tl.store(PIVS + 8 * row + 7, sau_off - au_piv * w_off, mask=row_ok)  # (m - k_piv) . u
     tl.store(DLAM + row, -tl.sum(u * x, 1), mask=row_ok)
     tl.store(RES + row, res, mask=row_ok)
     tl.store(ITERS + tl.program_id(0), it)
@@ -458,7 +480,8 @@ def lla_bwd_key_kernel(
         dv_j = sum_i s_ij (1 - y_ij.x_i) do_i,     dl_ij = s_ij (P_ij - Ps_i)
 
     taken relative to each row's pivot key (see ``lla_bwd_query_kernel``): ``gbar - g_j =
-    (gbar - g_piv) - (g_j - g_piv)`` and ``P_j - Ps = (P_j - P_piv) - (Ps - P_piv)`` with the
+    (gbar - g_piv) - (g_j - g_piv)``, ``P_j - Ps = (P_j - P_piv) - (Ps - P_piv)`` and
+    ``y_j . p = (k_j - k_piv) . p - (m - k_piv) . p`` (``p = x, u``) with the
     differences to the pivot exactly 0 at the pivot, and the pivot's weight from exponent 0 (as
     in the forward), so a saturated row contributes exactly what it should, not the rounding
     difference of products recomputed here times ``scale |q|``.
@@ -510,10 +533,14 @@ def lla_bwd_key_kernel(
             iom = tl.load(STAT + 2 * row + 1, mask=row_ok, other=0.0)
             gbar = tl.load(GBAR + row, mask=row_ok, other=0.0)
             piv = tl.load(PIV + row, mask=row_ok, other=-1)
-            dg_bar = tl.load(PIVS + 4 * row, mask=row_ok, other=0.0)  # gbar - g_piv
-            g_piv = tl.load(PIVS + 4 * row + 1, mask=row_ok, other=0.0)
-            p_piv = tl.load(PIVS + 4 * row + 2, mask=row_ok, other=0.0)
-            dp_bar = tl.load(PIVS + 4 * row + 3, mask=row_ok, other=0.0)  # Ps - P_piv
+            dg_bar = tl.load(PIVS + 8 * row, mask=row_ok, other=0.0)  # gbar - g_piv
+            g_piv = tl.load(PIVS + 8 * row + 1, mask=row_ok, other=0.0)
+            p_piv = tl.load(PIVS + 8 * row + 2, mask=row_ok, other=0.0)
+            dp_bar = tl.load(PIVS + 8 * row + 3, mask=row_ok, other=0.0)  # Ps - P_piv
+            ax_piv = tl.load(PIVS + 8 * row + 4, mask=row_ok, other=0.0)
+            dax_bar = tl.load(PIVS + 8 * row + 5, mask=row_ok, other=0.0)  # (m - k_piv) . x
+            au_piv = tl.load(PIVS + 8 * row + 6, mask=row_ok, other=0.0)
+            dau_bar = tl.load(PIVS + 8 * row + 7, mask=row_ok, other=0.0)
             lo = tl.load(LO + rows, mask=row_ok, other=S)
             hi = tl.load(HI + rows, mask=row_ok, other=-1)
             c = _load_shift(C, b, hk, Hk, n_tiles, i0 // SHIFT_M, offs_d, D)
@@ -521,8 +548,9 @@ def lla_bwd_key_kernel(
             s = _weights_pivot(q, kt, mxs, iom, lo, hi, offs_n, piv, scale, PREC_QK, EMU)  # [BM, BN]
             is_piv = offs_n[None, :] == piv[:, None]
             g = _dot(do, tl.trans(vt), PREC_QK, EMU)
-            yx = _dot(x, tl.trans(kc), PREC, EMU) - tl.sum(m * x, 1)[:, None]
-            yu = _dot(u, tl.trans(kc), PREC, EMU) - tl.sum(m * u, 1)[:, None]
+            # y_j . p = ((k_j - k_piv) . p, exactly 0 at the pivot) - (m - k_piv) . p
+            yx = tl.where(is_piv, 0.0, _dot(x, tl.trans(kc), PREC, EMU) - ax_piv[:, None]) - dax_bar[:, None]
+            yu = tl.where(is_piv, 0.0, _dot(u, tl.trans(kc), PREC, EMU) - au_piv[:, None]) - dau_bar[:, None]
             cc = 1.0 - yx
             pj = cc * g - yu * yx + gbar[:, None] * yx + yu  # y.gm = gbar y.x + y.u
             dl = s * (tl.where(is_piv, 0.0, pj - p_piv[:, None]) - dp_bar[:, None])  # s (P_j - Ps)
