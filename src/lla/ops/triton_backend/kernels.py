@@ -329,9 +329,7 @@ def lla_bwd_query_kernel(
     on one key; the key kernel takes its ``g_j - g_piv``, ``P_j - P_piv``, ``a_j - a_piv`` as exactly
     0 at the pivot, so ``gbar - g_j``, ``y_j . x``, ``y_j . u`` and ``dl_j = s_j (P_j - Ps)`` cancel
     there whatever the rounding of the recomputed products (they are multiplied by ``|x|``,
-    ``|u|``, ``|do|`` and ``scale |q|``).  Here ``y_j . x`` and ``y_j . u`` are centred by the
-    weighted means of the products as computed with this kernel's tiles (pass A, the adjoint
-    solve's last matvec), for the same reason.
+    ``|u|``, ``|do|`` and ``scale |q|``).
     """
     pid_m, pid_bh = _program_ids(T, BLOCK_M)
     b = pid_bh // H
@@ -371,14 +369,12 @@ def lla_bwd_query_kernel(
     ksq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     best = tl.full([BLOCK_M], -1.0, tl.float32)
     piv = tl.full([BLOCK_M], -1, tl.int32)
-    sx = tl.zeros([BLOCK_M], tl.float32)  # sum_j s_j (k_j - c) . x as computed in pass B
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
         s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
-        sx += tl.sum(s * _dot(x, tl.trans(kt - c[None, :]), PREC, EMU), 1)  # same tiles as pass B
         s_top = tl.max(s, 1)
         better = s_top > tl.where(best > 0.0, best, 0.0)  # first tile holding the largest weight
         piv = tl.where(better, (j0 + tl.argmax(s, 1)).to(tl.int32), piv)
@@ -397,12 +393,10 @@ def lla_bwd_query_kernel(
     else:
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    u, res, it, su = _solve(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
+    u, res, it, _su = _solve(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
                         tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
-    # y_j . x and y_j . u centred by the weighted means of the products as computed with these tiles
-    # (pass A, the solve's last matvec): exactly 0 for a row whose weight sits on one key
-    mx_dot = sx
-    mu_dot = su
+    mx_dot = tl.sum(m * x, 1)
+    mu_dot = tl.sum(m * u, 1)
 
     # pass B
     ps = tl.zeros([BLOCK_M], tl.float32)
