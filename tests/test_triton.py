@@ -35,6 +35,7 @@ CASES = [
     "robustness",
     "outlier_key_locality",
     "tf32_rounding",
+    "saturated_logits",
 ]
 
 

@@ -7,7 +7,7 @@ worst TRUE relative residual ``||A x - mu|| / ||mu||`` of the forward solve at e
 What runs where
 ---------------
 * forward: ``lla_fwd_kernel`` (1-D grid: query tiles x batch x head) -> o, x, m - c, lse.
-* backward: ``lla_bwd_query_kernel`` (adjoint CG, dq, dlam, per-row u / gbar / Ps), then
+* backward: ``lla_bwd_query_kernel`` (adjoint CG, dq, dlam, per-row u / gbar and the pivot-relative sums), then
   ``lla_bwd_key_kernel`` (1-D grid: key tiles x batch x key head) -> dk, dv.  No atomics.  The
   adjoint solve's true residual is checked here (``check_solve(stage="backward")``).
 * saved for backward: x, m - c ``[B, T, H, D]`` float32, the lse statistics ``[B, T, H, 2]`` and
@@ -207,21 +207,22 @@ def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
     dq = torch.empty_like(q)
     U = torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
     gbar = torch.empty(B, T, H, dtype=torch.float32, device=dev)
-    ps = torch.empty_like(gbar)
+    piv = torch.empty(B, T, H, dtype=torch.int32, device=dev)
+    pivs = torch.empty(B, T, H, 8, dtype=torch.float32, device=dev)
     dlam = torch.empty_like(gbar)
     res = torch.empty_like(gbar)
     n_m = triton.cdiv(T, bc["bwd_q"][0])
     iters = torch.zeros(B * H * n_m, dtype=torch.int32, device=dev)
     _k.lla_bwd_query_kernel[launch_grid(n_m, B * H)](
         q, k, v, shift, lam, lo, hi, X, M, stat, do,
-        dq, U, gbar, ps, dlam, res, iters,
+        dq, U, gbar, piv, pivs, dlam, res, iters,
         T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters, n_shift,
         PRECOND=cfg.precondition, SHIFT_M=bc["fwd"][0], **_launch_args(bc, "bwd_q"),
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _k.lla_bwd_key_kernel[launch_grid(triton.cdiv(S, bc["bwd_k"][1]), B * Hk)](
-        q, k, v, shift, lo, hi, qlo, qhi, X, M, stat, do, U, gbar, ps,
+        q, k, v, shift, lo, hi, qlo, qhi, X, M, stat, do, U, gbar, piv, pivs,
         dk, dv,
         T, S, H, Hk, D, Dv, cfg.scale, n_shift,
         SHIFT_M=bc["fwd"][0], **_launch_args(bc, "bwd_k"),

@@ -69,6 +69,17 @@ def _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK: tl.constexpr, EMU: tl.c
 
 
 @triton.jit
+def _weights_pivot(q, kt, mxs, iom, lo, hi, j, piv, scale, PREC_QK: tl.constexpr, EMU: tl.constexpr):
+    """``_weights`` with the row's pivot key (``piv [BM]``, its largest weight) given exponent 0
+    exactly, as in the forward's running maximum: recomputed logits (other tile shapes, other
+    rounding) cannot move the weight of a saturated row's only key by ulp(logit)."""
+    logits = _dot(q, tl.trans(kt), PREC_QK, EMU) * scale
+    vis = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
+    expo = tl.where(j[None, :] == piv[:, None], 0.0, logits - mxs[:, None])
+    return tl.where(vis, tl.exp(expo) * iom[:, None], 0.0)
+
+
+@triton.jit
 def _load_keys(Kb, j, offs_d, S, D, kstride):
     """A raw key tile [BN, BLOCK_D] in float32; zero in padded head dims and rows past the sequence."""
     ptrs = Kb + j[:, None].to(tl.int64) * kstride + offs_d[None, :]
@@ -90,21 +101,27 @@ def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, 
     """``A p = sum_j s_j (y_j . p) y_j + lam p`` (``y_j = k_j - m``) for a tile of rows, streaming key
     tiles and recomputing the weights: [BM, BLOCK_D].  ``m`` is relative to the shift ``c`` (as the
     keys are here).  The centred form keeps ``A`` positive definite in floating point even when the
-    keys are large (the uncentred ``sum_j s_j (k_j . p) k_j - (m . p) m`` cancels catastrophically)."""
+    keys are large (the uncentred ``sum_j s_j (k_j . p) k_j - (m . p) m`` cancels catastrophically).
+    Also returns ``sum_j s_j (k_j - c) . p`` [BM] of the products as computed here: a later pass of
+    the same kernel (same tiles, same rounding) centres its ``(k_j - c) . p`` with it, which is exact
+    for a row whose weight sits on one key (``m . p`` is not, and ``|p| |k - c|`` may be huge)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros_like(p)
     wsum = tl.sum(tl.zeros_like(p), 1)
+    sa = tl.sum(tl.zeros_like(p), 1)
     mp = tl.sum(m * p, 1)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
         kc = kt - c[None, :]
-        w = s * (_dot(p, tl.trans(kc), PREC, EMU) - mp[:, None])  # [BM, BN]  s_j y_j . p
+        a = _dot(p, tl.trans(kc), PREC, EMU)  # [BM, BN]  (k_j - c) . p
+        w = s * (a - mp[:, None])  # s_j y_j . p
         acc += _dot(w, kc, PREC, EMU)
         wsum += tl.sum(w, 1)
-    return acc - wsum[:, None] * m + lam[:, None] * p
+        sa += tl.sum(s * a, 1)
+    return acc - wsum[:, None] * m + lam[:, None] * p, sa
 
 
 @triton.jit
@@ -117,7 +134,8 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
     ``max_iters`` iterations) the loop applies ``A`` to ``x`` once and measures ``b - A x``.  If a row
     misses ``tol`` there and iterations are left, CG restarts once from that true residual (iterative
     refinement) and the true residual is measured again.  One matvec call site serves both, which
-    keeps the inlined code small.  Returns (x, true relative residual per row [BM], iterations)."""
+    keeps the inlined code small.  Returns (x, true relative residual per row [BM], iterations,
+    ``sum_j s_j (k_j - c) . x`` [BM] from that last matvec, see ``_cov_matvec``)."""
     bb = tl.sum(b * b, 1)
     thresh = tol * tol * bb
     x = tl.zeros_like(b)
@@ -130,11 +148,13 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
     restarts = 0
     check = (tl.sum(active.to(tl.int32), 0) == 0).to(tl.int32)  # 1: the next matvec measures b - A x
     done = 0
+    sx = tl.sum(tl.zeros_like(b), 1)
     while done == 0:
-        av = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride,
+        av, sa = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride,
                          S, D, scale, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
         if check > 0:
             r = b - av  # the true residual
+            sx = sa
             missed = tl.sum(r * r, 1) > thresh
             if (tl.sum(missed.to(tl.int32), 0) > 0) & (it < max_iters) & (restarts < 1):
                 z = r * inv_diag
@@ -162,7 +182,7 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
                 check = 1
     bnorm = tl.sqrt(bb)
     res = tl.sqrt(tl.sum(r * r, 1)) / tl.where(bnorm > 0, bnorm, 1.0)
-    return x, res, it
+    return x, res, it, sx
 
 
 @triton.jit
@@ -248,11 +268,13 @@ def lla_fwd_kernel(
     else:
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    x, res, it = _solve(mu, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
+    x, res, it, sx = _solve(mu, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
                         tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
 
-    # output pass: o = sum_j s_j (1 - (k_j - m) . x) v_j
-    mx_dot = tl.sum(m * x, 1)
+    # output pass: o = sum_j s_j (1 - (k_j - m) . x) v_j, with y_j . x centred by the weighted mean
+    # of the products as computed (the solve's last matvec, same tiles): exactly 0 for a row whose
+    # weight sits on one key, however large |x| |k - c| (m . x would leave their rounding)
+    mx_dot = sx
     o = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     amp = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(j_start, j_end, BLOCK_N):
@@ -283,7 +305,7 @@ def lla_fwd_kernel(
 @triton.jit
 def lla_bwd_query_kernel(
     Q, K, V, C, LAM, LO, HI, X, M, STAT, DO,  # inputs
-    DQ, U, GBAR, PS, DLAM, RES, ITERS,  # outputs
+    DQ, U, GBAR, PIV, PIVS, DLAM, RES, ITERS,  # outputs
     T, S, H, Hk, D, Dv, scale, tol, max_iters, n_tiles,
     PRECOND: tl.constexpr, SHIFT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
@@ -298,7 +320,16 @@ def lla_bwd_query_kernel(
     pass B: ``P_j = (1 - y_j.x) g_j - (y_j.u)(y_j.x) + y_j.gm`` with ``gm = gbar x + u`` (so
     ``y_j.gm = gbar y_j.x + y_j.u``), giving
     ``Ps = sum_j s_j P_j`` and ``dq = scale sum_j s_j P_j y_j - u``; ``dlam = -u . x``.
-    Writes dq, dlam and, for the key-tile kernel, u, gbar and Ps.
+    Writes dq, dlam and, for the key-tile kernel, u, gbar, the row's pivot key ``piv`` (its
+    largest weight, ``PIV [B, T, H]``, -1 when it sees none) and ``PIVS [B, T, H, 8]``:
+    ``gbar - g_piv = sum_{j != piv} s_j (g_j - g_piv)``, ``g_piv``, ``P_piv``,
+    ``Ps - P_piv = sum_{j != piv} s_j (P_j - P_piv)``, and for ``p = x, u``: ``a_piv = (k_piv - c) . p``
+    and ``(m - k_piv) . p = sum_{j != piv} s_j (a_j - a_piv)``, each formed from this kernel's products
+    with the pivot's own term left out, so that they are exactly 0 for a row whose weight sits
+    on one key; the key kernel takes its ``g_j - g_piv``, ``P_j - P_piv``, ``a_j - a_piv`` as exactly
+    0 at the pivot, so ``gbar - g_j``, ``y_j . x``, ``y_j . u`` and ``dl_j = s_j (P_j - Ps)`` cancel
+    there whatever the rounding of the recomputed products (they are multiplied by ``|x|``,
+    ``|u|``, ``|do|`` and ``scale |q|``).
     """
     pid_m, pid_bh = _program_ids(T, BLOCK_M)
     b = pid_bh // H
@@ -336,12 +367,18 @@ def lla_bwd_query_kernel(
     gbar = tl.zeros([BLOCK_M], tl.float32)
     sgk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     ksq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    best = tl.full([BLOCK_M], -1.0, tl.float32)
+    piv = tl.full([BLOCK_M], -1, tl.int32)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
         s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
+        s_top = tl.max(s, 1)
+        better = s_top > tl.where(best > 0.0, best, 0.0)  # first tile holding the largest weight
+        piv = tl.where(better, (j0 + tl.argmax(s, 1)).to(tl.int32), piv)
+        best = tl.where(better, s_top, best)
         kc = kt - c[None, :]
         g = _dot(do, tl.trans(vt), PREC_QK, EMU)  # [BM, BN]
         sg = s * g
@@ -356,7 +393,7 @@ def lla_bwd_query_kernel(
     else:
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    u, res, it = _solve(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
+    u, res, it, _su = _solve(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
                         tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
     mx_dot = tl.sum(m * x, 1)
     mu_dot = tl.sum(m * u, 1)
@@ -364,6 +401,15 @@ def lla_bwd_query_kernel(
     # pass B
     ps = tl.zeros([BLOCK_M], tl.float32)
     spk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    w_off = tl.zeros([BLOCK_M], tl.float32)  # sum_{j != piv} s_j
+    sg_off = tl.zeros([BLOCK_M], tl.float32)  # sum_{j != piv} s_j g_j
+    sp_off = tl.zeros([BLOCK_M], tl.float32)  # sum_{j != piv} s_j P_j
+    g_piv = tl.zeros([BLOCK_M], tl.float32)
+    p_piv = tl.zeros([BLOCK_M], tl.float32)
+    ax_piv = tl.zeros([BLOCK_M], tl.float32)  # (k_piv - c) . x
+    au_piv = tl.zeros([BLOCK_M], tl.float32)
+    sax_off = tl.zeros([BLOCK_M], tl.float32)  # sum_{j != piv} s_j (k_j - c) . x
+    sau_off = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
@@ -372,18 +418,40 @@ def lla_bwd_query_kernel(
         s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
         kc = kt - c[None, :]
         g = _dot(do, tl.trans(vt), PREC_QK, EMU)
-        yx = _dot(x, tl.trans(kc), PREC, EMU) - mx_dot[:, None]
-        yu = _dot(u, tl.trans(kc), PREC, EMU) - mu_dot[:, None]
+        ax = _dot(x, tl.trans(kc), PREC, EMU)
+        au = _dot(u, tl.trans(kc), PREC, EMU)
+        yx = ax - mx_dot[:, None]
+        yu = au - mu_dot[:, None]
         # y.gm = gbar (y.x) + y.u  with gm = gbar x + u
-        sp = s * ((1.0 - yx) * g - yu * yx + gbar[:, None] * yx + yu)
+        pj = (1.0 - yx) * g - yu * yx + gbar[:, None] * yx + yu
+        sp = s * pj
         ps += tl.sum(sp, 1)
         spk += _dot(sp, kc, PREC, EMU)
+        is_piv = j[None, :] == piv[:, None]
+        s_off = tl.where(is_piv, 0.0, s)
+        w_off += tl.sum(s_off, 1)
+        sg_off += tl.sum(s_off * g, 1)
+        sp_off += tl.sum(s_off * pj, 1)
+        g_piv += tl.sum(tl.where(is_piv, g, 0.0), 1)
+        p_piv += tl.sum(tl.where(is_piv, pj, 0.0), 1)
+        ax_piv += tl.sum(tl.where(is_piv, ax, 0.0), 1)
+        au_piv += tl.sum(tl.where(is_piv, au, 0.0), 1)
+        sax_off += tl.sum(s_off * ax, 1)
+        sau_off += tl.sum(s_off * au, 1)
     dq = scale * (spk - ps[:, None] * m) - u
 
     tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
     tl.store(U + row[:, None] * D + offs_d[None, :], u, mask=rmask)
     tl.store(GBAR + row, gbar, mask=row_ok)
-    tl.store(PS + row, ps, mask=row_ok)
+    tl.store(PIV + row, piv, mask=row_ok)
+    tl.store(PIVS + 8 * row, sg_off - g_piv * w_off, mask=row_ok)  # gbar - g_piv
+    tl.store(PIVS + 8 * row + 1, g_piv, mask=row_ok)
+    tl.store(PIVS + 8 * row + 2, p_piv, mask=row_ok)
+    tl.store(PIVS + 8 * row + 3, sp_off - p_piv * w_off, mask=row_ok)  # Ps - P_piv
+    tl.store(PIVS + 8 * row + 4, ax_piv, mask=row_ok)
+    tl.store(PIVS + 8 * row + 5, sax_off - ax_piv * w_off, mask=row_ok)  # (m - k_piv) . x
+    tl.store(PIVS + 8 * row + 6, au_piv, mask=row_ok)
+    tl.store(PIVS + 8 * row + 7, sau_off - au_piv * w_off, mask=row_ok)  # (m - k_piv) . u
     tl.store(DLAM + row, -tl.sum(u * x, 1), mask=row_ok)
     tl.store(RES + row, res, mask=row_ok)
     tl.store(ITERS + tl.program_id(0), it)
@@ -391,7 +459,7 @@ def lla_bwd_query_kernel(
 
 @triton.jit
 def lla_bwd_key_kernel(
-    Q, K, V, C, LO, HI, QLO, QHI, X, M, STAT, DO, U, GBAR, PS,  # inputs
+    Q, K, V, C, LO, HI, QLO, QHI, X, M, STAT, DO, U, GBAR, PIV, PIVS,  # inputs
     DK, DV,  # outputs
     T, S, H, Hk, D, Dv, scale, n_tiles,
     SHIFT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -404,6 +472,13 @@ def lla_bwd_key_kernel(
 
         dk_j = sum_i s_ij [(gbar_i - g_ij - y_ij.u_i) x_i + (1 - y_ij.x_i) u_i] + scale dl_ij q_i
         dv_j = sum_i s_ij (1 - y_ij.x_i) do_i,     dl_ij = s_ij (P_ij - Ps_i)
+
+    taken relative to each row's pivot key (see ``lla_bwd_query_kernel``): ``gbar - g_j =
+    (gbar - g_piv) - (g_j - g_piv)``, ``P_j - Ps = (P_j - P_piv) - (Ps - P_piv)`` and
+    ``y_j . p = (k_j - k_piv) . p - (m - k_piv) . p`` (``p = x, u``) with the
+    differences to the pivot exactly 0 at the pivot, and the pivot's weight from exponent 0 (as
+    in the forward), so a saturated row contributes exactly what it should, not the rounding
+    difference of products recomputed here times ``scale |q|``.
     """
     pid = tl.program_id(0)
     n_n = tl.cdiv(S, BLOCK_N)
@@ -451,19 +526,31 @@ def lla_bwd_key_kernel(
             mxs = tl.load(STAT + 2 * row, mask=row_ok, other=0.0)
             iom = tl.load(STAT + 2 * row + 1, mask=row_ok, other=0.0)
             gbar = tl.load(GBAR + row, mask=row_ok, other=0.0)
-            ps = tl.load(PS + row, mask=row_ok, other=0.0)
+            piv = tl.load(PIV + row, mask=row_ok, other=-1)
+            dg_bar = tl.load(PIVS + 8 * row, mask=row_ok, other=0.0)  # gbar - g_piv
+            g_piv = tl.load(PIVS + 8 * row + 1, mask=row_ok, other=0.0)
+            p_piv = tl.load(PIVS + 8 * row + 2, mask=row_ok, other=0.0)
+            dp_bar = tl.load(PIVS + 8 * row + 3, mask=row_ok, other=0.0)  # Ps - P_piv
+            ax_piv = tl.load(PIVS + 8 * row + 4, mask=row_ok, other=0.0)
+            dax_bar = tl.load(PIVS + 8 * row + 5, mask=row_ok, other=0.0)  # (m - k_piv) . x
+            au_piv = tl.load(PIVS + 8 * row + 6, mask=row_ok, other=0.0)
+            dau_bar = tl.load(PIVS + 8 * row + 7, mask=row_ok, other=0.0)
             lo = tl.load(LO + rows, mask=row_ok, other=S)
             hi = tl.load(HI + rows, mask=row_ok, other=-1)
             c = _load_shift(C, b, hk, Hk, n_tiles, i0 // SHIFT_M, offs_d, D)
             kc = kt - c[None, :]
-            s = _weights(q, kt, mxs, iom, lo, hi, offs_n, scale, PREC_QK, EMU)  # [BM, BN]
+            s = _weights_pivot(q, kt, mxs, iom, lo, hi, offs_n, piv, scale, PREC_QK, EMU)  # [BM, BN]
+            is_piv = offs_n[None, :] == piv[:, None]
             g = _dot(do, tl.trans(vt), PREC_QK, EMU)
-            yx = _dot(x, tl.trans(kc), PREC, EMU) - tl.sum(m * x, 1)[:, None]
-            yu = _dot(u, tl.trans(kc), PREC, EMU) - tl.sum(m * u, 1)[:, None]
+            # y_j . p = ((k_j - k_piv) . p, exactly 0 at the pivot) - (m - k_piv) . p
+            yx = tl.where(is_piv, 0.0, _dot(x, tl.trans(kc), PREC, EMU) - ax_piv[:, None]) - dax_bar[:, None]
+            yu = tl.where(is_piv, 0.0, _dot(u, tl.trans(kc), PREC, EMU) - au_piv[:, None]) - dau_bar[:, None]
             cc = 1.0 - yx
-            dl = s * (cc * g - yu * yx + gbar[:, None] * yx + yu - ps[:, None])  # y.gm = gbar y.x + y.u
+            pj = cc * g - yu * yx + gbar[:, None] * yx + yu  # y.gm = gbar y.x + y.u
+            dl = s * (tl.where(is_piv, 0.0, pj - p_piv[:, None]) - dp_bar[:, None])  # s (P_j - Ps)
+            gg = dg_bar[:, None] - tl.where(is_piv, 0.0, g - g_piv[:, None])  # gbar - g_j
             sc = s * cc
-            dk += _dot(tl.trans(s * (gbar[:, None] - g - yu)), x, PREC, EMU)
+            dk += _dot(tl.trans(s * (gg - yu)), x, PREC, EMU)
             dk += _dot(tl.trans(sc), u, PREC, EMU)
             dk += scale * _dot(tl.trans(dl), q, PREC, EMU)
             dv += _dot(tl.trans(sc), do, PREC, EMU)
