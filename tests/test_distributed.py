@@ -85,7 +85,6 @@ def test_context_parallel_equals_single_process(world, tmp_path):
         assert res["warning"]["n"] >= 1 and res["warning"]["names_rank"], f"rank {r}: {res['warning']}"
 
 
-@pytest.mark.skipif(not hasattr(lla, "parallax_attention"), reason="lla.parallax_attention is not in this build")
 def test_context_parallel_parallax_equals_single_process(tmp_path):
     """mechanism='parallax': output and dq, dr, dk, dv equal the single-process op (2 ranks)."""
     _assert_checks(_launch(2, "parallax", tmp_path))
