@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .api import LLAAux, _check_tensor as _check, _normalise_ridge, local_linear_attention
+from .api import LLAAux, _check_tensor as _check, _check_window, _normalise_ridge, local_linear_attention
 from .diagnostics import check_conditioning, check_solve, default_tol
 
 __all__ = ["local_linear_attention_with_kvcache"]
@@ -164,6 +164,33 @@ def _solve_spd(A, b):
     return torch.cholesky_solve(b.unsqueeze(-1), chol).squeeze(-1)
 
 
+def check_cache_seqlens(cache_seqlens, B: int, t_add: int, S_max: int, device) -> torch.Tensor:
+    """``cache_seqlens`` (an int, or an int32/int64 tensor ``[B]``) -> int64 ``[B]`` on ``device``, each
+    in ``[0, S_max - t_add]`` (``t_add`` new entries are about to be written).  Shared by the decode ops."""
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int64, device=device)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("cache_seqlens must be an int32/int64 tensor [B] (or an int)")
+    if cache_seqlens.dim() != 1 or cache_seqlens.numel() != B:
+        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
+    seqlens = cache_seqlens.to(device=device, dtype=torch.int64)
+    if B and (int(seqlens.min()) < 0 or int(seqlens.max()) + t_add > S_max):
+        raise ValueError(
+            f"cache_seqlens must lie in [0, S_max - T_new] = [0, {S_max - t_add}], got {seqlens.tolist()}"
+        )
+    return seqlens
+
+
+def append_to_cache(k_cache, v_cache, k, v, seqlens) -> None:
+    """Write ``k, v [B, T_new, Hk, *]`` in place at rows ``seqlens[b] + t`` of each sequence (detached)."""
+    B, T = k.shape[:2]
+    rows = seqlens[:, None] + torch.arange(T, device=seqlens.device)[None, :]  # [B, T]
+    bidx = torch.arange(B, device=seqlens.device)[:, None].expand(B, T)
+    with torch.no_grad():
+        k_cache[bidx, rows] = k.detach().to(k_cache.dtype)
+        v_cache[bidx, rows] = v.detach().to(v_cache.dtype)
+
+
 def local_linear_attention_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -246,25 +273,9 @@ def local_linear_attention_with_kvcache(
             raise ValueError(f"k must have shape [B, T_new, Hk, D] = {[B, T, Hk, D]}, got {tuple(k.shape)}")
         if tuple(v.shape) != (B, T, Hk, Dv):
             raise ValueError(f"v must have shape [B, T_new, Hk, Dv] = {[B, T, Hk, Dv]}, got {tuple(v.shape)}")
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int64, device=q.device)
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError("cache_seqlens must be an int32/int64 tensor [B] (or an int)")
-    if cache_seqlens.dim() != 1 or cache_seqlens.numel() != B:
-        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
-    seqlens = cache_seqlens.to(device=q.device, dtype=torch.int64)
     t_add = T if k is not None else 0
-    if B and (int(seqlens.min()) < 0 or int(seqlens.max()) + t_add > S_max):
-        raise ValueError(
-            f"cache_seqlens must lie in [0, S_max - T_new] = [0, {S_max - t_add}], got {seqlens.tolist()}"
-        )
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
-    ):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), got {window_size!r}")
-    left = int(window_size[0])
+    seqlens = check_cache_seqlens(cache_seqlens, B, t_add, S_max, q.device)
+    left = _check_window(window_size, True)[0]
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
         raise ValueError(f"tol must be a number > 0, got {tol!r}")
     if not isinstance(return_aux, bool):
@@ -279,12 +290,8 @@ def local_linear_attention_with_kvcache(
         ridge = ridge.to(q.device)  # the cache op accepts a ridge on another device
     lam = _normalise_ridge(ridge, B, T, H, q)
 
-    if k is not None:  # append in place: row seqlens[b] + t of sequence b
-        rows = seqlens[:, None] + torch.arange(T, device=q.device)[None, :]  # [B, T]
-        bidx = torch.arange(B, device=q.device)[:, None].expand(B, T)
-        with torch.no_grad():
-            k_cache[bidx, rows] = k.detach().to(k_cache.dtype)
-            v_cache[bidx, rows] = v.detach().to(v_cache.dtype)
+    if k is not None:
+        append_to_cache(k_cache, v_cache, k, v, seqlens)
     lens = seqlens + t_add  # [B] visible entries
 
     if T == 1 and solver in ("auto", "direct"):

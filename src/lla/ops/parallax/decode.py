@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kvcache import append_to_cache, check_cache_seqlens
 from .api import _check_qrkv, _check_scale, _check_window, parallax_attention
 
 __all__ = ["parallax_attention_with_kvcache"]
@@ -93,25 +94,12 @@ def parallax_attention_with_kvcache(
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
             if tuple(x.shape) != want:
                 raise ValueError(f"{name} must have shape [B, T_new, Hk, *] = {list(want)}, got {tuple(x.shape)}")
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int64, device=q.device)
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError("cache_seqlens must be an int32/int64 tensor [B] (or an int)")
-    if cache_seqlens.dim() != 1 or cache_seqlens.numel() != B:
-        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
+    t_add = T if k is not None else 0
+    seqlens = check_cache_seqlens(cache_seqlens, B, t_add, S_max, q.device)
     scale = _check_scale(scale, D)
     window_size = _check_window(window_size, causal)
-    seqlens = cache_seqlens.to(device=q.device, dtype=torch.int64)
-    t_add = T if k is not None else 0
-    if B and (int(seqlens.min()) < 0 or int(seqlens.max()) + t_add > S_max):
-        raise ValueError(f"cache_seqlens must lie in [0, S_max - T_new] = [0, {S_max - t_add}], got {seqlens.tolist()}")
-
-    if k is not None:  # append in place: row seqlens[b] + t of sequence b
-        rows = seqlens[:, None] + torch.arange(T, device=q.device)[None, :]  # [B, T]
-        bidx = torch.arange(B, device=q.device)[:, None].expand(B, T)
-        with torch.no_grad():
-            k_cache[bidx, rows] = k.detach().to(k_cache.dtype)
-            v_cache[bidx, rows] = v.detach().to(v_cache.dtype)
+    if k is not None:
+        append_to_cache(k_cache, v_cache, k, v, seqlens)
     lens = seqlens + t_add
 
     if T == 1:
