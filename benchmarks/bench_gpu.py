@@ -191,8 +191,8 @@ def compile_check(args) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lla.ops.triton_backend import kernels as K
-    from lla.ops.triton_backend.function import block_config
+    from lla.ops.lla.triton_backend import kernels as K
+    from lla.ops.lla.triton_backend.function import block_config
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     ints = {n: "i32" for n in ("T", "S", "H", "Hk", "D", "Dv", "max_iters", "n_tiles")}

@@ -16,7 +16,7 @@ import time
 import torch
 
 import lla
-from lla.ops.torch_backend import function as fn
+from lla.ops.lla.torch_backend import function as fn
 
 
 def _err(a, b):

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import lla  # noqa: E402
 import triton_interp_cases as cases  # noqa: E402
-from lla.ops.triton_backend import function as F  # noqa: E402
+from lla.ops.lla.triton_backend import function as F  # noqa: E402
 
 NAMES = ("o", "dq", "dk", "dv")
 

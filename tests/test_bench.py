@@ -14,7 +14,7 @@ from conftest import make_qkv, rel_err
 
 import lla
 from lla import bench
-from lla.ops.reference import local_linear_attention_ref
+from lla.ops.lla.reference import local_linear_attention_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,8 +86,8 @@ def test_targets_summary_logic():
 @pytest.mark.parametrize("ridge", [0.05, 2.0])
 @pytest.mark.parametrize("window", [(-1, -1), (7, -1)])
 def test_backend_multi_tile_compaction(monkeypatch, ridge, window):
-    import lla.ops.torch_backend.function as fn
-    import lla.ops.torch_backend.solvers as sv
+    import lla.ops.lla.torch_backend.function as fn
+    import lla.ops.lla.torch_backend.solvers as sv
 
     monkeypatch.setattr(fn, "HEAD_TILE_ELEMS", 1 << 10)  # 16-row tiles: many tiles, partial masks
     monkeypatch.setattr(sv, "COMPACT_FRACTION", 0.95)  # compact as soon as any row converges

@@ -18,7 +18,7 @@ def _fn(q, k, v, ridge):
 
 
 def test_custom_op_registered_and_opcheck():
-    from lla.ops import custom_op  # noqa: F401
+    from lla.ops.lla import custom_op  # noqa: F401
 
     q, k, v = make_qkv(B=1, T=6, H=2, Hk=1, D=4, dtype=torch.float64, requires_grad=True)
     lam = torch.full((1, 6, 2), 0.5, dtype=torch.float64, requires_grad=True)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import make_qkv, rel_err
 
 import lla
-from lla.ops.reference import local_linear_attention_ref, softmax_attention_ref
+from lla.ops.lla.reference import local_linear_attention_ref, softmax_attention_ref
 
 SOLVERS = ["cg", "direct"]
 
@@ -180,7 +180,7 @@ def test_batched_pairs_match_reference(monkeypatch, solver, case, T, window, cau
     """(batch, key head) pairs are folded and processed ``nb`` at a time: a last, partial chunk
     (8 pairs in chunks of 3), several row tiles per chunk and one chunk holding everything all give
     the reference's output and gradients."""
-    from lla.ops.torch_backend import function as tb
+    from lla.ops.lla.torch_backend import function as tb
 
     B, H, Hk = 4, 4, 2
     G, direct = H // Hk, solver == "direct"
@@ -207,7 +207,7 @@ def test_batched_pairs_match_reference(monkeypatch, solver, case, T, window, cau
 def test_batched_steps_bound_the_solver_memory():
     """Folding (batch, key head) pairs must not blow up the per-row D x D systems of the direct
     solve or the per-pair preconditioner: a step stays within HEAD_TILE_ELEMS of each."""
-    from lla.ops.torch_backend import function as tb
+    from lla.ops.lla.torch_backend import function as tb
 
     E = tb.HEAD_TILE_ELEMS
     for T, G, D, direct in [(16, 1, 128, True), (16, 1, 128, False), (4, 2, 64, True), (64, 4, 16, True), (8, 1, 256, False)]:
@@ -471,7 +471,7 @@ def test_softmax_reference_matches_sdpa():
 
 
 def test_auto_solver_rule():
-    from lla.ops.api import resolve_solver
+    from lla.ops.lla.api import resolve_solver
 
     f32 = torch.float32
     assert resolve_solver("cg", 1e-4, 64, torch.float64) == "cg"  # an explicit choice is kept
@@ -489,7 +489,7 @@ def test_auto_solver_rule():
 
 
 def test_auto_solver_is_cg_on_the_triton_backend(monkeypatch):
-    import lla.ops.api as api
+    import lla.ops.lla.api as api
 
     seen = {}
 

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 import lla  # noqa: E402
 import lla.integrations.transformers as lla_hf  # noqa: E402
 from conftest import rel_err  # noqa: E402
-from lla.ops.reference import softmax_attention_ref  # noqa: E402
+from lla.ops.lla.reference import softmax_attention_ref  # noqa: E402
 
 
 def _config(cls_name="LlamaConfig", **kw):

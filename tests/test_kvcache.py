@@ -117,7 +117,7 @@ def test_decode_without_new_kv_and_empty_cache():
 
 def test_decode_chunked_cache_passes(monkeypatch):
     """The chunk loop over long caches (forced small chunks) gives the same answer."""
-    from lla.ops import kvcache
+    from lla.ops.lla import decode as kvcache
 
     q, k, v = make_qkv(B=2, T=40, H=2, D=8, dtype=torch.float64, seed=6)
     seqlens = torch.tensor([39, 20])

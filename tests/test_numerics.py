@@ -10,7 +10,7 @@ import torch
 from conftest import make_qkv, rel_err
 
 import lla
-from lla.ops.reference import local_linear_attention_ref
+from lla.ops.lla.reference import local_linear_attention_ref
 
 
 def _op(q, k, v, **kw):
@@ -114,7 +114,7 @@ def test_reported_residual_is_the_true_residual():
         o, aux = _op(q, k, v, ridge=0.01, solver=solver, max_iters=max_iters, return_aux=True) if max_iters else \
             _op(q, k, v, ridge=0.01, solver=solver, return_aux=True)
         # recover x from the output is not possible; recompute it the way the backend does and compare:
-        from lla.ops.torch_backend import function as fn
+        from lla.ops.lla.torch_backend import function as fn
 
         cfg = fn._Cfg(16 ** -0.5, (-1, 0), solver, max_iters or 32, 1e-6, True)
         lam = torch.full((1, 48, 1), 0.01)

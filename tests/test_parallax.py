@@ -149,7 +149,7 @@ def test_rows_that_see_no_key_output_zero_and_lse():
     assert bool(torch.isinf(lse[:, :6]).all()) and bool(torch.isfinite(lse[:, 6:]).all())
     q, r, k, v = x
     logits = torch.einsum("bthd,bshd->bhts", q, k) * 8**-0.5
-    mask = lla.ops.reference.visible_mask(10, 4)
+    mask = lla.ops.lla.reference.visible_mask(10, 4)
     want = logits.masked_fill(~mask, float("-inf")).logsumexp(-1).transpose(1, 2)
     assert rel_err(lse[:, 6:], want[:, 6:]) <= 1e-6
 
@@ -169,7 +169,7 @@ def test_identity_with_lla():
     B, T, H, D, lam = 1, 30, 2, 8, 0.3
     q, _, k, v = make_qrkv(B=B, T=T, H=H, D=D, Dv=5, seed=7)
     for kw in (dict(causal=True), dict(causal=False, window_size=(4, 6))):
-        mask = lla.ops.reference.visible_mask(T, T, **kw)
+        mask = lla.ops.lla.reference.visible_mask(T, T, **kw)
         logits = torch.einsum("bthd,bshd->bhts", q, k) * D**-0.5
         s = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)  # [B, H, T, S]
         K = k.transpose(1, 2)  # [B, H, S, D]
@@ -184,7 +184,7 @@ def test_identity_with_lla():
 
 def test_zero_r_is_softmax_attention():
     q, r, k, v = make_qrkv(B=1, T=20, H=4, Hk=2, D=8)
-    want = lla.ops.reference.softmax_attention_ref(q, k, v)
+    want = lla.ops.lla.reference.softmax_attention_ref(q, k, v)
     assert rel_err(op(q, torch.zeros_like(r), k, v), want) <= 1e-14
 
 
@@ -263,7 +263,7 @@ def test_layer_cache_padding_and_zero_init():
     x = torch.randn(1, 6, 16)
     q = layer.q_proj(x).view(1, 6, 2, 8)
     k, v = layer.k_proj(x).view(1, 6, 2, 8), layer.v_proj(x).view(1, 6, 2, 8)
-    want = layer.o_proj(lla.ops.reference.softmax_attention_ref(q, k, v).reshape(1, 6, 16))
+    want = layer.o_proj(lla.ops.lla.reference.softmax_attention_ref(q, k, v).reshape(1, 6, 16))
     assert rel_err(layer(x), want) <= 1e-6
 
 

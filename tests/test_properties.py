@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lla
-from lla.ops.reference import local_linear_attention_ref
+from lla.ops.lla.reference import local_linear_attention_ref
 
 
 @st.composite

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import lla
-from lla.ops.api import _pick_backend
-from lla.ops.reference import visible_mask
+from lla.ops.lla.api import _pick_backend
+from lla.ops.lla.reference import visible_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -117,7 +117,7 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
 )
 def test_row_ranges_match_visible_mask(T, S, causal, window, cu):
     pytest.importorskip("triton")
-    from lla.ops.triton_backend.function import row_ranges
+    from lla.ops.lla.triton_backend.function import row_ranges
 
     cu_t = None if cu is None else torch.tensor(cu)
     mask = visible_mask(T, S, causal=causal, window_size=window, cu_seqlens=cu_t)  # [T, S]
@@ -131,7 +131,7 @@ def test_row_ranges_match_visible_mask(T, S, causal, window, cu):
 
 def test_block_config_pads_head_dims():
     pytest.importorskip("triton")
-    from lla.ops.triton_backend.function import block_config
+    from lla.ops.lla.triton_backend.function import block_config
 
     for D, bd in [(8, 16), (16, 16), (48, 64), (64, 64), (100, 128), (256, 256)]:
         cfg = block_config(D, D, torch.bfloat16)
@@ -157,7 +157,7 @@ def test_launch_grids_fold_batch_and_heads_into_axis_0(monkeypatch):
     """B x H = 70000 (over CUDA's 65535 cap on grid axes 1 and 2): every launch the backend makes
     has a legal 1-D grid.  The kernels are replaced by recorders; nothing runs."""
     pytest.importorskip("triton")
-    from lla.ops.triton_backend import function as F
+    from lla.ops.lla.triton_backend import function as F
 
     grids = []
 
@@ -196,7 +196,7 @@ def test_key_shifts_use_only_keys_every_row_of_the_tile_sees():
     """The per-tile key shift is the median of keys inside the tile's common visible range: moving
     any key outside that range leaves it bit-identical; a tile with no common key gets zero."""
     pytest.importorskip("triton")
-    from lla.ops.triton_backend.function import key_shifts, row_ranges
+    from lla.ops.lla.triton_backend.function import key_shifts, row_ranges
 
     T, D, bm = 40, 4, 16
     k = torch.randn(1, T, 1, D, generator=torch.Generator().manual_seed(3))

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lla  # noqa: E402
 from conftest import TOL, make_qkv, rel_err  # noqa: E402
 from lla import local_linear_attention_ref  # noqa: E402
-from lla.ops.reference import visible_mask  # noqa: E402
+from lla.ops.lla.reference import visible_mask  # noqa: E402
 
 F32 = TOL[torch.float32]
 #: CG tolerance pinned by these cases (the op's fp32 default may change; the kernels' accuracy
@@ -220,7 +220,7 @@ def case_tf32_rounding():
     the kernels feed to TF32 dots) pass unchanged."""
     import triton
 
-    from lla.ops.triton_backend import kernels as K
+    from lla.ops.lla.triton_backend import kernels as K
 
     g = torch.Generator().manual_seed(7)
     mant = torch.randint(0, 2**23, (4096,), generator=g, dtype=torch.int64)

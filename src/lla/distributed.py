@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .ops.api import LLAAux, _check_window, local_linear_attention
+from .ops.lla.api import LLAAux, _check_window, local_linear_attention
 
 __all__ = [
     "context_parallel_attention",

@@ -1,8 +1,8 @@
-"""LLA operators: the public op (``api``), the reference (``reference``) and the backends."""
+"""Attention operators, one folder per mechanism (``lla/``, ``parallax/``), each with its float64
+reference, backends, decode path and public op; ``diagnostics.py`` and ``triton_common.py`` are shared."""
 
-from .api import LLAAux, LLAConvergenceWarning, local_linear_attention
-from .kvcache import local_linear_attention_with_kvcache
-from .reference import local_linear_attention_ref
+from .diagnostics import LLAConvergenceWarning
+from .lla import LLAAux, local_linear_attention, local_linear_attention_ref, local_linear_attention_with_kvcache
 
 __all__ = [
     "local_linear_attention",

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..api import _check_cu_seqlens, _check_qkv, _check_tensor, _check_window, _pick_backend
+from ..lla.api import _check_cu_seqlens, _check_qkv, _check_tensor, _check_window, _pick_backend
 
 __all__ = ["parallax_attention"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kvcache import append_to_cache, check_cache_seqlens
+from ..lla.decode import append_to_cache, check_cache_seqlens
 from .api import _check_qrkv, _check_scale, _check_window, parallax_attention
 
 __all__ = ["parallax_attention_with_kvcache"]

@@ -2,7 +2,7 @@
 
 Parallax (Zuo et al. 2026, "parameterized local linear attention") keeps LLA's local linear
 correction but replaces the per-query solve by a second, learned query ``r_i``.  With the masked
-softmax weights of LLA (``lla.ops.reference.visible_mask``) and ``r_i . k_j`` NOT scaled:
+softmax weights of LLA (``lla.ops.lla.reference.visible_mask``) and ``r_i . k_j`` NOT scaled:
 
     s_ij = softmax_j(scale * q_i . k_j)                 over the visible keys j
     c_i  = sum_j s_ij (r_i . k_j)
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import _expand_heads, visible_mask
+from ..lla.reference import _expand_heads, visible_mask
 
 __all__ = ["parallax_attention_ref"]
 

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_backend.function import row_ranges
+from ..lla.triton_backend.function import row_ranges
 from ..triton_common import _cast, _dot, emulation_mode, interpreting
 
 __all__ = ["parallax_triton", "ParallaxTritonFunction", "block_config", "MAX_HEAD_DIM"]

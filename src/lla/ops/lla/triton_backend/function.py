@@ -1,6 +1,6 @@
 """Triton backend entry point: argument preparation, launches, the autograd wrapper, fallbacks.
 
-``lla_triton`` has the signature and return of ``lla.ops.torch_backend.lla_torch``:
+``lla_triton`` has the signature and return of ``lla.ops.lla.torch_backend.lla_torch``:
 ``(o [B, T, H, Dv], lse [B, T, H] float32, iters, residual, amplification)``, the residual being the
 worst TRUE relative residual ``||A x - mu|| / ||mu||`` of the forward solve at exit.
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..triton_common import emulation_mode
+from ...triton_common import emulation_mode
 from . import kernels as _k
 
 __all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
@@ -247,7 +247,7 @@ class LLATritonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dlse, _dstats):
-        from ..diagnostics import check_solve
+        from ...diagnostics import check_solve
 
         q, k, v, lam, X, M, stat, shift, *ranges = ctx.saved_tensors
         cfg = ctx.cfg

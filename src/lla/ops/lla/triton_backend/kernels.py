@@ -1,6 +1,6 @@
 """FlashLLA-style Triton kernels: forward (moments, in-kernel CG, output) and backward (adjoint).
 
-The math is the PyTorch backend's (``lla.ops.torch_backend.function``), in its notation.  Per query
+The math is the PyTorch backend's (``lla.ops.lla.torch_backend.function``), in its notation.  Per query
 row ``i`` with softmax weights ``s_j`` over its visible keys:
 
     m     = sum_j s_j k_j                                   (D)
@@ -41,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..triton_common import _dot, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
+from ...triton_common import _dot, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
 
 __all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel", "round_tf32_kernel"]
 

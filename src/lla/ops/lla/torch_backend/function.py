@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from ..diagnostics import adjoint_tol, check_conditioning, check_solve
+from ...diagnostics import adjoint_tol, check_conditioning, check_solve
 from .solvers import direct_solve, pcg_compact
 
 __all__ = ["lla_torch", "lla_forward", "lla_backward", "LLATorchFunction", "TILE_ELEMS"]

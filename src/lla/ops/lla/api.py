@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from .diagnostics import LLAConvergenceWarning, check_conditioning, check_solve, default_max_iters, default_tol
+from ..diagnostics import LLAConvergenceWarning, check_conditioning, check_solve, default_max_iters, default_tol
 
 __all__ = ["local_linear_attention", "LLAAux", "LLAConvergenceWarning", "resolve_solver"]
 
@@ -23,7 +23,7 @@ class LLAAux(NamedTuple):
     iters:    CG iterations of the slowest row (0 for the direct solver).
     residual: worst *true* relative residual ``||A x - b|| / ||b||`` of the forward solve over all
               rows, measured at exit with one more matvec (``A`` the ridge-regularised key
-              covariance, see ``lla.ops.torch_backend``).  In float32 it cannot go below a rounding
+              covariance, see ``lla.ops.lla.torch_backend``).  In float32 it cannot go below a rounding
               floor of about ``eps * cond(A)``; the op warns when it exceeds ``RESIDUAL_FACTOR``
               times the larger of ``tol`` and that floor (``lla.ops.diagnostics.check_solve``).
     lse:      softmax log-sum-exp of the scaled logits, ``[B, T, H]`` float32 (``-inf`` for a row

@@ -135,7 +135,7 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 def lla_compiled(q, k, v, lam, cu_seqlens, *, scale, window_size, solver, max_iters, tol, precondition):
     """The op through the custom op: ``(o [B, T, H, Dv], lse [B, T, H])``.
 
-    Arguments as ``lla.ops.torch_backend.lla_torch`` takes them, already checked by the public op;
+    Arguments as ``lla.ops.lla.torch_backend.lla_torch`` takes them, already checked by the public op;
     ``solver`` may still be ``"auto"`` and ``max_iters`` / ``tol`` None (resolved here and inside
     the op, where the ridge's values can be read).
     """

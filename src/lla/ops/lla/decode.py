@@ -30,7 +30,7 @@ import math
 import torch
 
 from .api import LLAAux, _check_tensor as _check, _check_window, _normalise_ridge, local_linear_attention
-from .diagnostics import check_conditioning, check_solve, default_tol
+from ..diagnostics import check_conditioning, check_solve, default_tol
 
 __all__ = ["local_linear_attention_with_kvcache"]
 
