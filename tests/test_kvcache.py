@@ -115,21 +115,21 @@ def test_decode_without_new_kv_and_empty_cache():
     assert torch.equal(o[1], torch.zeros_like(o[1]))
 
 
-def test_decode_chunked_cache_passes(monkeypatch):
-    """The chunk loop over long caches (forced small chunks) gives the same answer."""
-    from lla.ops.lla import decode as kvcache
-
-    q, k, v = make_qkv(B=2, T=40, H=2, D=8, dtype=torch.float64, seed=6)
-    seqlens = torch.tensor([39, 20])
+def test_decode_ragged_long_cache_matches_op_and_reference():
+    """A ragged single-token step over a long cache (the moment is streamed over key chunks): each
+    sequence equals the public op's last row (the same moment / solve code) and the reference."""
+    q, k, v = make_qkv(B=2, T=70, H=2, D=8, dtype=torch.float64, seed=6)
+    seqlens = torch.tensor([69, 20])
     kc, vc = k.clone(), v.clone()
     bidx = torch.arange(2)
-    args = (q[bidx, seqlens][:, None], kc, vc, k[bidx, seqlens][:, None], v[bidx, seqlens][:, None])
-    o1 = lla.local_linear_attention_with_kvcache(*args, cache_seqlens=seqlens, ridge=0.2)
-    monkeypatch.setattr(kvcache, "DECODE_CHUNK", 7)
-    o2 = lla.local_linear_attention_with_kvcache(*args, cache_seqlens=seqlens, ridge=0.2)
-    assert rel_err(o2, o1) <= 1e-12
-    ref = lla.local_linear_attention_ref(q[:1], k[:1], v[:1], ridge=0.2)[:, -1:]
-    assert rel_err(o1[:1], ref) <= 1e-10
+    o = lla.local_linear_attention_with_kvcache(q[bidx, seqlens][:, None], kc, vc, k[bidx, seqlens][:, None],
+                                                v[bidx, seqlens][:, None], cache_seqlens=seqlens, ridge=0.2)
+    for b, n in enumerate((70, 21)):
+        op = lla.local_linear_attention(q[b : b + 1, n - 1 : n], k[b : b + 1, :n], v[b : b + 1, :n], ridge=0.2,
+                                        solver="direct", backend="torch")
+        ref = lla.local_linear_attention_ref(q[b : b + 1, :n], k[b : b + 1, :n], v[b : b + 1, :n], ridge=0.2)[:, -1:]
+        assert rel_err(o[b : b + 1], op) <= 1e-12
+        assert rel_err(o[b : b + 1], ref) <= 1e-10
 
 
 def test_decode_bf16_close():
