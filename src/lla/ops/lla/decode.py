@@ -36,7 +36,7 @@ from ..checks import (
 )
 from ..diagnostics import check_conditioning, check_solve, default_tol
 from .api import LLAAux, local_linear_attention
-from .torch_backend.function import SHIFT_SAMPLE
+from .torch_backend.function import SHIFT_SAMPLE, _amplification, _floor  # the backend's estimates, shared
 from .torch_backend.solvers import direct_solve
 
 __all__ = ["local_linear_attention_with_kvcache", "append_to_cache", "gather_cache", "pack_cache"]
@@ -73,8 +73,10 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     q [B, 1, H, D]; caches [B_cache, S_max, Hk, *], batch element ``b`` reading cache row
     ``rows[b]`` (``rows`` None: row ``b``); lens [B] int64; lam [B, 1, H].  Row ``b`` sees entries
     ``max(lens[b] - 1 - left, 0) <= j < lens[b]`` (``left < 0``: from 0).  Returns ``o [B, 1, H, Dv]``
-    in q's dtype, ``lse [B, 1, H]`` float32 (``-inf`` for a row that sees nothing) and ``stats [2]``
-    (worst true relative residual of the solve, worst amplification as in ``LLAAux``).
+    in q's dtype, ``lse [B, 1, H]`` float32 (``-inf`` for a row that sees nothing) and ``stats [4]``
+    (worst true relative residual of the solve, worst amplification as in ``LLAAux``, and the
+    residual and rounding floor of the row furthest past its tolerance, for ``check_solve``), each
+    estimate the backend's own (``_floor``, ``_amplification``).
     """
     B, _, H, D = q.shape
     Hk, Dv = k_cache.shape[2], v_cache.shape[3]
@@ -83,7 +85,7 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     first, S0, S1, partial = _visible_span(lens, left)
     if S1 == 0:
         lse = torch.full((B, 1, H), float("-inf"), dtype=torch.float32, device=q.device)
-        return q.new_zeros(B, 1, H, Dv), lse, torch.zeros(2, dtype=cdt)
+        return q.new_zeros(B, 1, H, Dv), lse, torch.zeros(4, dtype=cdt)
     sel = slice(None) if rows is None else rows
     K = k_cache[sel, S0:S1].to(cdt).permute(0, 2, 1, 3)  # [B, Hk, n, D]
     V = v_cache[sel, S0:S1].to(cdt).permute(0, 2, 1, 3)
@@ -105,16 +107,24 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     m = s @ kc  # [B, Hk, G, D], the weighted mean in the shifted frame
     b = m - (Q - shift)
     x, residual = direct_solve(s, kc, m, L, b, tol=tol)
+    floor = _floor(torch.finfo(cdt).eps, x, b, L, (s @ (kc * kc)).sum(-1), m)
     # output weights w_j = s_j (1 - y_j . x), y_j . x centred with the weighted mean of the computed
     # (k_j - c) . x (as the backend's ``_centred``): a row whose weight sits on one key gets y . x = 0 there
     yx = x @ kc.transpose(-1, -2)
-    yx = yx - (s * yx).sum(-1, keepdim=True)
-    sy = s * yx
-    o = (s - sy) @ V  # [B, Hk, G, Dv]
-    spread = (s @ (kc * kc).sum(-1, keepdim=True)).squeeze(-1) - (m * m).sum(-1)  # sum_j s_j |k_j - m|^2
-    amplification = sy.abs().sum(-1) + spread.clamp_min(0.0) / L
+    w = s - s * (yx - (s * yx).sum(-1, keepdim=True))
+    o = w @ V  # [B, Hk, G, Dv]
+    # the backend's rounding estimate, from the same moments: [m | sum s | E (k - c)^2 | E|k - c| | E|k|]
+    mom = torch.cat([m, s.sum(-1, keepdim=True), s @ (kc * kc), s @ kc.norm(dim=-1, keepdim=True),
+                     s @ K.norm(dim=-1, keepdim=True)], dim=-1)
+    on = o.norm(dim=-1)
+    rel = (s @ V.norm(dim=-1, keepdim=True)).squeeze(-1) / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(
+        torch.finfo(cdt).tiny)
+    amplification = _amplification(w, x, m, Q - shift, L, mom, D, scale, Q, s.amax(-1), rel)
+    # the solve's report: the worst residual, and the residual and floor of the row furthest past max(tol, floor)
     live = has_key[..., 0].expand(B, Hk, G)
-    stats = torch.stack([torch.where(live, residual, 0.0).amax(), torch.where(live, amplification, 0.0).amax()])
+    residual, floor = torch.where(live, residual, 0.0), torch.where(live, floor, 0.0)
+    worst = (residual / floor.clamp_min(tol)).reshape(-1).argmax()
+    stats = torch.stack([residual.amax(), amplification, residual.reshape(-1)[worst], floor.reshape(-1)[worst]])
     return o.reshape(B, 1, H, Dv).to(q.dtype), lse.reshape(B, 1, H).float(), stats.detach()
 
 
@@ -232,9 +242,10 @@ def local_linear_attention_with_kvcache(
         o, lse, stats = _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol)
         residual, amplification = (float("nan"), float("nan"))
         if not torch.compiler.is_compiling():
-            residual, amplification = stats.tolist()
+            residual, amplification, chk_residual, chk_floor = stats.tolist()
             lam_min = float(lam.detach().min()) if lam.numel() else float("nan")
-            check_solve(stage="forward", solver="direct", residual=residual, tol=tol, lam_min=lam_min, op=_OP)
+            check_solve(stage="forward", solver="direct", residual=chk_residual, tol=tol, lam_min=lam_min, op=_OP,
+                        floor=chk_floor)
             check_conditioning(amplification, q.dtype, op=_OP)
         if return_aux:
             return o, LLAAux(iters=0, residual=residual, lse=lse, solver="direct", amplification=amplification)
