@@ -43,6 +43,9 @@ __all__ = ["local_linear_attention_with_kvcache", "append_to_cache", "gather_cac
 
 _OP = "local_linear_attention_with_kvcache"
 
+#: Keys per chunk of the single-token step's moment passes (bounds their temporaries).
+DECODE_CHUNK = 1024
+
 
 def _visible_span(lens, left):
     """Row ``b`` sees cache entries ``first[b] <= j < lens[b]``.  -> (first [B], the span ``S0:S1`` any
@@ -107,18 +110,21 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     m = s @ kc  # [B, Hk, G, D], the weighted mean in the shifted frame
     b = m - (Q - shift)
     x, residual = direct_solve(s, kc, m, L, b, tol=tol)
-    floor = _floor(torch.finfo(cdt).eps, x, b, L, (s @ (kc * kc)).sum(-1), m)
+    # the moments the estimates need, [E (k - c)^2 | E|k - c| | E|k| | E|v|], over key chunks (no second
+    # cache-sized temporary)
+    ext = sum(s[..., j0 : j0 + DECODE_CHUNK] @ torch.cat([kc[..., j0 : j0 + DECODE_CHUNK, :] ** 2] + [
+        t[..., j0 : j0 + DECODE_CHUNK, :].norm(dim=-1, keepdim=True) for t in (kc, K, V)], dim=-1)
+        for j0 in range(0, kc.shape[-2], DECODE_CHUNK))
+    floor = _floor(torch.finfo(cdt).eps, x, b, L, ext[..., :D].sum(-1), m)
     # output weights w_j = s_j (1 - y_j . x), y_j . x centred with the weighted mean of the computed
     # (k_j - c) . x (as the backend's ``_centred``): a row whose weight sits on one key gets y . x = 0 there
     yx = x @ kc.transpose(-1, -2)
     w = s - s * (yx - (s * yx).sum(-1, keepdim=True))
     o = w @ V  # [B, Hk, G, Dv]
     # the backend's rounding estimate, from the same moments: [m | sum s | E (k - c)^2 | E|k - c| | E|k|]
-    mom = torch.cat([m, s.sum(-1, keepdim=True), s @ (kc * kc), s @ kc.norm(dim=-1, keepdim=True),
-                     s @ K.norm(dim=-1, keepdim=True)], dim=-1)
+    mom = torch.cat([m, s.sum(-1, keepdim=True), ext[..., : D + 2]], dim=-1)
     on = o.norm(dim=-1)
-    rel = (s @ V.norm(dim=-1, keepdim=True)).squeeze(-1) / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(
-        torch.finfo(cdt).tiny)
+    rel = ext[..., D + 2] / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
     amplification = _amplification(w, x, m, Q - shift, L, mom, D, scale, Q, s.amax(-1), rel)
     # the solve's report: the worst residual, and the residual and floor of the row furthest past max(tol, floor)
     live = has_key[..., 0].expand(B, Hk, G)
