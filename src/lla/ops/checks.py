@@ -248,7 +248,7 @@ def packed_segments(varlen: Varlen) -> list[tuple[tuple[int, int], tuple[int, in
     return list(zip(zip(cq, cq[1:]), zip(ck, ck[1:])))
 
 
-def check_new_kv(k, v, shape: QKVShape, dtype) -> None:
+def check_new_kv(k, v, shape: QKVShape) -> None:
     """New keys/values of a KV-cache call: both or neither, ``[B, T_new, Hk, D]`` / ``[B, T_new, Hk, Dv]``."""
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (or both None)")

@@ -100,7 +100,7 @@ def parallax_attention_with_kvcache(
     check_tensor("r", r, 4)
     B, T, H, D, S_max, Hk, Dv = shape = check_qkv(q, k_cache, v_cache, r=r, k_name="k_cache", v_name="v_cache",
                                                   same_batch=False)
-    check_new_kv(k, v, shape, q.dtype)
+    check_new_kv(k, v, shape)
     t_add = T if k is not None else 0
     rows = check_cache_batch_idx(cache_batch_idx, B, k_cache.shape[0], k is not None, q.device)
     seqlens = check_cache_seqlens(cache_seqlens, B, t_add, S_max, q.device)
