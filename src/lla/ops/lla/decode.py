@@ -70,6 +70,14 @@ def _key_shift(K, first, lens, S0):
     return picked.nanmedian(dim=2, keepdim=True).values.nan_to_num(0.0)
 
 
+def _chunk_moments(kc, K, V, j0, j1):
+    """``[(k - c)^2 | |k - c| | |k| | |v|]`` of keys ``j0:j1``: ``[B, Hk, c, D + 3]``."""
+    kc2 = kc[..., j0:j1, :].square()
+    k2 = K[..., j0:j1, :].square().sum(-1, keepdim=True)
+    v2 = V[..., j0:j1, :].square().sum(-1, keepdim=True)
+    return torch.cat([kc2, torch.cat([kc2.sum(-1, keepdim=True), k2, v2], dim=-1).sqrt()], dim=-1)
+
+
 def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     """Single-query LLA with the backend's moment / solve code, and what it needs to report.
 
@@ -112,9 +120,8 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     x, residual = direct_solve(s, kc, m, L, b, tol=tol)
     # the moments the estimates need, [E (k - c)^2 | E|k - c| | E|k| | E|v|], over key chunks (no second
     # cache-sized temporary)
-    ext = sum(s[..., j0 : j0 + DECODE_CHUNK] @ torch.cat([kc[..., j0 : j0 + DECODE_CHUNK, :] ** 2] + [
-        t[..., j0 : j0 + DECODE_CHUNK, :].norm(dim=-1, keepdim=True) for t in (kc, K, V)], dim=-1)
-        for j0 in range(0, kc.shape[-2], DECODE_CHUNK))
+    ext = sum(s[..., j0 : j0 + DECODE_CHUNK] @ _chunk_moments(kc, K, V, j0, j0 + DECODE_CHUNK)
+              for j0 in range(0, kc.shape[-2], DECODE_CHUNK))
     floor = _floor(torch.finfo(cdt).eps, x, b, L, ext[..., :D].sum(-1), m)
     # output weights w_j = s_j (1 - y_j . x), y_j . x centred with the weighted mean of the computed
     # (k_j - c) . x (as the backend's ``_centred``): a row whose weight sits on one key gets y . x = 0 there
