@@ -136,6 +136,30 @@ def test_packed_cross_attention_triton_interpreter():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (True, (1, -1)), (False, (-1, -1)), (False, (2, 0)),
+                                            (False, (0, 3))])
+def test_row_ranges_of_packed_cross_attention(causal, window):
+    """The Triton kernels' per-row key ranges (and per-key query ranges) from two offset arrays equal the
+    block-diagonal mask of the sequences' own bottom-right masks; the bounds never decrease."""
+    pytest.importorskip("triton")
+    from lla.ops.lla.reference import visible_mask
+    from lla.ops.lla.triton_backend.function import row_ranges
+
+    lengths = LENGTHS + [(4, 1), (0, 0), (3, 3)]
+    cu_q = torch.tensor([0] + [t for t, _ in lengths]).cumsum(0)
+    cu_k = torch.tensor([0] + [s for _, s in lengths]).cumsum(0)
+    T, S = int(cu_q[-1]), int(cu_k[-1])
+    want = torch.zeros(T, S, dtype=torch.bool)
+    for (a, b), (c, d) in zip(zip(cu_q.tolist(), cu_q[1:].tolist()), zip(cu_k.tolist(), cu_k[1:].tolist())):
+        want[a:b, c:d] = visible_mask(b - a, d - c, causal=causal, window_size=window)
+    win = (window[0], 0 if causal else window[1])
+    lo, hi, qlo, qhi = (t.long() for t in row_ranges(T, S, win, cu_q.int(), "cpu", cu_k.int()))
+    i, j = torch.arange(T)[:, None], torch.arange(S)[None, :]
+    assert torch.equal((j >= lo[:, None]) & (j <= hi[:, None]), want)
+    assert torch.equal((i >= qlo[None, :]) & (i <= qhi[None, :]), want)
+    assert bool((lo.diff() >= 0).all()) and bool((hi.diff() >= 0).all())
+
+
 def test_cu_seqlens_is_the_self_attention_shorthand():
     x, cu, _ = _packed([(4, 4), (7, 7), (3, 3)], seed=7)
     q, k, v, lam = x
