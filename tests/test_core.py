@@ -367,12 +367,27 @@ def _bad(**over):
         (dict(max_iters=0), ValueError, "max_iters"),
         (dict(tol=-1.0), ValueError, "tol"),
         (dict(causal=1), TypeError, "causal must be a bool"),
-        (dict(cu_seqlens=[0, 8]), TypeError, "cu_seqlens must be a LongTensor"),
+        (dict(cu_seqlens=[0, 8]), TypeError, "cu_seqlens must be an int32/int64 tensor"),
         (dict(cu_seqlens=torch.tensor([0.0, 8.0])), ValueError, "cu_seqlens must be a 1-D int32/int64"),
-        (dict(cu_seqlens=torch.tensor([0, 5, 3, 8])), ValueError, "strictly increasing"),
-        (dict(cu_seqlens=torch.tensor([0, 5, 5, 8])), ValueError, "strictly increasing"),
-        (dict(cu_seqlens=torch.tensor([0, 5, 7])), ValueError, "end at T"),
+        (dict(cu_seqlens=torch.tensor([0, 5, 3, 8])), ValueError, "cu_seqlens must be non-decreasing"),
+        (dict(cu_seqlens=torch.tensor([0, 5, 7])), ValueError, "end at T = 8"),
         (dict(cu_seqlens=torch.tensor([1, 5, 8])), ValueError, "start at 0"),
+        (dict(cu_seqlens=torch.tensor([0, 8]), cu_seqlens_q=torch.tensor([0, 8])), ValueError, "not both"),
+        (dict(cu_seqlens_q=torch.tensor([0, 8])), ValueError, "given together"),
+        (dict(max_seqlen_q=8), ValueError, "max_seqlen_q / max_seqlen_k need"),
+        (dict(cu_seqlens_q=torch.tensor([0, 8]), cu_seqlens_k=torch.tensor([0, 2, 8])), ValueError,
+         "same number of sequences"),
+        (dict(cu_seqlens_q=torch.tensor([0, 8]), cu_seqlens_k=torch.tensor([0, 7])), ValueError, "cu_seqlens_k must .* end at S = 8"),
+        (dict(cu_seqlens_q=torch.tensor([0, 9, 8]), cu_seqlens_k=torch.tensor([0, 4, 8])), ValueError,
+         "cu_seqlens_q must be non-decreasing"),
+        (dict(cu_seqlens_q=torch.tensor([0, 3, 8], dtype=torch.int16), cu_seqlens_k=torch.tensor([0, 4, 8])),
+         ValueError, "cu_seqlens_q must be a 1-D int32/int64"),
+        (dict(cu_seqlens_q=torch.tensor([0, 3, 8]), cu_seqlens_k=torch.tensor([0, 4, 8]), max_seqlen_q=4),
+         ValueError, "max_seqlen_q = 4 is smaller than the longest sequence in cu_seqlens_q \\(5\\)"),
+        (dict(cu_seqlens_q=torch.tensor([0, 3, 8]), cu_seqlens_k=torch.tensor([0, 4, 8]), max_seqlen_k=3),
+         ValueError, "max_seqlen_k = 3"),
+        (dict(cu_seqlens_q=torch.tensor([0, 3, 8]), cu_seqlens_k=torch.tensor([0, 4, 8]), max_seqlen_k=-1),
+         ValueError, "max_seqlen_k must be an int >= 0"),
     ],
 )
 def test_bad_input(over, exc, match):
@@ -498,7 +513,7 @@ def test_auto_solver_is_cg_on_the_triton_backend(monkeypatch):
         o = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype)
         return o, torch.zeros(q.shape[:3]), 0, 0.0
 
-    monkeypatch.setattr(api, "_pick_backend", lambda backend, q: "triton")
+    monkeypatch.setattr(api, "pick_backend", lambda backend, q: "triton")
     monkeypatch.setattr(api, "_backend_fn", lambda name: fake_backend)
     q, k, v = make_qkv(1, 8, 2, 16, dtype=torch.float32)
     lla.local_linear_attention(q, k, v)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lla
-from lla.ops.lla.api import _pick_backend
+from lla.ops.checks import pick_backend
 from lla.ops.lla.reference import visible_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,7 +86,7 @@ def test_import_lla_does_not_import_triton():
 
 def test_auto_backend_on_cpu_is_torch():
     q, k, v = (torch.randn(1, 12, 2, 16) for _ in range(3))
-    assert _pick_backend("auto", q) == "torch"
+    assert pick_backend("auto", q) == "torch"
     o_auto = lla.local_linear_attention(q, k, v, solver="cg")
     o_torch = lla.local_linear_attention(q, k, v, solver="cg", backend="torch")
     assert torch.equal(o_auto, o_torch)

@@ -30,7 +30,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .ops.lla.api import LLAAux, _check_window, local_linear_attention
+from .ops.checks import check_window
+from .ops.lla.api import LLAAux, local_linear_attention
 
 __all__ = [
     "context_parallel_attention",
@@ -257,7 +258,7 @@ def context_parallel_attention(
     _check_local("v", v, T_local)
     if "cu_seqlens" in op_kwargs:
         raise ValueError("cu_seqlens is not supported by context_parallel_attention (shard one sequence per batch row)")
-    _check_window(window_size, causal)
+    check_window(window_size, causal)
     if mechanism == "lla":
         if r is not None:
             raise ValueError("r is the second query of mechanism='parallax'; mechanism='lla' takes no r")

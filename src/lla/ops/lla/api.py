@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import math
-import os
 from typing import NamedTuple
 
 import torch
 
+from ..checks import (
+    Varlen, check_bool, check_qkv, check_ridge, check_scale, check_solver_options, check_varlen, check_window,
+    pick_backend,
+)
 from ..diagnostics import LLAConvergenceWarning, check_conditioning, check_solve, default_max_iters, default_tol
 
 __all__ = ["local_linear_attention", "LLAAux", "LLAConvergenceWarning", "resolve_solver"]
 
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 SOLVERS = ("auto", "cg", "direct")
-BACKENDS = ("auto", "torch", "triton")
 
 
 class LLAAux(NamedTuple):
@@ -44,107 +44,6 @@ class LLAAux(NamedTuple):
     amplification: float = float("nan")
 
 
-def _check_tensor(name: str, x, rank: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != rank:
-        raise ValueError(f"{name} must have rank {rank} ([B, T, H, D] layout), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {x.dtype}")
-
-
-def _check_qkv(q, k, v, r=None):
-    """The shared checks of ``q [B, T, H, D]``, ``k [B, S, Hk, D]``, ``v [B, S, Hk, Dv]`` (and Parallax's
-    ``r``, shaped like ``q``) -> ``(B, T, H, D, S, Hk, Dv)``."""
-    names, ts = ("q", "r", "k", "v") if r is not None else ("q", "k", "v"), (q, r, k, v) if r is not None else (q, k, v)
-    for name, t in zip(names, ts):
-        _check_tensor(name, t, 4)
-    if len({t.dtype for t in ts}) != 1:
-        raise TypeError(f"{', '.join(names)} must share a dtype, got {', '.join(str(t.dtype) for t in ts)}")
-    if len({t.device for t in ts}) != 1:
-        raise ValueError(f"{', '.join(names)} must be on one device, got {', '.join(str(t.device) for t in ts)}")
-    if r is not None and r.shape != q.shape:
-        raise ValueError(f"r must have the shape of q {tuple(q.shape)}, got {tuple(r.shape)}")
-    B, T, H, D = q.shape
-    Bk, S, Hk, Dk = k.shape
-    if Bk != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {v.shape[0]}")
-    if v.shape[1] != S:
-        raise ValueError(f"k and v must have the same length S, got {S} and {v.shape[1]}")
-    if v.shape[2] != Hk:
-        raise ValueError(f"k and v must have the same number of heads, got {Hk} and {v.shape[2]}")
-    if Dk != D:
-        raise ValueError(f"q and k must have the same head dim D, got {D} and {Dk}")
-    if Hk == 0 or H % Hk != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hk})")
-    if D == 0 or v.shape[3] == 0:
-        raise ValueError("head dims must be > 0")
-    return B, T, H, D, S, Hk, v.shape[3]
-
-
-def _check_window(window_size, causal) -> tuple[int, int]:
-    """``causal`` a bool and ``window_size`` a pair of ints >= -1 -> the ``(left, right)`` the backends
-    take (``right = 0`` when causal)."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
-    ):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), got {window_size!r}")
-    return int(window_size[0]), 0 if causal else int(window_size[1])
-
-
-def _normalise_ridge(ridge, B: int, T: int, H: int, q: torch.Tensor) -> torch.Tensor:
-    """Return the ridge as a ``[B, T, H]`` float tensor (an expanded view when given smaller)."""
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float, torch.Tensor)):
-        raise TypeError(f"ridge must be a float or a tensor broadcastable to [B, T, H], got {type(ridge).__name__}")
-    if not isinstance(ridge, torch.Tensor):
-        if not math.isfinite(ridge) or ridge <= 0:
-            raise ValueError(f"ridge must be a finite number > 0, got {ridge}")
-        return torch.full((1, 1, 1), float(ridge), dtype=torch.float64, device=q.device).expand(B, T, H)
-    if not ridge.is_floating_point():
-        raise TypeError(f"ridge must be a floating-point tensor, got {ridge.dtype}")
-    if ridge.device != q.device:
-        raise ValueError(f"ridge is on {ridge.device} but q is on {q.device}")
-    if ridge.dim() > 3:
-        raise ValueError(f"ridge must be broadcastable to [B, T, H] = {[B, T, H]}, got shape {tuple(ridge.shape)}")
-    try:
-        lam = ridge.expand(B, T, H) if ridge.dim() else ridge.reshape(1, 1, 1).expand(B, T, H)
-    except RuntimeError:
-        raise ValueError(
-            f"ridge must be broadcastable to [B, T, H] = {[B, T, H]}, got shape {tuple(ridge.shape)} "
-            "(a per-head ridge has shape [H])"
-        ) from None
-    if torch.compiler.is_compiling():  # no host reads while traced (the custom op takes it as given)
-        return lam
-    if not bool(torch.isfinite(ridge).all()) or not bool((ridge > 0).all()):
-        raise ValueError("ridge must be finite and > 0 everywhere")
-    return lam
-
-
-def _check_cu_seqlens(cu_seqlens, B: int, T: int, S: int, device) -> torch.Tensor:
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a LongTensor [N + 1], got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
-            f"cu_seqlens must be a 1-D int32/int64 tensor [N + 1] with N >= 1, got {cu_seqlens.dtype} "
-            f"of shape {tuple(cu_seqlens.shape)}"
-        )
-    if B != 1:
-        raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B = {B}")
-    if S != T:
-        raise ValueError(f"cu_seqlens needs self-attention shapes (S == T), got T = {T}, S = {S}")
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    c = cu.tolist()
-    if c[0] != 0 or c[-1] != T:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}, got {c[0]} ... {c[-1]}")
-    if any(b <= a for a, b in zip(c, c[1:])):
-        raise ValueError("cu_seqlens must be strictly increasing (every packed sequence non-empty)")
-    return cu
-
-
 def resolve_solver(solver: str, lam_min: float, D: int, dtype: torch.dtype, S: int | None = None) -> str:
     """The ``solver="auto"`` rule.
 
@@ -172,25 +71,6 @@ def resolve_solver(solver: str, lam_min: float, D: int, dtype: torch.dtype, S: i
     return "cg"
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _pick_backend(backend: str, q: torch.Tensor) -> str:
-    if backend == "auto":
-        return "triton" if (q.is_cuda and _triton_available()) else "torch"
-    if backend == "triton":
-        if not _triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install triton)")
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    return backend
-
-
 def _backend_fn(name: str):
     if name == "torch":
         from .torch_backend import lla_torch
@@ -211,6 +91,10 @@ def local_linear_attention(
     causal: bool = True,
     window_size: tuple[int, int] = (-1, -1),
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
     solver: str = "auto",
     max_iters: int | None = None,
     tol: float | None = None,
@@ -221,9 +105,9 @@ def local_linear_attention(
     """Local Linear Attention (Zuo et al., 2026): the intercept of a softmax-weighted local ridge fit.
 
     Args:
-        q: ``[B, T, H, D]`` queries.
-        k: ``[B, S, Hk, D]`` keys; ``H % Hk == 0`` (grouped-query: query head ``h`` reads key head
-            ``h // (H // Hk)``).
+        q: ``[B, T, H, D]`` queries (packed: ``[1, total_q, H, D]``).
+        k: ``[B, S, Hk, D]`` keys (packed: ``[1, total_k, Hk, D]``); ``H % Hk == 0`` (grouped-query:
+            query head ``h`` reads key head ``h // (H // Hk)``).
         v: ``[B, S, Hk, Dv]`` values.
         ridge: penalty on the local slope ``W``: a float or a tensor broadcastable to ``[B, T, H]``
             (scalar, per head ``[H]``, per position ``[B, T, H]``), > 0, differentiable.  It is
@@ -236,8 +120,15 @@ def local_linear_attention(
         causal: bottom-right aligned causal mask (query ``i`` sees keys ``j <= i + S - T``).  A query
             that sees no key outputs zeros.
         window_size: ``(left, right)``, flash-attn semantics, ``-1`` unbounded.
-        cu_seqlens: ``[N + 1]`` int64 offsets of packed sequences (``B == 1``, ``S == T``); each
-            sequence only attends within itself.
+        cu_seqlens_q, cu_seqlens_k: ``[N + 1]`` int32/int64 offsets of ``N`` packed sequences
+            (flash-attn's varlen; ``B == 1``, given together): sequence ``n`` is queries
+            ``cu_seqlens_q[n]:cu_seqlens_q[n + 1]`` against keys ``cu_seqlens_k[n]:cu_seqlens_k[n + 1]``
+            and sees nothing else.  ``causal`` and ``window_size`` apply per sequence, bottom-right
+            aligned on each (its last query sees its last key), so a sequence with more keys than
+            queries is a prefill against a cached prefix.  Sequences may be empty.
+        cu_seqlens: the self-attention shorthand, ``cu_seqlens_q = cu_seqlens_k = cu_seqlens`` (``S == T``).
+        max_seqlen_q, max_seqlen_k: optional, flash-attn's longest query / key sequence; checked
+            (a value below the real longest is a ``ValueError``), not needed.
         solver: ``"cg"`` (matrix-free preconditioned conjugate gradient), ``"direct"`` (tile-wise
             moments + batched Cholesky, exact at any ridge) or ``"auto"`` (see ``resolve_solver``).
         max_iters: CG iteration cap (default ``diagnostics.default_max_iters``: ``2 D``, ``4 D`` in
@@ -246,68 +137,55 @@ def local_linear_attention(
             float32/bf16/fp16 inputs, 1e-11 in float64).  A CG row also stops once its residual
             reaches the rounding floor of the working precision (no iteration is spent below it).
         precondition: precondition CG with the per-row Jacobi diagonal.
-        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"``, ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch; PyTorch under
+            ``torch.compile``), ``"torch"``, ``"triton"`` (a ``ValueError`` where it cannot run:
+            no triton, CPU tensors without ``TRITON_INTERPRET=1``, under ``torch.compile``).
         return_aux: also return an ``LLAAux``.
 
     Returns:
         ``o [B, T, H, Dv]`` in the dtype of ``q``, or ``(o, LLAAux)`` with ``return_aux=True``.
     """
-    B, T, H, D, S, Hk, _ = _check_qkv(q, k, v)
-    if scale is None:
-        scale = D ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    window_size = _check_window(window_size, causal)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1):
-        raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
-    if tol is not None and (not isinstance(tol, (int, float)) or not (tol > 0)):
-        raise ValueError(f"tol must be a number > 0, got {tol!r}")
-    lam = _normalise_ridge(ridge, B, T, H, q)
+    B, T, H, D, S, _Hk, _Dv = check_qkv(q, k, v)
+    scale = check_scale(scale, D)
+    window = check_window(window_size, causal)
+    check_solver_options(solver, max_iters, tol)
+    check_bool("return_aux", return_aux)
+    lam = check_ridge(ridge, B, T, H, q)
+    varlen = check_varlen(cu_seqlens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, B=B, T=T, S=S,
+                          device=q.device)
+    return _dispatch(pick_backend(backend, q), q, k, v, lam, varlen, scale=scale, window=window, solver=solver,
+                     max_iters=max_iters, tol=tol, precondition=bool(precondition), return_aux=return_aux)
+
+
+def _dispatch(name: str, q, k, v, lam, varlen: Varlen | None, *, scale, window, solver, max_iters, tol,
+              precondition, return_aux):
+    """The one way from checked arguments to a backend: the custom op while ``torch.compile`` traces
+    (it resolves ``solver="auto"`` and checks the values it needs inside), else the backend ``name``
+    followed by the forward's diagnostics."""
+    cu_q, cu_k = (None, None) if varlen is None else (varlen.cu_q, varlen.cu_k)
     if torch.compiler.is_compiling():
-        # torch.compile: one opaque custom op (fake impl + autograd), no data-dependent checks or
-        # warnings; "auto" solver and defaults are resolved inside it.  Eager path below unchanged.
+        # one opaque custom op (fake impl + autograd): no host reads, warnings or aux counters
         from .custom_op import lla_compiled
 
-        o, lse = lla_compiled(
-            q, k, v, lam, cu_seqlens, scale=float(scale), window_size=window_size, solver=solver,
-            max_iters=max_iters, tol=tol, precondition=precondition,
-        )
+        o, lse = lla_compiled(q, k, v, lam, cu_q, cu_k, scale=scale, window_size=window, solver=solver,
+                              max_iters=max_iters, tol=tol, precondition=precondition)
         return (o, LLAAux(iters=-1, residual=float("nan"), lse=lse, solver=solver)) if return_aux else o
-    if cu_seqlens is not None:
-        cu_seqlens = _check_cu_seqlens(cu_seqlens, B, T, S, q.device)
-
-    lam_min = float(ridge) if not isinstance(ridge, torch.Tensor) else float(ridge.detach().min())
-    name = _pick_backend(backend, q)
+    D = q.shape[-1]
+    lam_min = float(lam.detach().min()) if lam.numel() else 1.0
     if name == "triton" and solver == "auto" and q.dtype != torch.float64:
         solver = "cg"  # the fused kernels solve by CG; "direct" and float64 run the PyTorch path
-    solver = resolve_solver(solver, lam_min, D, q.dtype, S=S)
-    if max_iters is None:
-        max_iters = default_max_iters(q.dtype, D)
-    if tol is None:
-        tol = default_tol(q.dtype)
-
+    solver = resolve_solver(solver, lam_min, D, q.dtype, S=k.shape[1])
+    max_iters = default_max_iters(q.dtype, D) if max_iters is None else max_iters
+    tol = float(default_tol(q.dtype) if tol is None else tol)
     o, lse, iters, residual, *extra = _backend_fn(name)(
-        q,
-        k,
-        v,
-        lam,
-        scale=float(scale),
-        window_size=window_size,
-        cu_seqlens=cu_seqlens,
-        solver=solver,
-        max_iters=max_iters,
-        tol=float(tol),
-        precondition=bool(precondition),
+        q, k, v, lam, scale=scale, window_size=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, solver=solver,
+        max_iters=max_iters, tol=tol, precondition=precondition,
     )
     amplification = float(extra[0]) if extra else float("nan")
     chk_residual, chk_floor = extra[1] if len(extra) > 1 else (residual, 0.0)
-    check_solve(stage="forward", solver=solver, residual=chk_residual, tol=float(tol), iters=iters, lam_min=lam_min,
-                floor=chk_floor)
-    check_conditioning(amplification, q.dtype)
+    check_solve(stage="forward", solver=solver, residual=chk_residual, tol=tol, iters=iters, lam_min=lam_min,
+                floor=chk_floor, stacklevel=4)  # (the warning points at the caller of the public op)
+    check_conditioning(amplification, q.dtype, stacklevel=4)
     if return_aux:
         return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver, amplification=amplification)
     return o

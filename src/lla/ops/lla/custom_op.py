@@ -2,15 +2,18 @@
 opaque node (with a fake implementation for shapes and an autograd formula) instead of the
 backend's Python loops and data-dependent branches.
 
-``lla.local_linear_attention`` routes here when ``torch.compiler.is_compiling()``; the eager path
-does not touch this module.  Both custom ops run the PyTorch backend's plain functions
+``lla.local_linear_attention`` routes here (``api._dispatch``) when ``torch.compiler.is_compiling()``;
+the eager path does not touch this module.  Both custom ops run the PyTorch backend's plain functions
 (``lla_forward`` / ``lla_backward``), so compiled and eager results agree to rounding.
 
-    lla::fwd(q, k, v, lam, cu_seqlens?, ...) -> (o [B,T,H,Dv], lse [B,T,H], x, m [B,Hk,G,T,D], lse_c [B,Hk,G,T])
-    lla::bwd(do, q, k, v, lam, x, m, lse_c, cu_seqlens?, ...) -> (dq, dk, dv, dlam [B,T,H])
+    lla::fwd(q, k, v, lam, cu_seqlens?, ..., cu_seqlens_k?) -> (o [B,T,H,Dv], lse [B,T,H], x, m [B,Hk,G,T,D],
+                                                               lse_c [B,Hk,G,T])
+    lla::bwd(do, q, k, v, lam, x, m, lse_c, cu_seqlens?, ..., cu_seqlens_k?) -> (dq, dk, dv, dlam [B,T,H])
 
-What compiled calls give up: the convergence / conditioning warnings and the ``LLAAux`` counters
-(they need host reads of data); ``return_aux=True`` still returns ``lse``.
+``cu_seqlens`` are the packed query offsets, ``cu_seqlens_k`` the key offsets (None: the same).  The
+checks that read values (offsets, ridge > 0: ``lla.ops.checks``) run inside ``lla::fwd``, where the
+values exist.  What compiled calls give up: the convergence / conditioning warnings and the
+``LLAAux`` counters (they need host reads of data); ``return_aux=True`` still returns ``lse``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..diagnostics import default_max_iters, default_tol
+from ..checks import Varlen, check_ridge_values, check_varlen_values, packed_segments
 from .api import resolve_solver
 from .torch_backend import function as _tb
 
@@ -32,11 +37,14 @@ def _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition,
     return _tb._Cfg(scale, (window_left, window_right), solver, max_iters, tol, precondition)
 
 
-def _segments(cu_seqlens, T):
+def _segments(cu_seqlens, cu_seqlens_k, T, S, check=False):
+    """``[(query slice, key slice)]`` of the packed sequences (the whole input when not packed);
+    ``check``: the offsets' values are checked first (``checks.check_varlen_values``)."""
     if cu_seqlens is None:
-        return [(0, T)]
-    c = cu_seqlens.tolist()
-    return list(zip(c, c[1:]))
+        return [(slice(0, T), slice(0, S))]
+    varlen = Varlen(cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k)
+    segs = check_varlen_values(varlen, T, S) if check else packed_segments(varlen)
+    return [(slice(a, b), slice(c, d)) for (a, b), (c, d) in segs]
 
 
 @torch.library.custom_op("lla::fwd", mutates_args=())
@@ -53,22 +61,25 @@ def _fwd(
     max_iters: int,
     tol: float,
     precondition: bool,
+    cu_seqlens_k: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_ridge_values(lam)
+    segs = _segments(cu_seqlens, cu_seqlens_k, q.shape[1], k.shape[1], check=True)
     cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, q.shape[-1], q.dtype, k.shape[1])
-    parts = []
-    for a, b in _segments(cu_seqlens, q.shape[1]):
-        sl = slice(a, b)
-        o, lse, _stats, X, M, LSE = _tb.lla_forward(q[:, sl], k[:, sl] if cu_seqlens is not None else k,
-                                                     v[:, sl] if cu_seqlens is not None else v, lam[:, sl], cfg)
-        parts.append((o, lse, X, M, LSE))
-    if len(parts) == 1:
-        return tuple(t.contiguous() for t in parts[0])
-    o, lse, X, M, LSE = zip(*parts)
-    return tuple(t.contiguous() for t in (torch.cat(o, 1), torch.cat(lse, 1), torch.cat(X, 3), torch.cat(M, 3), torch.cat(LSE, 3)))
+    outs = _fwd_fake(q, k, v, lam, cu_seqlens, scale, window_left, window_right, solver, max_iters, tol, precondition)
+    o, lse, X, M, LSE = (t.zero_() for t in outs)
+    lse.fill_(float("-inf"))
+    LSE.fill_(float("-inf"))
+    for sq, sk in segs:
+        if sq.stop > sq.start:
+            o[:, sq], lse[:, sq], _stats, X[..., sq, :], M[..., sq, :], LSE[..., sq] = _tb.lla_forward(
+                q[:, sq], k[:, sk], v[:, sk], lam[:, sq], cfg)
+    return o, lse, X, M, LSE
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k, v, lam, cu_seqlens, scale, window_left, window_right, solver, max_iters, tol, precondition):
+def _fwd_fake(q, k, v, lam, cu_seqlens, scale, window_left, window_right, solver, max_iters, tol, precondition,
+              cu_seqlens_k=None):
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[3]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -98,55 +109,62 @@ def _bwd(
     max_iters: int,
     tol: float,
     precondition: bool,
+    cu_seqlens_k: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, q.shape[-1], q.dtype, k.shape[1])
     if cu_seqlens is None:
         grads = _tb.lla_backward(do, q, k, v, lam, X, M, LSE, cfg, True)
         return tuple(g.contiguous() for g in grads)  # the fake's strides
-    parts = []
-    for a, b in _segments(cu_seqlens, q.shape[1]):
-        sl = slice(a, b)
-        parts.append(_tb.lla_backward(do[:, sl], q[:, sl], k[:, sl], v[:, sl], lam[:, sl],
-                                      X[:, :, :, sl], M[:, :, :, sl], LSE[:, :, :, sl], cfg, True))
-    return tuple(torch.cat(g, 1).contiguous() for g in zip(*parts))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dlam = lam.new_zeros(lam.shape)
+    for sq, sk in _segments(cu_seqlens, cu_seqlens_k, q.shape[1], k.shape[1]):
+        if sq.stop > sq.start:
+            g = _tb.lla_backward(do[:, sq], q[:, sq], k[:, sk], v[:, sk], lam[:, sq], X[..., sq, :], M[..., sq, :],
+                                 LSE[..., sq], cfg, True)
+            dq[:, sq], dlam[:, sq] = g[0], g[3]
+            dk[:, sk] += g[1]
+            dv[:, sk] += g[2]
+    return dq, dk, dv, dlam
 
 
 @_bwd.register_fake
-def _bwd_fake(do, q, k, v, lam, X, M, LSE, cu_seqlens, scale, window_left, window_right, solver, max_iters, tol, precondition):
+def _bwd_fake(do, q, k, v, lam, X, M, LSE, cu_seqlens, scale, window_left, window_right, solver, max_iters, tol,
+              precondition, cu_seqlens_k=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), lam.new_empty(lam.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, lam, cu_seqlens, *config = inputs
+    q, k, v, lam, cu_seqlens, *config, cu_seqlens_k = inputs
     _o, _lse, X, M, LSE = output
-    ctx.save_for_backward(q, k, v, lam, X, M, LSE, cu_seqlens)
+    ctx.save_for_backward(q, k, v, lam, X, M, LSE, cu_seqlens, cu_seqlens_k)
     ctx.config = config
 
 
 def _backward(ctx, do, _dlse, _dx, _dm, _dlse_c):
-    q, k, v, lam, X, M, LSE, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv, dlam = _bwd(do.contiguous(), q, k, v, lam, X, M, LSE, cu_seqlens, *ctx.config)
-    return dq, dk, dv, dlam, None, None, None, None, None, None, None, None
+    q, k, v, lam, X, M, LSE, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv, dlam = _bwd(do.contiguous(), q, k, v, lam, X, M, LSE, cu_seqlens, *ctx.config, cu_seqlens_k)
+    return dq, dk, dv, dlam, None, None, None, None, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def lla_compiled(q, k, v, lam, cu_seqlens, *, scale, window_size, solver, max_iters, tol, precondition):
+def lla_compiled(q, k, v, lam, cu_seqlens_q, cu_seqlens_k, *, scale, window_size, solver, max_iters, tol,
+                 precondition):
     """The op through the custom op: ``(o [B, T, H, Dv], lse [B, T, H])``.
 
-    Arguments as ``lla.ops.lla.torch_backend.lla_torch`` takes them, already checked by the public op;
-    ``solver`` may still be ``"auto"`` and ``max_iters`` / ``tol`` None (resolved here and inside
-    the op, where the ridge's values can be read).
+    Arguments as ``lla.ops.lla.torch_backend.lla_torch`` takes them, their types and shapes already
+    checked by the public op (``cu_seqlens_q`` / ``cu_seqlens_k`` int64 or None); ``solver`` may
+    still be ``"auto"`` and ``max_iters`` / ``tol`` None (resolved here and inside the op, where the
+    ridge's values can be read).
     """
     if max_iters is None:
-        max_iters = 4 * q.shape[-1] if q.dtype == torch.float64 else 2 * q.shape[-1]
+        max_iters = default_max_iters(q.dtype, q.shape[-1])
     if tol is None:
-        tol = 1e-11 if q.dtype == torch.float64 else 1e-6
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int64)
+        tol = default_tol(q.dtype)
+    same = cu_seqlens_k is cu_seqlens_q
     o, lse, _x, _m, _lse_c = _fwd(
-        q, k, v, lam, cu_seqlens, float(scale), int(window_size[0]), int(window_size[1]), solver, int(max_iters),
-        float(tol), bool(precondition),
+        q, k, v, lam, cu_seqlens_q, float(scale), int(window_size[0]), int(window_size[1]), solver, int(max_iters),
+        float(tol), bool(precondition), None if same else cu_seqlens_k,
     )
     return o, lse

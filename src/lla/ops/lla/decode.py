@@ -3,15 +3,18 @@
 LLA has no fixed-size recurrent state (``Sigma_i`` depends on the query), so, like softmax
 attention, it keeps every key and value and each new query does a pass over the cache.
 
-* Chunks (``T_new > 1``, prefill on top of a cache) go through the public op, one sequence at a time
-  (or one group of equal lengths), with the bottom-right causal alignment that makes chunked prefill
-  equal to the full forward.
-* A single new token (``T_new == 1``, decoding) uses a direct solve: one ``D x D`` matrix per query
-  head, accumulated from the cache in key chunks (so extra memory is ``O(S)`` per head for the
-  weights plus a bounded chunk), then one Cholesky solve.  The per-token work is three
-  ``O(S * D)`` passes (logits, weighted mean, output) and one ``O(S * D^2)`` GEMM (the moment).
-  Conjugate gradient would cost ``O(S * D)`` per iteration, with ``~D`` iterations at small ridges;
-  measured on CPU the direct step is several times faster (see ``docs/inference.md``).
+* Chunks (``T_new > 1``, prefill on top of a cache, or ``solver="cg"``) go through the public op:
+  one batched call when every sequence has the same length, else one packed varlen call
+  (``cu_seqlens_q`` / ``cu_seqlens_k``) whose per-sequence bottom-right causal alignment makes chunked
+  prefill equal to the full forward.
+* A single new token (``T_new == 1``, decoding) runs the PyTorch backend's numerics on one row per
+  query head: the softmax weights over the visible cache entries, the keys shifted by the backend's
+  per-tile rule (the coordinate-wise median of the last ``SHIFT_SAMPLE`` keys the row sees), the
+  weighted mean ``m``, and ``A x = m - q`` solved by ``solvers.direct_solve`` (``A`` formed with the
+  streamed moment GEMM, Cholesky, refinement with the centred ``cov_matvec``, the true residual at
+  exit).  Prefill and decode run the same moment and solve code.  Extra memory is ``O(S)`` per
+  head: the weights ``[B, H, S]``, the shifted keys (one compute-dtype copy of the visible cache
+  span) and the ``D x D`` moment per head (formed over key chunks).
 
 Per query row, with softmax weights ``s_j`` over the cache entries it sees (every statistic is
 the row's own: entries it does not see never enter its arithmetic):
@@ -25,170 +28,146 @@ amplification go through ``lla.ops.diagnostics`` (``check_solve`` / ``check_cond
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .api import LLAAux, _check_tensor as _check, _check_window, _normalise_ridge, local_linear_attention
+from ..checks import (
+    check_bool, check_cache_batch_idx, check_cache_seqlens, check_new_kv, check_qkv, check_ridge, check_scale,
+    check_solver_options, check_window,
+)
 from ..diagnostics import check_conditioning, check_solve, default_tol
+from .api import LLAAux, local_linear_attention
+from .torch_backend.function import SHIFT_SAMPLE, _amplification, _floor  # the backend's estimates, shared
+from .torch_backend.solvers import direct_solve
 
-__all__ = ["local_linear_attention_with_kvcache"]
+__all__ = ["local_linear_attention_with_kvcache", "append_to_cache", "gather_cache", "pack_cache"]
 
 _OP = "local_linear_attention_with_kvcache"
 
-#: Keys per chunk of the single-token passes (bounds the temporaries to ``chunk * H * D`` elements).
+#: Keys per chunk of the single-token step's moment passes (bounds their temporaries).
 DECODE_CHUNK = 1024
 
 
-def _decode_one(q, k_cache, v_cache, lens, lam, scale, left, chunk):
-    """Single-query LLA by direct solve, with what it needs to report.
+def _visible_span(lens, left):
+    """Row ``b`` sees cache entries ``first[b] <= j < lens[b]``.  -> (first [B], the span ``S0:S1`` any
+    row sees, whether some row sees only part of it), one host read."""
+    first = (lens - 1 - left).clamp_min(0) if left >= 0 else torch.zeros_like(lens)
+    if not lens.numel():
+        return first, 0, 0, False
+    S0, S1, first_max, lens_min = torch.stack([first.min(), lens.max(), first.max(), lens.min()]).tolist()
+    return first, S0, S1, first_max > S0 or lens_min < S1
 
-    q [B, 1, H, D], k_cache [B, S_max, Hk, D], v_cache [B, S_max, Hk, Dv], lens [B] int64, lam
-    [B, 1, H].  The row of sequence ``b`` sees cache entries ``first[b] <= j < lens[b]``, with
-    ``first[b] = max(lens[b] - 1 - left, 0)`` (``left < 0``: 0).  Returns ``o [B, 1, H, Dv]`` in
-    q's dtype, ``lse [B, 1, H]`` float32 (``-inf`` for a row that sees nothing) and ``stats [2]``
-    (compute dtype) = (worst true relative residual ``||A x - (m - q)|| / ||m - q||`` of the solve,
-    worst amplification as in ``LLAAux``).
+
+def _key_shift(K, first, lens, S0):
+    """The backend's tile shift for one row per sequence: the coordinate-wise (lower) median of the
+    last ``SHIFT_SAMPLE`` keys the row sees, zero when it sees none.  K [B, Hk, n, D] (entries
+    ``S0 + j``) -> ``[B, Hk, 1, D]``, detached (the output does not depend on it)."""
+    B, Hk, n, D = K.shape
+    idx = lens[:, None] - 1 - torch.arange(SHIFT_SAMPLE, device=K.device)[None, :]  # [B, SHIFT_SAMPLE]
+    ok = (idx >= first[:, None]) & (idx >= S0)
+    idx = (idx - S0).clamp(0, max(n - 1, 0))
+    picked = K.detach().gather(2, idx[:, None, :, None].expand(B, Hk, SHIFT_SAMPLE, D))
+    picked = picked.masked_fill(~ok[:, None, :, None], float("nan"))
+    return picked.nanmedian(dim=2, keepdim=True).values.nan_to_num(0.0)
+
+
+def _chunk_moments(kc, K, V, j0, j1):
+    """``[(k - c)^2 | |k - c| | |k| | |v|]`` of keys ``j0:j1``: ``[B, Hk, c, D + 3]``."""
+    kc2 = kc[..., j0:j1, :].square()
+    k2 = K[..., j0:j1, :].square().sum(-1, keepdim=True)
+    v2 = V[..., j0:j1, :].square().sum(-1, keepdim=True)
+    return torch.cat([kc2, torch.cat([kc2.sum(-1, keepdim=True), k2, v2], dim=-1).sqrt()], dim=-1)
+
+
+def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
+    """Single-query LLA with the backend's moment / solve code, and what it needs to report.
+
+    q [B, 1, H, D]; caches [B_cache, S_max, Hk, *], batch element ``b`` reading cache row
+    ``rows[b]`` (``rows`` None: row ``b``); lens [B] int64; lam [B, 1, H].  Row ``b`` sees entries
+    ``max(lens[b] - 1 - left, 0) <= j < lens[b]`` (``left < 0``: from 0).  Returns ``o [B, 1, H, Dv]``
+    in q's dtype, ``lse [B, 1, H]`` float32 (``-inf`` for a row that sees nothing) and ``stats [4]``
+    (worst true relative residual of the solve, worst amplification as in ``LLAAux``, and the
+    residual and rounding floor of the row furthest past its tolerance, for ``check_solve``), each
+    estimate the backend's own (``_floor``, ``_amplification``).
     """
     B, _, H, D = q.shape
     Hk, Dv = k_cache.shape[2], v_cache.shape[3]
     G = H // Hk
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    Q = q.to(cdt).reshape(B, Hk, G, D)  # query head h = hk * G + g
-    L = lam.to(cdt).reshape(B, Hk, G)
-    first = (lens - 1 - left).clamp_min(0) if left >= 0 else torch.zeros_like(lens)
-    # one host read: the span of entries any row sees, and whether some row sees less of it
-    S0, S1, first_max, lens_min = (
-        torch.stack([first.min(), lens.max(), first.max(), lens.min()]).tolist() if B else (0, 0, 0, 0)
-    )
+    first, S0, S1, partial = _visible_span(lens, left)
     if S1 == 0:
         lse = torch.full((B, 1, H), float("-inf"), dtype=torch.float32, device=q.device)
-        return q.new_zeros(B, 1, H, Dv), lse, Q.new_zeros(2)
-    n = S1 - S0
+        return q.new_zeros(B, 1, H, Dv), lse, torch.zeros(4, dtype=cdt)
+    sel = slice(None) if rows is None else rows
+    K = k_cache[sel, S0:S1].to(cdt).permute(0, 2, 1, 3)  # [B, Hk, n, D]
+    V = v_cache[sel, S0:S1].to(cdt).permute(0, 2, 1, 3)
     j = torch.arange(S0, S1, device=q.device)[None, :]
     visible = (j >= first[:, None]) & (j < lens[:, None])  # [B, n]
-    partial = first_max > S0 or lens_min < S1
-    has_key = (lens > 0)[:, None, None, None]  # a sequence with an empty cache outputs zeros
-    bounds = [(j0, min(S1, j0 + chunk)) for j0 in range(S0, S1, chunk)]
-    loaded = {}
-
-    def kv(j0, j1):
-        """Key and value chunk ``[B, Hk, c, D]``, ``[B, Hk, c, Dv]`` (strided views of the caches
-        when no conversion or masking is needed).  Entries a row does not see may hold anything
-        (an uninitialised cache, another row's keys): they are zeroed so that 0 * nan cannot leak."""
-        if (j0, j1) in loaded:
-            return loaded[(j0, j1)]
-        K = k_cache[:, j0:j1].to(cdt).permute(0, 2, 1, 3)
-        V = v_cache[:, j0:j1].to(cdt).permute(0, 2, 1, 3)
-        if partial:
-            hide = ~visible[:, None, j0 - S0 : j1 - S0, None]
-            K, V = K.masked_fill(hide, 0.0), V.masked_fill(hide, 0.0)
-        if len(bounds) == 1:  # one chunk: load it once for all passes
-            loaded[(j0, j1)] = (K, V)
-        return K, V
-
-    # pass 1: logits of every visible entry -> softmax weights s [B, Hk, G, n]
-    logits = torch.empty(B, Hk, G, n, dtype=cdt, device=q.device)
-    for j0, j1 in bounds:
-        logits[..., j0 - S0 : j1 - S0] = Q @ kv(j0, j1)[0].transpose(-1, -2)
-    logits.mul_(scale)
+    if partial:  # entries a row does not see may hold anything (garbage, another sequence's keys)
+        hide = ~visible[:, None, :, None]
+        K, V = K.masked_fill(hide, 0.0), V.masked_fill(hide, 0.0)
+    Q = q.to(cdt).reshape(B, Hk, G, D)  # query head h = hk * G + g
+    L = lam.to(cdt).reshape(B, Hk, G)
+    logits = (Q * scale) @ K.transpose(-1, -2)  # [B, Hk, G, n]
     if partial:
-        logits.masked_fill_(~visible[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # [B, Hk, G]; -inf for a row that sees nothing
-    logits.masked_fill_(~has_key, 0.0)
-    s = torch.softmax(logits, dim=-1)  # [B, Hk, G, n]
-    del logits
-    # pass 2: weighted key mean m [B, Hk, G, D]
-    m = Q.new_zeros(B, Hk, G, D)
-    for j0, j1 in bounds:
-        m += s[..., j0 - S0 : j1 - S0] @ kv(j0, j1)[0]
-    # pass 3: the moment centred on the row's own mean, A [B, Hk, G, D, D], one GEMM per chunk.
-    # m is only known to eps * |m|, which matters when the ridge is tiny next to |m|^2 (one
-    # dominant key, huge keys): the weighted mean dm of y_j = k_j - m (~ the rounding of m) is
-    # accumulated too and taken out exactly: sum_j s_j (y_j - dm)(y_j - dm)^T = sum_j s_j y_j y_j^T - dm dm^T
-    A = Q.new_zeros(B, Hk, G, D, D)
-    dm = Q.new_zeros(B, Hk, G, D)
-    for j0, j1 in bounds:
-        y = kv(j0, j1)[0].unsqueeze(2) - m.unsqueeze(-2)  # [B, Hk, G, c, D]   y_j = k_j - m
-        sy = y * s[..., j0 - S0 : j1 - S0, None]
-        A += sy.transpose(-1, -2) @ y
-        dm += sy.sum(-2)
-    A -= dm.unsqueeze(-1) * dm.unsqueeze(-2)
-    spread = A.diagonal(dim1=-2, dim2=-1).sum(-1)  # sum_j s_j |k_j - m|^2
-    A.diagonal(dim1=-2, dim2=-1).add_(L[..., None])
-    mu = (m - Q) + dm  # [B, Hk, G, D]
-    x = _solve_spd(A, mu)
-    # the solve's true relative residual, per row (against A as formed, before any shift)
-    r = (A @ x.unsqueeze(-1)).squeeze(-1) - mu
-    mu_norm = torch.linalg.vector_norm(mu, dim=-1)
-    r_norm = torch.linalg.vector_norm(r, dim=-1)
-    residual = torch.where(mu_norm > 0, r_norm / mu_norm.clamp_min(torch.finfo(cdt).tiny), r_norm)
-    # pass 4: output  o = sum_j s_j (1 - (k_j - m) . x) v_j, with k_j - m formed before the dot
-    # product (k_j . x - m . x cancels catastrophically when |x| is large: huge keys, small ridge)
-    o = Q.new_zeros(B, Hk, G, Dv)
-    weight_l1 = Q.new_zeros(B, Hk, G)  # sum_j s_j |(k_j - m) . x|
-    dmx = (dm * x).sum(-1, keepdim=True)
-    for j0, j1 in bounds:
-        K, V = kv(j0, j1)
-        y = K.unsqueeze(2) - m.unsqueeze(-2)  # [B, Hk, G, c, D]
-        syx = ((y @ x.unsqueeze(-1)).squeeze(-1) - dmx) * s[..., j0 - S0 : j1 - S0]  # [B, Hk, G, c]
-        weight_l1 += syx.abs().sum(-1)
-        o += (s[..., j0 - S0 : j1 - S0] - syx) @ V
-    o = o.masked_fill(~has_key, 0.0)
-    amplification = weight_l1 + spread / L
+        logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # -inf for a row that sees nothing
+    has_key = (lens > 0)[:, None, None, None]
+    s = torch.softmax(logits.masked_fill(~has_key, 0.0), dim=-1) * has_key  # rows with no key: s = 0
+    shift = _key_shift(K, first, lens, S0)  # [B, Hk, 1, D]
+    kc = K - shift
+    m = s @ kc  # [B, Hk, G, D], the weighted mean in the shifted frame
+    b = m - (Q - shift)
+    x, residual = direct_solve(s, kc, m, L, b, tol=tol)
+    # the moments the estimates need, [E (k - c)^2 | E|k - c| | E|k| | E|v|], over key chunks (no second
+    # cache-sized temporary)
+    ext = sum(s[..., j0 : j0 + DECODE_CHUNK] @ _chunk_moments(kc, K, V, j0, j0 + DECODE_CHUNK)
+              for j0 in range(0, kc.shape[-2], DECODE_CHUNK))
+    floor = _floor(torch.finfo(cdt).eps, x, b, L, ext[..., :D].sum(-1), m)
+    # output weights w_j = s_j (1 - y_j . x), y_j . x centred with the weighted mean of the computed
+    # (k_j - c) . x (as the backend's ``_centred``): a row whose weight sits on one key gets y . x = 0 there
+    yx = x @ kc.transpose(-1, -2)
+    w = s - s * (yx - (s * yx).sum(-1, keepdim=True))
+    o = w @ V  # [B, Hk, G, Dv]
+    # the backend's rounding estimate, from the same moments: [m | sum s | E (k - c)^2 | E|k - c| | E|k|]
+    mom = torch.cat([m, s.sum(-1, keepdim=True), ext[..., : D + 2]], dim=-1)
+    on = o.norm(dim=-1)
+    rel = ext[..., D + 2] / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
+    amplification = _amplification(w, x, m, Q - shift, L, mom, D, scale, Q, s.amax(-1), rel)
+    # the solve's report: the worst residual, and the residual and floor of the row furthest past max(tol, floor)
     live = has_key[..., 0].expand(B, Hk, G)
-    stats = torch.stack([
-        torch.where(live, residual, 0.0).amax(), torch.where(live, amplification, 0.0).amax()
-    ])
-    return o.reshape(B, 1, H, Dv).to(q.dtype), lse.reshape(B, 1, H).float(), stats
+    residual, floor = torch.where(live, residual, 0.0), torch.where(live, floor, 0.0)
+    worst = (residual / floor.clamp_min(tol)).reshape(-1).argmax()
+    stats = torch.stack([residual.amax(), amplification, residual.reshape(-1)[worst], floor.reshape(-1)[worst]])
+    return o.reshape(B, 1, H, Dv).to(q.dtype), lse.reshape(B, 1, H).float(), stats.detach()
 
 
-def _solve_spd(A, b):
-    """``A^{-1} b`` by Cholesky for a batch of symmetric positive definite ``A [..., D, D]``.
-
-    ``A`` here is a weighted key covariance plus the ridge, formed by a GEMM; when the ridge is
-    below the rounding of that GEMM (about ``eps * trace(A)``) a row may not factor.  Such rows
-    get a diagonal shift, ``eps * trace(A)`` times 1, 10, 100, ... until they do: a slightly larger
-    ridge, whose effect the caller's true residual (measured against the unshifted ``A``) reports.
-    """
-    chol, info = torch.linalg.cholesky_ex(A)
-    failed = info != 0
-    if bool(failed.any()):
-        shift = torch.finfo(A.dtype).eps * A.diagonal(dim1=-2, dim2=-1).sum(-1) * failed
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        for _ in range(8):
-            chol, info = torch.linalg.cholesky_ex(A + shift[..., None, None] * eye)
-            if not bool((info != 0).any()):
-                break
-            shift = shift * 10.0
-    return torch.cholesky_solve(b.unsqueeze(-1), chol).squeeze(-1)
-
-
-def check_cache_seqlens(cache_seqlens, B: int, t_add: int, S_max: int, device) -> torch.Tensor:
-    """``cache_seqlens`` (an int, or an int32/int64 tensor ``[B]``) -> int64 ``[B]`` on ``device``, each
-    in ``[0, S_max - t_add]`` (``t_add`` new entries are about to be written).  Shared by the decode ops."""
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int64, device=device)
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError("cache_seqlens must be an int32/int64 tensor [B] (or an int)")
-    if cache_seqlens.dim() != 1 or cache_seqlens.numel() != B:
-        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
-    seqlens = cache_seqlens.to(device=device, dtype=torch.int64)
-    if B and (int(seqlens.min()) < 0 or int(seqlens.max()) + t_add > S_max):
-        raise ValueError(
-            f"cache_seqlens must lie in [0, S_max - T_new] = [0, {S_max - t_add}], got {seqlens.tolist()}"
-        )
-    return seqlens
-
-
-def append_to_cache(k_cache, v_cache, k, v, seqlens) -> None:
-    """Write ``k, v [B, T_new, Hk, *]`` in place at rows ``seqlens[b] + t`` of each sequence (detached)."""
+def append_to_cache(k_cache, v_cache, k, v, seqlens, rows=None) -> None:
+    """Write ``k, v [B, T_new, Hk, *]`` in place at entries ``seqlens[b] + t`` of cache row ``rows[b]``
+    (``rows`` None: row ``b``), detached: no gradient flows through the cache."""
     B, T = k.shape[:2]
-    rows = seqlens[:, None] + torch.arange(T, device=seqlens.device)[None, :]  # [B, T]
-    bidx = torch.arange(B, device=seqlens.device)[:, None].expand(B, T)
+    pos = seqlens[:, None] + torch.arange(T, device=seqlens.device)[None, :]  # [B, T]
+    bidx = (torch.arange(B, device=seqlens.device) if rows is None else rows)[:, None].expand(B, T)
     with torch.no_grad():
-        k_cache[bidx, rows] = k.detach().to(k_cache.dtype)
-        v_cache[bidx, rows] = v.detach().to(v_cache.dtype)
+        k_cache[bidx, pos] = k.detach().to(k_cache.dtype)
+        v_cache[bidx, pos] = v.detach().to(v_cache.dtype)
+
+
+def gather_cache(cache, rows, n):
+    """The first ``n`` entries of the cache rows the batch uses: a view without ``rows``, else a gather."""
+    return cache[:, :n] if rows is None else cache[rows, :n]
+
+
+def pack_cache(cache, rows, lens):
+    """The first ``lens[b]`` entries of each batch element's cache row, packed: ``[1, sum(lens), Hk, *]``
+    and the int64 offsets ``[B + 1]`` (for ``cu_seqlens_k``)."""
+    B = lens.shape[0]
+    cu = torch.zeros(B + 1, dtype=torch.int64, device=lens.device)
+    cu[1:] = lens.cumsum(0)
+    total = int(cu[-1])
+    rows = torch.arange(B, device=lens.device) if rows is None else rows
+    seq = torch.repeat_interleave(torch.arange(B, device=lens.device), lens, output_size=total)
+    pos = torch.arange(total, device=lens.device) - cu[seq]
+    return cache[rows[seq], pos].unsqueeze(0), cu
 
 
 def local_linear_attention_with_kvcache(
@@ -199,6 +178,7 @@ def local_linear_attention_with_kvcache(
     v: torch.Tensor | None = None,
     *,
     cache_seqlens,
+    cache_batch_idx: torch.Tensor | None = None,
     ridge=1.0,
     scale: float | None = None,
     solver: str = "auto",
@@ -212,17 +192,22 @@ def local_linear_attention_with_kvcache(
 
     Args:
         q: ``[B, T_new, H, D]`` new queries (``T_new == 1`` for a decoding step).
-        k_cache: ``[B, S_max, Hk, D]`` key cache; ``H % Hk == 0`` (grouped-query).
-        v_cache: ``[B, S_max, Hk, Dv]`` value cache.
+        k_cache: ``[B_cache, S_max, Hk, D]`` key cache; ``H % Hk == 0`` (grouped-query).
+        v_cache: ``[B_cache, S_max, Hk, Dv]`` value cache.
         k, v: ``[B, T_new, Hk, D]`` / ``[B, T_new, Hk, Dv]`` new keys and values, or both None.  When
-            given they are written **in place** into the caches at rows
-            ``cache_seqlens[b] ... cache_seqlens[b] + T_new - 1`` of each sequence ``b``.
-        cache_seqlens: int tensor ``[B]`` (or an int): entries already in each sequence's cache; may
-            differ across the batch.  Not advanced here: the caller adds ``T_new`` afterwards, as
-            with flash-attn.
+            given they are written **in place** into the caches at entries
+            ``cache_seqlens[b] ... cache_seqlens[b] + T_new - 1`` of each batch element's cache row.
+            They are written **detached**: no gradient flows through the cache (into ``k``, ``v``, or
+            later calls that read them back).
+        cache_seqlens: int tensor ``[B]`` (or an int): entries already in each batch element's cache
+            row; may differ across the batch.  Not advanced here: the caller adds ``T_new``
+            afterwards, as with flash-attn.
+        cache_batch_idx: optional int32/int64 ``[B]`` (flash-attn's): the cache row batch element
+            ``b`` uses, in ``[0, B_cache)``, distinct when ``k``/``v`` are written.  Default: row ``b``
+            (then ``B_cache == B``).
         ridge: float or tensor broadcastable to ``[B, T_new, H]``, > 0.
         scale: logit scale, default ``1 / sqrt(D)``.
-        solver: ``"auto"`` (direct ``D x D`` solve for one new token, the public op's rule for
+        solver: ``"auto"`` (the direct ``D x D`` solve for one new token, the public op's rule for
             chunks), ``"direct"``, or ``"cg"`` (always through the public op).
         max_iters, backend: passed to the public op for chunks / ``solver="cg"``.
         tol: the public op's CG tolerance; for the direct single-token solve, the true relative
@@ -233,10 +218,11 @@ def local_linear_attention_with_kvcache(
             unbounded.  The single-token path then reads only the last ``left + 1`` entries.
         return_aux: also return an ``lla.LLAAux``.
 
-    Sequence ``b`` sees its first ``L_b = cache_seqlens[b] + T_new`` cache entries (``T_new`` only
-    counted when ``k`` is given); its queries attend causally, bottom-right aligned: new query ``t``
-    sees entries ``j <= L_b - T_new + t``.  Entries a query does not see (past ``L_b``, before its
-    window, another sequence's) never enter its arithmetic.
+    Sequence ``b`` sees the first ``L_b = cache_seqlens[b] + T_new`` entries of its cache row
+    (``T_new`` only counted when ``k`` is given); its queries attend causally, bottom-right aligned:
+    new query ``t`` sees entries ``j <= L_b - T_new + t``.  Entries a query does not see (past
+    ``L_b``, before its window, another row's) never enter its arithmetic.  The output is
+    differentiable in ``q``, the ridge and the caches (when they require grad), not in ``k``, ``v``.
 
     Diagnostics are the op's: a solve whose true relative residual misses ``RESIDUAL_FACTOR * tol``,
     or a system too ill-conditioned for the dtype, warns (``LLAConvergenceWarning``, named
@@ -245,105 +231,59 @@ def local_linear_attention_with_kvcache(
     Returns:
         ``o [B, T_new, H, Dv]`` in q's dtype, or ``(o, LLAAux)`` with ``return_aux=True`` (single
         token: ``iters = 0``, ``solver = "direct"``, ``residual`` / ``amplification`` the worst over
-        rows; chunks: the worst over the public op's calls).  A sequence that sees no entry outputs
-        zeros (``lse = -inf``).
+        rows; chunks: the public op's).  A sequence that sees no entry outputs zeros (``lse = -inf``).
     """
-    _check("q", q, 4)
-    _check("k_cache", k_cache, 4)
-    _check("v_cache", v_cache, 4)
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together (or both None)")
-    B, T, H, D = q.shape
-    Bc, S_max, Hk, Dk = k_cache.shape
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if Bc != B or v_cache.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k_cache {Bc}, v_cache {v_cache.shape[0]}")
-    if v_cache.shape[1] != S_max or v_cache.shape[2] != Hk:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must agree in [B, S_max, Hk]")
-    if Dk != D:
-        raise ValueError(f"q and k_cache must have the same head dim D, got {D} and {Dk}")
-    if Hk == 0 or H % Hk != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the key/value heads ({Hk})")
-    Dv = v_cache.shape[3]
-    if k is not None:
-        _check("k", k, 4)
-        _check("v", v, 4)
-        if tuple(k.shape) != (B, T, Hk, D):
-            raise ValueError(f"k must have shape [B, T_new, Hk, D] = {[B, T, Hk, D]}, got {tuple(k.shape)}")
-        if tuple(v.shape) != (B, T, Hk, Dv):
-            raise ValueError(f"v must have shape [B, T_new, Hk, Dv] = {[B, T, Hk, Dv]}, got {tuple(v.shape)}")
+    B, T, H, D, S_max, _Hk, _Dv = shape = check_qkv(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache",
+                                                    same_batch=False)
+    check_new_kv(k, v, shape)
     t_add = T if k is not None else 0
+    rows = check_cache_batch_idx(cache_batch_idx, B, k_cache.shape[0], k is not None, q.device)
     seqlens = check_cache_seqlens(cache_seqlens, B, t_add, S_max, q.device)
-    left = _check_window(window_size, True)[0]
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
-        raise ValueError(f"tol must be a number > 0, got {tol!r}")
-    if not isinstance(return_aux, bool):
-        raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__}")
-    if solver not in ("auto", "direct", "cg"):
-        raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")
-    if scale is None:
-        scale = D ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    left = check_window(window_size, True)[0]
+    check_solver_options(solver, max_iters, tol)
+    check_bool("return_aux", return_aux)
+    scale = check_scale(scale, D)
     if isinstance(ridge, torch.Tensor):
         ridge = ridge.to(q.device)  # the cache op accepts a ridge on another device
-    lam = _normalise_ridge(ridge, B, T, H, q)
-
+    lam = check_ridge(ridge, B, T, H, q)
     if k is not None:
-        append_to_cache(k_cache, v_cache, k, v, seqlens)
+        append_to_cache(k_cache, v_cache, k, v, seqlens, rows)
     lens = seqlens + t_add  # [B] visible entries
 
     if T == 1 and solver in ("auto", "direct"):
-        o, lse, stats = _decode_one(q, k_cache, v_cache, lens, lam, float(scale), left, DECODE_CHUNK)
+        tol = float(default_tol(q.dtype) if tol is None else tol)
+        o, lse, stats = _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol)
         residual, amplification = (float("nan"), float("nan"))
         if not torch.compiler.is_compiling():
-            residual, amplification = stats.tolist()
-            if tol is None:
-                tol = default_tol(q.dtype)
+            residual, amplification, chk_residual, chk_floor = stats.tolist()
             lam_min = float(lam.detach().min()) if lam.numel() else float("nan")
-            check_solve(stage="forward", solver="direct", residual=residual, tol=float(tol), lam_min=lam_min, op=_OP)
+            check_solve(stage="forward", solver="direct", residual=chk_residual, tol=tol, lam_min=lam_min, op=_OP,
+                        floor=chk_floor)
             check_conditioning(amplification, q.dtype, op=_OP)
         if return_aux:
             return o, LLAAux(iters=0, residual=residual, lse=lse, solver="direct", amplification=amplification)
         return o
+    return _chunk(q, k_cache, v_cache, rows, lens, lam, scale=scale, left=left, solver=solver, max_iters=max_iters,
+                  tol=tol, backend=backend, return_aux=return_aux)
 
-    # chunks: the public op per group of sequences with equal length (bottom-right causal)
-    out = q.new_zeros(B, T, H, Dv)
-    lse = torch.full((B, T, H), float("-inf"), dtype=torch.float32, device=q.device)
-    auxes = []
+
+def _chunk(q, k_cache, v_cache, rows, lens, lam, *, return_aux, **kw):
+    """New queries through the public op, bottom-right causal on each sequence's ``lens[b]`` entries:
+    one batched call when all lengths are equal, else one packed varlen call."""
+    B, T, H, _ = q.shape
     lens_list = lens.tolist()
-    for n in sorted(set(lens_list)):
-        idx = [b for b, x in enumerate(lens_list) if x == n]
-        if n == 0:
-            continue
-        # the whole batch: views of the caches; a subset: gathered copies of its first n entries
-        sel = slice(None) if len(idx) == B else torch.tensor(idx, device=q.device)
-        o, aux = local_linear_attention(
-            q[sel],
-            k_cache[sel, :n],
-            v_cache[sel, :n],
-            ridge=lam[sel],
-            scale=float(scale),
-            causal=True,
-            window_size=(left, -1),
-            solver=solver,
-            max_iters=max_iters,
-            tol=tol,
-            backend=backend,
-            return_aux=True,
-        )
-        out[sel] = o
-        lse[sel] = aux.lse
-        auxes.append(aux)
-    if not return_aux:
-        return out
-    if not auxes:
-        return out, LLAAux(iters=0, residual=0.0, lse=lse, solver=solver, amplification=0.0)
-    return out, LLAAux(
-        iters=max(a.iters for a in auxes),
-        residual=max(a.residual for a in auxes),
-        lse=lse,
-        solver="/".join(sorted({a.solver for a in auxes})),
-        amplification=max(a.amplification for a in auxes),
-    )
+    n = lens_list[0] if B else 0
+    op_kw = dict(ridge=lam, scale=kw["scale"], causal=True, window_size=(kw["left"], -1), solver=kw["solver"],
+                 max_iters=kw["max_iters"], tol=kw["tol"], backend=kw["backend"], return_aux=True)
+    if all(x == n for x in lens_list):
+        o, aux = local_linear_attention(q, gather_cache(k_cache, rows, n), gather_cache(v_cache, rows, n), **op_kw)
+    else:
+        K, cu_k = pack_cache(k_cache, rows, lens)
+        V, _ = pack_cache(v_cache, rows, lens)
+        cu_q = torch.arange(B + 1, device=q.device) * T
+        op_kw["ridge"] = lam.reshape(1, B * T, H)
+        o, aux = local_linear_attention(q.reshape(1, B * T, H, -1), K, V, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                        max_seqlen_q=T, max_seqlen_k=max(lens_list), **op_kw)
+        o = o.reshape(B, T, H, -1)
+        aux = aux._replace(lse=aux.lse.reshape(B, T, H))
+    return (o, aux) if return_aux else o

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..lla.api import _check_cu_seqlens, _check_qkv, _check_tensor, _check_window, _pick_backend
+from ..checks import (
+    Varlen, check_bool, check_qkv, check_scale, check_tensor, check_varlen, check_window, pick_backend,
+)
 
 __all__ = ["parallax_attention"]
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def _check_qrkv(q, r, k, v):
-    """Shapes, dtypes and devices shared by the ops -> ``(B, T, H, D, S, Hk, Dv)``."""
-    _check_tensor("r", r, 4)  # (``_check_qkv`` takes ``r=None`` for "no second query")
-    return _check_qkv(q, k, v, r=r)
-
-
-def _check_scale(scale, D):
-    if scale is None:
-        return D ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    return float(scale)
 
 
 def parallax_attention(
@@ -37,6 +21,10 @@ def parallax_attention(
     causal: bool = True,
     window_size: tuple[int, int] = (-1, -1),
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
     backend: str = "auto",
     return_lse: bool = False,
 ):
@@ -56,10 +44,16 @@ def parallax_attention(
         causal: bottom-right aligned causal mask (query ``i`` sees keys ``j <= i + S - T``).  A query
             that sees no key outputs zeros.
         window_size: ``(left, right)``, flash-attn semantics, ``-1`` unbounded.
-        cu_seqlens: ``[N + 1]`` int offsets of packed sequences (``B == 1``, ``S == T``); each
-            sequence only attends within itself.
-        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"``, ``"triton"``
-            (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+        cu_seqlens_q, cu_seqlens_k: ``[N + 1]`` int32/int64 offsets of ``N`` packed sequences
+            (flash-attn's varlen; ``B == 1``, given together): sequence ``n`` is queries
+            ``cu_seqlens_q[n]:cu_seqlens_q[n + 1]`` against keys ``cu_seqlens_k[n]:cu_seqlens_k[n + 1]``
+            and sees nothing else; ``causal`` and ``window_size`` apply per sequence, bottom-right
+            aligned on each.  Sequences may be empty.
+        cu_seqlens: the self-attention shorthand, ``cu_seqlens_q = cu_seqlens_k = cu_seqlens`` (``S == T``).
+        max_seqlen_q, max_seqlen_k: optional, flash-attn's longest query / key sequence; checked, not needed.
+        backend: ``"auto"`` (Triton on CUDA when available, else PyTorch; PyTorch under
+            ``torch.compile``), ``"torch"``, ``"triton"`` (CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1``; a ``ValueError`` where it cannot run, e.g. under ``torch.compile``).
         return_lse: also return the softmax log-sum-exp ``[B, T, H]`` float32 (``-inf`` for a row
             that sees no key).
 
@@ -67,25 +61,27 @@ def parallax_attention(
         ``o [B, T, H, Dv]`` in the dtype of ``q`` (computed in float32, float64 for float64 inputs),
         or ``(o, lse)`` with ``return_lse=True``.  Differentiable in ``q, r, k, v`` (exact gradients).
     """
-    B, T, H, D, S, Hk, Dv = _check_qrkv(q, r, k, v)
-    scale = _check_scale(scale, D)
-    window_size = _check_window(window_size, causal)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    check_tensor("r", r, 4)  # (``check_qkv`` reads ``r=None`` as LLA's "no second query")
+    B, T, H, D, S, _Hk, _Dv = check_qkv(q, k, v, r=r)
+    scale = check_scale(scale, D)
+    window = check_window(window_size, causal)
+    check_bool("return_lse", return_lse)
+    varlen = check_varlen(cu_seqlens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, B=B, T=T, S=S,
+                          device=q.device)
+    o, lse = _dispatch(pick_backend(backend, q), q, r, k, v, varlen, scale=scale, window=window, return_lse=return_lse)
+    return (o, lse) if return_lse else o
+
+
+def _dispatch(name: str, q, r, k, v, varlen: Varlen | None, *, scale, window, return_lse):
+    """The one way from checked arguments to a backend: the custom op while ``torch.compile`` traces
+    (it checks the offsets' values inside), else the backend ``name``.  -> ``(o, lse or None)``."""
+    cu_q, cu_k = (None, None) if varlen is None else (varlen.cu_q, varlen.cu_k)
     if torch.compiler.is_compiling():
-        # one opaque custom op (fake impl + autograd) for torch.compile; the eager path is below
         from .custom_op import parallax_compiled
 
-        o, lse = parallax_compiled(q, r, k, v, cu_seqlens, scale=scale, window_size=window_size)
-        return (o, lse) if return_lse else o
-    if cu_seqlens is not None:
-        cu_seqlens = _check_cu_seqlens(cu_seqlens, B, T, S, q.device)
-    name = _pick_backend(backend, q)
+        return parallax_compiled(q, r, k, v, cu_q, cu_k, scale=scale, window_size=window)
     if name == "triton":
         from .triton_backend import parallax_triton as fn
     else:
         from .torch_backend import parallax_torch as fn
-    o, lse = fn(q, r, k, v, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens, return_lse=return_lse)
-    return (o, lse) if return_lse else o
+    return fn(q, r, k, v, scale=scale, window_size=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, return_lse=return_lse)

@@ -273,43 +273,58 @@ def parallax_backward(do, q, r, k, v, C, cfg):
     return dq, dr, dk, dv
 
 
-def _segments(cu_seqlens, T):
+def _segments(cu_seqlens, cu_seqlens_k):
+    """Non-empty query sequences as ``(query slice, key slice)`` pairs, or None when not packed."""
     if cu_seqlens is None:
         return None
-    c = cu_seqlens.tolist()
-    return list(zip(c, c[1:]))
+    cq = cu_seqlens.tolist()
+    ck = cq if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cq, cq[1:], ck, ck[1:]) if b > a]
 
 
-def forward_varlen(q, r, k, v, cfg, cu_seqlens):
-    """``parallax_forward`` over packed sequences (``cu_seqlens`` or None), one after the other."""
-    segs = _segments(cu_seqlens, q.shape[1])
+def forward_varlen(q, r, k, v, cfg, cu_seqlens, cu_seqlens_k=None):
+    """``parallax_forward`` over packed sequences (query offsets ``cu_seqlens``, key offsets
+    ``cu_seqlens_k``, default the same; or None), one after the other, each bottom-right aligned on
+    its own keys.  Rows of an empty query sequence do not exist; rows without keys output zeros."""
+    segs = _segments(cu_seqlens, cu_seqlens_k)
     if segs is None:
         return parallax_forward(q, r, k, v, cfg)
-    parts = [parallax_forward(q[:, a:b], r[:, a:b], k[:, a:b], v[:, a:b], cfg) for a, b in segs]
-    o = torch.cat([p[0] for p in parts], 1)
-    C = torch.cat([p[1] for p in parts], 3)
-    lse = torch.cat([p[2] for p in parts], 1) if cfg.need_lse else None
+    B, T, H, _ = q.shape
+    Hk, Dv = k.shape[2], v.shape[3]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o = q.new_zeros(B, T, H, Dv)
+    C = q.new_zeros(B, Hk, H // Hk, T, dtype=cdt)
+    lse = q.new_full((B, T, H), float("-inf"), dtype=torch.float32) if cfg.need_lse else None
+    for sq, sk in segs:
+        o_s, C_s, lse_s = parallax_forward(q[:, sq], r[:, sq], k[:, sk], v[:, sk], cfg)
+        o[:, sq], C[..., sq] = o_s, C_s
+        if lse is not None:
+            lse[:, sq] = lse_s
     return o, C, lse
 
 
-def backward_varlen(do, q, r, k, v, C, cfg, cu_seqlens):
-    """``parallax_backward`` over packed sequences."""
-    segs = _segments(cu_seqlens, q.shape[1])
+def backward_varlen(do, q, r, k, v, C, cfg, cu_seqlens, cu_seqlens_k=None):
+    """``parallax_backward`` over packed sequences (as ``forward_varlen``)."""
+    segs = _segments(cu_seqlens, cu_seqlens_k)
     if segs is None:
         return parallax_backward(do, q, r, k, v, C, cfg)
-    parts = [parallax_backward(do[:, a:b], q[:, a:b], r[:, a:b], k[:, a:b], v[:, a:b], C[..., a:b], cfg)
-             for a, b in segs]
-    return tuple(torch.cat(g, 1) for g in zip(*parts))
+    grads = [torch.zeros_like(t) for t in (q, r, k, v)]
+    for sq, sk in segs:
+        dq, dr, dk, dv = parallax_backward(do[:, sq], q[:, sq], r[:, sq], k[:, sk], v[:, sk], C[..., sq], cfg)
+        grads[0][:, sq], grads[1][:, sq] = dq, dr
+        grads[2][:, sk] += dk
+        grads[3][:, sk] += dv
+    return tuple(grads)
 
 
 class ParallaxTorchFunction(torch.autograd.Function):
-    """``(q, r, k, v, cfg, cu_seqlens) -> (o, lse or empty)``; saves the inputs and ``c``."""
+    """``(q, r, k, v, cfg, cu_seqlens, cu_seqlens_k) -> (o, lse or empty)``; saves the inputs and ``c``."""
 
     @staticmethod
-    def forward(ctx, q, r, k, v, cfg, cu_seqlens):
-        o, C, lse = forward_varlen(q, r, k, v, cfg, cu_seqlens)
+    def forward(ctx, q, r, k, v, cfg, cu_seqlens, cu_seqlens_k=None):
+        o, C, lse = forward_varlen(q, r, k, v, cfg, cu_seqlens, cu_seqlens_k)
         ctx.save_for_backward(q, r, k, v, C)
-        ctx.cfg, ctx.cu = cfg, cu_seqlens
+        ctx.cfg, ctx.cu = cfg, (cu_seqlens, cu_seqlens_k)
         if lse is None:
             lse = q.new_empty(0, dtype=torch.float32)
         ctx.mark_non_differentiable(lse)
@@ -318,12 +333,12 @@ class ParallaxTorchFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, r, k, v, C = ctx.saved_tensors
-        dq, dr, dk, dv = backward_varlen(do, q, r, k, v, C, ctx.cfg, ctx.cu)
-        return dq, dr, dk, dv, None, None
+        dq, dr, dk, dv = backward_varlen(do, q, r, k, v, C, ctx.cfg, *ctx.cu)
+        return dq, dr, dk, dv, None, None, None
 
 
-def parallax_torch(q, r, k, v, *, scale, window_size, cu_seqlens, return_lse=False):
+def parallax_torch(q, r, k, v, *, scale, window_size, cu_seqlens, return_lse=False, cu_seqlens_k=None):
     """PyTorch backend entry: ``(o [B, T, H, Dv], lse [B, T, H] float32 or None)``."""
     cfg = _Cfg(scale, window_size, return_lse)
-    o, lse = ParallaxTorchFunction.apply(q, r, k, v, cfg, cu_seqlens)
+    o, lse = ParallaxTorchFunction.apply(q, r, k, v, cfg, cu_seqlens, cu_seqlens_k)
     return o, (lse if return_lse else None)

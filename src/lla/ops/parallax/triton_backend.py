@@ -382,16 +382,16 @@ def _use_torch(q, k, v) -> bool:
     return not bool(torch.isfinite(k).all() & torch.isfinite(v).all())
 
 
-def parallax_triton(q, r, k, v, *, scale, window_size, cu_seqlens, return_lse=False):
+def parallax_triton(q, r, k, v, *, scale, window_size, cu_seqlens, return_lse=False, cu_seqlens_k=None):
     """Triton backend entry: ``(o [B, T, H, Dv], lse [B, T, H] float32 or None)``; the module
     docstring lists the cases handed to the PyTorch backend."""
     if _use_torch(q, k, v):
         from .torch_backend import parallax_torch
 
         return parallax_torch(q, r, k, v, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens,
-                              return_lse=return_lse)
+                              return_lse=return_lse, cu_seqlens_k=cu_seqlens_k)
     T, S = q.shape[1], k.shape[1]
-    ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device)
+    ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device, cu_seqlens_k)
     o, lse = ParallaxTritonFunction.apply(q.contiguous(), r.contiguous(), k.contiguous(), v.contiguous(), ranges,
                                           float(scale))
     return o, (lse if return_lse else None)

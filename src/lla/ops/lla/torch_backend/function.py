@@ -634,21 +634,30 @@ class LLATorchFunction(torch.autograd.Function):
         return dq, dk, dv, dlam, None
 
 
-def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition):
+def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition,
+              cu_seqlens_k=None):
     """PyTorch backend entry: ``(o [B, T, H, Dv], lse [B, T, H], iters, residual, amplification,
     (residual, floor))`` where the last pair is what ``diagnostics.check_solve`` takes: the true
     residual and attainable floor of the row furthest past its tolerance.
 
-    Packed sequences (``cu_seqlens``) run one after the other, so nothing crosses a boundary.
+    Packed sequences (``cu_seqlens`` the query offsets, ``cu_seqlens_k`` the key offsets, default the
+    same; ``B == 1``) run one after the other, each bottom-right aligned on its own keys, so nothing
+    crosses a boundary.  An empty query sequence contributes nothing; queries of a sequence without
+    keys output zeros.
     """
     cfg = _Cfg(scale, tuple(window_size), solver, max_iters, tol, precondition)
-    bounds = [0, q.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+    if cu_seqlens is None:
+        segments = [(None, None)]
+    else:
+        cq = cu_seqlens.tolist()
+        ck = cq if cu_seqlens_k is None else cu_seqlens_k.tolist()
+        segments = [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cq, cq[1:], ck, ck[1:]) if b > a]
     outs, lses, iters, resid, amp, chk = [], [], 0, 0.0, 0.0, (0.0, 0.0)
-    for a, b in zip(bounds, bounds[1:]):
-        if cu_seqlens is None:
+    for sq, sk in segments:
+        if sq is None:
             o, lse, stats = LLATorchFunction.apply(q, k, v, lam, cfg)
         else:
-            o, lse, stats = LLATorchFunction.apply(q[:, a:b], k[:, a:b], v[:, a:b], lam[:, a:b], cfg)
+            o, lse, stats = LLATorchFunction.apply(q[:, sq], k[:, sk], v[:, sk], lam[:, sq], cfg)
         it, r, amp_seq, r_chk, f_chk = stats.tolist()
         amp = max(amp, amp_seq)
         outs.append(o)
@@ -659,6 +668,8 @@ def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters
             chk = (r_chk, f_chk)
     if len(outs) == 1:
         return outs[0], lses[0], iters, resid, amp, chk
+    if not outs:  # every packed query sequence is empty
+        return q.new_zeros(*q.shape[:3], v.shape[3]), q.new_zeros(q.shape[:3], dtype=torch.float32), 0, 0.0, 0.0, chk
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1), iters, resid, amp, chk
 
 

@@ -162,19 +162,36 @@ def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
     return x_out, it, true_residual(s_all, kc, m_all, lam_all, x_out, b, kp_buf)
 
 
+#: With at most this many rows, ``cov_matrix`` forms each row's moment by its own GEMM (decode: one row
+#: per query head) instead of the weights against the keys' outer products (a GEMV then).
+FEW_ROWS = 8
+
+
 def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
     """``A`` formed explicitly: ``[..., R, D, D]`` (``kc = k - c`` and ``m`` in the shifted frame).
 
     The second moment ``sum_j s_j (k_j - c)(k_j - c)^T`` is one GEMM of the weights against the keys'
-    outer products (upper triangle only, mirrored after), streamed over key chunks so that no
-    ``[n, D, D]`` tensor larger than ``chunk_elems`` exists.  Its rounding scales with
-    ``|k_j - c|^2``; ``direct_solve`` refines the solution with the centred matvec.
+    outer products (upper triangle only, mirrored after), or, for at most ``FEW_ROWS`` rows, one
+    ``[D, n] x [n, D]`` GEMM per row of its weighted keys; either streamed over key chunks so that
+    no temporary larger than ``chunk_elems`` exists.  Its rounding scales with ``|k_j - c|^2``;
+    ``direct_solve`` refines the solution with the centred matvec.
     """
     D = kc.shape[-1]
     n = kc.shape[-2]
+    R = s.shape[-2]
+    batch = kc[..., :1, :1].numel()
+    eye = torch.eye(D, dtype=kc.dtype, device=kc.device)
+    if R <= FEW_ROWS:
+        step = max(1, chunk_elems // max(1, batch * R * D))
+        full = None
+        for j0 in range(0, n, step):
+            kj = kc[..., None, j0 : j0 + step, :]  # [..., 1, c, D]
+            part = (s[..., j0 : j0 + step, None] * kj).transpose(-1, -2) @ kj  # [..., R, D, D]
+            full = part if full is None else full + part
+        full = 0.5 * (full + full.transpose(-1, -2))  # exactly symmetric
+        return full - m[..., :, None] * m[..., None, :] + lam[..., None, None] * eye
     iu = torch.triu_indices(D, D, device=kc.device)  # [2, D(D+1)/2]
     P = iu.shape[1]
-    batch = kc[..., :1, :1].numel()
     step = max(1, chunk_elems // max(1, batch * P))
     second = None
     for j0 in range(0, n, step):
@@ -185,23 +202,28 @@ def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
     full = second.new_zeros(*second.shape[:-1], D, D)
     full[..., iu[0], iu[1]] = second
     full[..., iu[1], iu[0]] = second
-    eye = torch.eye(D, dtype=kc.dtype, device=kc.device)
     return full - m[..., :, None] * m[..., None, :] + lam[..., None, None] * eye
 
 
 def _cholesky(A):
     """Row-wise Cholesky factor; rows whose factorisation fails in the working dtype are factorised
-    in float64 (with a tiny diagonal jitter as a last resort).  -> (L in A's dtype, L64 rows or None, bad)"""
+    in float64, with a diagonal jitter as a last resort: ``1e-12 max diag(A)``, times 100 per try
+    while a row still fails (a float32 ``A`` formed from huge keys can be indefinite by its rounding,
+    ``eps32 * trace(A)``, far above ``1e-12``); the caller's true residual, measured against the
+    centred matvec, reports the effect.  -> (L in A's dtype, L64 rows or None, bad)"""
     L, info = torch.linalg.cholesky_ex(A)
     bad = info != 0
     if not bool(bad.any()):
         return L, None, bad
     A64 = A[bad].double()
     L64, info64 = torch.linalg.cholesky_ex(A64)
-    if bool((info64 != 0).any()):
-        D = A.shape[-1]
-        jitter = 1e-12 * A64.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)
-        L64, _ = torch.linalg.cholesky_ex(A64 + jitter[:, None, None] * torch.eye(D, dtype=A64.dtype, device=A.device))
+    jitter = 1e-12 * A64.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)
+    eye = torch.eye(A.shape[-1], dtype=A64.dtype, device=A.device)
+    for _ in range(8):
+        if not bool((info64 != 0).any()):
+            break
+        L64, info64 = torch.linalg.cholesky_ex(A64 + (jitter * (info64 != 0))[:, None, None] * eye)
+        jitter = jitter * 100.0
     return L, L64, bad
 
 

@@ -111,28 +111,33 @@ def launch_grid(n_tiles: int, n_heads: int) -> tuple:
     return (n,)
 
 
-def row_ranges(T: int, S: int, window_size, cu_seqlens, device):
+def row_ranges(T: int, S: int, window_size, cu_seqlens, device, cu_seqlens_k=None):
     """Visibility as ranges: query ``i`` sees keys ``lo[i] <= j <= hi[i]``; key ``j`` is seen by
     queries ``qlo[j] <= i <= qhi[j]``.  All int32 on ``device``; empty ranges have lo > hi.
 
-    Bottom-right alignment (query ``i`` <-> key ``i + S - T``), flash-attn windows, and packed
-    sequences (``cu_seqlens``, ``S == T``) each only seeing themselves.  Both bounds are
-    non-decreasing in ``i``, so the queries that see a key form a range too.
+    Bottom-right alignment and flash-attn windows.  Packed sequences: query rows
+    ``cu_seqlens[n]:cu_seqlens[n + 1]`` against key rows ``cu_seqlens_k[n]:cu_seqlens_k[n + 1]``
+    (default: the same offsets), each sequence aligned at its own end (its last query with its
+    last key) and seeing only itself.  A row that sees nothing gets ``hi = lo - 1`` at its
+    sequence's first key, so both bounds stay non-decreasing in ``i`` (across sequences too) and
+    the queries that see a key form a range.
     """
     i = torch.arange(T, device=device, dtype=torch.int64)
-    diag = i + (S - T)
     left, right = window_size
-    lo = torch.zeros(T, device=device, dtype=torch.int64)
-    hi = torch.full((T,), S - 1, device=device, dtype=torch.int64)
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        seg = torch.bucketize(i, cu[1:], right=True)
-        lo = cu[seg]
-        hi = cu[seg + 1] - 1
+    if cu_seqlens is None:
+        start, end, diag = torch.zeros_like(i), torch.full_like(i, S), i + (S - T)
+    else:
+        cq = cu_seqlens.to(device=device, dtype=torch.int64)
+        ck = cq if cu_seqlens_k is None else cu_seqlens_k.to(device=device, dtype=torch.int64)
+        seg = torch.bucketize(i, cq[1:], right=True)  # the sequence of each query row
+        start, end = ck[seg], ck[seg + 1]
+        diag = end - (cq[seg + 1] - i)  # key aligned with query i: the sequences' last rows align
+    lo, hi = start, end - 1
     if right >= 0:
         hi = torch.minimum(hi, diag + right)
     if left >= 0:
         lo = torch.maximum(lo, diag - left)
+    hi = torch.maximum(hi, start - 1)  # nothing visible: an empty range at the sequence's start
     lo = lo.clamp(0, S)
     hi = hi.clamp(-1, S - 1)
     j = torch.arange(S, device=device, dtype=torch.int64)
@@ -266,7 +271,8 @@ def _use_torch(q, k, v, solver) -> bool:
     return not bool(torch.isfinite(k).all() & torch.isfinite(v).all())
 
 
-def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition):
+def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition,
+               cu_seqlens_k=None):
     """Triton backend entry: ``(o [B, T, H, Dv], lse [B, T, H], iters, residual, amplification)``.
 
     ``lam [B, T, H]`` (any float dtype, possibly an expanded view) is differentiable.  See the module
@@ -277,10 +283,10 @@ def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iter
 
         return lla_torch(
             q, k, v, lam, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens, solver=solver,
-            max_iters=max_iters, tol=tol, precondition=precondition,
+            max_iters=max_iters, tol=tol, precondition=precondition, cu_seqlens_k=cu_seqlens_k,
         )
     T, S = q.shape[1], k.shape[1]
-    ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device)
+    ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device, cu_seqlens_k)
     lam32 = lam.float().contiguous()  # [B, T, H]; autograd casts dlam back to lam's dtype
     cfg = _Cfg(float(scale), int(max_iters), float(tol), bool(precondition), float(lam32.detach().min()))
     o, lse, stats = LLATritonFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), lam32, ranges, cfg)
