@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+#: what ``lla demo | run | report`` need beyond torch (the ``experiments`` extra)
+EXPERIMENTS_EXTRA = ("numpy", "matplotlib", "tqdm")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _missing(modules) -> list[str]:
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
@@ -52,6 +66,12 @@ def main(argv=None) -> int:
             return 2
         return bench.main(argv[1:]) or 0
     args = _parser().parse_args(argv)
+    missing = _missing(EXPERIMENTS_EXTRA)
+    if missing:
+        raise SystemExit(
+            f"lla {args.command} needs the experiments extra ({', '.join(missing)} missing): "
+            "pip install -e \".[experiments]\" (from a checkout) or pip install \"local-linear-attention[experiments]\""
+        )
     from lla.experiments import runner
     from lla.experiments.presets import get_preset
 

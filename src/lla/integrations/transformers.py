@@ -26,11 +26,14 @@ The ridge and the solver are read from the module's config (``config.lla_ridge``
 ``config.lla_solver``) on every call, so two models in one process keep their own.
 
 Masks: the name is also registered with ``AttentionMaskInterface`` using the flash-attention mask
-builder, so the model hands us ``None`` (no padding) or the 2-D ``[B, S]`` padding mask.  Padded
-causal batches without a cache (training, prefill) take a static-shape path (real tokens sorted to
-the front, see ``lla.nn.attention.padded_causal_attention``); a padded decoding step reads each
-sequence's real cache entries through ``local_linear_attention_with_kvcache``; other padded cases
-run sequence by sequence on their real tokens.  A window then counts real tokens (as transformers'
+builder, so the model hands us ``None`` (no padding) or the 2-D ``[B, S]`` padding mask.  A padded
+batch goes through ``lla.nn.layer.padded_attention`` (no loop over the batch): eager, the real
+tokens are packed into one varlen sequence (the op's ``cu_seqlens``); under ``torch.compile`` a
+causal batch takes a static-shape path (real tokens sorted to the front).  With a cache (``T < S``)
+the ``T`` queries are the last ``T`` key positions, so they are placed there in a length-``S``
+query tensor (zeros elsewhere, outputs dropped): exact, at the cost of ``S`` query rows.  A padded
+decoding step (``T == 1``) reads each sequence's real cache entries through
+``local_linear_attention_with_kvcache``.  A window counts real tokens (as transformers'
 flash-attention paths do; with left or right padding that is also what its sdpa/eager masks do).
 """
 
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn.attention import padded_causal_attention
+from ..nn.layer import padded_attention
 from ..ops import local_linear_attention, local_linear_attention_with_kvcache
 
 __all__ = ["register", "lla_attention_forward", "NAME", "DEFAULT_RIDGE", "DEFAULT_SOLVER"]
@@ -145,17 +148,10 @@ def lla_attention_forward(
         return o, None
     if keep is None:
         return local_linear_attention(q, k, v, causal=causal, **kw).contiguous(), None
-    if causal and S == T:  # padded batch without a cache: static shapes (compiles)
-        return padded_causal_attention(q, k, v, keep, **kw), None
-    out = q.new_zeros(B, T, q.shape[2], v.shape[3])
-    for b in range(B):  # padded batch against a cache (or not causal): each sequence on its real tokens
-        kj = keep[b].nonzero().squeeze(-1)
-        qi = keep[b, S - T :].nonzero().squeeze(-1)
-        if kj.numel() == 0 or qi.numel() == 0:
-            continue
-        ob = local_linear_attention(q[b : b + 1, qi], k[b : b + 1, kj], v[b : b + 1, kj], causal=causal, **kw)
-        out = out.index_put((torch.tensor([b], device=q.device), qi), ob[0])
-    return out, None
+    if T < S:  # the queries are the last T key positions: put them there (the rest are dropped)
+        q = torch.cat([q.new_zeros(B, S - T, *q.shape[2:]), q], dim=1)
+    o = padded_attention(local_linear_attention, (q,), k, v, keep, causal=causal, **kw)
+    return o[:, S - T :], None
 
 
 def register(name: str = NAME, **removed) -> str:
