@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn.layer import padded_attention
+from ..nn.layer import real_tokens_first, padded_attention
 from ..ops import local_linear_attention, local_linear_attention_with_kvcache
 
 __all__ = ["register", "lla_attention_forward", "NAME", "DEFAULT_RIDGE", "DEFAULT_SOLVER"]
@@ -81,6 +81,39 @@ def _window(sliding_window) -> int:
     return sliding_window - 1
 
 
+def _refuse(softcap, dropout, position_bias, attention_mask) -> None:
+    """``ValueError`` for what LLA has no term for (never dropped silently)."""
+    if softcap is not None:
+        raise ValueError(
+            f"lla attention has no logit soft-capping, got softcap={softcap!r} (e.g. Gemma 2's "
+            "attn_logit_softcapping): set it to None in the config or use another attn_implementation"
+        )
+    if dropout is not None and float(dropout) > 0:
+        raise ValueError(
+            f"lla attention does not implement attention dropout, got dropout={dropout!r}: set the config's "
+            "attention_dropout to 0.0 (it is only applied in training mode)"
+        )
+    if position_bias is not None:
+        raise ValueError("lla attention does not take an additive position_bias (T5-style relative attention)")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"lla attention expects no mask or a 2-D [B, S] padding mask, got shape {tuple(attention_mask.shape)}; "
+            "call lla.integrations.transformers.register() so the model builds the right mask"
+        )
+
+
+def _decode_step(q, k, v, keep, *, ridge, scale, solver, left):
+    """One decoding step (``T == 1``): the kvcache op's single-token solve reads the keys in place;
+    with padding (``keep [B, S]``), each sequence's real entries are sorted to the front (its cache
+    length)."""
+    lens = k.shape[1]
+    if keep is not None:
+        _, _, (k, v) = real_tokens_first(keep, (k, v))
+        lens = keep.sum(1)
+    return local_linear_attention_with_kvcache(q, k, v, cache_seqlens=lens, ridge=ridge, scale=scale, solver=solver,
+                                               window_size=(left, -1))
+
+
 def lla_attention_forward(
     module,
     query,
@@ -104,23 +137,7 @@ def lla_attention_forward(
     ``position_bias`` raise ``ValueError``.  Other keyword arguments (``position_ids``,
     ``output_attentions``, ...) do not change the attention and are ignored.
     """
-    if softcap is not None:
-        raise ValueError(
-            f"lla attention has no logit soft-capping, got softcap={softcap!r} (e.g. Gemma 2's "
-            "attn_logit_softcapping): set it to None in the config or use another attn_implementation"
-        )
-    if dropout is not None and float(dropout) > 0:
-        raise ValueError(
-            f"lla attention does not implement attention dropout, got dropout={dropout!r}: set the config's "
-            "attention_dropout to 0.0 (it is only applied in training mode)"
-        )
-    if position_bias is not None:
-        raise ValueError("lla attention does not take an additive position_bias (T5-style relative attention)")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"lla attention expects no mask or a 2-D [B, S] padding mask, got shape {tuple(attention_mask.shape)}; "
-            "call lla.integrations.transformers.register() so the model builds the right mask"
-        )
+    _refuse(softcap, dropout, position_bias, attention_mask)
     left = _window(sliding_window)
     q = query.transpose(1, 2)  # [B, T, H, D]
     k = key.transpose(1, 2)  # [B, S, Hk, D]
@@ -135,17 +152,7 @@ def lla_attention_forward(
     if keep is not None and not compiling and bool(keep.all()):
         keep = None
     if T == 1 and not compiling and (causal or keep is None):
-        # one decoding step: the kvcache op's direct single-token solve reads the keys in place; with
-        # padding, each sequence's real entries are sorted to the front (its cache length)
-        lens = S
-        if keep is not None:
-            order = torch.argsort((~keep).to(torch.int32), dim=1, stable=True)
-            k, v = (t.gather(1, order.view(B, S, 1, 1).expand(t.shape)) for t in (k, v))
-            lens = keep.sum(1)
-        o = local_linear_attention_with_kvcache(
-            q, k, v, cache_seqlens=lens, ridge=ridge, scale=scaling, solver=solver, window_size=(left, -1)
-        )
-        return o, None
+        return _decode_step(q, k, v, keep, ridge=ridge, scale=scaling, solver=solver, left=left), None
     if keep is None:
         return local_linear_attention(q, k, v, causal=causal, **kw).contiguous(), None
     if T < S:  # the queries are the last T key positions: put them there (the rest are dropped)

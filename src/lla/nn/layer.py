@@ -19,6 +19,7 @@ __all__ = [
     "LLACache",
     "apply_rotary",
     "padded_attention",
+    "real_tokens_first",
     "inverse_softplus_ridge",
     "softplus_ridge",
 ]
@@ -117,7 +118,7 @@ class LLACache:
 
 
 # ------------------------------------------------------------------------------------- padding
-def _real_first(mask: torch.Tensor, tensors):
+def real_tokens_first(mask: torch.Tensor, tensors):
     """Move each sequence's real tokens (``mask [B, T]`` True) to the front, in order, and zero the
     pads now at the back -> ``(order [B, T], keep [B, T, 1, 1], sorted tensors)``.  Static shapes."""
     B, T = mask.shape
@@ -128,7 +129,7 @@ def _real_first(mask: torch.Tensor, tensors):
 
 
 def _restore(o: torch.Tensor, order: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``_real_first`` for an output ``[B, T, H, Dv]``: pads zero, input order."""
+    """Inverse of ``real_tokens_first`` for an output ``[B, T, H, Dv]``: pads zero, input order."""
     o = o.masked_fill(~keep, 0.0)
     return torch.zeros_like(o).scatter(1, order.view(*order.shape, 1, 1).expand(o.shape), o)
 
@@ -136,11 +137,11 @@ def _restore(o: torch.Tensor, order: torch.Tensor, keep: torch.Tensor) -> torch.
 def _sorted_attention(op, queries, k, v, mask, **kw):
     """Causal attention of a padded batch with static shapes (no ``nonzero``: compiles fullgraph).
 
-    After ``_real_first`` a real query at sorted position ``i`` sees keys ``0..i``, all real, so the
+    After ``real_tokens_first`` a real query at sorted position ``i`` sees keys ``0..i``, all real, so the
     pads (zeroed, at the back) are invisible to every real row without a key mask; their own rows
     are finite and then zeroed, and so is every gradient through them.
     """
-    order, keep, tensors = _real_first(mask, (*queries, k, v))
+    order, keep, tensors = real_tokens_first(mask, (*queries, k, v))
     return _restore(op(*tensors, causal=True, **kw), order, keep)
 
 
@@ -310,7 +311,7 @@ class AttentionLayer(nn.Module):
     def _cached(self, queries, k, v, mask, cache, kw):
         """Append this call's keys/values to the cache and attend against it (one op call).
 
-        A padded chunk is first sorted real-tokens-first (``_real_first``): its pads land past the
+        A padded chunk is first sorted real-tokens-first (``real_tokens_first``): its pads land past the
         sequence's new filled length, where no real query sees them and the next call overwrites them.
         """
         B, T = k.shape[:2]
@@ -322,7 +323,7 @@ class AttentionLayer(nn.Module):
             o = self.kvcache_op(*queries, k_cache, v_cache, k, v, cache_seqlens=seqlens, **kw)
             seqlens += T
             return o
-        order, keep, tensors = _real_first(mask, (*queries, k, v))
+        order, keep, tensors = real_tokens_first(mask, (*queries, k, v))
         o = self.kvcache_op(*tensors[:-2], k_cache, v_cache, *tensors[-2:], cache_seqlens=seqlens, **kw)
         seqlens += mask.sum(1)
         return _restore(o, order, keep)
