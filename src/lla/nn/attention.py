@@ -75,26 +75,17 @@ class LocalLinearAttention(AttentionLayer):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         *,
-        bias: bool = False,
-        fused_qkv: bool = False,
-        rope: bool = True,
-        rope_base: float = 10000.0,
-        qk_norm: bool = False,
-        window: int | None = None,
         ridge_init: float = 1.0,
         ridge_floor: float = 1e-3,
         learn_ridge: bool = True,
-        scale: float | None = None,
         solver: str = "auto",
-        layer_idx: int = 0,
-        cp_group=None,
-        cp_sharding: str = "zigzag",
-        device=None,
-        dtype=None,
+        **layer_options,
     ):
-        super().__init__(d_model, num_heads, num_kv_heads, head_dim, bias=bias, rope=rope, rope_base=rope_base,
-                         qk_norm=qk_norm, window=window, fused_qkv=fused_qkv, scale=scale, layer_idx=layer_idx,
-                         cp_group=cp_group, cp_sharding=cp_sharding, device=device, dtype=dtype)
+        """``layer_options``: ``AttentionLayer``'s (``bias``, ``fused_qkv``, ``rope``, ``rope_base``,
+        ``qk_norm``, ``window``, ``scale``, ``layer_idx``, ``cp_group``, ``cp_sharding``, ``device``,
+        ``dtype``)."""
+        super().__init__(d_model, num_heads, num_kv_heads, head_dim, **layer_options)
+        dtype, device = layer_options.get("dtype"), layer_options.get("device")
         raw = inverse_softplus_ridge(self.num_heads, ridge_init, ridge_floor, dtype=dtype, device=device)
         self.ridge_floor, self.solver = ridge_floor, solver
         if learn_ridge:

@@ -187,7 +187,20 @@ class AttentionLayer(nn.Module):
     ``x`` -> ``q`` (and ``extra_queries``, each shaped like ``q``), ``k``, ``v`` -> optional per-head
     RMS norm of every query and ``k`` -> optional rotary -> the op -> ``o_proj``.  A subclass sets
     ``op``, ``kvcache_op``, ``mechanism`` (for ``lla.distributed.context_parallel_attention``),
-    ``extra_queries`` and ``op_kwargs()``.  Arguments: see ``LocalLinearAttention``.
+    ``extra_queries`` and ``op_kwargs()``.
+
+    Args (shared by every layer; the layers document them too):
+        d_model, num_heads: model width and query heads ``H``.
+        num_kv_heads: key/value heads ``Hk`` (grouped-query; ``H % Hk == 0``), default ``H``.
+        head_dim: per-head dim, default ``d_model // num_heads``.
+        bias: biases in the projections.
+        rope, rope_base: rotary embeddings on every query and on ``k``, and their base.
+        qk_norm: per-head RMS norm (learnable gain) of every query and of ``k``, before rotary.
+        window: attend to the last ``window`` tokens only (the query's own included); None = all.
+        fused_qkv: one ``qkv_proj`` (q, then k, then v) instead of ``q_proj``, ``k_proj``, ``v_proj``.
+        scale: logit scale, default ``1 / sqrt(head_dim)``.
+        layer_idx: key of this layer in an ``LLACache``.
+        cp_group, cp_sharding: context parallelism (``lla.distributed``); ``None``: off.
     """
 
     op = None  # public op: op(*queries, k, v, causal=..., cu_seqlens=..., **op_kwargs())

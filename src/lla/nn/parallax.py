@@ -54,23 +54,13 @@ class ParallaxAttention(AttentionLayer):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         *,
-        bias: bool = False,
-        fused_qkv: bool = False,
-        qk_norm: bool = False,
         rope: bool = False,
-        rope_base: float = 10000.0,
-        window: int | None = None,
         zero_init_r: bool = True,
-        scale: float | None = None,
-        layer_idx: int = 0,
-        cp_group=None,
-        cp_sharding: str = "zigzag",
-        device=None,
-        dtype=None,
+        **layer_options,
     ):
-        super().__init__(d_model, num_heads, num_kv_heads, head_dim, bias=bias, rope=rope, rope_base=rope_base,
-                         qk_norm=qk_norm, window=window, fused_qkv=fused_qkv, scale=scale, layer_idx=layer_idx,
-                         cp_group=cp_group, cp_sharding=cp_sharding, device=device, dtype=dtype)
+        """``layer_options``: ``AttentionLayer``'s (``bias``, ``fused_qkv``, ``rope_base``, ``qk_norm``,
+        ``window``, ``scale``, ``layer_idx``, ``cp_group``, ``cp_sharding``, ``device``, ``dtype``)."""
+        super().__init__(d_model, num_heads, num_kv_heads, head_dim, rope=rope, **layer_options)
         if zero_init_r:
             nn.init.zeros_(self.r_proj.weight)
             if self.r_proj.bias is not None:
