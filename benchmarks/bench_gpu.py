@@ -183,59 +183,12 @@ def run_one(T, D, dtname, mode, args, timer, cuda, device):
 
 
 def compile_check(args) -> int:
-    """Ahead-of-time compile (Triton -> cubin) of the kernels with the tiles ``block_config`` picks."""
-    import subprocess
-    import tempfile
+    """Ahead-of-time compile (Triton -> cubin) of the kernels with the tiles ``block_config`` picks
+    (``benchmarks/compile_check.py lla``)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import compile_check as cc
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from lla.ops.lla.triton_backend import kernels as K
-    from lla.ops.lla.triton_backend.function import block_config
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    ints = {n: "i32" for n in ("T", "S", "H", "Hk", "D", "Dv", "max_iters", "n_tiles")}
-    kernels = [("fwd", K.lla_fwd_kernel, True), ("bwd_q", K.lla_bwd_query_kernel, True), ("bwd_k", K.lla_bwd_key_kernel, False)]
-    for D in args.D:
-        for dtname in args.dtypes:
-            tname = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtname]
-            bc = block_config(D, D, DTYPES[dtname])
-            for which, fn, precond in kernels:
-                bm, bn, warps = bc[which]
-                const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"],
-                             PREC_QK=bc["PREC_QK"], EMU=0)
-                if precond:
-                    const["PRECOND"] = True
-                if which != "fwd":
-                    const["SHIFT_M"] = bc["fwd"][0]
-                sig = {}
-                for a in fn.arg_names:
-                    if a in const:
-                        sig[a] = "constexpr"
-                    elif a in ints:
-                        sig[a] = "i32"
-                    elif a in ("scale", "tol"):
-                        sig[a] = "fp32"
-                    elif a in ("Q", "V", "O", "DO", "DQ", "DK", "DV"):
-                        sig[a] = "*" + tname
-                    elif a in ("LO", "HI", "QLO", "QHI", "ITERS"):
-                        sig[a] = "*i32"
-                    else:
-                        sig[a] = "*fp32"
-                t0 = time.perf_counter()
-                kern = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
-                                      target=GPUTarget("cuda", args.arch, 32), options=dict(num_warps=warps))
-                usage = ""
-                if os.path.exists(cuobjdump):
-                    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                        f.write(kern.asm["cubin"])
-                    out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
-                    os.unlink(f.name)
-                    usage = " ".join(ln.strip().split(" SHARED")[0] for ln in out.stdout.splitlines() if "REG:" in ln)
-                print(f"sm_{args.arch} D={D:<4} {dtname:>5} {which:>6} tiles {bm}x{bn} warps {warps}  "
-                      f"smem {kern.metadata.shared:>6} B  {usage}  ({time.perf_counter() - t0:.1f}s)", flush=True)
-    return 0
+    return cc.main(["lla", "--arch", str(args.arch), "--D", *map(str, args.D), "--dtypes", *args.dtypes])
 
 
 def main(argv=None) -> int:

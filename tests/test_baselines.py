@@ -147,14 +147,14 @@ def test_mixer_shape_causality_and_grad(name):
 def test_lla_mixer_is_the_public_op_with_a_learnable_ridge():
     torch.manual_seed(0)
     m = build_mixer("lla", 16, 2, ridge_init=0.7)
-    assert torch.allclose(m.ridge(), torch.tensor([0.7, 0.7]), atol=1e-6)
+    assert torch.allclose(m.ridge, torch.tensor([0.7, 0.7]), atol=1e-6)
     x = torch.randn(1, 7, 16, dtype=torch.float64)
     m = m.double()
-    q, k, v = m.qkv(x).view(1, 7, 3, 2, 8).unbind(2)
-    ref = lla.local_linear_attention_ref(q, k, v, ridge=m.ridge().detach())
-    assert rel_err(m(x), m.out(ref.reshape(1, 7, 16))) < 1e-9
+    q, k, v = m.qkv_proj(x).view(1, 7, 3, 2, 8).unbind(2)
+    ref = lla.local_linear_attention_ref(q, k, v, ridge=m.ridge.detach())
+    assert rel_err(m(x), m.o_proj(ref.reshape(1, 7, 16))) < 1e-9
     m(x).sum().backward()
-    assert m.ridge.raw.grad is not None and m.ridge.raw.grad.abs().sum() > 0
+    assert m.raw_ridge.grad is not None and m.raw_ridge.grad.abs().sum() > 0
 
 
 def test_build_mixer_bad_input():

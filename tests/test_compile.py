@@ -6,10 +6,11 @@ fake tensors + autograd registration) as inductor, quicker; one case runs the de
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lla
-from lla.nn import LocalLinearAttention
+from lla.nn import LocalLinearAttention, ParallaxAttention
 from conftest import make_qkv, rel_err
 
 
@@ -60,11 +61,15 @@ def test_compiled_layer_and_varlen_aot_eager():
     assert rel_err(f(q, k, v, cu), ref) <= 1e-10
 
 
-def test_compiled_layer_with_padding_mask_fullgraph():
-    """A padding mask under torch.compile(fullgraph=True): static shapes, equals eager (forward and
-    every gradient), padded rows zero, and a padded token changes nothing it must not."""
+@pytest.mark.parametrize("cls", [LocalLinearAttention, ParallaxAttention])
+def test_compiled_layer_with_padding_mask_fullgraph(cls):
+    """A padding mask under torch.compile(fullgraph=True): the static-shape path (real tokens sorted
+    to the front) equals eager's packed varlen path (forward and every gradient), padded rows zero,
+    and a padded token changes nothing it must not."""
     torch.manual_seed(0)
-    layer = LocalLinearAttention(32, 4, num_kv_heads=2, qk_norm=True, dtype=torch.float64)
+    layer = cls(32, 4, num_kv_heads=2, qk_norm=True, dtype=torch.float64)
+    if cls is ParallaxAttention:
+        torch.nn.init.normal_(layer.r_proj.weight, std=0.1)
     x = torch.randn(3, 9, 32, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[0, :4] = False  # left padded

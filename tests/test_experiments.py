@@ -257,6 +257,37 @@ def test_cli_run_and_demo(tmp_path, monkeypatch, capsys):
         cli_main(["run", "nope"])
 
 
+_TORCH_ONLY = """
+import sys, warnings
+class Block:  # a fresh environment with torch alone: the experiments extra is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("numpy", "matplotlib", "tqdm"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's own, without numpy
+import torch, lla
+from lla.cli import main
+q = torch.randn(1, 6, 2, 8)
+assert lla.local_linear_attention(q, q, q, ridge=0.5).shape == (1, 6, 2, 8)
+assert lla.nn.LocalLinearAttention(16, 2)(torch.randn(1, 5, 16)).shape == (1, 5, 16)
+for argv in (["--help"], ["demo", "--out", "unused"]):
+    try:
+        main(argv)
+    except SystemExit as e:
+        print("exit", e.code)
+"""
+
+
+def test_core_needs_torch_alone():
+    """``import lla``, the op and the layers work with numpy, matplotlib and tqdm unimportable;
+    ``lla --help`` too, and ``lla demo`` says which extra to install."""
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
+    res = subprocess.run([sys.executable, "-c", _TORCH_ONLY], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "usage: lla" in res.stdout and "exit 0" in res.stdout
+    assert 'lla demo needs the experiments extra (numpy, matplotlib, tqdm missing): pip install -e ".[experiments]"' in res.stdout
+
+
 def test_cli_bench_dispatch(capsys):
     try:
         import lla.bench  # noqa: F401

@@ -110,6 +110,34 @@ def test_attention_function_defaults_and_decode_step():
         lla_hf.lla_attention_forward(M(), q, k, v, torch.ones(1, 1, 6, 6, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("causal, T", [(True, 3), (True, 7), (False, 7)])
+def test_padded_batch_paths_equal_each_sequence_alone(causal, T):
+    """Padded batches through the attention function (one varlen op call, no loop over the batch):
+    a chunk of T = 3 queries against S = 7 cached keys (bottom-right causal), a padded prefill, and
+    non-causal (encoder) attention; interior padding included.  Each sequence equals its real tokens
+    alone; padded query rows are zero."""
+    class M(torch.nn.Module):
+        is_causal = causal
+        config = None
+
+    g = torch.Generator().manual_seed(6)
+    S = 7
+    q = torch.randn(3, 4, T, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, S, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(3, S, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    mask[2, [1, 5]] = False  # interior padding (a query row too)
+    out, _ = lla_hf.lla_attention_forward(M(), q, k, v, mask, scaling=0.4)
+    assert out.shape == (3, T, 4, 8)
+    for b in range(3):
+        kj, qi = mask[b], mask[b, S - T :]
+        alone = lla.local_linear_attention_ref(q[b : b + 1, :, qi].transpose(1, 2), k[b : b + 1, :, kj].transpose(1, 2),
+                                               v[b : b + 1, :, kj].transpose(1, 2), ridge=lla_hf.DEFAULT_RIDGE, scale=0.4,
+                                               causal=causal)
+        assert rel_err(out[b, qi], alone[0]) <= 1e-10
+        assert torch.equal(out[b, ~qi], torch.zeros_like(out[b, ~qi]))
+
+
 def test_register_takes_no_process_global_ridge():
     with pytest.raises(TypeError, match="lla_ridge"):
         lla_hf.register(ridge=0.3)

@@ -1,4 +1,6 @@
-"""The LocalLinearAttention layer: equals a direct op call, padding, cache, learnable ridge."""
+"""The attention layers (LocalLinearAttention, ParallaxAttention on the shared AttentionLayer base):
+equal a direct op call, padding (packed varlen, one op call), cache, learnable ridge, and the
+experiments' mixers are these layers."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import pytest
 import torch
 
 import lla
-from lla.nn import LLACache, LocalLinearAttention
+from lla.nn import LLACache, LocalLinearAttention, ParallaxAttention, build_mixer
 from lla.nn.attention import apply_rotary
+from lla.nn.layer import padded_attention
 from conftest import rel_err
 
 
@@ -141,3 +144,74 @@ def test_ridge_is_in_squared_key_units():
             layer.k_proj.weight.mul_(c)
             layer.q_proj.weight.div_(c)  # same logits, keys c x larger
         assert (rel_err(layer(x), base) > 1e-3) == moved
+
+
+@pytest.mark.parametrize("cls", [LocalLinearAttention, ParallaxAttention])
+def test_interior_padding_and_padded_chunks_against_the_cache(cls):
+    """Interior padding in a prefill chunk and in a later chunk against the cache (each chunk one op
+    call, pads written past the filled length): every sequence equals its real tokens run alone."""
+    torch.manual_seed(0)
+    layer = cls(32, 4, num_kv_heads=2, qk_norm=True, rope=True, dtype=torch.float64)
+    if cls is ParallaxAttention:
+        torch.nn.init.normal_(layer.r_proj.weight, std=0.1)
+    x = _x(B=3, T=13)
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[0, [1, 2, 8]] = False  # interior, both chunks
+    mask[1, :4] = False  # left padded first chunk
+    mask[2, 9:] = False  # last chunk all padding
+    out_full = layer(x, attention_mask=mask)
+    cache = LLACache(max_len=4)
+    out = torch.cat([layer(x[:, :6], attention_mask=mask[:, :6], cache=cache),
+                     layer(x[:, 6:9], attention_mask=mask[:, 6:9], cache=cache),
+                     layer(x[:, 9:], attention_mask=mask[:, 9:], cache=cache)], 1)
+    assert cache.seqlens().tolist() == mask.sum(1).tolist()
+    for b in range(3):
+        alone = layer(x[b : b + 1, mask[b]])[0]
+        assert rel_err(out_full[b, mask[b]], alone) <= 1e-10
+        assert rel_err(out[b, mask[b]], alone) <= 1e-10
+        assert torch.equal(out[b, ~mask[b]], torch.zeros_like(out[b, ~mask[b]]))
+
+
+def test_padded_attention_is_one_varlen_call():
+    """A padded batch (with an all-padding sequence) is one op call on the packed real tokens, with
+    ``cu_seqlens``; it equals each sequence alone."""
+    calls = []
+
+    def op(q, k, v, **kw):
+        calls.append((q.shape, kw["cu_seqlens"].tolist()))
+        return lla.local_linear_attention(q, k, v, **kw)
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(4, 7, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 1]]).bool()
+    o = padded_attention(op, (q,), k, v, mask, ridge=0.5)
+    assert calls == [((1, 16, 2, 8), [0, 7, 12, 16])]
+    for b in (0, 1, 3):
+        m = mask[b]
+        alone = lla.local_linear_attention_ref(q[b : b + 1, m], k[b : b + 1, m], v[b : b + 1, m], ridge=0.5)[0]
+        assert rel_err(o[b, m], alone) <= 1e-10
+    assert torch.equal(o[~mask], torch.zeros_like(o[~mask]))
+
+
+@pytest.mark.parametrize("name, cls", [("lla", LocalLinearAttention), ("parallax", ParallaxAttention)])
+def test_experiment_mixers_are_the_layers(name, cls):
+    """The registry's "lla" / "parallax" mixers are the documented layers (fused qkv, no rotary, the
+    experiments' ridge floor 1e-2), with the weights the pre-layer mixers drew from a seed
+    (``nn.Linear(d, 3d)``, then ``nn.Linear(d, d)``, then Parallax's zeroed ``r``) and their
+    forward: ``qkv(x).view(B, T, 3, H, Dh)`` -> the op -> ``out``."""
+    torch.manual_seed(3)
+    mixer = build_mixer(name, 32, 2)
+    assert isinstance(mixer, cls) and not mixer.rope and mixer.num_kv_heads == 2
+    torch.manual_seed(3)
+    qkv, out = torch.nn.Linear(32, 96, bias=False), torch.nn.Linear(32, 32, bias=False)
+    assert torch.equal(mixer.qkv_proj.weight, qkv.weight) and torch.equal(mixer.o_proj.weight, out.weight)
+    x = _x(B=2, T=9).float()
+    q, k, v = qkv(x).view(2, 9, 3, 2, 16).unbind(2)
+    if name == "lla":
+        assert mixer.ridge_floor == 1e-2 and torch.allclose(mixer.ridge, torch.ones(2))
+        ridge = torch.nn.functional.softplus(mixer.raw_ridge) + 1e-2
+        want = lla.local_linear_attention(q, k, v, ridge=ridge)
+    else:
+        assert not mixer.r_proj.weight.any()
+        want = lla.parallax_attention(q, mixer.r_proj(x).view(2, 9, 2, 16), k, v)
+    assert torch.equal(mixer(x), out(want.reshape(2, 9, 32)))

@@ -275,7 +275,7 @@ def test_mixer_registered_and_learns_r():
     mixer = build_mixer("parallax", 32, 4)
     out = mixer(torch.randn(2, 9, 32))
     out.square().sum().backward()
-    assert out.shape == (2, 9, 32) and float(mixer.r.weight.grad.abs().sum()) > 0
+    assert out.shape == (2, 9, 32) and float(mixer.r_proj.weight.grad.abs().sum()) > 0
 
 
 # ---------------------------------------------------------------------------------------- torch.compile

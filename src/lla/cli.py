@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+#: what ``lla demo | run | report`` need beyond torch (the ``experiments`` extra)
+EXPERIMENTS_EXTRA = ("numpy", "matplotlib", "tqdm")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _missing(modules) -> list[str]:
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
@@ -52,64 +66,80 @@ def main(argv=None) -> int:
             return 2
         return bench.main(argv[1:]) or 0
     args = _parser().parse_args(argv)
-    from lla.experiments import runner
-    from lla.experiments.presets import get_preset
-
-    if args.command == "run":
-        try:
-            get_preset(args.experiment, args.preset)
-        except ValueError as e:
-            raise SystemExit(f"lla run: {e}") from None
+    missing = _missing(EXPERIMENTS_EXTRA)
+    if missing:
+        raise SystemExit(
+            f"lla {args.command} needs the experiments extra ({', '.join(missing)} missing): "
+            "pip install -e \".[experiments]\" (from a checkout) or pip install \"local-linear-attention[experiments]\""
+        )
     if args.command == "demo":
+        from lla.experiments import runner
+
         runner.demo(args.out)
     elif args.command == "report":
         from lla.experiments.report import results_page
 
-        path = results_page(args.results_dir, args.out)
-        print(f"wrote {path}")
-    elif args.command == "run":
-        cfg = None
-        if args.seed is not None and args.seeds is not None:
-            raise SystemExit("lla run: give --seed or --seeds, not both")
-        if args.positions is not None and args.experiment != "mqar":
-            raise SystemExit("lla run: --positions applies to mqar")
-        if args.lrs is not None and args.experiment == "ttr":
-            raise SystemExit("lla run: --lrs applies to trained experiments (icr, mqar, state); ttr tunes each method's own hyperparameters")
-        if args.steps is not None or args.seed is not None or args.log_every is not None or args.positions is not None:
-            cfg = get_preset(args.experiment, args.preset)
-        if args.steps is not None:
-            if args.experiment == "ttr":
-                raise SystemExit("lla run: --steps applies to trained experiments (icr, mqar, state), not ttr")
-            if args.steps < 1:
-                raise SystemExit(f"lla run: --steps must be >= 1, got {args.steps}")
-            cfg["train"]["steps"] = args.steps
-        if args.log_every is not None:
-            if args.experiment == "ttr" or args.log_every < 1:
-                raise SystemExit("lla run: --log-every must be >= 1 and applies to trained experiments (icr, mqar, state)")
-            cfg["train"]["log_every"] = args.log_every
-        seeds = args.seeds
-        if args.seed is not None:
-            (cfg if args.experiment == "ttr" else cfg["train"])["seed"] = args.seed
-            seeds = [args.seed]
-        if args.positions is not None:
-            cfg["positions"] = args.positions
-        from lla.experiments.train import CheckpointMismatchError
-
-        if args.estimate:
-            est = runner.estimate(args.experiment, args.preset, mixers=args.mixers, cfg=cfg, seeds=seeds, lrs=args.lrs)
-            per = ", ".join(f"{m} {s / 60:.1f}" for m, s in est["per_mixer"].items())
-            print(f"estimated wall time of lla run {args.experiment} --preset {args.preset}: {est['seconds'] / 60:.1f} min "
-                  f"({est['trainings']} trainings per mixer and setting; minutes per mixer: {per})")
-            return 0
-        try:
-            runner.run_experiment(args.experiment, args.preset, mixers=args.mixers, out_dir=args.out,
-                                  progress=not args.no_progress, stop_after=args.stop_after, cfg=cfg,
-                                  context_parallel=args.context_parallel, seeds=seeds, lrs=args.lrs, restart=args.restart,
-                                  command="lla " + " ".join(argv))
-        except CheckpointMismatchError as e:
-            raise SystemExit(f"lla run: {e}") from None
+        print(f"wrote {results_page(args.results_dir, args.out)}")
+    else:
+        return _run(args, argv)
     return 0
 
+
+def _run_config(args):
+    """``lla run``'s overrides -> ``(cfg or None, seeds or None)``; ``SystemExit`` on a bad combination."""
+    from lla.experiments.presets import get_preset
+
+    try:
+        get_preset(args.experiment, args.preset)
+    except ValueError as e:
+        raise SystemExit(f"lla run: {e}") from None
+    trained = args.experiment != "ttr"
+    if args.seed is not None and args.seeds is not None:
+        raise SystemExit("lla run: give --seed or --seeds, not both")
+    if args.positions is not None and args.experiment != "mqar":
+        raise SystemExit("lla run: --positions applies to mqar")
+    if args.lrs is not None and not trained:
+        raise SystemExit("lla run: --lrs applies to trained experiments (icr, mqar, state); ttr tunes each method's own hyperparameters")
+    if args.steps is not None and not trained:
+        raise SystemExit("lla run: --steps applies to trained experiments (icr, mqar, state), not ttr")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"lla run: --steps must be >= 1, got {args.steps}")
+    if args.log_every is not None and (not trained or args.log_every < 1):
+        raise SystemExit("lla run: --log-every must be >= 1 and applies to trained experiments (icr, mqar, state)")
+    if args.steps is None and args.seed is None and args.log_every is None and args.positions is None:
+        return None, args.seeds
+    cfg = get_preset(args.experiment, args.preset)
+    for key, val in (("steps", args.steps), ("log_every", args.log_every)):
+        if val is not None:
+            cfg["train"][key] = val
+    if args.positions is not None:
+        cfg["positions"] = args.positions
+    if args.seed is None:
+        return cfg, args.seeds
+    (cfg["train"] if trained else cfg)["seed"] = args.seed
+    return cfg, [args.seed]
+
+
+def _run(args, argv) -> int:
+    """``lla run``: estimate or run one experiment."""
+    from lla.experiments import runner
+    from lla.experiments.train import CheckpointMismatchError
+
+    cfg, seeds = _run_config(args)
+    if args.estimate:
+        est = runner.estimate(args.experiment, args.preset, mixers=args.mixers, cfg=cfg, seeds=seeds, lrs=args.lrs)
+        per = ", ".join(f"{m} {s / 60:.1f}" for m, s in est["per_mixer"].items())
+        print(f"estimated wall time of lla run {args.experiment} --preset {args.preset}: {est['seconds'] / 60:.1f} min "
+              f"({est['trainings']} trainings per mixer and setting; minutes per mixer: {per})")
+        return 0
+    try:
+        runner.run_experiment(args.experiment, args.preset, mixers=args.mixers, out_dir=args.out,
+                              progress=not args.no_progress, stop_after=args.stop_after, cfg=cfg,
+                              context_parallel=args.context_parallel, seeds=seeds, lrs=args.lrs, restart=args.restart,
+                              command="lla " + " ".join(argv))
+    except CheckpointMismatchError as e:
+        raise SystemExit(f"lla run: {e}") from None
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,11 +26,14 @@ The ridge and the solver are read from the module's config (``config.lla_ridge``
 ``config.lla_solver``) on every call, so two models in one process keep their own.
 
 Masks: the name is also registered with ``AttentionMaskInterface`` using the flash-attention mask
-builder, so the model hands us ``None`` (no padding) or the 2-D ``[B, S]`` padding mask.  Padded
-causal batches without a cache (training, prefill) take a static-shape path (real tokens sorted to
-the front, see ``lla.nn.attention.padded_causal_attention``); a padded decoding step reads each
-sequence's real cache entries through ``local_linear_attention_with_kvcache``; other padded cases
-run sequence by sequence on their real tokens.  A window then counts real tokens (as transformers'
+builder, so the model hands us ``None`` (no padding) or the 2-D ``[B, S]`` padding mask.  A padded
+batch goes through ``lla.nn.layer.padded_attention`` (no loop over the batch): eager, the real
+tokens are packed into one varlen sequence (the op's ``cu_seqlens``); under ``torch.compile`` a
+causal batch takes a static-shape path (real tokens sorted to the front).  With a cache (``T < S``)
+the ``T`` queries are the last ``T`` key positions, so they are placed there in a length-``S``
+query tensor (zeros elsewhere, outputs dropped): exact, at the cost of ``S`` query rows.  A padded
+decoding step (``T == 1``) reads each sequence's real cache entries through
+``local_linear_attention_with_kvcache``.  A window counts real tokens (as transformers'
 flash-attention paths do; with left or right padding that is also what its sdpa/eager masks do).
 """
 
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn.attention import padded_causal_attention
+from ..nn.layer import real_tokens_first, padded_attention
 from ..ops import local_linear_attention, local_linear_attention_with_kvcache
 
 __all__ = ["register", "lla_attention_forward", "NAME", "DEFAULT_RIDGE", "DEFAULT_SOLVER"]
@@ -78,6 +81,39 @@ def _window(sliding_window) -> int:
     return sliding_window - 1
 
 
+def _refuse(softcap, dropout, position_bias, attention_mask) -> None:
+    """``ValueError`` for what LLA has no term for (never dropped silently)."""
+    if softcap is not None:
+        raise ValueError(
+            f"lla attention has no logit soft-capping, got softcap={softcap!r} (e.g. Gemma 2's "
+            "attn_logit_softcapping): set it to None in the config or use another attn_implementation"
+        )
+    if dropout is not None and float(dropout) > 0:
+        raise ValueError(
+            f"lla attention does not implement attention dropout, got dropout={dropout!r}: set the config's "
+            "attention_dropout to 0.0 (it is only applied in training mode)"
+        )
+    if position_bias is not None:
+        raise ValueError("lla attention does not take an additive position_bias (T5-style relative attention)")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"lla attention expects no mask or a 2-D [B, S] padding mask, got shape {tuple(attention_mask.shape)}; "
+            "call lla.integrations.transformers.register() so the model builds the right mask"
+        )
+
+
+def _decode_step(q, k, v, keep, *, ridge, scale, solver, left):
+    """One decoding step (``T == 1``): the kvcache op's single-token solve reads the keys in place;
+    with padding (``keep [B, S]``), each sequence's real entries are sorted to the front (its cache
+    length)."""
+    lens = k.shape[1]
+    if keep is not None:
+        _, _, (k, v) = real_tokens_first(keep, (k, v))
+        lens = keep.sum(1)
+    return local_linear_attention_with_kvcache(q, k, v, cache_seqlens=lens, ridge=ridge, scale=scale, solver=solver,
+                                               window_size=(left, -1))
+
+
 def lla_attention_forward(
     module,
     query,
@@ -101,23 +137,7 @@ def lla_attention_forward(
     ``position_bias`` raise ``ValueError``.  Other keyword arguments (``position_ids``,
     ``output_attentions``, ...) do not change the attention and are ignored.
     """
-    if softcap is not None:
-        raise ValueError(
-            f"lla attention has no logit soft-capping, got softcap={softcap!r} (e.g. Gemma 2's "
-            "attn_logit_softcapping): set it to None in the config or use another attn_implementation"
-        )
-    if dropout is not None and float(dropout) > 0:
-        raise ValueError(
-            f"lla attention does not implement attention dropout, got dropout={dropout!r}: set the config's "
-            "attention_dropout to 0.0 (it is only applied in training mode)"
-        )
-    if position_bias is not None:
-        raise ValueError("lla attention does not take an additive position_bias (T5-style relative attention)")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"lla attention expects no mask or a 2-D [B, S] padding mask, got shape {tuple(attention_mask.shape)}; "
-            "call lla.integrations.transformers.register() so the model builds the right mask"
-        )
+    _refuse(softcap, dropout, position_bias, attention_mask)
     left = _window(sliding_window)
     q = query.transpose(1, 2)  # [B, T, H, D]
     k = key.transpose(1, 2)  # [B, S, Hk, D]
@@ -132,30 +152,13 @@ def lla_attention_forward(
     if keep is not None and not compiling and bool(keep.all()):
         keep = None
     if T == 1 and not compiling and (causal or keep is None):
-        # one decoding step: the kvcache op's direct single-token solve reads the keys in place; with
-        # padding, each sequence's real entries are sorted to the front (its cache length)
-        lens = S
-        if keep is not None:
-            order = torch.argsort((~keep).to(torch.int32), dim=1, stable=True)
-            k, v = (t.gather(1, order.view(B, S, 1, 1).expand(t.shape)) for t in (k, v))
-            lens = keep.sum(1)
-        o = local_linear_attention_with_kvcache(
-            q, k, v, cache_seqlens=lens, ridge=ridge, scale=scaling, solver=solver, window_size=(left, -1)
-        )
-        return o, None
+        return _decode_step(q, k, v, keep, ridge=ridge, scale=scaling, solver=solver, left=left), None
     if keep is None:
         return local_linear_attention(q, k, v, causal=causal, **kw).contiguous(), None
-    if causal and S == T:  # padded batch without a cache: static shapes (compiles)
-        return padded_causal_attention(q, k, v, keep, **kw), None
-    out = q.new_zeros(B, T, q.shape[2], v.shape[3])
-    for b in range(B):  # padded batch against a cache (or not causal): each sequence on its real tokens
-        kj = keep[b].nonzero().squeeze(-1)
-        qi = keep[b, S - T :].nonzero().squeeze(-1)
-        if kj.numel() == 0 or qi.numel() == 0:
-            continue
-        ob = local_linear_attention(q[b : b + 1, qi], k[b : b + 1, kj], v[b : b + 1, kj], causal=causal, **kw)
-        out = out.index_put((torch.tensor([b], device=q.device), qi), ob[0])
-    return out, None
+    if T < S:  # the queries are the last T key positions: put them there (the rest are dropped)
+        q = torch.cat([q.new_zeros(B, S - T, *q.shape[2:]), q], dim=1)
+    o = padded_attention(local_linear_attention, (q,), k, v, keep, causal=causal, **kw)
+    return o[:, S - T :], None
 
 
 def register(name: str = NAME, **removed) -> str:

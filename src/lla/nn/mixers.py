@@ -1,20 +1,18 @@
 """Token mixers behind one interface: ``mixer(x [B, T, d_model]) -> [B, T, d_model]``, causal.
 
 ``MIXERS`` maps a name to a class; ``build_mixer(name, d_model, num_heads, **kw)`` builds one, so a
-model swaps its attention by name.  Every mixer projects ``x`` to per-head ``q, k, v``
-(``[B, T, H, Dh]``, ``Dh = d_model // num_heads``), calls a functional op (the public LLA op or a
-``lla.baselines`` op) and projects back.  No short convolutions.
+model swaps its attention by name.  ``"lla"`` and ``"parallax"`` are the package's layers
+(``lla.nn.LocalLinearAttention``, ``lla.nn.ParallaxAttention``) with the experiments' settings;
+the baselines project ``x`` to per-head ``q, k, v`` (``[B, T, H, Dh]``, ``Dh = d_model // num_heads``)
+in ``QKVMixer``, call a ``lla.baselines`` op and project back.  No short convolutions.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lla
 from lla.baselines import (
     gated_delta_attention,
     linear_attention,
@@ -23,27 +21,29 @@ from lla.baselines import (
     softmax_attention,
 )
 
+from .attention import LocalLinearAttention
+from .layer import inverse_softplus_ridge, softplus_ridge
+from .parallax import ParallaxAttention
 
-def _inv_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
+
+def _check_heads(d_model: int, num_heads: int) -> None:
+    if d_model % num_heads != 0:
+        raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
 
 
 class QKVMixer(nn.Module):
-    """Shared shell: ``x -> q, k, v [B, T, H, Dh] -> attend -> [B, T, d_model]``."""
+    """Shell of the baselines: ``x -> q, k, v [B, T, H, Dh] -> attend -> [B, T, d_model]``.  Under
+    context parallelism it gathers q, k, v, x, attends over the whole sequence on every rank and
+    keeps its rows."""
 
     def __init__(self, d_model: int, num_heads: int, bias: bool = False):
         super().__init__()
-        if d_model % num_heads != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        _check_heads(d_model, num_heads)
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
         # context parallelism (``lla.distributed.set_context_parallel``): x is this rank's shard
         self.cp_group, self.cp_sharding = None, "zigzag"
-
-    #: True when ``attend`` shards the work itself under context parallelism (else the shell
-    #: gathers q, k, v, x, attends over the whole sequence on every rank and keeps its rows)
-    native_cp = False
 
     def attend(self, q, k, v, x):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -51,7 +51,7 @@ class QKVMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)  # [B, T, H, Dh]
-        if self.cp_group is not None and not self.native_cp:
+        if self.cp_group is not None:
             from lla.distributed import all_gather_seq, shard
 
             full = lambda t: all_gather_seq(t, self.cp_group, self.cp_sharding)  # noqa: E731
@@ -62,52 +62,35 @@ class QKVMixer(nn.Module):
 
 
 class LearnableRidge(nn.Module):
-    """Per-head ridge ``lam_h = softplus(raw_h) + floor`` (positive, learnable)."""
+    """Per-head ridge ``lam_h = floor + softplus(raw_h)`` (``lla.nn.layer.softplus_ridge``), learnable."""
 
     def __init__(self, num_heads: int, init: float = 1.0, floor: float = 1e-2):
         super().__init__()
         self.floor = floor
-        self.raw = nn.Parameter(torch.full((num_heads,), _inv_softplus(init - floor)))
+        self.raw = nn.Parameter(inverse_softplus_ridge(num_heads, init, floor))
 
     def forward(self) -> torch.Tensor:
-        return F.softplus(self.raw) + self.floor  # [H]
+        return softplus_ridge(self.raw, self.floor)  # [H]
 
 
-class LLAMixer(QKVMixer):
-    """Local Linear Attention through the public op, learnable per-head ridge."""
+class LLAMixer(LocalLinearAttention):
+    """The experiments' ``"lla"`` mixer: ``lla.nn.LocalLinearAttention`` with a fused qkv projection,
+    no rotary embedding (the models add learned positions or none), no GQA, ridge floor 1e-2."""
 
-    def __init__(self, d_model, num_heads, ridge_init: float = 1.0, ridge_floor: float = 1e-2, solver: str = "auto", **kw):
-        super().__init__(d_model, num_heads, **kw)
-        self.ridge = LearnableRidge(num_heads, ridge_init, ridge_floor)
-        self.solver = solver
-
-    native_cp = True
-
-    def attend(self, q, k, v, x):
-        lam = self.ridge()  # [H], broadcast to [B, T, H] by the op; float32 at least
-        lam = lam.double() if q.dtype == torch.float64 else lam.float()
-        if self.cp_group is not None:
-            from lla.distributed import context_parallel_attention
-
-            o = context_parallel_attention(q, k, v, ridge=lam, solver=self.solver, group=self.cp_group, sharding=self.cp_sharding)
-            return o.to(q.dtype)
-        return lla.local_linear_attention(q, k, v, ridge=lam, solver=self.solver).to(q.dtype)
+    def __init__(self, d_model, num_heads, ridge_init: float = 1.0, ridge_floor: float = 1e-2, solver: str = "auto",
+                 bias: bool = False):
+        _check_heads(d_model, num_heads)
+        super().__init__(d_model, num_heads, bias=bias, fused_qkv=True, rope=False, ridge_init=ridge_init,
+                         ridge_floor=ridge_floor, solver=solver)
 
 
-class ParallaxMixer(QKVMixer):
-    """Parallax through the public op: an extra ``r`` projection (zero-initialised, so the mixer
-    starts as softmax attention), no positional encoding inside the mixer."""
+class ParallaxMixer(ParallaxAttention):
+    """The experiments' ``"parallax"`` mixer: ``lla.nn.ParallaxAttention`` with a fused qkv projection,
+    a zero-initialised ``r_proj`` (it starts as softmax attention), no positional encoding, no GQA."""
 
-    def __init__(self, d_model, num_heads, **kw):
-        super().__init__(d_model, num_heads, **kw)
-        self.r = nn.Linear(d_model, d_model, bias=self.qkv.bias is not None)
-        nn.init.zeros_(self.r.weight)
-        if self.r.bias is not None:
-            nn.init.zeros_(self.r.bias)
-
-    def attend(self, q, k, v, x):
-        r = self.r(x).view(*q.shape)
-        return lla.parallax_attention(q, r, k, v)
+    def __init__(self, d_model, num_heads, bias: bool = False):
+        _check_heads(d_model, num_heads)
+        super().__init__(d_model, num_heads, bias=bias, fused_qkv=True)
 
 
 class SoftmaxMixer(QKVMixer):
@@ -168,7 +151,7 @@ class GatedDeltaNetMixer(QKVMixer):
 
 
 #: name -> mixer class, each ``cls(d_model, num_heads, **kwargs)``
-MIXERS: dict[str, type[QKVMixer]] = {
+MIXERS: dict[str, type[nn.Module]] = {
     "lla": LLAMixer,
     "parallax": ParallaxMixer,
     "softmax": SoftmaxMixer,

@@ -283,7 +283,7 @@ def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
     ``PREC_QK = "tf32"`` for the dots of raw inputs (exact in TF32) and, per kernel, ``PREC[which]``
     from ``_HALF_PREC`` for the others; float32 accumulation everywhere.  The tiles are the
     least-spilling of 7 combinations compiled for sm_90 on a CPU machine
-    (``benchmarks/parallax_compile_check.py``, results in ``docs/parallax.md``); never timed on a GPU.  Under the interpreter the tiles are 16..32,
+    (``benchmarks/compile_check.py parallax``, results in ``docs/parallax.md``); never timed on a GPU.  Under the interpreter the tiles are 16..32,
     different per kernel, so that CI sees tiles that do not line up.
     """
     bd = max(16, triton.next_power_of_2(D))
