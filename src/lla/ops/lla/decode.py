@@ -36,8 +36,8 @@ from ..checks import (
 )
 from ..diagnostics import check_conditioning, check_solve, default_tol
 from .api import LLAAux, local_linear_attention
-from .torch_backend.function import SHIFT_SAMPLE, _amplification, _floor  # the backend's estimates, shared
-from .torch_backend.solvers import direct_solve
+from .torch_backend.function import SHIFT_SAMPLE, _amplification, _centred, _floor  # the backend's code, shared
+from .torch_backend.solvers import FEW_ROWS, direct_solve
 
 __all__ = ["local_linear_attention_with_kvcache", "append_to_cache", "gather_cache", "pack_cache"]
 
@@ -115,7 +115,10 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     s = torch.softmax(logits.masked_fill(~has_key, 0.0), dim=-1) * has_key  # rows with no key: s = 0
     shift = _key_shift(K, first, lens, S0)  # [B, Hk, 1, D]
     kc = K - shift
-    m = s @ kc  # [B, Hk, G, D], the weighted mean in the shifted frame
+    # the weighted mean in the shifted frame, over the weights' computed sum (1 only to rounding; see
+    # function._centred): [B, Hk, G, D]
+    ssum = s.sum(-1, keepdim=True).clamp_min(torch.finfo(cdt).tiny)
+    m = (s @ kc) / ssum
     b = m - (Q - shift)
     x, residual = direct_solve(s, kc, m, L, b, tol=tol)
     # the moments the estimates need, [E (k - c)^2 | E|k - c| | E|k| | E|v|], over key chunks (no second
@@ -123,10 +126,10 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     ext = sum(s[..., j0 : j0 + DECODE_CHUNK] @ _chunk_moments(kc, K, V, j0, j0 + DECODE_CHUNK)
               for j0 in range(0, kc.shape[-2], DECODE_CHUNK))
     floor = _floor(torch.finfo(cdt).eps, x, b, L, ext[..., :D].sum(-1), m)
-    # output weights w_j = s_j (1 - y_j . x), y_j . x centred with the weighted mean of the computed
-    # (k_j - c) . x (as the backend's ``_centred``): a row whose weight sits on one key gets y . x = 0 there
-    yx = x @ kc.transpose(-1, -2)
-    w = s - s * (yx - (s * yx).sum(-1, keepdim=True))
+    # output weights w_j = s_j (1 - y_j . x), y_j . x by the backend's ``_centred`` (relative to the row's pivot
+    # key, then centred with the weighted mean of the computed products: a row whose weight sits on one key
+    # gets y . x = 0 there), with the op's rule for when to pivot
+    w = s - s * _centred(x, kc, s, None, ssum[..., 0], G <= FEW_ROWS)
     o = w @ V  # [B, Hk, G, Dv]
     # the backend's rounding estimate, from the same moments: [m | sum s | E (k - c)^2 | E|k - c| | E|k|]
     mom = torch.cat([m, s.sum(-1, keepdim=True), ext[..., : D + 2]], dim=-1)

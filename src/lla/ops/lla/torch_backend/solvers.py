@@ -168,7 +168,8 @@ FEW_ROWS = 8
 
 
 def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
-    """``A`` formed explicitly: ``[..., R, D, D]`` (``kc = k - c`` and ``m`` in the shifted frame).
+    """``A`` formed explicitly: ``[..., R, D, D]`` (``kc = k - c`` and ``m``, the weighted mean
+    ``s @ kc / sum(s)``, in the shifted frame).
 
     The second moment ``sum_j s_j (k_j - c)(k_j - c)^T`` is one GEMM of the weights against the keys'
     outer products (upper triangle only, mirrored after), or, for at most ``FEW_ROWS`` rows, one
@@ -181,6 +182,9 @@ def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
     R = s.shape[-2]
     batch = kc[..., :1, :1].numel()
     eye = torch.eye(D, dtype=kc.dtype, device=kc.device)
+    # sum_j s_j (k_j - m)(k_j - m)^T = second moment - (sum_j s_j) m m^T for m the weighted mean
+    # (the weights' computed sum is 1 only to rounding)
+    mm = s.sum(-1)[..., None, None] * m[..., :, None] * m[..., None, :]
     if R <= FEW_ROWS:
         step = max(1, chunk_elems // max(1, batch * R * D))
         full = None
@@ -189,7 +193,7 @@ def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
             part = (s[..., j0 : j0 + step, None] * kj).transpose(-1, -2) @ kj  # [..., R, D, D]
             full = part if full is None else full + part
         full = 0.5 * (full + full.transpose(-1, -2))  # exactly symmetric
-        return full - m[..., :, None] * m[..., None, :] + lam[..., None, None] * eye
+        return full - mm + lam[..., None, None] * eye
     iu = torch.triu_indices(D, D, device=kc.device)  # [2, D(D+1)/2]
     P = iu.shape[1]
     step = max(1, chunk_elems // max(1, batch * P))
@@ -202,7 +206,7 @@ def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
     full = second.new_zeros(*second.shape[:-1], D, D)
     full[..., iu[0], iu[1]] = second
     full[..., iu[1], iu[0]] = second
-    return full - m[..., :, None] * m[..., None, :] + lam[..., None, None] * eye
+    return full - mm + lam[..., None, None] * eye
 
 
 def _cholesky(A):
