@@ -36,7 +36,9 @@ from ..checks import (
 )
 from ..diagnostics import check_conditioning, check_solve, default_tol
 from .api import LLAAux, local_linear_attention
-from .torch_backend.function import SHIFT_SAMPLE, _amplification, _centred, _floor  # the backend's code, shared
+from .torch_backend.function import (  # the backend's code, shared
+    SHIFT_SAMPLE, _amplification, _floor, _sensitivity,
+)
 from .torch_backend.solvers import FEW_ROWS, direct_solve
 
 __all__ = ["local_linear_attention_with_kvcache", "append_to_cache", "gather_cache", "pack_cache"]
@@ -120,22 +122,28 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     ssum = s.sum(-1, keepdim=True).clamp_min(torch.finfo(cdt).tiny)
     m = (s @ kc) / ssum
     b = m - (Q - shift)
-    x, residual = direct_solve(s, kc, m, L, b, tol=tol)
+    few = G <= FEW_ROWS  # the op's few-row rules (pivoted y . x, ``_sensitivity``) for its one-row tiles
+    x, residual, chol = direct_solve(s, kc, m, L, b, tol=tol, factor=True)
     # the moments the estimates need, [E (k - c)^2 | E|k - c| | E|k| | E|v|], over key chunks (no second
     # cache-sized temporary)
     ext = sum(s[..., j0 : j0 + DECODE_CHUNK] @ _chunk_moments(kc, K, V, j0, j0 + DECODE_CHUNK)
               for j0 in range(0, kc.shape[-2], DECODE_CHUNK))
     floor = _floor(torch.finfo(cdt).eps, x, b, L, ext[..., :D].sum(-1), m)
-    # output weights w_j = s_j (1 - y_j . x), y_j . x by the backend's ``_centred`` (relative to the row's pivot
-    # key, then centred with the weighted mean of the computed products: a row whose weight sits on one key
-    # gets y . x = 0 there), with the op's rule for when to pivot
-    w = s - s * _centred(x, kc, s, None, ssum[..., 0], G <= FEW_ROWS)
+    # output weights w_j = s_j (1 - y_j . x), y_j . x as the backend's ``_centred`` forms it (relative to the
+    # row's pivot key, then centred with the weighted mean of the computed products: a row whose weight sits
+    # on one key gets y . x = 0 there), with the op's rule for when to pivot
+    yx = x @ kc.transpose(-1, -2)  # out of place (the step is differentiable)
+    if few:
+        yx = yx - yx.gather(-1, s.argmax(-1, keepdim=True))
+    w = s - s * (yx - (s * yx).sum(-1, keepdim=True) / ssum)
     o = w @ V  # [B, Hk, G, Dv]
     # the backend's rounding estimate, from the same moments: [m | sum s | E (k - c)^2 | E|k - c| | E|k|]
     mom = torch.cat([m, s.sum(-1, keepdim=True), ext[..., : D + 2]], dim=-1)
     on = o.norm(dim=-1)
     rel = ext[..., D + 2] / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
-    amplification = _amplification(w, x, m, Q - shift, L, mom, D, scale, Q, s.amax(-1), rel)
+    with torch.no_grad():
+        sens = _sensitivity(s, kc, V, m, chol, b, residual, ext[..., D], Q - shift, ext[..., D + 2]) if few else None
+    amplification = _amplification(w, x, m, Q - shift, L, mom, D, scale, Q, s.amax(-1), rel, sens)
     # the solve's report: the worst residual, and the residual and floor of the row furthest past max(tol, floor)
     live = has_key[..., 0].expand(B, Hk, G)
     residual, floor = torch.where(live, residual, 0.0), torch.where(live, floor, 0.0)

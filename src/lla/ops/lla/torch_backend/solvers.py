@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cov_matvec", "cov_diag", "pcg_compact", "cov_matrix", "direct_solve", "true_residual"]
+__all__ = ["cov_matvec", "cov_diag", "pcg_compact", "cov_matrix", "direct_solve", "chol_solve", "true_residual"]
 
 #: Compact the rows still iterating once at most this fraction of the current rows is active.
 COMPACT_FRACTION = 0.75
@@ -238,13 +238,14 @@ def _chol_apply(L, L64, bad, b):
     return x
 
 
-def direct_solve(s, kc, m, lam, b, *, tol: float, refine: int = 4):
+def direct_solve(s, kc, m, lam, b, *, tol: float, refine: int = 4, factor: bool = False):
     """Solve ``A x = b`` row-wise: ``A`` formed (``cov_matrix``), Cholesky, then up to ``refine``
     steps of iterative refinement with the centred matvec (the formed ``A`` carries the rounding of
     the shifted second moment; refinement brings ``x`` to the accuracy of the centred ``A``).
     A step is taken only while some row's true residual exceeds ``tol``.
 
-    -> (x [..., R, D], true relative residual per row [..., R])
+    -> (x [..., R, D], true relative residual per row [..., R]), and with ``factor=True`` also the
+    Cholesky factor ``(L, L64, bad)`` of the formed ``A`` (see ``_cholesky``, ``chol_solve``).
     """
     L, L64, bad = _cholesky(cov_matrix(s, kc, m, lam))
     x = _chol_apply(L, L64, bad, b)
@@ -263,4 +264,13 @@ def direct_solve(s, kc, m, lam, b, *, tol: float, refine: int = 4):
         x = torch.where(better.unsqueeze(-1), x_new, x)
         r = torch.where(better.unsqueeze(-1), r_new, r)
         res = torch.where(better, res_new, res)
-    return x, res
+    return (x, res, (L, L64, bad)) if factor else (x, res)
+
+
+def chol_solve(chol, B):
+    """``A^-1 B`` for a matrix right-hand side ``B [..., R, D, k]`` from ``direct_solve``'s factor."""
+    L, L64, bad = chol
+    X = torch.cholesky_solve(B, L)
+    if L64 is not None:
+        X[bad] = torch.cholesky_solve(B[bad].double(), L64).to(X.dtype)
+    return X
