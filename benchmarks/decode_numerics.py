@@ -109,7 +109,8 @@ def main():
     nonfinite = sum(not r["finite"] for r in rows)
     misses = [r for r in rows if r["err"] > 1e-3 and not r["warned"]]
     alarms = [r for r in rows if r["warned"] and r["err"] < 1e-4]
-    print(f"float32 decode vs float64 decode: {n} cases, {nonfinite} non-finite, {len(misses)} misses "
+    what = "op at T = 1" if OP else "decode"
+    print(f"float32 {what} vs float64 {what}: {n} cases, {nonfinite} non-finite, {len(misses)} misses "
           f"(error > 1e-3, silent), {len(alarms)} false alarms (warned, error < 1e-4), "
           f"{sum(r['warned'] for r in rows)} warned, {sum(r['err'] > 1e-3 for r in rows)} with error > 1e-3")
     for r in misses:

@@ -398,10 +398,11 @@ def lla_forward(q, k, v, lam, cfg):
         LSE[c, :, i0:i1] = lse_t.view(-1, G, t)
         k1, ext, shift = _shifted_keys(K, c, common, j0, j1, extra=True)
         mom = torch.cat([s @ k1, s @ ext], dim=-1)  # [nb, R, 2 D + 3]: m | sum s | diag moments | E|k - c| | E|k|
-        # the weighted mean with the weights' computed sum as denominator: float32 weights sum to 1 only to
-        # rounding, and a mean off by that (times |m - c|) reaches the output amplified by |x|
-        ssum = mom[..., D].clamp_min(torch.finfo(cdt).tiny)
-        m = mom[..., :D] / ssum.unsqueeze(-1)
+        # few-row tiles: the weighted mean with the weights' computed sum as denominator (float32 weights sum
+        # to 1 only to rounding, and a mean off by that reaches a nearly one-hot row's output amplified by
+        # |x|); many-row tiles keep the plain sum (unchanged numerics there)
+        ssum = mom[..., D].clamp_min(torch.finfo(cdt).tiny) if few else None
+        m = mom[..., :D] / ssum.unsqueeze(-1) if few else mom[..., :D]
         ekc2 = mom[..., D + 1 : 2 * D + 1].sum(-1)  # E_s |k - c|^2
         diag = (mom[..., D + 1 : 2 * D + 1] - m * m).clamp_min_(0.0)
         lam_t = L[c, :, i0:i1].reshape(-1, R)

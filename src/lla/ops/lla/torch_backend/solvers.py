@@ -168,8 +168,8 @@ FEW_ROWS = 8
 
 
 def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
-    """``A`` formed explicitly: ``[..., R, D, D]`` (``kc = k - c`` and ``m``, the weighted mean
-    ``s @ kc / sum(s)``, in the shifted frame).
+    """``A`` formed explicitly: ``[..., R, D, D]`` (``kc = k - c`` and ``m`` in the shifted frame; for
+    at most ``FEW_ROWS`` rows ``m`` is the weighted mean ``s @ kc / sum(s)``, else ``s @ kc``).
 
     The second moment ``sum_j s_j (k_j - c)(k_j - c)^T`` is one GEMM of the weights against the keys'
     outer products (upper triangle only, mirrored after), or, for at most ``FEW_ROWS`` rows, one
@@ -182,10 +182,11 @@ def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
     R = s.shape[-2]
     batch = kc[..., :1, :1].numel()
     eye = torch.eye(D, dtype=kc.dtype, device=kc.device)
-    # sum_j s_j (k_j - m)(k_j - m)^T = second moment - (sum_j s_j) m m^T for m the weighted mean
-    # (the weights' computed sum is 1 only to rounding)
-    mm = s.sum(-1)[..., None, None] * m[..., :, None] * m[..., None, :]
+    mm = m[..., :, None] * m[..., None, :]
     if R <= FEW_ROWS:
+        # sum_j s_j (k_j - m)(k_j - m)^T = second moment - (sum_j s_j) m m^T for m the weighted mean over the
+        # weights' computed sum (1 only to rounding; the few-row callers divide by it)
+        mm = s.sum(-1)[..., None, None] * mm
         step = max(1, chunk_elems // max(1, batch * R * D))
         full = None
         for j0 in range(0, n, step):
