@@ -142,7 +142,8 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     on = o.norm(dim=-1)
     rel = ext[..., D + 2] / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
     with torch.no_grad():
-        sens = _sensitivity(s, kc, V, m, chol, b, residual, ext[..., D], Q - shift, ext[..., D + 2]) if few else None
+        sens = (_sensitivity(s, kc, V, m, chol, b, residual, ext[..., D], Q - shift, ext[..., D + 2], chunk_elems=1 << 20)
+                if few else None)
     amplification = _amplification(w, x, m, Q - shift, L, mom, D, scale, Q, s.amax(-1), rel, sens)
     # the solve's report: the worst residual, and the residual and floor of the row furthest past max(tol, floor)
     live = has_key[..., 0].expand(B, Hk, G)
