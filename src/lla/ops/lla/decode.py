@@ -23,7 +23,10 @@ the row's own: entries it does not see never enter its arithmetic):
     o = sum_j s_j (1 - (k_j - m) . x) v_j
 
 The single-token path reports like the op: the solve's true relative residual and the rounding
-amplification go through ``lla.ops.diagnostics`` (``check_solve`` / ``check_conditioning``).
+amplification go through ``lla.ops.diagnostics`` (``check_solve`` / ``check_conditioning``).  With at
+most ``solvers.FEW_ROWS`` query heads per key head it follows the op's few-row rules: ``m`` over the
+weights' computed sum, ``y . x`` relative to each row's pivot key, and the amplification from the
+row's own sensitivity ``M' A^-1`` (``function._sensitivity``, from the direct solve's Cholesky factor).
 """
 
 from __future__ import annotations

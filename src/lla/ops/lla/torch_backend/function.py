@@ -460,7 +460,7 @@ def _centred(p, kc, s, out, ssum=None, pivot: bool = False):
     ``pivot``: the products are first taken relative to the row's pivot key (its largest weight),
     ``(k_j - c) . p - (k_piv - c) . p``, so that a nearly one-hot row's mean (``s_piv`` near 1, not 1)
     no longer carries the rounding ``eps |k_piv - c| |p|`` of the pivot's own product into every
-    weight: it is exactly 0 there (float32, D = 4, ridge 1e-3, a key x10: 4.9e-3 -> 1e-8 relative
+    weight: it is exactly 0 there (float32, D = 4, ridge 1e-3, a key x10: 4.9e-3 -> 4.9e-8 relative
     output error).  Two more passes over ``[nb, R, n]``; the few-row tiles (decode, T = 1) use it."""
     out = torch.matmul(p, kc.transpose(-1, -2), out=out)
     if pivot:
