@@ -1,6 +1,6 @@
 """Single-token decode numerics: float32 decode steps on a grid of hard inputs, against float64.
 
-    python benchmarks/decode_numerics.py [--mpmath 3]
+    python benchmarks/decode_numerics.py [--mpmath 3] [--op]
 
 Grid: head dim D in (4, 16, 64), ridge in (1e-6, 1e-3, 0.1, 1, 100), a key scale of 1 .. 1e4 applied
 to one key (the newest, or the oldest), to all keys, or as a drift (key j shifted by j/S times the
@@ -10,6 +10,7 @@ row's mean, see docs/inference.md) and records the relative error and whether an
 ``LLAConvergenceWarning`` fired.  Reported: cases, non-finite outputs, misses (error > 1e-3 without a
 warning), false alarms (warning with error < 1e-4), warned.
 
+``--op`` runs the public op at ``T = 1`` (``solver="direct"``, PyTorch backend) on the same grid.
 ``--mpmath N`` (needs mpmath) also evaluates the formula at 80 digits for the N cases where the float64
 reference ``lla.local_linear_attention_ref`` and the float64 decode disagree most, and prints both
 errors against it.
@@ -47,10 +48,16 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+OP = False  # --op: the public op at T = 1 (solver="direct", PyTorch backend) instead of the decode
+
+
 def _step(q, k, v, ridge):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        o = lla.local_linear_attention_with_kvcache(q, k, v, cache_seqlens=S, ridge=ridge)
+        if OP:
+            o = lla.local_linear_attention(q, k, v, ridge=ridge, solver="direct", backend="torch")
+        else:
+            o = lla.local_linear_attention_with_kvcache(q, k, v, cache_seqlens=S, ridge=ridge)
     return o, any(issubclass(w.category, lla.LLAConvergenceWarning) for w in caught)
 
 
@@ -84,7 +91,10 @@ def _mpmath_output(q, k, v, ridge):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mpmath", type=int, default=0, help="check the N worst reference/decode disagreements at 80 digits")
+    ap.add_argument("--op", action="store_true", help="run lla.local_linear_attention at T = 1 (direct) instead")
     args = ap.parse_args()
+    global OP
+    OP = args.op
     torch.set_num_threads(1)
     rows = []
     grid = itertools.product((4, 16, 64), (1e-6, 1e-3, 0.1, 1.0, 100.0), (1, 10, 1e2, 1e3, 1e4), ("newest", "all", "oldest", "drift"), (0, 1))
@@ -99,7 +109,8 @@ def main():
     nonfinite = sum(not r["finite"] for r in rows)
     misses = [r for r in rows if r["err"] > 1e-3 and not r["warned"]]
     alarms = [r for r in rows if r["warned"] and r["err"] < 1e-4]
-    print(f"float32 decode vs float64 decode: {n} cases, {nonfinite} non-finite, {len(misses)} misses "
+    what = "op at T = 1" if OP else "decode"
+    print(f"float32 {what} vs float64 {what}: {n} cases, {nonfinite} non-finite, {len(misses)} misses "
           f"(error > 1e-3, silent), {len(alarms)} false alarms (warned, error < 1e-4), "
           f"{sum(r['warned'] for r in rows)} warned, {sum(r['err'] > 1e-3 for r in rows)} with error > 1e-3")
     for r in misses:

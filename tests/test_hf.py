@@ -138,6 +138,41 @@ def test_padded_batch_paths_equal_each_sequence_alone(causal, T):
         assert torch.equal(out[b, ~qi], torch.zeros_like(out[b, ~qi]))
 
 
+def test_padded_chunk_against_cache_computes_only_real_query_rows(monkeypatch):
+    """A padded chunk of T = 3 queries against S = 7 keys: one varlen op call whose query rows are the
+    real queries only (cu_seqlens_q / cu_seqlens_k), not S rows per sequence; outputs as alone."""
+    class M(torch.nn.Module):
+        is_causal = True
+        config = None
+
+    calls = []
+    op = lla_hf.local_linear_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[1], k.shape[1], kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k")))
+        return op(q, k, v, **kw)
+
+    monkeypatch.setattr(lla_hf, "local_linear_attention", spy)
+    g = torch.Generator().manual_seed(7)
+    T, S = 3, 7
+    q = torch.randn(3, 4, T, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, S, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(3, S, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    mask[2, [1, 5]] = False  # interior padding, one of them a query row
+    out, _ = lla_hf.lla_attention_forward(M(), q, k, v, mask, scaling=0.4)
+    assert len(calls) == 1
+    rows_q, rows_k, cu_q, cu_k = calls[0]
+    assert rows_q == int(mask[:, S - T :].sum()) == 8 and rows_k == int(mask.sum()) == 16
+    assert cu_q.tolist() == [0, 3, 6, 8] and cu_k.tolist() == [0, 7, 11, 16]
+    for b in range(3):
+        kj, qi = mask[b], mask[b, S - T :]
+        alone = lla.local_linear_attention_ref(q[b : b + 1, :, qi].transpose(1, 2), k[b : b + 1, :, kj].transpose(1, 2),
+                                               v[b : b + 1, :, kj].transpose(1, 2), ridge=lla_hf.DEFAULT_RIDGE, scale=0.4)
+        assert rel_err(out[b, qi], alone[0]) <= 1e-10
+        assert torch.equal(out[b, ~qi], torch.zeros_like(out[b, ~qi]))
+
+
 def test_register_takes_no_process_global_ridge():
     with pytest.raises(TypeError, match="lla_ridge"):
         lla_hf.register(ridge=0.3)

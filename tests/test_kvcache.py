@@ -205,9 +205,9 @@ def test_decode_return_aux_and_silent_when_accurate():
 
 @pytest.mark.parametrize("mult", [1e3, 1e4])
 def test_decode_huge_visible_key_accurate(mult):
-    """A huge newest key (x1e3, x1e4) that the query sees: finite and accurate (the output pass
-    used to form k_j . x - m . x, which cancels catastrophically: relative errors 29 and 36 at x1e4),
-    and silent where the op's estimate is (the others: ``test_decode_huge_visible_key_silent``)."""
+    """A huge newest key (x1e3, x1e4) that the query sees: finite, accurate and silent (the output pass
+    used to form k_j . x - m . x, which cancels catastrophically: relative errors 29 and 36 at x1e4; the
+    isotropic amplification estimate then warned at seeds 1, 2, where the few-row estimate does not)."""
     for seed in range(3):
         q, k, v = make_qkv(B=1, T=32, H=2, D=16, dtype=torch.float32, seed=seed)
         k[:, -1] *= mult
@@ -215,23 +215,75 @@ def test_decode_huge_visible_key_accurate(mult):
         ref = lla.local_linear_attention_ref(q.double(), k.double(), v.double(), ridge=1.0)[:, -1:]
         assert torch.isfinite(o).all()
         assert rel_err(o, ref) <= 1e-5, seed
-        assert (mult, seed) in FALSE_ALARMS or not warned, seed
+        assert not warned, seed
 
 
-#: (mult, seed) where the backend's single-row amplification estimate warns although the result is accurate
-FALSE_ALARMS = {(1e3, 1), (1e4, 1), (1e4, 2)}
+def _extreme_case(D, ridge, mult, where, seed, S=48):
+    """One case of ``benchmarks/decode_numerics.py``: float32 q [1, 1, 1, D], k, v [1, S, 1, D]."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, n, 1, D, generator=g, dtype=torch.float64) for n in (1, S, S))
+    if where == "newest":
+        k[:, -1] *= mult
+    elif where == "oldest":
+        k[:, 0] *= mult
+    else:  # drift
+        k += torch.linspace(0, mult, S, dtype=torch.float64)[None, :, None, None]
+    return tuple(t.float() for t in (q, k, v))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "false alarm of the PyTorch backend's amplification estimate for a single row whose weight sits on one "
-    "key far from the tile's shift (E|k - c|^2 - |m|^2 cancels); the op itself, "
-    "local_linear_attention(q[:, -1:], k, v, solver='direct'), warns identically; the estimate belongs to "
-    "the numerics core"))
-@pytest.mark.parametrize("mult, seed", sorted(FALSE_ALARMS))
-def test_decode_huge_visible_key_silent(mult, seed):
-    q, k, v = make_qkv(B=1, T=32, H=2, D=16, dtype=torch.float32, seed=seed)
-    k[:, -1] *= mult
-    _o, warned = _one_token(q[:, -1:], k, v, 1.0)
+def _step_both(case, op):
+    """(float32 output, its warnings, float64 output) of the decode step or the op at T = 1 (direct)."""
+    q, k, v = _extreme_case(*case)
+    ridge = case[1]
+    if not op:
+        o, warned = _one_token(q, k, v, ridge)
+        return o, warned, _one_token(q.double(), k.double(), v.double(), ridge)[0]
+    run = lambda *t: lla.local_linear_attention(*t, ridge=ridge, solver="direct", backend="torch")  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        o = run(q, k, v)
+    warned = [w for w in caught if issubclass(w.category, lla.LLAConvergenceWarning)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return o, warned, run(q.double(), k.double(), v.double())
+
+
+#: Former silent misses (float32 error 4.9e-3 / 8.4e-3 / 2.0e-3 / 3.5e-3 vs float64, no warning): a row
+#: whose weight sits on one key (``s_max`` near 1, not 1) had its pivot's ``eps |k - c| |x|`` rounding of
+#: ``y . x`` in every weight, and its weights' sum off 1 by rounding, amplified by ``|x|``.
+NEARLY_ONE_HOT = [(4, 1e-3, 10.0, "newest", 0), (4, 1e-3, 100.0, "oldest", 1), (4, 100.0, 1e3, "drift", 1),
+                  (64, 1.0, 1e3, "drift", 1)]
+
+
+@pytest.mark.parametrize("op", [False, True], ids=["decode", "op"])
+@pytest.mark.parametrize("case", NEARLY_ONE_HOT)
+def test_nearly_one_hot_row_accurate_and_silent(case, op):
+    o, warned, ref = _step_both(case, op)
+    assert rel_err(o, ref) <= 1e-5
+    assert not warned
+
+
+@pytest.mark.parametrize("op", [False, True], ids=["decode", "op"])
+def test_former_silent_miss_warns(op):
+    """Drifting keys (x1e3) at ridge 1e-6, D = 16: float32 cannot deliver (the isotropic estimate said
+    3e-5 and stayed silent at 2e-2 relative error).  The error here moves with single roundings of ``A``
+    (1e-2 .. 0.6 over equivalent orderings of the same sums), so the test asks for the warning, not which
+    check gives it (the solve's true residual, or the few-row sensitivity estimate)."""
+    o, warned, ref = _step_both((16, 1e-6, 1e3, "drift", 0), op)
+    assert rel_err(o, ref) > 1e-3  # really at risk ...
+    assert warned  # ... and said
+
+
+#: Former false alarms (warned, error < 1e-4): accurate and now silent.
+FORMER_FALSE_ALARMS = [(16, 1e-3, 10.0, "newest", 1), (16, 1e-6, 10.0, "newest", 1), (4, 1.0, 1e3, "drift", 0),
+                       (16, 0.1, 1e3, "newest", 1)]
+
+
+@pytest.mark.parametrize("op", [False, True], ids=["decode", "op"])
+@pytest.mark.parametrize("case", FORMER_FALSE_ALARMS)
+def test_clean_case_silent(case, op):
+    o, warned, ref = _step_both(case, op)
+    assert rel_err(o, ref) < 1e-4  # the grid's "no alarm needed" line
     assert not warned
 
 
@@ -247,7 +299,8 @@ def test_decode_reports_what_the_op_reports(mult):
         o_op, aux_op = lla.local_linear_attention(q[:, -1:], k, v, ridge=0.7, solver="direct", backend="torch",
                                                   return_aux=True)
     assert rel_err(o, o_op) <= 1e-6 and rel_err(aux.lse, aux_op.lse) <= 1e-6
-    assert aux.amplification == pytest.approx(aux_op.amplification, rel=1e-3)
+    # the few-row estimate includes the measured residual (rounding-level, from differently blocked GEMMs)
+    assert aux.amplification == pytest.approx(aux_op.amplification, rel=0.25)
     assert aux.residual <= 10 * max(aux_op.residual, 1e-7)
     assert bool(warned) == any(issubclass(w.category, lla.LLAConvergenceWarning) for w in caught)
 

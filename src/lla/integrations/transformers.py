@@ -29,9 +29,11 @@ Masks: the name is also registered with ``AttentionMaskInterface`` using the fla
 builder, so the model hands us ``None`` (no padding) or the 2-D ``[B, S]`` padding mask.  A padded
 batch goes through ``lla.nn.layer.padded_attention`` (no loop over the batch): eager, the real
 tokens are packed into one varlen sequence (the op's ``cu_seqlens``); under ``torch.compile`` a
-causal batch takes a static-shape path (real tokens sorted to the front).  With a cache (``T < S``)
-the ``T`` queries are the last ``T`` key positions, so they are placed there in a length-``S``
-query tensor (zeros elsewhere, outputs dropped): exact, at the cost of ``S`` query rows.  A padded
+causal batch takes a static-shape path (real tokens sorted to the front).  A padded chunk against a
+cache (``T < S``) packs the real queries and each sequence's real keys into one varlen call with
+``cu_seqlens_q`` / ``cu_seqlens_k`` (bottom-right causal per sequence): only the real query rows
+are computed.  Under ``torch.compile`` the ``T`` queries are instead placed at the last ``T`` key
+positions of a length-``S`` query tensor (zeros elsewhere, outputs dropped; ``S`` rows).  A padded
 decoding step (``T == 1``) reads each sequence's real cache entries through
 ``local_linear_attention_with_kvcache``.  A window counts real tokens (as transformers'
 flash-attention paths do; with left or right padding that is also what its sdpa/eager masks do).
@@ -155,10 +157,35 @@ def lla_attention_forward(
         return _decode_step(q, k, v, keep, ridge=ridge, scale=scaling, solver=solver, left=left), None
     if keep is None:
         return local_linear_attention(q, k, v, causal=causal, **kw).contiguous(), None
-    if T < S:  # the queries are the last T key positions: put them there (the rest are dropped)
+    if T < S and not compiling:  # only the real query rows, against each sequence's real keys
+        return _packed_chunk(q, k, v, keep, causal=causal, **kw), None
+    if T < S:  # compiled (static shapes): the queries are the last T key positions, put them there
         q = torch.cat([q.new_zeros(B, S - T, *q.shape[2:]), q], dim=1)
     o = padded_attention(local_linear_attention, (q,), k, v, keep, causal=causal, **kw)
     return o[:, S - T :], None
+
+
+def _packed_chunk(q, k, v, keep, *, causal, **kw):
+    """A padded chunk of ``T`` queries against ``S > T`` keys (cache + chunk), eager: the real queries
+    and the real keys of every sequence packed into one varlen call (``cu_seqlens_q``,
+    ``cu_seqlens_k``: bottom-right aligned per sequence, so the real queries, which are the sequence's
+    last real keys, see exactly the real keys up to their own; a window counts real tokens).  Only the
+    real query rows are computed; padded ones output zeros.  q ``[B, T, H, D]``, k, v ``[B, S, Hk, *]``,
+    keep ``[B, S]`` bool -> ``[B, T, H, Dv]``."""
+    B, T, H = q.shape[:3]
+    S, Dv = k.shape[1], v.shape[3]
+    keep_q = keep[:, S - T :]
+    rows_q = keep_q.reshape(-1).nonzero().squeeze(-1)
+    rows_k = keep.reshape(-1).nonzero().squeeze(-1)
+    cu_q = torch.nn.functional.pad(keep_q.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    cu_k = torch.nn.functional.pad(keep.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    out = q.new_zeros(B * T, H, Dv)
+    if rows_q.numel():
+        pack = lambda t, rows: t.reshape(-1, *t.shape[2:]).index_select(0, rows)[None]  # noqa: E731
+        o = local_linear_attention(pack(q, rows_q), pack(k, rows_k), pack(v, rows_k), causal=causal,
+                                   cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+        out = out.index_copy(0, rows_q, o[0])
+    return out.view(B, T, H, Dv)
 
 
 def register(name: str = NAME, **removed) -> str:

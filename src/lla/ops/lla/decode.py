@@ -23,7 +23,10 @@ the row's own: entries it does not see never enter its arithmetic):
     o = sum_j s_j (1 - (k_j - m) . x) v_j
 
 The single-token path reports like the op: the solve's true relative residual and the rounding
-amplification go through ``lla.ops.diagnostics`` (``check_solve`` / ``check_conditioning``).
+amplification go through ``lla.ops.diagnostics`` (``check_solve`` / ``check_conditioning``).  With at
+most ``solvers.FEW_ROWS`` query heads per key head it follows the op's few-row rules: ``m`` over the
+weights' computed sum, ``y . x`` relative to each row's pivot key, and the amplification from the
+row's own sensitivity ``M' A^-1`` (``function._sensitivity``, from the direct solve's Cholesky factor).
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from ..checks import (
 )
 from ..diagnostics import check_conditioning, check_solve, default_tol
 from .api import LLAAux, local_linear_attention
-from .torch_backend.function import SHIFT_SAMPLE, _amplification, _floor  # the backend's estimates, shared
-from .torch_backend.solvers import direct_solve
+from .torch_backend.function import (  # the backend's code, shared
+    SHIFT_SAMPLE, _amplification, _floor, _sensitivity,
+)
+from .torch_backend.solvers import FEW_ROWS, direct_solve
 
 __all__ = ["local_linear_attention_with_kvcache", "append_to_cache", "gather_cache", "pack_cache"]
 
@@ -115,24 +120,34 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     s = torch.softmax(logits.masked_fill(~has_key, 0.0), dim=-1) * has_key  # rows with no key: s = 0
     shift = _key_shift(K, first, lens, S0)  # [B, Hk, 1, D]
     kc = K - shift
-    m = s @ kc  # [B, Hk, G, D], the weighted mean in the shifted frame
+    # the weighted mean in the shifted frame, over the weights' computed sum (1 only to rounding; see
+    # function._centred): [B, Hk, G, D]
+    ssum = s.sum(-1, keepdim=True).clamp_min(torch.finfo(cdt).tiny)
+    m = (s @ kc) / ssum
     b = m - (Q - shift)
-    x, residual = direct_solve(s, kc, m, L, b, tol=tol)
+    few = G <= FEW_ROWS  # the op's few-row rules (pivoted y . x, ``_sensitivity``) for its one-row tiles
+    x, residual, chol = direct_solve(s, kc, m, L, b, tol=tol, factor=True)
     # the moments the estimates need, [E (k - c)^2 | E|k - c| | E|k| | E|v|], over key chunks (no second
     # cache-sized temporary)
     ext = sum(s[..., j0 : j0 + DECODE_CHUNK] @ _chunk_moments(kc, K, V, j0, j0 + DECODE_CHUNK)
               for j0 in range(0, kc.shape[-2], DECODE_CHUNK))
     floor = _floor(torch.finfo(cdt).eps, x, b, L, ext[..., :D].sum(-1), m)
-    # output weights w_j = s_j (1 - y_j . x), y_j . x centred with the weighted mean of the computed
-    # (k_j - c) . x (as the backend's ``_centred``): a row whose weight sits on one key gets y . x = 0 there
-    yx = x @ kc.transpose(-1, -2)
-    w = s - s * (yx - (s * yx).sum(-1, keepdim=True))
+    # output weights w_j = s_j (1 - y_j . x), y_j . x as the backend's ``_centred`` forms it (relative to the
+    # row's pivot key, then centred with the weighted mean of the computed products: a row whose weight sits
+    # on one key gets y . x = 0 there), with the op's rule for when to pivot
+    yx = x @ kc.transpose(-1, -2)  # out of place (the step is differentiable)
+    if few:
+        yx = yx - yx.gather(-1, s.argmax(-1, keepdim=True))
+    w = s - s * (yx - (s * yx).sum(-1, keepdim=True) / ssum)
     o = w @ V  # [B, Hk, G, Dv]
     # the backend's rounding estimate, from the same moments: [m | sum s | E (k - c)^2 | E|k - c| | E|k|]
     mom = torch.cat([m, s.sum(-1, keepdim=True), ext[..., : D + 2]], dim=-1)
     on = o.norm(dim=-1)
     rel = ext[..., D + 2] / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
-    amplification = _amplification(w, x, m, Q - shift, L, mom, D, scale, Q, s.amax(-1), rel)
+    with torch.no_grad():
+        sens = (_sensitivity(s, kc, V, m, chol, b, residual, ext[..., D], Q - shift, ext[..., D + 2], chunk_elems=1 << 20)
+                if few else None)
+    amplification = _amplification(w, x, m, Q - shift, L, mom, D, scale, Q, s.amax(-1), rel, sens)
     # the solve's report: the worst residual, and the residual and floor of the row furthest past max(tol, floor)
     live = has_key[..., 0].expand(B, Hk, G)
     residual, floor = torch.where(live, residual, 0.0), torch.where(live, floor, 0.0)

@@ -48,7 +48,7 @@ import math
 import torch
 
 from ...diagnostics import adjoint_tol, check_conditioning, check_solve
-from .solvers import direct_solve, pcg_compact
+from .solvers import FEW_ROWS, chol_solve, direct_solve, pcg_compact
 
 __all__ = ["lla_torch", "lla_forward", "lla_backward", "LLATorchFunction", "TILE_ELEMS"]
 
@@ -392,12 +392,17 @@ def lla_forward(q, k, v, lam, cfg):
     for c, i0, i1, j0, j1, mask, common in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
         t = i1 - i0
         R = G * t
+        few = R <= FEW_ROWS  # decode-like tiles: y . x relative to each row's pivot key (``_centred``)
         Vt = V[c, j0:j1]  # [nb, n, Dv]
         s, lse_t, smax = _softmax_tile(Qs[c, :, i0:i1].reshape(-1, R, D), K[c, j0:j1], mask, G, scratch)  # [nb, R, n]
         LSE[c, :, i0:i1] = lse_t.view(-1, G, t)
         k1, ext, shift = _shifted_keys(K, c, common, j0, j1, extra=True)
         mom = torch.cat([s @ k1, s @ ext], dim=-1)  # [nb, R, 2 D + 3]: m | sum s | diag moments | E|k - c| | E|k|
-        m = mom[..., :D]
+        # few-row tiles: the weighted mean with the weights' computed sum as denominator (float32 weights sum
+        # to 1 only to rounding, and a mean off by that reaches a nearly one-hot row's output amplified by
+        # |x|); many-row tiles keep the plain sum (unchanged numerics there)
+        ssum = mom[..., D].clamp_min(torch.finfo(cdt).tiny) if few else None
+        m = mom[..., :D] / ssum.unsqueeze(-1) if few else mom[..., :D]
         ekc2 = mom[..., D + 1 : 2 * D + 1].sum(-1)  # E_s |k - c|^2
         diag = (mom[..., D + 1 : 2 * D + 1] - m * m).clamp_min_(0.0)
         lam_t = L[c, :, i0:i1].reshape(-1, R)
@@ -405,13 +410,18 @@ def lla_forward(q, k, v, lam, cfg):
         qc = Q[c, :, i0:i1].reshape(-1, R, D) - shift
         seen = torch.isfinite(lse_t).unsqueeze(-1)  # rows that see a key (others output 0)
         mu = torch.where(seen, m - qc, torch.zeros_like(m))
-        x, it, res, fl = _solve(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2)
+        chol = None
+        if few and cfg.solver == "direct":  # keep the factor for the few-row estimate (``_sensitivity``)
+            x, res, chol = direct_solve(s, k1, m, lam_t, mu, tol=cfg.tol, factor=True)
+            it, fl = 0, _floor(eps, x, mu, lam_t, ekc2, m)
+        else:
+            x, it, res, fl = _solve(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2)
         # output weights w_j = s_j (1 - y_j . x); s_j y_j . x on the way gives CG's true residual
-        w = _centred(x, k1, s, scratch.get("k", s.shape)).mul_(s)
+        w = _centred(x, k1, s, scratch.get("k", s.shape), ssum, few).mul_(s)
         if res is None:
             x, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2, x, it, w)
             if redone:
-                w = _centred(x, k1, s, scratch.get("k", s.shape)).mul_(s)
+                w = _centred(x, k1, s, scratch.get("k", s.shape), ssum, few).mul_(s)
         w.neg_().add_(s)
         iters = max(iters, it)
         acc = _merge(acc, _solve_stats(res, fl, cfg.tol))
@@ -421,8 +431,9 @@ def lla_forward(q, k, v, lam, cfg):
         ev = (s @ Vt.norm(dim=-1, keepdim=True)).squeeze(-1)  # E_s |v|: the scale of the error bounds
         on = o.norm(dim=-1)
         rel = ev / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
+        sens = None if chol is None else _sensitivity(s, k1, Vt, m, chol, mu, res, mom[..., 2 * D + 1], qc, ev)
         amp = torch.maximum(amp, _amplification(w, x, m, qc, lam_t, mom, D, cfg.scale, Q[c, :, i0:i1].reshape(-1, R, D),
-                                                smax, rel))
+                                                smax, rel, sens))
         if bad is not None:
             o = o.masked_fill(sees_bad > 0, float("nan"))
         O[c, :, i0:i1] = o.view(-1, G, t, Dv)
@@ -439,16 +450,26 @@ def lla_forward(q, k, v, lam, cfg):
     return o, lse, stats, X, M, LSE
 
 
-def _centred(p, kc, s, out):
+def _centred(p, kc, s, out, ssum=None, pivot: bool = False):
     """``y_j . p`` for every key of a tile (``kc = k - c`` [nb, n, D], p [nb, R, D] -> out [nb, R, n]),
     centred with the weighted mean of the *computed* ``(k_j - c) . p``, so that ``sum_j s_j y_j . p``
     is zero to rounding of that sum: a row whose weight sits on one key gets ``y . p = 0`` for it
-    exactly, however large ``|p| |k - c|`` (the rounding of each product cancels with itself)."""
-    torch.matmul(p, kc.transpose(-1, -2), out=out)
-    return out.sub_(torch.linalg.vecdot(s, out).unsqueeze(-1))
+    exactly, however large ``|p| |k - c|`` (the rounding of each product cancels with itself).
+    ``ssum [nb, R]`` (optional): the weights' computed sum, the mean's denominator (else 1): with it
+    ``sum_j s_j (1 - y_j . p) = sum_j s_j`` exactly, not off by ``(sum_j s_j - 1) m . p``.
+    ``pivot``: the products are first taken relative to the row's pivot key (its largest weight),
+    ``(k_j - c) . p - (k_piv - c) . p``, so that a nearly one-hot row's mean (``s_piv`` near 1, not 1)
+    no longer carries the rounding ``eps |k_piv - c| |p|`` of the pivot's own product into every
+    weight: it is exactly 0 there (float32, D = 4, ridge 1e-3, a key x10: 4.9e-3 -> 4.9e-8 relative
+    output error).  Two more passes over ``[nb, R, n]``; the few-row tiles (decode, T = 1) use it."""
+    out = torch.matmul(p, kc.transpose(-1, -2), out=out)
+    if pivot:
+        out.sub_(out.gather(-1, s.argmax(-1, keepdim=True)))
+    mean = torch.linalg.vecdot(s, out)
+    return out.sub_((mean if ssum is None else mean / ssum).unsqueeze(-1))
 
 
-def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
+def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel, sens=None):
     """Worst row's rounding magnifier (see ``LLAAux.amplification``): w [nb, R, n] the output weights.
 
     Per row, with ``E`` the softmax mean over its keys, ``c`` the tile's key shift, ``C`` the
@@ -462,6 +483,8 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
                                                   keys' spread, so ``A^-1`` does not magnify it),
     ``f (E|k - c| + |q - c|)``                    the right-hand side ``m - q``,
     all in units of ``E|v|``, so times ``rel = E|v| / max(|o|, mean_tile |o|)`` to be relative to the output.
+    ``sens [nb, R]`` (optional, few-row direct tiles): ``_sensitivity``, which replaces the last two
+    (isotropic) terms, and the sum is scaled by ``FEW_ROWS_FACTOR``.
     """
     aw = torch.linalg.vector_norm(w, ord=1, dim=-1)
     ekc = mom[..., 2 * D + 1]
@@ -486,9 +509,46 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel):
     a = aw * (1.0 + torch.maximum(spread, flip) * logit) + typ * spread * ekc * xn
     # the centred matvec's rounding lies along the keys' spread (its components scale with sqrt(c)), so
     # after A^-1 it reaches the output like the rounding of y . x does: E|k - c| |x|
-    a = (a + typ * ekc * xn * (ci / (ci + lam)) + f * (ekc + qc.norm(dim=-1))) * rel
+    if sens is None:
+        a = (a + typ * ekc * xn * (ci / (ci + lam)) + f * (ekc + qc.norm(dim=-1))) * rel
+    else:
+        a = FEW_ROWS_FACTOR * (a + sens) * rel
     a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
     return a.max() if a.numel() else a.new_zeros(())
+
+
+#: Few-row direct tiles (decode, T = 1): the amplification is ``FEW_ROWS_FACTOR`` times the terms of
+#: ``_amplification`` that do not assume an isotropic covariance plus ``_sensitivity``.  Calibrated on
+#: ``benchmarks/decode_numerics.py`` (600 float32 cases): no silent miss from 0.03 to 1 (false alarms
+#: 5 / 5 / 9 / 20 at 0.03 / 0.1 / 0.3 / 1), 2 misses at 0.01, 3 at 0.003.
+FEW_ROWS_FACTOR = 0.1
+
+
+def _sensitivity(s, kc, V, m, chol, b, res, ekc, qc, ev, *, chunk_elems: int = 1 << 22):
+    """Per-row first-order sensitivity of the output to the solve's rounding, few-row direct tiles.
+
+    The output is ``o = vbar - M' x`` with ``M' = sum_j s_j v_j (k_j - m)^T`` (``vbar = sum_j s_j v_j``),
+    so an error ``e`` in ``A x = b`` moves it by ``M' A^-1 e``: ``G = M' A^-1`` (the slope of the
+    row's local linear fit of the values) is the actual magnifier, whatever the covariance's shape
+    (the isotropic ``sqrt(c) / (c + lam)``, ``c = tr C / D``, misses it when the weight sits on one key
+    or the keys drift).  ``e``: the rounding of the right-hand side ``m - q`` (``eps (E|k - c| + |q - c|)``)
+    and the solve's true residual ``res |b|``.  ``G`` from the Cholesky factor the direct solve formed
+    (``[D, Dv]`` per row: one ``[D, n] x [n, Dv]`` GEMM per row over key chunks, ``D`` triangular
+    solves), bounded by its Frobenius norm.  In units of ``E|v|`` (as ``_amplification``'s terms).
+    s [..., R, n], kc [..., n, D], V [..., n, Dv], m, b, qc [..., R, D], res, ekc, ev [..., R] -> [..., R]
+    """
+    R, n, D, Dv = s.shape[-2], kc.shape[-2], kc.shape[-1], V.shape[-1]
+    batch = kc[..., :1, :1].numel()
+    step = max(1, chunk_elems // max(1, batch * R * max(D, Dv)))
+    N = None  # sum_j s_j (k_j - c) v_j^T  [..., R, D, Dv]
+    for j0 in range(0, n, step):
+        part = (s[..., j0 : j0 + step, None] * kc[..., None, j0 : j0 + step, :]).transpose(-1, -2) @ V[..., None, j0 : j0 + step, :]
+        N = part if N is None else N + part
+    N = N - m[..., :, None] * (s @ V)[..., None, :]  # M'^T
+    g = torch.linalg.matrix_norm(chol_solve(chol, N))  # |A^-1 M'^T|_F >= |G|_2
+    eps = torch.finfo(b.dtype).eps
+    e = ekc + qc.norm(dim=-1) + res * b.norm(dim=-1) / eps
+    return g * e / ev.clamp_min(torch.finfo(b.dtype).tiny)
 
 
 def _ridge_grad_aim(tol, lam, m, ekc2, D):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cov_matvec", "cov_diag", "pcg_compact", "cov_matrix", "direct_solve", "true_residual"]
+__all__ = ["cov_matvec", "cov_diag", "pcg_compact", "cov_matrix", "direct_solve", "chol_solve", "true_residual"]
 
 #: Compact the rows still iterating once at most this fraction of the current rows is active.
 COMPACT_FRACTION = 0.75
@@ -168,7 +168,8 @@ FEW_ROWS = 8
 
 
 def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
-    """``A`` formed explicitly: ``[..., R, D, D]`` (``kc = k - c`` and ``m`` in the shifted frame).
+    """``A`` formed explicitly: ``[..., R, D, D]`` (``kc = k - c`` and ``m`` in the shifted frame; for
+    at most ``FEW_ROWS`` rows ``m`` is the weighted mean ``s @ kc / sum(s)``, else ``s @ kc``).
 
     The second moment ``sum_j s_j (k_j - c)(k_j - c)^T`` is one GEMM of the weights against the keys'
     outer products (upper triangle only, mirrored after), or, for at most ``FEW_ROWS`` rows, one
@@ -181,7 +182,11 @@ def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
     R = s.shape[-2]
     batch = kc[..., :1, :1].numel()
     eye = torch.eye(D, dtype=kc.dtype, device=kc.device)
+    mm = m[..., :, None] * m[..., None, :]
     if R <= FEW_ROWS:
+        # sum_j s_j (k_j - m)(k_j - m)^T = second moment - (sum_j s_j) m m^T for m the weighted mean over the
+        # weights' computed sum (1 only to rounding; the few-row callers divide by it)
+        mm = s.sum(-1)[..., None, None] * mm
         step = max(1, chunk_elems // max(1, batch * R * D))
         full = None
         for j0 in range(0, n, step):
@@ -189,7 +194,7 @@ def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
             part = (s[..., j0 : j0 + step, None] * kj).transpose(-1, -2) @ kj  # [..., R, D, D]
             full = part if full is None else full + part
         full = 0.5 * (full + full.transpose(-1, -2))  # exactly symmetric
-        return full - m[..., :, None] * m[..., None, :] + lam[..., None, None] * eye
+        return full - mm + lam[..., None, None] * eye
     iu = torch.triu_indices(D, D, device=kc.device)  # [2, D(D+1)/2]
     P = iu.shape[1]
     step = max(1, chunk_elems // max(1, batch * P))
@@ -202,7 +207,7 @@ def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
     full = second.new_zeros(*second.shape[:-1], D, D)
     full[..., iu[0], iu[1]] = second
     full[..., iu[1], iu[0]] = second
-    return full - m[..., :, None] * m[..., None, :] + lam[..., None, None] * eye
+    return full - mm + lam[..., None, None] * eye
 
 
 def _cholesky(A):
@@ -234,13 +239,14 @@ def _chol_apply(L, L64, bad, b):
     return x
 
 
-def direct_solve(s, kc, m, lam, b, *, tol: float, refine: int = 4):
+def direct_solve(s, kc, m, lam, b, *, tol: float, refine: int = 4, factor: bool = False):
     """Solve ``A x = b`` row-wise: ``A`` formed (``cov_matrix``), Cholesky, then up to ``refine``
     steps of iterative refinement with the centred matvec (the formed ``A`` carries the rounding of
     the shifted second moment; refinement brings ``x`` to the accuracy of the centred ``A``).
     A step is taken only while some row's true residual exceeds ``tol``.
 
-    -> (x [..., R, D], true relative residual per row [..., R])
+    -> (x [..., R, D], true relative residual per row [..., R]), and with ``factor=True`` also the
+    Cholesky factor ``(L, L64, bad)`` of the formed ``A`` (see ``_cholesky``, ``chol_solve``).
     """
     L, L64, bad = _cholesky(cov_matrix(s, kc, m, lam))
     x = _chol_apply(L, L64, bad, b)
@@ -259,4 +265,13 @@ def direct_solve(s, kc, m, lam, b, *, tol: float, refine: int = 4):
         x = torch.where(better.unsqueeze(-1), x_new, x)
         r = torch.where(better.unsqueeze(-1), r_new, r)
         res = torch.where(better, res_new, res)
-    return x, res
+    return (x, res, (L, L64, bad)) if factor else (x, res)
+
+
+def chol_solve(chol, B):
+    """``A^-1 B`` for a matrix right-hand side ``B [..., R, D, k]`` from ``direct_solve``'s factor."""
+    L, L64, bad = chol
+    X = torch.cholesky_solve(B, L)
+    if L64 is not None:
+        X[bad] = torch.cholesky_solve(B[bad].double(), L64).to(X.dtype)
+    return X
