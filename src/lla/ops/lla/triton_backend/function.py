@@ -43,11 +43,12 @@ MAX_GRID_X = 2**31 - 1
 
 
 class _Cfg:
-    __slots__ = ("scale", "max_iters", "tol", "precondition", "lam_min")
+    __slots__ = ("scale", "max_iters", "tol", "precondition", "lam_min", "lam_dims")
 
-    def __init__(self, scale, max_iters, tol, precondition, lam_min=float("nan")):
+    def __init__(self, scale, max_iters, tol, precondition, lam_min=float("nan"), lam_dims=()):
         self.scale, self.max_iters, self.tol, self.precondition = scale, max_iters, tol, precondition
         self.lam_min = lam_min
+        self.lam_dims = list(lam_dims)  # the ridge's broadcast dims of [B, T, H] (autograd sums over them)
 
 
 def _interpreting() -> bool:
@@ -183,17 +184,49 @@ def _forward(q, k, v, lam, ranges, cfg):
     stat = torch.empty(B, T, H, 2, dtype=torch.float32, device=dev)  # row max, 1 / mass
     lse = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     res = torch.empty_like(lse)
-    amp = torch.empty_like(lse)
+    amp_rows = torch.empty(B, T, H, _k.NAMP.value, dtype=torch.float32, device=dev)
     n_m = triton.cdiv(T, bm)
     iters = torch.zeros(B * H * n_m, dtype=torch.int32, device=dev)
     _k.lla_fwd_kernel[launch_grid(n_m, B * H)](
         q, k, v, shift, lam, lo, hi,
-        o, X, M, stat, lse, res, amp, iters,
+        o, X, M, stat, lse, res, amp_rows, iters,
         T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters, n_m,
         PRECOND=cfg.precondition, **_launch_args(bc, "fwd"),
     )
-    stats = torch.stack([iters.max().float(), res.max(), amp.max()]).double().cpu()
+    amp = amplification(amp_rows, stat[..., 1], lam, D, cfg.scale, q, Hk)
+    stats = torch.stack([iters.max().float(), res.max(), amp]).double().cpu()
     return o, lse, stats, X, M, stat, shift
+
+
+def amplification(rows: torch.Tensor, smax: torch.Tensor, lam: torch.Tensor, D: int, scale: float,
+                  q: torch.Tensor, Hk: int) -> torch.Tensor:
+    """The worst row's rounding magnifier (``LLAAux.amplification``) from the forward kernel's per-row
+    statistics, in the calibrated form of the PyTorch backend (``torch_backend.function._amplification``,
+    which documents each term; this is the same formula on per-row numbers).
+
+    ``rows [B, T, H, NAMP]``: ``|w|_1``, ``E|k - c|``, ``E|k|``, ``E|k - c|^2``, ``|m - c|``, ``|x|``,
+    ``|q - c|``, ``E|v|``, ``|o|``; ``smax [B, T, H]`` the largest weight (the inverse mass, as the
+    row max has weight exactly 1 before normalising); ``lam [B, T, H]``.  ``|o|`` is taken relative
+    to ``max(|o|, mean |o|)`` over the rows of the same (batch, key head), as the PyTorch backend's
+    tile mean.  -> 0-dim float32 tensor."""
+    aw, ekc, ek, ekc2, mn, xn, qcn, ev, on = rows.unbind(-1)
+    B, T, H = aw.shape
+    seen = smax > 0
+    trc = (ekc2 - mn * mn).clamp_min(0.0)
+    ci = trc / D
+    f = ci.sqrt() / (ci + lam)
+    spread = 2.0 * (1.0 - smax).clamp_min(0.0)
+    logit = abs(scale) * q.float().norm(dim=-1) * ek
+    dl = (torch.finfo(torch.float32).eps * logit).clamp_max(50.0)
+    flip = ((1.0 - smax).clamp_min(0.0) * dl.exp() * dl).clamp_max(1.0)
+    typ = (smax / D).sqrt()
+    a = aw * (1.0 + torch.maximum(spread, flip) * logit) + typ * spread * ekc * xn
+    a = a + typ * ekc * xn * (ci / (ci + lam)) + f * (ekc + qcn)
+    on_mean = on.view(B, T, Hk, H // Hk).mean(dim=(1, 3), keepdim=True).expand(B, T, Hk, H // Hk).reshape(B, T, H)
+    rel = ev / torch.maximum(on, on_mean).clamp_min(torch.finfo(torch.float32).tiny)
+    a = torch.where(seen, a * rel, torch.zeros_like(a))
+    a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
+    return a.max() if a.numel() else a.new_zeros(())
 
 
 def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
@@ -211,11 +244,12 @@ def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
     pivs = torch.empty(B, T, H, 8, dtype=torch.float32, device=dev)
     dlam = torch.empty_like(gbar)
     res = torch.empty_like(gbar)
+    logit = torch.empty_like(gbar)
     n_m = triton.cdiv(T, bc["bwd_q"][0])
     iters = torch.zeros(B * H * n_m, dtype=torch.int32, device=dev)
     _k.lla_bwd_query_kernel[launch_grid(n_m, B * H)](
         q, k, v, shift, lam, lo, hi, X, M, stat, do,
-        dq, U, gbar, piv, pivs, dlam, res, iters,
+        dq, U, gbar, piv, pivs, dlam, res, logit, iters,
         T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters, n_shift,
         PRECOND=cfg.precondition, SHIFT_M=bc["fwd"][0], **_launch_args(bc, "bwd_q"),
     )
@@ -227,7 +261,7 @@ def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
         T, S, H, Hk, D, Dv, cfg.scale, n_shift,
         SHIFT_M=bc["fwd"][0], **_launch_args(bc, "bwd_k"),
     )
-    stats = torch.stack([iters.max().float(), res.max()]).double().cpu()
+    stats = torch.stack([iters.max().float(), res.max(), logit.max()]).double().cpu()
     return dq, dk, dv, dlam, stats
 
 
@@ -242,20 +276,39 @@ class LLATritonFunction(torch.autograd.Function):
         o, lse, stats, X, M, stat, shift = _forward(q, k, v, lam, ranges, cfg)
         ctx.save_for_backward(q, k, v, lam, X, M, stat, shift, *ranges)
         ctx.cfg = cfg
+        ctx.amp = float(stats[2])
         ctx.mark_non_differentiable(lse, stats)
         return o, lse, stats
 
     @staticmethod
     def backward(ctx, do, _dlse, _dstats):
-        from ...diagnostics import check_solve
+        from ...diagnostics import check_conditioning, check_solve
+        from ..torch_backend.function import BACKWARD_LOGIT_FACTOR
 
         q, k, v, lam, X, M, stat, shift, *ranges = ctx.saved_tensors
         cfg = ctx.cfg
         dq, dk, dv, dlam, stats = _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg)
-        iters, resid = stats.tolist()
+        iters, resid, logit = stats.tolist()
         check_solve(stage="backward", solver="cg", residual=resid, tol=cfg.tol, iters=int(iters),
                     lam_min=cfg.lam_min, op="local_linear_attention (triton)")
+        # the PyTorch backend's two backward checks (``LLATorchFunction.backward``): gradients through
+        # nearly one-hot weights are relatively as inexact as the logits ...
+        check_conditioning(BACKWARD_LOGIT_FACTOR * logit, q.dtype, op="local_linear_attention (triton backward)")
+        # ... and the ridge gradient -u.x, summed by autograd over the ridge's broadcast dims, is as
+        # inexact as the output (the forward's estimate) times the sum's cancellation
+        if ctx.needs_input_grad[3]:
+            canc = ridge_cancellation(dlam, cfg.lam_dims)
+            if canc > 0:
+                check_conditioning(ctx.amp * canc, q.dtype, op="local_linear_attention (triton ridge gradient)")
         return dq, dk, dv, (dlam if ctx.needs_input_grad[3] else None), None, None
+
+
+def ridge_cancellation(dlam: torch.Tensor, dims) -> float:
+    """``||dlam|| / ||dlam summed over dims||``: how much the sum autograd makes of the per-row ridge
+    gradients ``dlam [B, T, H]`` (over the ridge's broadcast dims ``dims``) cancels (1: none)."""
+    num = float(dlam.norm())
+    den = float((dlam.sum(dims) if dims else dlam).norm())
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
 def _use_torch(q, k, v, solver) -> bool:
@@ -281,8 +334,9 @@ def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iter
         )
     T, S = q.shape[1], k.shape[1]
     ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device)
+    dims = [d for d in range(3) if lam.stride(d) == 0 and lam.shape[d] > 1]  # before .contiguous()
     lam32 = lam.float().contiguous()  # [B, T, H]; autograd casts dlam back to lam's dtype
-    cfg = _Cfg(float(scale), int(max_iters), float(tol), bool(precondition), float(lam32.detach().min()))
+    cfg = _Cfg(float(scale), int(max_iters), float(tol), bool(precondition), float(lam32.detach().min()), dims)
     o, lse, stats = LLATritonFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), lam32, ranges, cfg)
     iters, resid, amp = stats.tolist()
     return o, lse, int(iters), resid, amp

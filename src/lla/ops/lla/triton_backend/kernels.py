@@ -41,11 +41,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...triton_common import _dot, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
+from ...triton_common import _cast, _dot, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
 
 __all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel", "round_tf32_kernel"]
 
 _BIG = tl.constexpr(1.0e30)  # finite stand-in for -inf as the initial running maximum
+#: per-row statistics the forward writes for the conditioning estimate (``AMP [B, T, H, NAMP]``)
+NAMP = tl.constexpr(9)
 
 
 @triton.jit
@@ -196,7 +198,7 @@ def _program_ids(T, BLOCK_M: tl.constexpr):
 @triton.jit
 def lla_fwd_kernel(
     Q, K, V, C, LAM, LO, HI,  # inputs
-    O, X, M, STAT, LSE, RES, AMP, ITERS,  # outputs
+    O, X, M, STAT, LSE, RES, AMP, ITERS,  # outputs (AMP: [B, T, H, NAMP] per-row statistics)
     T, S, H, Hk, D, Dv, scale, tol, max_iters, n_tiles,
     PRECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
@@ -207,9 +209,11 @@ def lla_fwd_kernel(
     Pass 1 streams key tiles with an online max: omega (the mass), m (weighted key sum) and the
     weighted squared keys (Jacobi diagonal).  Then CG for x, then the output pass.  Writes o, x,
     ``m - c``, the row max and inverse mass of the logits (``STAT [B, T, H, 2]``; 0 and 0 for rows
-    that see no key), the lse, the true relative residual and the rounding amplification
-    ``sum_j s_j |y_j . x| + sum_j s_j |y_j|^2 / lam`` per row (both terms shift-free), and the
-    iterations per program.
+    that see no key), the lse, the true relative residual, the iterations per program and, per row,
+    what the conditioning estimate needs (``AMP [B, T, H, NAMP]``: ``|w|_1`` of the output weights
+    ``w_j = s_j (1 - y_j . x)``, ``E_s|k - c|``, ``E_s|k|``, ``E_s|k - c|^2``, ``|m - c|``, ``|x|``,
+    ``|q - c|``, ``E_s|v|``, ``|o|``; see ``function.amplification``).  Outputs are stored through
+    ``_cast`` (bf16 rounded to nearest even under the interpreter too).
     """
     pid_m, pid_bh = _program_ids(T, BLOCK_M)
     b = pid_bh // H
@@ -276,20 +280,27 @@ def lla_fwd_kernel(
     # weight sits on one key, however large |x| |k - c| (m . x would leave their rounding)
     mx_dot = sx
     o = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    amp = tl.zeros([BLOCK_M], tl.float32)
+    aw = tl.zeros([BLOCK_M], tl.float32)  # |w|_1, w_j = s_j (1 - y_j . x): the output weights
+    ekc = tl.zeros([BLOCK_M], tl.float32)  # E_s |k - c|
+    ek = tl.zeros([BLOCK_M], tl.float32)  # E_s |k|
+    ev = tl.zeros([BLOCK_M], tl.float32)  # E_s |v|
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
         s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
-        yx = _dot(x, tl.trans(kt - c[None, :]), PREC, EMU) - mx_dot[:, None]  # [BM, BN]  y_j . x
-        o += _dot(s * (1.0 - yx), vt, PREC, EMU)
-        amp += tl.sum(s * tl.abs(yx), 1)
-    amp += tl.sum(tl.maximum(ksq - m * m, 0.0), 1) / lam  # trace of the key covariance / lam
+        kc = kt - c[None, :]
+        yx = _dot(x, tl.trans(kc), PREC, EMU) - mx_dot[:, None]  # [BM, BN]  y_j . x
+        w = s * (1.0 - yx)
+        o += _dot(w, vt, PREC, EMU)
+        aw += tl.sum(tl.abs(w), 1)
+        ekc += tl.sum(s * tl.sqrt(tl.sum(kc * kc, 1))[None, :], 1)
+        ek += tl.sum(s * tl.sqrt(tl.sum(kt * kt, 1))[None, :], 1)
+        ev += tl.sum(s * tl.sqrt(tl.sum(vt * vt, 1))[None, :], 1)
 
     rmask = row_ok[:, None] & dmask[None, :]
-    tl.store(O + row[:, None] * Dv + offs_dv[None, :], o.to(O.dtype.element_ty),
+    tl.store(O + row[:, None] * Dv + offs_dv[None, :], _cast(o, O.dtype.element_ty, EMU),
              mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
     tl.store(X + row[:, None] * D + offs_d[None, :], x, mask=rmask)
     tl.store(M + row[:, None] * D + offs_d[None, :], m, mask=rmask)
@@ -298,14 +309,24 @@ def lla_fwd_kernel(
     lse = tl.where(seen, mx + tl.log(tl.where(seen, omega, 1.0)), -float("inf"))
     tl.store(LSE + row, lse, mask=row_ok)
     tl.store(RES + row, res, mask=row_ok)
-    tl.store(AMP + row, tl.where(seen, amp, 0.0), mask=row_ok)
+    # per-row statistics of the conditioning estimate (``function.amplification``)
+    qc = tl.where(dmask[None, :], q - c[None, :], 0.0)
+    tl.store(AMP + NAMP * row, aw, mask=row_ok)
+    tl.store(AMP + NAMP * row + 1, ekc, mask=row_ok)
+    tl.store(AMP + NAMP * row + 2, ek, mask=row_ok)
+    tl.store(AMP + NAMP * row + 3, tl.sum(ksq, 1), mask=row_ok)  # E_s |k - c|^2
+    tl.store(AMP + NAMP * row + 4, tl.sqrt(tl.sum(m * m, 1)), mask=row_ok)  # |m - c|
+    tl.store(AMP + NAMP * row + 5, tl.sqrt(tl.sum(x * x, 1)), mask=row_ok)
+    tl.store(AMP + NAMP * row + 6, tl.sqrt(tl.sum(qc * qc, 1)), mask=row_ok)
+    tl.store(AMP + NAMP * row + 7, ev, mask=row_ok)
+    tl.store(AMP + NAMP * row + 8, tl.sqrt(tl.sum(o * o, 1)), mask=row_ok)
     tl.store(ITERS + tl.program_id(0), it)
 
 
 @triton.jit
 def lla_bwd_query_kernel(
     Q, K, V, C, LAM, LO, HI, X, M, STAT, DO,  # inputs
-    DQ, U, GBAR, PIV, PIVS, DLAM, RES, ITERS,  # outputs
+    DQ, U, GBAR, PIV, PIVS, DLAM, RES, LOGIT, ITERS,  # outputs
     T, S, H, Hk, D, Dv, scale, tol, max_iters, n_tiles,
     PRECOND: tl.constexpr, SHIFT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
@@ -320,7 +341,9 @@ def lla_bwd_query_kernel(
     pass B: ``P_j = (1 - y_j.x) g_j - (y_j.u)(y_j.x) + y_j.gm`` with ``gm = gbar x + u`` (so
     ``y_j.gm = gbar y_j.x + y_j.u``), giving
     ``Ps = sum_j s_j P_j`` and ``dq = scale sum_j s_j P_j y_j - u``; ``dlam = -u . x``.
-    Writes dq, dlam and, for the key-tile kernel, u, gbar, the row's pivot key ``piv`` (its
+    Writes dq, dlam, the adjoint's true residual, per row the logits' scale ``|scale| |q| E_s|k|``
+    when its weight is on more than one key (else 0; ``LOGIT [B, T, H]``, for the backward's
+    logit-rounding check) and, for the key-tile kernel, u, gbar, the row's pivot key ``piv`` (its
     largest weight, ``PIV [B, T, H]``, -1 when it sees none) and ``PIVS [B, T, H, 8]``:
     ``gbar - g_piv = sum_{j != piv} s_j (g_j - g_piv)``, ``g_piv``, ``P_piv``,
     ``Ps - P_piv = sum_{j != piv} s_j (P_j - P_piv)``, and for ``p = x, u``: ``a_piv = (k_piv - c) . p``
@@ -369,12 +392,16 @@ def lla_bwd_query_kernel(
     ksq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     best = tl.full([BLOCK_M], -1.0, tl.float32)
     piv = tl.full([BLOCK_M], -1, tl.int32)
+    ek = tl.zeros([BLOCK_M], tl.float32)  # E_s |k| (raw keys)
+    nz = tl.zeros([BLOCK_M], tl.int32)  # keys with a nonzero weight
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
         s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
+        ek += tl.sum(s * tl.sqrt(tl.sum(kt * kt, 1))[None, :], 1)
+        nz += tl.sum((s > 0).to(tl.int32), 1)
         s_top = tl.max(s, 1)
         better = s_top > tl.where(best > 0.0, best, 0.0)  # first tile holding the largest weight
         piv = tl.where(better, (j0 + tl.argmax(s, 1)).to(tl.int32), piv)
@@ -440,7 +467,11 @@ def lla_bwd_query_kernel(
         sau_off += tl.sum(s_off * au, 1)
     dq = scale * (spk - ps[:, None] * m) - u
 
-    tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], _cast(dq, DQ.dtype.element_ty, EMU), mask=rmask)
+    # the logits' scale |scale| |q| E_s|k| of rows whose weight is on more than one key: their rounding
+    # reaches the gradients through nearly one-hot weights (a row exactly on one key is exact)
+    qn = tl.sqrt(tl.sum(q * q, 1))
+    tl.store(LOGIT + row, tl.where(nz > 1, tl.abs(scale) * qn * ek, 0.0), mask=row_ok)
     tl.store(U + row[:, None] * D + offs_d[None, :], u, mask=rmask)
     tl.store(GBAR + row, gbar, mask=row_ok)
     tl.store(PIV + row, piv, mask=row_ok)
@@ -556,7 +587,7 @@ def lla_bwd_key_kernel(
             dv += _dot(tl.trans(sc), do, PREC, EMU)
 
     kcol = (b.to(tl.int64) * S + offs_n) * Hk + hk
-    tl.store(DK + kcol[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+    tl.store(DK + kcol[:, None] * D + offs_d[None, :], _cast(dk, DK.dtype.element_ty, EMU),
              mask=col_ok[:, None] & dmask[None, :])
-    tl.store(DV + kcol[:, None] * Dv + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + kcol[:, None] * Dv + offs_dv[None, :], _cast(dv, DV.dtype.element_ty, EMU),
              mask=col_ok[:, None] & dvmask[None, :])
