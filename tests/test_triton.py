@@ -36,6 +36,7 @@ CASES = [
     "outlier_key_locality",
     "tf32_rounding",
     "saturated_logits",
+    "mixed_precision",
 ]
 
 
@@ -141,6 +142,34 @@ def test_block_config_pads_head_dims():
             c = block_config(D, D, dtype)
             assert c["bwd_q"][0] <= c["fwd"][0] and c["bwd_k"][0] <= c["fwd"][0]
     assert block_config(32, 32, torch.float32)["PREC"] == "ieee" == block_config(32, 32, torch.float32)["PREC_QK"]
+
+
+def test_precision_choices():
+    """``precision``: "auto" follows torch.get_float32_matmul_precision() for float32 inputs and is
+    "mixed" for half inputs; "mixed" puts every dot on tensor cores (bf16 / fp16 CG iterations,
+    TF32x3 elsewhere for float32 inputs, native half logits for half inputs); unknown values raise."""
+    pytest.importorskip("triton")
+    from lla.ops.lla.triton_backend.function import block_config, resolve_precision
+
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert resolve_precision("auto", torch.float32) == "fp32"
+        torch.set_float32_matmul_precision("high")
+        assert resolve_precision("auto", torch.float32) == "mixed"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert resolve_precision("auto", torch.bfloat16) == "mixed" == resolve_precision("auto", torch.float16)
+    assert resolve_precision("fp32", torch.bfloat16) == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("tf32", torch.float32)
+    for dtype, low, qk in ((torch.float32, "bf16", "tf32x3"), (torch.bfloat16, "bf16", "bf16"),
+                           (torch.float16, "fp16", "fp16")):
+        c = block_config(64, 64, dtype, "mixed")
+        assert c["MIXED"] and c["PREC_CG"] == low and c["PREC_QK"] == qk and c["PREC"] == "tf32x3"
+        assert "ieee" not in (c["PREC"], c["PREC_QK"], c["PREC_CG"], c["PREC_CGQ"])
+    f = block_config(64, 64, torch.float32, "fp32")
+    assert not f["MIXED"] and f["PREC"] == f["PREC_CG"] == "ieee"
 
 
 def test_bench_gpu_dry_mode():

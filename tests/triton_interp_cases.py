@@ -32,12 +32,33 @@ F32 = TOL[torch.float32]
 CG_TOL = 1e-6
 
 
-def _outputs_and_grads(q, k, v, ridge, do, dtype, backend, warned=None, **kw):
+class _precision:
+    """Run the Triton backend at ``precision`` (``"fp32"`` / ``"mixed"``) inside the block, whatever the
+    public op passes (it may not pass one yet): the backend entry is wrapped to force it."""
+
+    def __init__(self, precision):
+        self.precision = precision
+
+    def __enter__(self):
+        from lla.ops.lla import api
+
+        self.api, self.orig = api, api._backend_fn
+        if self.precision is not None:
+            orig, prec = self.orig, self.precision
+            api._backend_fn = lambda name: (lambda *a, **kw: orig(name)(*a, **{**kw, "precision": prec})) \
+                if name == "triton" else orig(name)
+        return self
+
+    def __exit__(self, *exc):
+        self.api._backend_fn = self.orig
+
+
+def _outputs_and_grads(q, k, v, ridge, do, dtype, backend, warned=None, precision=None, **kw):
     """o and the gradients of ``sum(o * do)`` w.r.t. q, k, v and the ridge (ridge a float64 tensor).
     ``warned`` (a list) receives the messages of the ``LLAConvergenceWarning``s of forward and backward."""
     qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     lam = ridge.detach().clone().requires_grad_()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _precision(precision):
         warnings.simplefilter("always")
         if backend == "ref":
             o = local_linear_attention_ref(qq, kk, vv, ridge=lam, **kw)
@@ -69,7 +90,7 @@ def _true_residual_f64(q, k, v, ridge, o, causal=True):
 
 
 def _check_against_reference(name, *, B=1, T=40, S=None, H=2, Hk=None, D=16, Dv=None, ridge="head",
-                             seed=0, zero=(), **kw):
+                             seed=0, zero=(), precision=None, **kw):
     """fp32 Triton forward and all four gradients against the float64 reference, and no warning (these
     are well-posed: silent means accurate, and accurate means silent); the quantities in ``zero``
     vanish in exact arithmetic (dq, dk, dridge at T = 1) and get an absolute floor of 1."""
@@ -83,7 +104,7 @@ def _check_against_reference(name, *, B=1, T=40, S=None, H=2, Hk=None, D=16, Dv=
         lam = torch.tensor(float(ridge), dtype=torch.float64)
     do = torch.randn(B, T, H, v.shape[-1], generator=g, dtype=torch.float64)
     warned = []
-    got = _outputs_and_grads(q, k, v, lam, do, torch.float32, "triton", warned=warned, **kw)
+    got = _outputs_and_grads(q, k, v, lam, do, torch.float32, "triton", warned=warned, precision=precision, **kw)
     assert not warned, f"{name}: a well-posed case warned: {warned}"
     ref = _outputs_and_grads(q, k, v, lam, do, torch.float64, "ref", **kw)
     errs = {n: rel_err(a, b, atol=1.0 if n in zero else 0.0) for n, a, b in zip(("o", "dq", "dk", "dv", "dridge"), got, ref)}
@@ -184,7 +205,7 @@ def _naive_same_dtype(q, k, v, ridge):
     return (w @ V).transpose(1, 2)
 
 
-def half_precision_errors(dtype, T=64, H=2, D=16, seed=21, ridge=1.0):
+def half_precision_errors(dtype, T=64, H=2, D=16, seed=21, ridge=1.0, precision=None):
     """Relative errors vs float64 of the Triton op and of a naive same-dtype LLA, for the output
     and dq, dk, dv (cotangent ``do`` fixed); the Triton output and gradients in ``dtype``.
     Returns ({name: triton err}, {name: naive err})."""
@@ -192,7 +213,7 @@ def half_precision_errors(dtype, T=64, H=2, D=16, seed=21, ridge=1.0):
     do = torch.randn(1, T, H, D, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     ridge_t = torch.tensor(ridge, dtype=torch.float64)
     ref = _outputs_and_grads(q, k, v, ridge_t, do, torch.float64, "ref")
-    got = _outputs_and_grads(q, k, v, ridge_t, do, dtype, "triton")
+    got = _outputs_and_grads(q, k, v, ridge_t, do, dtype, "triton", precision=precision)
     for t in got[:4]:
         assert t.dtype == dtype and torch.isfinite(t).all()
     qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
@@ -216,6 +237,31 @@ def case_half_precision():
         msgs.append(f"{str(dtype)[6:]}: " + " ".join(f"{n}={err[n]:.1e}(naive {naive[n]:.1e})" for n in naive)
                     + f" dridge={err['dridge']:.1e}")
     return " | ".join(msgs)
+
+
+def case_mixed_precision():
+    """``precision="mixed"`` (bf16 tensor-core CG iterations inside reliable updates with TF32x3 true
+    residuals, emulated): float32 inputs keep float32 accuracy, forward and every gradient, at the
+    awkward shapes (T = 1, 63, 100; D = 16, 48, 80), silently; a capped mixed solve still reports its
+    true residual and warns; bf16 inputs on the plain ``"fp32"`` scheme (TF32 logits) stay within 2x a
+    naive same-dtype LLA (bf16/fp16 inputs run ``"mixed"`` by default: ``half_precision``)."""
+    a = _check_against_reference("mixed_t100_d48", T=100, H=2, D=48, ridge=1.0, seed=3, precision="mixed")[2]
+    b = _check_against_reference("mixed_t63_d80", T=63, H=2, Hk=1, D=80, seed=4, precision="mixed")[2]
+    c = _check_against_reference("mixed_t1_d16", T=1, D=16, ridge=1.0, zero=("dq", "dk", "dridge"),
+                                 precision="mixed")[2]
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 40, 2, 16, seed=5, dtype=torch.float32))
+    with warnings.catch_warnings(record=True) as w, _precision("mixed"):
+        warnings.simplefilter("always")
+        o_c, aux_c = lla.local_linear_attention(q, k, v, ridge=0.05, backend="triton", solver="cg", max_iters=3,
+                                                return_aux=True)
+    assert any(issubclass(x.category, lla.LLAConvergenceWarning) for x in w), "capped mixed CG must warn"
+    res_c = _true_residual_f64(q.detach(), k.detach(), v.detach(), 0.05, o_c)
+    assert abs(aux_c.residual - res_c) <= 1e-3 * res_c, (aux_c.residual, res_c)
+    err, naive = half_precision_errors(torch.bfloat16, T=48, precision="fp32")
+    for n in naive:
+        assert err[n] <= 2 * naive[n], ("bf16 fp32-scheme", n, err[n], naive[n])
+    return (f"T=100 D=48: {a} | T=63 D=80 GQA: {b} | T=1: {c} | capped: resid {aux_c.residual:.2e} (f64 {res_c:.2e})"
+            f" | bf16 on fp32 scheme: o={err['o']:.1e} (naive {naive['o']:.1e})")
 
 
 def case_tf32_rounding():

@@ -31,7 +31,7 @@ from ...triton_common import emulation_mode
 from . import kernels as _k
 
 __all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
-           "MAX_HEAD_DIM"]
+           "resolve_precision", "amplification", "MAX_HEAD_DIM", "PRECISIONS"]
 
 #: largest head dim the kernels take (padded to a power of two up to this)
 MAX_HEAD_DIM = 256
@@ -43,10 +43,11 @@ MAX_GRID_X = 2**31 - 1
 
 
 class _Cfg:
-    __slots__ = ("scale", "max_iters", "tol", "precondition", "lam_min", "lam_dims")
+    __slots__ = ("scale", "max_iters", "tol", "precondition", "lam_min", "lam_dims", "precision")
 
-    def __init__(self, scale, max_iters, tol, precondition, lam_min=float("nan"), lam_dims=()):
+    def __init__(self, scale, max_iters, tol, precondition, lam_min=float("nan"), lam_dims=(), precision="fp32"):
         self.scale, self.max_iters, self.tol, self.precondition = scale, max_iters, tol, precondition
+        self.precision = precision  # resolved: "fp32", "mixed" or "authors"
         self.lam_min = lam_min
         self.lam_dims = list(lam_dims)  # the ridge's broadcast dims of [B, T, H] (autograd sums over them)
 
@@ -57,39 +58,93 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
-    """Tile sizes, warps and dot precision for head dims ``D``/``Dv`` (padded to powers of two).
+#: the op's ``precision`` choices (``"authors"``, a fixed-iteration all-bf16 solve without refinement,
+#: is internal: the benchmark's reference point for the authors' FlashLLA scheme)
+PRECISIONS = ("auto", "fp32", "mixed")
+#: mixed precision: the true residual is re-measured (a reliable update) each time the low-precision CG's
+#: recurrence residual has dropped by this factor, at most ``MIXED_REFINE`` times per solve
+MIXED_INNER = 2.0**-5
+MIXED_REFINE = 16
 
-    Returns ``BLOCK_D``, ``BLOCK_DV``, ``PREC``, ``PREC_QK`` and, per kernel (``fwd``, ``bwd_q``,
-    ``bwd_k``), ``(BLOCK_M, BLOCK_N, num_warps)``.  float32 inputs use exact fp32 dots (``ieee``).
-    Half inputs use TF32 dots (``PREC_QK``) where the operands are input-dtype values, which TF32
-    holds exactly (logits q.k, do.v), and ``PREC`` = ``"tf32x3"`` (three TF32 products, about fp32
-    accuracy) for the moments, the CG matvec, the output and the gradients.  The backward kernels'
-    ``BLOCK_M`` never exceeds the forward's (their tiles must sit inside one forward tile, whose key
-    shift they use).  The tiles were chosen by compiling for sm_90 on a CPU machine
-    and keeping the configurations with (nearly) no register spills (see docs/triton.md); they are
-    not timed.  Under the interpreter the tiles are 16..32 (few, large numpy steps), different per kernel.
+
+def resolve_precision(precision: str, dtype: torch.dtype) -> str:
+    """``"auto"`` -> ``"mixed"`` for bf16 / fp16 inputs; for float32 inputs it follows PyTorch's
+    ``torch.get_float32_matmul_precision()``: ``"highest"`` (PyTorch's default) -> ``"fp32"`` (plain
+    float32 solves, no tensor cores), ``"high"`` / ``"medium"`` -> ``"mixed"``.  Both give float32
+    accuracy; ``"mixed"`` is the faster scheme on tensor cores."""
+    if precision not in PRECISIONS and precision != "authors":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if dtype != torch.float32:
+        return "mixed"
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "mixed"
+
+
+def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32") -> dict:
+    """Tile sizes, warps and dot precisions for head dims ``D``/``Dv`` (padded to powers of two).
+
+    Returns ``BLOCK_D``, ``BLOCK_DV``, the dot precisions ``PREC`` (moments, output, true residuals,
+    gradients), ``PREC_QK`` (logits q.k and do.v: raw input values), ``PREC_CG`` / ``PREC_CGQ`` (the CG
+    iterations' matvec and their logits), ``MIXED``, ``REFINE``, ``INNER`` (see ``kernels._solve``)
+    and, per kernel (``fwd``, ``bwd_q``, ``bwd_k``), ``(BLOCK_M, BLOCK_N, num_warps)``.
+
+    ``precision="fp32"``: float32 inputs use exact fp32 dots (``ieee``, no tensor cores); half inputs
+    TF32 dots for the logits (exact for bf16/fp16 values) and ``"tf32x3"`` (three TF32 products,
+    about fp32 accuracy) for the rest.  ``"mixed"``: every dot on tensor cores: the CG iterations in
+    bf16 (fp16 for fp16 inputs) with fp32 accumulators inside iterative refinement whose true
+    residuals use ``"tf32x3"``; logits of half inputs as native half products (exact), of float32
+    inputs in ``"tf32x3"``; moments, output and gradients ``"tf32x3"``.  ``"authors"`` (benchmark
+    only): every dot bf16 / fp16, no refinement.
+
+    The backward kernels' ``BLOCK_M`` never exceeds the forward's (their tiles must sit inside one
+    forward tile, whose key shift they use).  ``fp32`` tiles were chosen by compiling for sm_90 on a CPU
+    machine and keeping the configurations with (nearly) no register spills (docs/triton.md); the
+    ``mixed`` tiles are 64 rows (one Hopper warpgroup's wgmma M) where the head dim allows; none is
+    timed.  Under the interpreter the tiles are 16..32 (few, large numpy steps), different per kernel.
     """
     bd = max(16, triton.next_power_of_2(D))
     bdv = max(16, triton.next_power_of_2(Dv))
     widest = max(bd, bdv)
+    half = dtype != torch.float32
+    lowp = "fp16" if dtype == torch.float16 else "bf16"
     if _interpreting():  # different tiles per kernel, so that CI sees tiles that do not line up
         fwd, bwd_q, bwd_k = (32, 32, 4), (16, 32, 4), (32, 16, 4)
+    elif precision != "fp32":  # tensor-core dots: 64-row tiles (a warpgroup's wgmma) where D allows
+        if widest <= 32:
+            fwd = bwd_q = bwd_k = (64, 64, 4)
+        elif widest <= 64:
+            fwd, bwd_q, bwd_k = (64, 64, 8), (64, 32, 8), (64, 32, 8)
+        elif widest <= 128:
+            fwd, bwd_q, bwd_k = (64, 32, 8), (32, 32, 8), (32, 32, 8)
+        else:
+            fwd = bwd_q = bwd_k = (32, 16, 8)
     elif widest <= 16:
         fwd = bwd_q = bwd_k = (32, 32, 8)
     elif widest <= 32:
         fwd, bwd_q, bwd_k = (16, 32, 4), (16, 32, 4), (16, 32, 4)
-    elif widest <= 64 and dtype != torch.float32:
+    elif widest <= 64 and half:
         fwd, bwd_q, bwd_k = (32, 32, 8), (32, 32, 8), (16, 32, 8)
     elif widest <= 64:  # fp32 (ieee dots) needs more registers
         fwd, bwd_q, bwd_k = (16, 32, 8), (16, 32, 8), (16, 16, 8)
-    elif widest <= 128 and dtype != torch.float32:
+    elif widest <= 128 and half:
         fwd, bwd_q, bwd_k = (16, 32, 8), (16, 32, 8), (16, 16, 8)
     else:
         fwd = bwd_q = bwd_k = (16, 16, 8)
     assert bwd_q[0] <= fwd[0] and bwd_k[0] <= fwd[0], "backward query tiles must fit in forward tiles"
-    prec, prec_qk = ("ieee", "ieee") if dtype == torch.float32 else (_HALF_PREC, "tf32")
-    return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, PREC_QK=prec_qk, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k)
+    if precision == "fp32":
+        prec, prec_qk = ("ieee", "ieee") if not half else (_HALF_PREC, "tf32")
+        cg, cgq, mixed, refine, inner = prec, prec_qk, False, 1, 0.0
+    elif precision == "mixed":
+        prec, prec_qk = "tf32x3", (lowp if half else "tf32x3")
+        cg, cgq, mixed, refine, inner = lowp, lowp, True, MIXED_REFINE, MIXED_INNER
+    elif precision == "authors":
+        prec = prec_qk = cg = cgq = lowp
+        mixed, refine, inner = False, 0, 0.0
+    else:
+        raise ValueError(f"block_config: unknown precision {precision!r} (resolve 'auto' first)")
+    return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, PREC_QK=prec_qk, PREC_CG=cg, PREC_CGQ=cgq, MIXED=mixed,
+                REFINE=refine, INNER=inner, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k)
 
 
 #: dot precision of the non-logit dots for bf16/fp16 inputs
@@ -99,7 +154,8 @@ _HALF_PREC = "tf32x3"
 def _launch_args(bc: dict, which: str) -> dict:
     bm, bn, warps = bc[which]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"],
-                PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), num_warps=warps)
+                PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), MIXED=bc["MIXED"], PREC_CG=bc["PREC_CG"],
+                PREC_CGQ=bc["PREC_CGQ"], REFINE=bc["REFINE"], INNER=bc["INNER"], num_warps=warps)
 
 
 def launch_grid(n_tiles: int, n_heads: int) -> tuple:
@@ -173,7 +229,7 @@ def key_shifts(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block_m: int
 def _forward(q, k, v, lam, ranges, cfg):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bc = block_config(D, Dv, q.dtype)
+    bc = block_config(D, Dv, q.dtype, cfg.precision)
     lo, hi, _, _ = ranges
     bm = bc["fwd"][0]
     shift = key_shifts(k, lo, hi, bm)  # [B, Hk, n_m, D]
@@ -232,7 +288,7 @@ def amplification(rows: torch.Tensor, smax: torch.Tensor, lam: torch.Tensor, D: 
 def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bc = block_config(D, Dv, q.dtype)
+    bc = block_config(D, Dv, q.dtype, cfg.precision)
     lo, hi, qlo, qhi = ranges
     n_shift = shift.shape[2]
     dev = q.device
@@ -319,12 +375,16 @@ def _use_torch(q, k, v, solver) -> bool:
     return not bool(torch.isfinite(k).all() & torch.isfinite(v).all())
 
 
-def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition):
+def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition,
+               precision="auto"):
     """Triton backend entry: ``(o [B, T, H, Dv], lse [B, T, H], iters, residual, amplification)``.
 
-    ``lam [B, T, H]`` (any float dtype, possibly an expanded view) is differentiable.  See the module
-    docstring for the cases handed to the PyTorch backend.
+    ``lam [B, T, H]`` (any float dtype, possibly an expanded view) is differentiable.  ``precision``:
+    ``"auto"`` | ``"fp32"`` | ``"mixed"`` (see ``resolve_precision`` and ``block_config``; both give
+    float32 accuracy, ``"mixed"`` runs the CG iterations on bf16/fp16 tensor cores inside iterative
+    refinement).  See the module docstring for the cases handed to the PyTorch backend.
     """
+    precision = resolve_precision(precision, q.dtype)
     if _use_torch(q, k, v, solver):
         from ..torch_backend import lla_torch
 
@@ -336,7 +396,8 @@ def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iter
     ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device)
     dims = [d for d in range(3) if lam.stride(d) == 0 and lam.shape[d] > 1]  # before .contiguous()
     lam32 = lam.float().contiguous()  # [B, T, H]; autograd casts dlam back to lam's dtype
-    cfg = _Cfg(float(scale), int(max_iters), float(tol), bool(precondition), float(lam32.detach().min()), dims)
+    cfg = _Cfg(float(scale), int(max_iters), float(tol), bool(precondition), float(lam32.detach().min()), dims,
+               precision)
     o, lse, stats = LLATritonFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), lam32, ranges, cfg)
     iters, resid, amp = stats.tolist()
     return o, lse, int(iters), resid, amp

@@ -46,6 +46,8 @@ from ...triton_common import _cast, _dot, _round_tf32  # noqa: F401  (shared wit
 __all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel", "round_tf32_kernel"]
 
 _BIG = tl.constexpr(1.0e30)  # finite stand-in for -inf as the initial running maximum
+#: MIXED solves measure the true residual at least every this many low-precision iterations
+UPDATE_EVERY = tl.constexpr(16)
 #: per-row statistics the forward writes for the conditioning estimate (``AMP [B, T, H, NAMP]``)
 NAMP = tl.constexpr(9)
 
@@ -129,15 +131,27 @@ def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, 
 @triton.jit
 def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale, tol, max_iters,
            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-           EMU: tl.constexpr):
+           EMU: tl.constexpr, MIXED: tl.constexpr, PREC_CG: tl.constexpr, PREC_CGQ: tl.constexpr,
+           REFINE: tl.constexpr, INNER: tl.constexpr):
     """Jacobi-preconditioned CG on ``A x = b``, one system per row, then its TRUE residual.
 
     A row stops once its recurrence residual ``||r|| <= tol ||b||``; when every row has (or after
     ``max_iters`` iterations) the loop applies ``A`` to ``x`` once and measures ``b - A x``.  If a row
-    misses ``tol`` there and iterations are left, CG restarts once from that true residual (iterative
-    refinement) and the true residual is measured again.  One matvec call site serves both, which
-    keeps the inlined code small.  Returns (x, true relative residual per row [BM], iterations,
-    ``sum_j s_j (k_j - c) . x`` [BM] from that last matvec, see ``_cov_matvec``)."""
+    misses ``tol`` there and iterations are left, CG restarts from that true residual (iterative
+    refinement, once) and the true residual is measured again.
+
+    ``MIXED``: the CG iterations' matvecs (and the logits of their weights) run at the low precisions
+    ``PREC_CG`` / ``PREC_CGQ`` (bf16 / fp16 tensor-core dots, float32 accumulators; the direction is
+    scaled to max-norm 1 first, so that fp16 neither overflows nor underflows), with reliable updates:
+    once every active row's recurrence residual has dropped by ``INNER`` since the last update, the
+    TRUE residual ``b - A x`` is measured at ``PREC`` and replaces the recurrence's (the search
+    directions are kept, so CG does not restart), at most ``REFINE`` times.  The answer therefore has
+    ``PREC``'s accuracy.  When an update finds that a missing row's true residual did not at least
+    halve since the previous one (the problem is too ill-conditioned for the low precision), the
+    remaining iterations run at ``PREC``: never a worse answer than the plain solve, only a slower one.
+
+    Returns (x, true relative residual per row [BM], iterations, ``sum_j s_j (k_j - c) . x`` [BM]
+    from the last (true-residual) matvec, see ``_cov_matvec``)."""
     bb = tl.sum(b * b, 1)
     thresh = tol * tol * bb
     x = tl.zeros_like(b)
@@ -145,22 +159,55 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
     z = r * inv_diag
     p = z
     rz = tl.sum(r * z, 1)
+    rr_true = bb  # MIXED: the squared true residual at the last update (x = 0: r = b exactly)
     active = tl.sum(r * r, 1) > thresh
     it = 0
     restarts = 0
+    lowp = 1  # MIXED: the CG iterations still use the low precision
+    since = 0  # MIXED: iterations since the last reliable update
+    rr_rec = bb  # MIXED: the recurrence's squared residual at the last iteration
+    cap = max_iters  # iterations allowed (MIXED: max_iters more after leaving the low precision)
     check = (tl.sum(active.to(tl.int32), 0) == 0).to(tl.int32)  # 1: the next matvec measures b - A x
     done = 0
     sx = tl.sum(tl.zeros_like(b), 1)
     while done == 0:
-        av, sa = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride,
-                         S, D, scale, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+        if MIXED:
+            if (check > 0) | (lowp == 0):
+                av, sa = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c,
+                                     kstride, S, D, scale, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+            else:
+                pn = tl.max(tl.abs(p), 1)
+                av, sa = _cov_matvec(p * tl.where(pn > 0, 1.0 / pn, 0.0)[:, None], q, m, lam, mxs, iom, lo, hi,
+                                     j_start, j_end, Kb, c, kstride, S, D, scale, BLOCK_N, BLOCK_D, PREC_CG, PREC_CGQ,
+                                     EMU)
+                av = av * pn[:, None]
+        else:
+            av, sa = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c,
+                                 kstride, S, D, scale, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
         if check > 0:
             r = b - av  # the true residual
             sx = sa
-            missed = tl.sum(r * r, 1) > thresh
-            if (tl.sum(missed.to(tl.int32), 0) > 0) & (it < max_iters) & (restarts < 1):
+            rr = tl.sum(r * r, 1)
+            missed = rr > thresh
+            if MIXED:
+                # the low precision stalls when a missing row's true residual is far above what its recurrence
+                # says (the low-precision operator's error dominates) and did not halve since the last update:
+                # leave it, with a fresh budget of max_iters plain iterations from here
+                # (or when the low-precision iterations used up max_iters with rows still missing)
+                if lowp > 0:
+                    stalled = missed & (((rr > 16.0 * rr_rec) & (rr > 0.25 * rr_true)) | (it >= cap))
+                    if tl.sum(stalled.to(tl.int32), 0) > 0:
+                        lowp = 0
+                        cap = it + max_iters
+                        restarts = REFINE - 1  # from here on the plain solve: one refinement restart left
+                rr_true = rr
+                since = 0
+            if (tl.sum(missed.to(tl.int32), 0) > 0) & (it < cap) & (restarts < REFINE):
                 z = r * inv_diag
-                p = z
+                if MIXED & (lowp > 0):  # reliable update: keep the directions of the rows that were iterating
+                    p = tl.where(active[:, None], p, z)
+                else:
+                    p = z
                 rz = tl.sum(r * z, 1)
                 active = missed
                 restarts += 1
@@ -170,18 +217,34 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
         else:
             pap = tl.sum(p * av, 1)
             ok = active & (pap > 0)
-            alpha = tl.where(ok, rz / tl.where(pap > 0, pap, 1.0), 0.0)
+            if MIXED:  # exact line search along p (the kept directions are not r-orthogonal after an update)
+                alpha = tl.where(ok, tl.sum(r * p, 1) / tl.where(pap > 0, pap, 1.0), 0.0)
+            else:
+                alpha = tl.where(ok, rz / tl.where(pap > 0, pap, 1.0), 0.0)
             x += alpha[:, None] * p
+            r_old = r
             r -= alpha[:, None] * av
             z = r * inv_diag
             rz_new = tl.sum(r * z, 1)
-            beta = tl.where(rz > 0, rz_new / tl.where(rz > 0, rz, 1.0), 0.0)
+            if MIXED:  # flexible (Polak-Ribiere) beta: robust to the low-precision operator's inexactness
+                beta = tl.where(ok & (rz > 0), tl.maximum(rz_new - tl.sum(r_old * z, 1), 0.0) / tl.where(rz > 0, rz, 1.0),
+                                0.0)
+            else:
+                beta = tl.where(ok & (rz > 0), rz_new / tl.where(rz > 0, rz, 1.0), 0.0)
             p = z + beta[:, None] * p
             rz = rz_new
-            active = active & (tl.sum(r * r, 1) > thresh)
+            rr = tl.sum(r * r, 1)
+            active = active & (rr > thresh)
             it += 1
-            if (tl.sum(active.to(tl.int32), 0) == 0) | (it >= max_iters):
+            if (tl.sum(active.to(tl.int32), 0) == 0) | (it >= cap):
                 check = 1
+            if MIXED:  # every iterating row gained INNER since the last update, or UPDATE_EVERY iterations
+                # passed: measure the true residual (the stall test needs these)
+                rr_rec = rr
+                since += 1
+                if lowp > 0:
+                    if (tl.sum((active & (rr > INNER * INNER * rr_true)).to(tl.int32), 0) == 0) | (since >= UPDATE_EVERY):
+                        check = 1
     bnorm = tl.sqrt(bb)
     res = tl.sqrt(tl.sum(r * r, 1)) / tl.where(bnorm > 0, bnorm, 1.0)
     return x, res, it, sx
@@ -202,7 +265,8 @@ def lla_fwd_kernel(
     T, S, H, Hk, D, Dv, scale, tol, max_iters, n_tiles,
     PRECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-    EMU: tl.constexpr,
+    EMU: tl.constexpr, MIXED: tl.constexpr = False, PREC_CG: tl.constexpr = "ieee", PREC_CGQ: tl.constexpr = "ieee",
+    REFINE: tl.constexpr = 1, INNER: tl.constexpr = 0.0,
 ):
     """One program = BLOCK_M query rows of one (batch, head); its tile is shift tile ``pid_m``.
 
@@ -273,7 +337,8 @@ def lla_fwd_kernel(
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     x, res, it, sx = _solve(mu, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
-                        tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+                        tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU, MIXED, PREC_CG, PREC_CGQ, REFINE,
+                        INNER)
 
     # output pass: o = sum_j s_j (1 - (k_j - m) . x) v_j, with y_j . x centred by the weighted mean
     # of the products as computed (the solve's last matvec, same tiles): exactly 0 for a row whose
@@ -330,7 +395,8 @@ def lla_bwd_query_kernel(
     T, S, H, Hk, D, Dv, scale, tol, max_iters, n_tiles,
     PRECOND: tl.constexpr, SHIFT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-    EMU: tl.constexpr,
+    EMU: tl.constexpr, MIXED: tl.constexpr = False, PREC_CG: tl.constexpr = "ieee", PREC_CGQ: tl.constexpr = "ieee",
+    REFINE: tl.constexpr = 1, INNER: tl.constexpr = 0.0,
 ):
     """Query side of the backward, per BLOCK_M rows of one (batch, head) (inside one forward tile
     of ``SHIFT_M`` rows, whose shift ``c`` it uses).
@@ -421,7 +487,8 @@ def lla_bwd_query_kernel(
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     u, res, it, _su = _solve(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
-                        tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+                        tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU, MIXED, PREC_CG, PREC_CGQ, REFINE,
+                        INNER)
     mx_dot = tl.sum(m * x, 1)
     mu_dot = tl.sum(m * u, 1)
 
@@ -495,7 +562,8 @@ def lla_bwd_key_kernel(
     T, S, H, Hk, D, Dv, scale, n_tiles,
     SHIFT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-    EMU: tl.constexpr,
+    EMU: tl.constexpr, MIXED: tl.constexpr = False, PREC_CG: tl.constexpr = "ieee", PREC_CGQ: tl.constexpr = "ieee",
+    REFINE: tl.constexpr = 1, INNER: tl.constexpr = 0.0,
 ):
     """Key side of the backward, per BLOCK_N keys of one (batch, key head), over the query heads
     of its group and the query rows that see these keys (no atomics), in query tiles aligned to
