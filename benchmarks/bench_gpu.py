@@ -12,7 +12,8 @@ Rows per (dtype, ridge, mode), all in one run so that the ratios compare like wi
 * ``lla-mixed``     ``precision="mixed"``: CG iterations as bf16 (fp16) tensor-core products inside
                     reliable updates with TF32x3 true residuals; float32 accuracy;
 * ``lla-authors``   the authors' FlashLLA scheme as a reference point, our implementation of it: every
-                    product in bf16 (fp16), plain CG for a fixed 32 iterations, no refinement.
+                    product in bf16 (fp16), plain CG for a fixed 32 iterations, no refinement;
+* ``lla-mixed-wg``  (on request) ``mixed`` with 64-row tiles (Hopper wgmma, more register spilling).
 
 Columns: milliseconds (``triton.testing.do_bench``, median), the ratio to SDPA, peak memory allocated
 during one call beyond what was allocated before it, the CG iterations of the slowest row (forward), and
@@ -41,19 +42,22 @@ import lla  # noqa: E402
 from lla.ops.lla import api as _api  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-IMPLS = ("sdpa", "lla-fp32", "lla-mixed", "lla-authors")
+IMPLS = ("sdpa", "lla-fp32", "lla-mixed", "lla-authors", "lla-mixed-wg")
+DEFAULT_IMPLS = IMPLS[:4]
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, default=4096)
-    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--D", type=int, nargs="+", default=[64], help="head dim (the benchmark takes the first; "
+                   "--compile-check each)")
     p.add_argument("--H", type=int, default=8)
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--ridges", type=float, nargs="+", default=[1.0, 0.01])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS,
+                   help="lla-mixed-wg: the mixed precision with 64-row (wgmma) tiles instead of 16-row ones")
     p.add_argument("--ref-heads", type=int, default=2, help="heads checked against the float64 reference")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip what is left after this many seconds")
     p.add_argument("--dry", action="store_true", help="CPU: run a tiny case through the same code, interpreted")
@@ -69,11 +73,18 @@ class _forced_precision:
     inside the block, whatever the public op passes."""
 
     def __init__(self, precision):
-        self.precision = precision
+        self.precision, self.tiles = precision, None
+        if precision is not None and precision.endswith("-wg"):
+            self.precision, self.tiles = precision[:-3], "wgmma"
 
     def __enter__(self):
         self.orig = _api._backend_fn
         orig, prec = self.orig, self.precision
+        if self.tiles is not None:
+            from lla.ops.lla.triton_backend import function as F
+
+            self.F, self.old_tiles = F, F.MIXED_TILES
+            F.MIXED_TILES = self.tiles
 
         def pick(name):
             fn = orig(name)
@@ -93,6 +104,8 @@ class _forced_precision:
 
     def __exit__(self, *exc):
         _api._backend_fn = self.orig
+        if self.tiles is not None:
+            self.F.MIXED_TILES = self.old_tiles
 
 
 def _sdpa(q, k, v, cuda: bool):
@@ -135,7 +148,7 @@ def _rel(a, b) -> float:
 
 def run_config(dtname, ridge, mode, args, cuda, device, deadline):
     dtype = DTYPES[dtname]
-    B, H, T, D = args.B, args.H, args.T, args.D
+    B, H, T, D = args.B, args.H, args.T, args.D[0]
     g = torch.Generator(device="cpu").manual_seed(T + D)
     q, k, v, do = (torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(4))
     grad = mode == "fwdbwd"
@@ -154,7 +167,7 @@ def run_config(dtname, ridge, mode, args, cuda, device, deadline):
         elif name == "lla-fp32" and dtype != torch.float32:
             continue
         else:
-            prec = name.split("-")[1]
+            prec = name.split("-", 1)[1]  # fp32 | mixed | authors | mixed-wg
             impls[name] = (prec, lambda qq, kk, vv: lla.local_linear_attention(
                 qq, kk, vv, ridge=ridge, causal=True, solver="cg", backend="triton"))
 
@@ -215,10 +228,10 @@ def compile_check(args) -> int:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     ints = {n: "i32" for n in ("T", "S", "H", "Hk", "D", "Dv", "max_iters", "n_tiles")}
     kernels = [("fwd", K.lla_fwd_kernel, True), ("bwd_q", K.lla_bwd_query_kernel, True), ("bwd_k", K.lla_bwd_key_kernel, False)]
-    for dtname in args.dtypes:
+    for D, dtname in ((D, dt) for D in args.D for dt in args.dtypes):
         for precision in (["fp32", "mixed"] if dtname == "fp32" else ["mixed"]):
             tname = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtname]
-            bc = block_config(args.D, args.D, DTYPES[dtname], precision)
+            bc = block_config(D, D, DTYPES[dtname], precision)
             for which, fn, precond in kernels:
                 bm, bn, warps = bc[which]
                 const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"],
@@ -253,7 +266,7 @@ def compile_check(args) -> int:
                     os.unlink(f.name)
                     usage = " ".join(ln.strip().split(" SHARED")[0] for ln in out.stdout.splitlines() if "REG:" in ln)
                 mma = "wgmma" if "wgmma" in kern.asm.get("ptx", "") else ("mma" if "mma.sync" in kern.asm.get("ptx", "") else "no mma")
-                print(f"sm_{args.arch} D={args.D:<4} {dtname:>5} {precision:>6} {which:>6} tiles {bm}x{bn} warps {warps}  "
+                print(f"sm_{args.arch} D={D:<4} {dtname:>5} {precision:>6} {which:>6} tiles {bm}x{bn} warps {warps}  "
                       f"smem {kern.metadata.shared:>6} B  {mma:>7}  {usage}  ({time.perf_counter() - t0:.1f}s)", flush=True)
     return 0
 
@@ -264,7 +277,7 @@ def main(argv=None) -> int:
         return compile_check(args)
     cuda = torch.cuda.is_available()
     if args.dry:
-        args.T, args.D, args.H, args.ridges, args.modes = 8, 16, 1, [1.0], ["fwdbwd"]
+        args.T, args.D, args.H, args.ridges, args.modes = 8, [16], 1, [1.0], ["fwdbwd"]
         args.dtypes = ["fp32"]
         cuda, device = False, "cpu"
     else:
@@ -274,7 +287,7 @@ def main(argv=None) -> int:
             return 2
         device = "cuda"
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"B={args.B} H={args.H} T={args.T} D={args.D} causal; errors: relative RMS vs float64 "
+    print(f"B={args.B} H={args.H} T={args.T} D={args.D[0]} causal; errors: relative RMS vs float64 "
           f"(first {args.ref_heads} heads); first = seconds of the first call (compilation)")
     print(f"{'dtype':>5} {'ridge':>6} {'mode':>7} {'impl':>12} {'ms':>10} {'vs sdpa':>9} {'peak MiB':>9} "
           f"{'iters':>5} {'o err':>9} {'grad err':>9} {'warned':>6} {'first':>7}")

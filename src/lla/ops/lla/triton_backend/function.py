@@ -65,6 +65,10 @@ PRECISIONS = ("auto", "fp32", "mixed")
 #: recurrence residual has dropped by this factor, at most ``MIXED_REFINE`` times per solve
 MIXED_INNER = 2.0**-5
 MIXED_REFINE = 16
+#: tiles of the tensor-core precisions: "mma" (16-row tiles, mma.sync, least register spilling in the
+#: sm_90 compile statistics) or "wgmma" (64-row tiles, Hopper's warpgroup products, 1-3 KB spilled per
+#: thread at D = 64); ``benchmarks/bench_gpu.py --impls lla-mixed-wg`` times the second
+MIXED_TILES = "mma"
 
 
 def resolve_precision(precision: str, dtype: torch.dtype) -> str:
@@ -98,10 +102,9 @@ def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32") -
     only): every dot bf16 / fp16, no refinement.
 
     The backward kernels' ``BLOCK_M`` never exceeds the forward's (their tiles must sit inside one
-    forward tile, whose key shift they use).  ``fp32`` tiles were chosen by compiling for sm_90 on a CPU
-    machine and keeping the configurations with (nearly) no register spills (docs/triton.md); the
-    ``mixed`` tiles are 64 rows (one Hopper warpgroup's wgmma M) where the head dim allows; none is
-    timed.  Under the interpreter the tiles are 16..32 (few, large numpy steps), different per kernel.
+    forward tile, whose key shift they use).  The tiles were chosen by compiling for sm_90 on a CPU
+    machine and keeping the configurations with the least register spilling (docs/triton.md; for the
+    tensor-core precisions see ``MIXED_TILES``); none is timed.  Under the interpreter the tiles are 16..32 (few, large numpy steps), different per kernel.
     """
     bd = max(16, triton.next_power_of_2(D))
     bdv = max(16, triton.next_power_of_2(Dv))
@@ -110,15 +113,20 @@ def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32") -
     lowp = "fp16" if dtype == torch.float16 else "bf16"
     if _interpreting():  # different tiles per kernel, so that CI sees tiles that do not line up
         fwd, bwd_q, bwd_k = (32, 32, 4), (16, 32, 4), (32, 16, 4)
-    elif precision != "fp32":  # tensor-core dots: 64-row tiles (a warpgroup's wgmma) where D allows
-        if widest <= 32:
-            fwd = bwd_q = bwd_k = (64, 64, 4)
-        elif widest <= 64:
-            fwd, bwd_q, bwd_k = (64, 64, 8), (64, 32, 8), (64, 32, 8)
-        elif widest <= 128:
-            fwd, bwd_q, bwd_k = (64, 32, 8), (32, 32, 8), (32, 32, 8)
+    elif precision != "fp32" and MIXED_TILES == "wgmma":  # 64-row tiles: one warpgroup's wgmma (spills)
+        if widest <= 64:
+            fwd, bwd_q, bwd_k = (64, 32, 8), (64, 16, 8), (32, 32, 4)
         else:
-            fwd = bwd_q = bwd_k = (32, 16, 8)
+            fwd, bwd_q, bwd_k = (64, 16, 8), (64, 16, 8), (32, 16, 4)
+    elif precision != "fp32":  # tensor-core dots (mma.sync at 16 rows): the least spilling of those compiled
+        if widest <= 32:
+            fwd = bwd_q = bwd_k = (32, 32, 4)
+        elif widest <= 64:
+            fwd = bwd_q = bwd_k = (16, 32, 4)
+        elif widest <= 128:
+            fwd = bwd_q = bwd_k = (16, 32, 8)
+        else:
+            fwd = bwd_q = bwd_k = (16, 16, 8)
     elif widest <= 16:
         fwd = bwd_q = bwd_k = (32, 32, 8)
     elif widest <= 32:
