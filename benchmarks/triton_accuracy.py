@@ -10,15 +10,15 @@ worst true relative residual the op reports (tol 1e-6; "warned": an ``LLAConverg
 
 Precisions: ``fp32`` (plain float32 solves: ``ieee`` dots for float32 inputs; TF32 logits and
 ``tf32x3`` elsewhere for half inputs), ``mixed`` (the CG iterations as bf16 / fp16 tensor-core
-products inside reliable updates whose true residuals use ``tf32x3``; logits ``tf32x3`` for float32
-inputs, native half products for half inputs), ``authors`` (our implementation of the authors'
+products inside reliable updates with accurate true residuals: ``ieee`` dots for float32 inputs,
+``tf32x3`` and native half logits for half inputs), ``authors`` (our implementation of the authors'
 FlashLLA scheme: every product bf16 / fp16, 32 fixed unpreconditioned CG iterations, no refinement).
 Every dot's operands are rounded as the tensor cores would (``triton_common._dot``: TF32 / bf16 / fp16
 round to nearest even, ``tf32x3`` as its three TF32 products), and stores round to nearest even.
 
 ``--ablation`` adds, for float32 inputs under ``mixed``, the choices the scheme was picked from: the
-logits of the accurate passes in ``ieee`` (exact fp32) or plain ``bf16`` instead of ``tf32x3``, and the
-CG iterations' logits in ``tf32x3`` instead of ``bf16``.
+accurate dots (true residuals, moments, output, gradients) in ``tf32x3`` instead of ``ieee``, with the
+logits in ``tf32x3``, ``ieee`` or ``bf16``, and the CG iterations' logits in ``tf32x3`` instead of ``bf16``.
 Shapes: causal, B = 1, H = 2, (T, D) in {(64, 16), (100, 48)}; ridge 1 (and 0.1 at (100, 48)).
 """
 
@@ -46,9 +46,10 @@ NAMES = ("o", "dq", "dk", "dv")
 
 #: ablation variants: name -> overrides of block_config's dot precisions (float32 inputs, mixed)
 ABLATION = {
-    "mixed, accurate logits ieee": dict(PREC_QK="ieee"),
-    "mixed, accurate logits bf16": dict(PREC_QK="bf16"),
-    "mixed, CG logits tf32x3": dict(PREC_CGQ="tf32x3"),
+    "mixed, accurate dots tf32x3": dict(PREC="tf32x3", PREC_QK="tf32x3"),
+    "mixed, accurate dots tf32x3, logits ieee": dict(PREC="tf32x3", PREC_QK="ieee"),
+    "mixed, accurate dots tf32x3, logits bf16": dict(PREC="tf32x3", PREC_QK="bf16"),
+    "mixed, accurate dots tf32x3, CG logits tf32x3": dict(PREC="tf32x3", PREC_QK="tf32x3", PREC_CGQ="tf32x3"),
 }
 
 

@@ -17,8 +17,14 @@ Transparent fallbacks to the PyTorch backend (same results, just not fused): flo
 ``solver="direct"``, non-finite keys or values, head dims above 256, empty inputs (no batch, heads
 or positions).
 
+``precision`` (``"auto"`` | ``"fp32"`` | ``"mixed"``, see ``resolve_precision`` / ``block_config``): plain
+float32 solves, or the CG iterations as bf16/fp16 tensor-core products inside reliable updates with
+accurate true residuals (float32 accuracy either way).  The conditioning estimate is the PyTorch
+backend's, from per-row statistics the forward kernel writes (``amplification``); the backward adds
+the PyTorch backend's logit-rounding and ridge-gradient checks.
+
 Under the Triton interpreter (``TRITON_INTERPRET=1``) every ``tl.dot`` rounds its operands as the
-GPU's tensor cores would (TF32, round to nearest even); ``LLA_TRITON_EMULATE=0`` switches that
+GPU's tensor cores would (TF32 / bf16 / fp16, round to nearest even); ``LLA_TRITON_EMULATE=0`` switches that
 off, ``=trunc`` truncates to TF32 instead (the worst case if the hardware drops the low bits).
 """
 
@@ -95,11 +101,12 @@ def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32") -
 
     ``precision="fp32"``: float32 inputs use exact fp32 dots (``ieee``, no tensor cores); half inputs
     TF32 dots for the logits (exact for bf16/fp16 values) and ``"tf32x3"`` (three TF32 products,
-    about fp32 accuracy) for the rest.  ``"mixed"``: every dot on tensor cores: the CG iterations in
-    bf16 (fp16 for fp16 inputs) with fp32 accumulators inside iterative refinement whose true
-    residuals use ``"tf32x3"``; logits of half inputs as native half products (exact), of float32
-    inputs in ``"tf32x3"``; moments, output and gradients ``"tf32x3"``.  ``"authors"`` (benchmark
-    only): every dot bf16 / fp16, no refinement.
+    about fp32 accuracy) for the rest.  ``"mixed"``: the CG iterations (their matvecs and logits) as
+    bf16 tensor-core products (fp16 for fp16 inputs) with fp32 accumulators, inside reliable updates
+    whose true residuals, like the moments, output and gradients, keep the accurate precision:
+    ``ieee`` for float32 inputs (``tf32x3`` there lost 100x on the ridge gradient at logits ~1e3),
+    ``tf32x3`` with native half logits (exact) for half inputs, so every dot of a half-input call is
+    on tensor cores.  ``"authors"`` (benchmark only): every dot bf16 / fp16, no refinement.
 
     The backward kernels' ``BLOCK_M`` never exceeds the forward's (their tiles must sit inside one
     forward tile, whose key shift they use).  The tiles were chosen by compiling for sm_90 on a CPU
@@ -144,7 +151,7 @@ def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32") -
         prec, prec_qk = ("ieee", "ieee") if not half else (_HALF_PREC, "tf32")
         cg, cgq, mixed, refine, inner = prec, prec_qk, False, 1, 0.0
     elif precision == "mixed":
-        prec, prec_qk = "tf32x3", (lowp if half else "tf32x3")
+        prec, prec_qk = ("tf32x3", lowp) if half else ("ieee", "ieee")
         cg, cgq, mixed, refine, inner = lowp, lowp, True, MIXED_REFINE, MIXED_INNER
     elif precision == "authors":
         prec = prec_qk = cg = cgq = lowp

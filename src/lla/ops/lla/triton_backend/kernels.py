@@ -26,7 +26,10 @@ per-key query ranges ``qlo[S], qhi[S]``; tiles outside the ranges are never visi
 (tiles x batch x heads folded into axis 0, which CUDA allows up to 2^31 - 1).
 
 Dots: ``PREC_QK`` for the dots whose operands are exact in it (q.k logits and do.v: input-dtype
-values, exact in TF32 for bf16/fp16), ``PREC`` for the rest (moments, CG matvec, output, gradients).
+values, exact in TF32 or as native bf16/fp16 products for bf16/fp16), ``PREC`` for the rest (moments,
+true-residual matvecs, output, gradients) and, when ``MIXED``, ``PREC_CG`` / ``PREC_CGQ`` for the CG
+iterations' matvecs and their logits (bf16/fp16 tensor-core products inside reliable updates, see
+``_solve``); ``function.block_config`` picks them from the op's ``precision``.
 Every dot goes through ``_dot`` (``lla.ops.triton_common``, shared with the Parallax kernels), which
 under the interpreter (``EMU`` > 0) rounds the operands as the GPU would (the interpreter's
 ``tl.dot`` is a plain float32 product whatever the precision asked).
@@ -61,7 +64,8 @@ def round_tf32_kernel(X, Y, N, EMU: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK: tl.constexpr, EMU: tl.constexpr):
+def _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK: tl.constexpr, EMU: tl.constexpr,
+             CLAMP: tl.constexpr = False):
     """Normalised softmax weights of a (rows x key tile) block from RAW keys ``kt``: s [BM, BN]
     (0 where not visible).
 
@@ -69,7 +73,11 @@ def _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK: tl.constexpr, EMU: tl.c
     would round it to ulp(max), which at logits ~1e4 moves every weight by ~1e-3."""
     logits = _dot(q, tl.trans(kt), PREC_QK, EMU) * scale
     vis = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
-    return tl.where(vis, tl.exp(logits - mxs[:, None]) * iom[:, None], 0.0)
+    expo = logits - mxs[:, None]
+    if CLAMP:  # logits recomputed at a lower precision (a MIXED solve's) may pass the row max: at logits
+        # ~1e3 their exp would overflow
+        expo = tl.minimum(expo, 0.0)
+    return tl.where(vis, tl.exp(expo) * iom[:, None], 0.0)
 
 
 @triton.jit
@@ -101,7 +109,7 @@ def _load_shift(C, b, hk, Hk, n_tiles, tile, offs_d, D):
 @triton.jit
 def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-                EMU: tl.constexpr):
+                EMU: tl.constexpr, CLAMP: tl.constexpr = False):
     """``A p = sum_j s_j (y_j . p) y_j + lam p`` (``y_j = k_j - m``) for a tile of rows, streaming key
     tiles and recomputing the weights: [BM, BLOCK_D].  ``m`` is relative to the shift ``c`` (as the
     keys are here).  The centred form keeps ``A`` positive definite in floating point even when the
@@ -118,7 +126,7 @@ def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, 
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
-        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
+        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU, CLAMP)
         kc = kt - c[None, :]
         a = _dot(p, tl.trans(kc), PREC, EMU)  # [BM, BN]  (k_j - c) . p
         w = s * (a - mp[:, None])  # s_j y_j . p
@@ -177,9 +185,10 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
                                      kstride, S, D, scale, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
             else:
                 pn = tl.max(tl.abs(p), 1)
-                av, sa = _cov_matvec(p * tl.where(pn > 0, 1.0 / pn, 0.0)[:, None], q, m, lam, mxs, iom, lo, hi,
+                av, sa = _cov_matvec(p * tl.where(pn > 0, 1.0 / tl.where(pn > 0, pn, 1.0), 0.0)[:, None], q, m, lam,
+                                     mxs, iom, lo, hi,
                                      j_start, j_end, Kb, c, kstride, S, D, scale, BLOCK_N, BLOCK_D, PREC_CG, PREC_CGQ,
-                                     EMU)
+                                     EMU, True)
                 av = av * pn[:, None]
         else:
             av, sa = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c,
@@ -200,6 +209,10 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
                         lowp = 0
                         cap = it + max_iters
                         restarts = REFINE - 1  # from here on the plain solve: one refinement restart left
+                        worse = rr > bb  # rows the low precision left further off than x = 0: start over
+                        x = tl.where(worse[:, None], 0.0, x)
+                        r = tl.where(worse[:, None], b, r)
+                        rr = tl.where(worse, bb, rr)
                 rr_true = rr
                 since = 0
             if (tl.sum(missed.to(tl.int32), 0) > 0) & (it < cap) & (restarts < REFINE):
@@ -215,9 +228,13 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
             else:
                 done = 1
         else:
+            if MIXED:  # a row whose low-precision matvec overflowed (fp16) takes no step
+                finite = tl.min((tl.abs(av) < float("inf")).to(tl.int32), 1) > 0
+                av = tl.where(finite[:, None], av, 0.0)
             pap = tl.sum(p * av, 1)
             ok = active & (pap > 0)
             if MIXED:  # exact line search along p (the kept directions are not r-orthogonal after an update)
+                ok = ok & finite
                 alpha = tl.where(ok, tl.sum(r * p, 1) / tl.where(pap > 0, pap, 1.0), 0.0)
             else:
                 alpha = tl.where(ok, rz / tl.where(pap > 0, pap, 1.0), 0.0)
@@ -242,6 +259,11 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
                 # passed: measure the true residual (the stall test needs these)
                 rr_rec = rr
                 since += 1
+                if tl.sum((active & ~finite).to(tl.int32), 0) > 0:  # overflow: leave the low precision
+                    lowp = 0
+                    cap = it + max_iters
+                    restarts = REFINE - 1
+                    check = 1
                 if lowp > 0:
                     if (tl.sum((active & (rr > INNER * INNER * rr_true)).to(tl.int32), 0) == 0) | (since >= UPDATE_EVERY):
                         check = 1
