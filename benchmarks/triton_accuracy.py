@@ -1,6 +1,7 @@
 """Accuracy of the Triton kernels' precisions under the interpreter, with the GPU's rounding emulated.
 
     python benchmarks/triton_accuracy.py [--quick] [--ablation] [--dtypes ...] [--precisions ...] [--shapes T,D,ridge ...]
+    python benchmarks/triton_accuracy.py --grid mixed      # the robustness grid's Triton cases on "mixed"
 
 Runs on CPU (sets ``TRITON_INTERPRET=1`` itself).  For float32, bfloat16 and float16 inputs and each
 precision: the relative RMS error (``||a - b|| / ||b||``) against the float64 reference of the output
@@ -71,8 +72,38 @@ def run(dtype, precision, T, D, ridge, override=None):
     return err, naive, aux, warned
 
 
+def robustness_grid(precision: str) -> None:
+    """The robustness grid's Triton cases (``benchmarks/robustness.py``: the same design and selection)
+    with the Triton backend forced to ``precision``; prints the counts per input dtype and the flagged
+    cases, classified as the grid does."""
+    import robustness as R
+
+    cases = R.design(False, 60)
+    tri = [dict(c, path="triton") for c in cases
+           if c["T"] <= 64 and c["D"] <= 32 and c["dtype"] != "fp64" and c["solver"] == "cg"][::2]
+    with _forced_precision(precision):
+        res = R.run_all(tri, 2)
+    counts = {}
+    for r in res:
+        k = R.classify(r)
+        c = counts.setdefault(r["case"]["dtype"], dict(cases=0, nonfinite=0, silent_misses=0, false_alarms=0,
+                                                       conditioning=0, warned=0))
+        c["cases"] += 1
+        c["nonfinite"] += int(k["bad"])
+        c["silent_misses"] += int(k["miss"])
+        c["false_alarms"] += int(k["alarm"])
+        c["conditioning"] += int(k["cond_alarm"])
+        c["warned"] += int(bool(r.get("warned")))
+        if k["bad"] or k["miss"] or k["alarm"]:
+            print(f"flagged: {R._label(r['case'])}: error {k['err']:.2g}, warned {r.get('warned')}")
+    for dt, c in counts.items():
+        print(f"{precision} {dt}: " + ", ".join(f"{n} {v}" for n, v in c.items()))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", default=None, choices=["fp32", "mixed"],
+                    help="instead: the robustness grid's Triton cases at this precision (counts as the grid's)")
     ap.add_argument("--quick", action="store_true", help="only (T, D) = (64, 16), ridge 1")
     ap.add_argument("--ablation", action="store_true", help="also the float32 mixed-precision variants")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
@@ -81,6 +112,9 @@ def main(argv=None):
     ap.add_argument("--no-header", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    if args.grid:
+        robustness_grid(args.grid)
+        return
     shapes = [(64, 16, 1.0)] if args.quick else [(64, 16, 1.0), (100, 48, 1.0), (100, 48, 0.1)]
     if args.shapes:
         shapes = [(int(a), int(b), float(c)) for a, b, c in (x.split(",") for x in args.shapes)]

@@ -208,7 +208,7 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
                     if tl.sum(stalled.to(tl.int32), 0) > 0:
                         lowp = 0
                         cap = it + max_iters
-                        restarts = REFINE - 1  # from here on the plain solve: one refinement restart left
+                        restarts = REFINE - 2  # from here on the plain solve (this restart, then one refinement)
                         worse = rr > bb  # rows the low precision left further off than x = 0: start over
                         x = tl.where(worse[:, None], 0.0, x)
                         r = tl.where(worse[:, None], b, r)
@@ -262,7 +262,7 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
                 if tl.sum((active & ~finite).to(tl.int32), 0) > 0:  # overflow: leave the low precision
                     lowp = 0
                     cap = it + max_iters
-                    restarts = REFINE - 1
+                    restarts = REFINE - 2
                     check = 1
                 if lowp > 0:
                     if (tl.sum((active & (rr > INNER * INNER * rr_true)).to(tl.int32), 0) == 0) | (since >= UPDATE_EVERY):
