@@ -125,7 +125,10 @@ def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32") -
             fwd, bwd_q, bwd_k = (64, 32, 8), (64, 16, 8), (32, 32, 4)
         else:
             fwd, bwd_q, bwd_k = (64, 16, 8), (64, 16, 8), (32, 16, 4)
-    elif precision != "fp32":  # tensor-core dots (mma.sync at 16 rows): the least spilling of those compiled
+    elif precision != "fp32" and (half or precision == "authors"):  # every dot on tensor cores (mma.sync at
+        # 16 rows): the least spilling of those compiled; float32 inputs on "mixed" keep ieee dots outside
+        # the CG iterations and spill least with the fp32 tiles below (D = 64: 400 / 680 / 608 bytes per
+        # thread against 1016 / 1664 / 5656 with these)
         if widest <= 32:
             fwd = bwd_q = bwd_k = (32, 32, 4)
         elif widest <= 64:
