@@ -1,33 +1,35 @@
-"""GPU benchmark: LLA Triton kernels vs SDPA (flash backend) and vs the PyTorch LLA path.
+"""GPU benchmark: the LLA Triton kernels' precisions vs SDPA, with accuracy and peak memory.
 
-    python benchmarks/bench_gpu.py                      # T 1K..32K, H=16, D 64/128, bf16+fp32, fwd and fwd+bwd
-    python benchmarks/bench_gpu.py --T 1024 4096 --D 64 --dtypes bf16 --modes fwd
-    python benchmarks/bench_gpu.py --dry                # CPU: builds the grid, runs a tiny case interpreted
+    python benchmarks/bench_gpu.py                      # B=1 H=8 T=4096 D=64 causal, ridge 1 and 0.01 (< 10 min)
+    python benchmarks/bench_gpu.py --T 8192 --ridges 1 --dtypes bf16 --modes fwd
+    python benchmarks/bench_gpu.py --dry                # CPU: the same code on a tiny case, interpreted
     python benchmarks/bench_gpu.py --compile-check      # CPU: compiles the kernels for sm_90, reports spills
 
-Per row: milliseconds (CUDA events, median of --repeats after one warm-up), TFLOP/s from the
-formula below, the time ratio to SDPA measured in the same run, peak memory allocated during the
-call (beyond the inputs), and the relative RMS error of the output against an fp32 reference (the
-PyTorch backend with the direct Cholesky solver, on the first --ref-heads heads).
+Rows per (dtype, ridge, mode), all in one run so that the ratios compare like with like:
 
-FLOP accounting (causal, B*H heads, P = visible (query, key) pairs per head ~ T*S/2, D = Dv):
-    SDPA  forward   4 D P                  backward 10 D P   (2 matmuls fwd, 5 bwd)
-    LLA   forward   (12 + 6 n) D P         moments pass (logits, s K, s K^2) 6 D P,
-                                            n CG iterations of (logits, K p, s K p K) 6 D P each,
-                                            output pass (logits, K x, w V) 6 D P
-          backward  (34 + 6 n) D P         query side: 8 D P + adjoint CG (n assumed = forward's)
-                                            + 10 D P; key side: 16 D P
-n is the reported forward CG iteration count of the slowest row, so LLA's TFLOP/s is an upper
-estimate of useful work for rows that exit early.
+* ``sdpa``          ``torch.nn.functional.scaled_dot_product_attention``, causal (flash for bf16/fp16);
+* ``lla-fp32``      ``precision="fp32"``: plain float32 solves (``ieee`` dots, no tensor cores); fp32 inputs only;
+* ``lla-mixed``     ``precision="mixed"``: CG iterations as bf16 (fp16) tensor-core products inside
+                    reliable updates with TF32x3 true residuals; float32 accuracy;
+* ``lla-authors``   the authors' FlashLLA scheme as a reference point, our implementation of it: every
+                    product in bf16 (fp16), plain CG for a fixed 32 iterations, no refinement;
+* ``lla-mixed-wg``  (on request) ``mixed`` with 64-row tiles (Hopper wgmma, more register spilling).
+
+Columns: milliseconds (``triton.testing.do_bench``, median), the ratio to SDPA, peak memory allocated
+during one call beyond what was allocated before it, the CG iterations of the slowest row (forward), and
+the relative RMS error against float64 (the PyTorch backend, direct solver, float64, on the first
+``--ref-heads`` heads): the output, and for ``fwdbwd`` the worst of dq, dk, dv.  A time budget
+(``--budget-s``, default 540 s) skips the configurations left when it runs out (compilation included),
+so the default run ends within 10 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
+import warnings
 
 DRY = "--dry" in sys.argv
 if DRY:
@@ -37,78 +39,73 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import lla  # noqa: E402
+from lla.ops.lla import api as _api  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IMPLS = ("sdpa", "lla-fp32", "lla-mixed", "lla-authors", "lla-mixed-wg")
+DEFAULT_IMPLS = IMPLS[:4]
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    p.add_argument("--D", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--H", type=int, default=16)
+    p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--D", type=int, nargs="+", default=[64], help="head dim (the benchmark takes the first; "
+                   "--compile-check each)")
+    p.add_argument("--H", type=int, default=8)
     p.add_argument("--B", type=int, default=1)
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    p.add_argument("--ridges", type=float, nargs="+", default=[1.0, 0.01])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
-    p.add_argument("--ridge", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--torch-max-t", type=int, default=8192, help="skip the PyTorch LLA path above this T")
-    p.add_argument("--ref-heads", type=int, default=2, help="heads checked against the fp32 reference")
-    p.add_argument("--dry", action="store_true", help="CPU: build the grid, run one tiny case interpreted")
+    p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS,
+                   help="lla-mixed-wg: the mixed precision with 64-row (wgmma) tiles instead of 16-row ones")
+    p.add_argument("--ref-heads", type=int, default=2, help="heads checked against the float64 reference")
+    p.add_argument("--budget-s", type=float, default=540.0, help="skip what is left after this many seconds")
+    p.add_argument("--dry", action="store_true", help="CPU: run a tiny case through the same code, interpreted")
     p.add_argument("--compile-check", action="store_true",
-                   help="compile the three kernels for --arch at each --D / --dtypes (no GPU needed) and "
-                        "print registers and spill stack per thread")
+                   help="compile the three kernels for --arch (no GPU needed) at each --D / --dtypes / "
+                        "precision and print shared memory, registers and spill stack per thread")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-check")
     return p.parse_args(argv)
 
 
-def grid(args):
-    """The benchmark configurations: (T, D, dtype name, mode)."""
-    return [(T, D, dt, mode) for D in args.D for dt in args.dtypes for T in args.T for mode in args.modes]
+class _forced_precision:
+    """Run the Triton backend at ``precision`` (and, for the authors' scheme, 32 fixed iterations)
+    inside the block, whatever the public op passes."""
 
+    def __init__(self, precision):
+        self.precision, self.tiles = precision, None
+        if precision is not None and precision.endswith("-wg"):
+            self.precision, self.tiles = precision[:-3], "wgmma"
 
-def flops(impl: str, mode: str, B: int, H: int, T: int, D: int, iters: int) -> float:
-    pairs = B * H * T * (T + 1) / 2  # causal, S == T
-    if impl == "sdpa":
-        per = 4 + (10 if mode == "fwdbwd" else 0)
-    else:
-        per = 12 + 6 * iters + ((34 + 6 * iters) if mode == "fwdbwd" else 0)
-    return per * D * pairs
+    def __enter__(self):
+        self.orig = _api._backend_fn
+        orig, prec = self.orig, self.precision
+        if self.tiles is not None:
+            from lla.ops.lla.triton_backend import function as F
 
+            self.F, self.old_tiles = F, F.MIXED_TILES
+            F.MIXED_TILES = self.tiles
 
-class _Timer:
-    """CUDA events on a GPU, perf_counter on CPU (dry run)."""
+        def pick(name):
+            fn = orig(name)
+            if name != "triton":
+                return fn
 
-    def __init__(self, cuda: bool, warmup: bool = True):
-        self.cuda, self.warmup = cuda, warmup
+            def run(*a, **kw):
+                kw["precision"] = prec
+                if prec == "authors":  # fixed 32 iterations: no tolerance exit, no preconditioner
+                    kw.update(max_iters=32, tol=1e-30, precondition=False)
+                return fn(*a, **kw)
 
-    def __call__(self, fn, repeats: int):
-        if self.warmup:
-            fn()  # warm-up (and compile)
-        times = []
-        for _ in range(repeats):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
+            return run
 
+        _api._backend_fn = pick
+        return self
 
-def _peak_mib(fn, cuda: bool) -> float:
-    if not cuda:
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    def __exit__(self, *exc):
+        _api._backend_fn = self.orig
+        if self.tiles is not None:
+            self.F.MIXED_TILES = self.old_tiles
 
 
 def _sdpa(q, k, v, cuda: bool):
@@ -123,63 +120,97 @@ def _sdpa(q, k, v, cuda: bool):
     return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
 
 
-def run_one(T, D, dtname, mode, args, timer, cuda, device):
-    dtype = DTYPES[dtname]
-    B, H = args.B, args.H
-    g = torch.Generator(device="cpu").manual_seed(T + D)
-    q, k, v = (torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(3))
-    grad = mode == "fwdbwd"
-    for t in (q, k, v):
-        t.requires_grad_(grad)
-    do = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype)
+def _bench(fn, cuda: bool) -> float:
+    if cuda:
+        import triton
 
-    def call(fn):
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def _peak_mib(fn, cuda: bool) -> float:
+    if not cuda:
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def run_config(dtname, ridge, mode, args, cuda, device, deadline):
+    dtype = DTYPES[dtname]
+    B, H, T, D = args.B, args.H, args.T, args.D[0]
+    g = torch.Generator(device="cpu").manual_seed(T + D)
+    q, k, v, do = (torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    grad = mode == "fwdbwd"
+    nh = min(args.ref_heads, H)
+
+    # float64 reference on the first heads (the same rounded inputs)
+    qr, kr, vr = (t.detach()[:, :, :nh].double().requires_grad_(grad) for t in (q, k, v))
+    ref = lla.local_linear_attention(qr, kr, vr, ridge=ridge, causal=True, solver="direct", backend="torch")
+    ref_g = torch.autograd.grad(ref, (qr, kr, vr), do[:, :, :nh].double()) if grad else None
+    ref = ref.detach()
+
+    impls = {}
+    for name in args.impls:
+        if name == "sdpa":
+            impls[name] = (None, lambda qq, kk, vv: _sdpa(qq, kk, vv, cuda))
+        elif name == "lla-fp32" and dtype != torch.float32:
+            continue
+        else:
+            prec = name.split("-", 1)[1]  # fp32 | mixed | authors | mixed-wg
+            impls[name] = (prec, lambda qq, kk, vv: lla.local_linear_attention(
+                qq, kk, vv, ridge=ridge, causal=True, solver="cg", backend="triton"))
+
+    rows, ms_sdpa = [], float("nan")
+    for name, (prec, fn) in impls.items():
+        if time.time() > deadline:
+            print(f"{dtname:>5} {ridge:>6g} {mode:>7} {name:>12}  skipped (time budget)", flush=True)
+            continue
+        qq, kk, vv = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
+
         def go():
-            for t in (q, k, v):
+            for t in (qq, kk, vv):
                 t.grad = None
-            o = fn()
+            o = fn(qq, kk, vv)
             if grad:
                 o.backward(do)
             return o
 
-        return go
-
-    lla_kw = dict(ridge=args.ridge, causal=True, solver="cg")
-    impls = {
-        "sdpa": lambda: _sdpa(q, k, v, cuda),
-        "lla-triton": lambda: lla.local_linear_attention(q, k, v, backend="triton", **lla_kw),
-    }
-    if T <= args.torch_max_t:
-        impls["lla-torch"] = lambda: lla.local_linear_attention(q, k, v, backend="torch", **lla_kw)
-
-    # the reference: fp32 inputs, direct (Cholesky) solver, first heads only
-    nh = min(args.ref_heads, H)
-    with torch.no_grad():
-        qr, kr, vr = (t.detach()[:, :, :nh].float() for t in (q, k, v))
-        ref = lla.local_linear_attention(qr, kr, vr, ridge=args.ridge, solver="direct", backend="torch")
-        _, aux = lla.local_linear_attention(
-            q.detach(), k.detach(), v.detach(), backend="triton", return_aux=True, **lla_kw
-        )
-    iters = aux.iters
-
-    rows, ms_sdpa = [], None
-    for name, fn in impls.items():
-        ms = timer(call(fn), args.repeats)
-        peak = _peak_mib(call(fn), cuda)
-        with torch.no_grad():
-            o = fn()
-        err = ((o[:, :, :nh].float() - ref).norm() / ref.norm()).item()
-        fl = flops("sdpa" if name == "sdpa" else "lla", mode, B, H, T, D, iters)
+        with warnings.catch_warnings(record=True) as caught, _forced_precision(prec):
+            warnings.simplefilter("always")
+            t0 = time.time()
+            o = go()  # compiles
+            first = time.time() - t0
+            iters = -1
+            if prec is not None:
+                with torch.no_grad():
+                    iters = lla.local_linear_attention(q, k, v, ridge=ridge, causal=True, solver="cg", backend="triton",
+                                                       return_aux=True)[1].iters
+            ms = _bench(go, cuda) if cuda else 1e3 * first  # dry run: the one interpreted call
+            peak = _peak_mib(go, cuda)
+        warned = any(issubclass(w.category, lla.LLAConvergenceWarning) for w in caught)
+        err = _rel(o.detach()[:, :, :nh], ref) if name != "sdpa" else float("nan")
+        gerr = float("nan")
+        if grad and name != "sdpa":
+            gerr = max(_rel(t.grad[:, :, :nh], r) for t, r in zip((qq, kk, vv), ref_g))
         if name == "sdpa":
             ms_sdpa = ms
-        rows.append((name, ms, fl / (ms * 1e-3) / 1e12, ms / ms_sdpa, peak, err))
+        rows.append((name, ms, peak, iters, err, gerr, warned, first))
         del o
-    for name, ms, tflops, ratio, peak, err in rows:
-        print(
-            f"{T:>6} {D:>4} {dtname:>5} {mode:>7} {name:>11} {ms:>10.3f} {tflops:>8.2f} {ratio:>9.2f}x "
-            f"{peak:>10.1f} {err:>9.2e} {iters if name != 'sdpa' else '':>5}",
-            flush=True,
-        )
+    for name, ms, peak, iters, err, gerr, warned, first in rows:
+        print(f"{dtname:>5} {ridge:>6g} {mode:>7} {name:>12} {ms:>10.3f} {ms / ms_sdpa:>8.2f}x {peak:>9.1f} "
+              f"{iters if iters >= 0 else '':>5} {err:>9.2e} {gerr:>9.2e} {'yes' if warned else '':>6} {first:>7.1f}",
+              flush=True)
 
 
 def compile_check(args) -> int:
@@ -197,32 +228,29 @@ def main(argv=None) -> int:
         return compile_check(args)
     cuda = torch.cuda.is_available()
     if args.dry:
-        configs = grid(args)
-        print(f"grid: {len(configs)} configurations, e.g. {configs[:3]} ... {configs[-1]}")
-        args.T, args.D, args.H, args.dtypes, args.modes = [32], [16], 2, ["fp32"], ["fwdbwd"]
-        args.repeats, args.ref_heads = 1, 2
+        args.T, args.D, args.H, args.ridges, args.modes = 8, [16], 1, [1.0], ["fwdbwd"]
+        args.dtypes = ["fp32"]
         cuda, device = False, "cpu"
     else:
         if not cuda:
-            print(
-                "bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False). "
-                "Run `python benchmarks/bench_gpu.py --dry` to check the script on CPU.",
-                file=sys.stderr,
-            )
+            print("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False). "
+                  "Run `python benchmarks/bench_gpu.py --dry` to check the script on CPU.", file=sys.stderr)
             return 2
         device = "cuda"
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(
-        f"{'T':>6} {'D':>4} {'dtype':>5} {'mode':>7} {'impl':>11} {'ms':>10} {'TFLOP/s':>8} {'vs sdpa':>10} "
-        f"{'peak MiB':>10} {'rel err':>9} {'iters':>5}"
-    )
-    timer = _Timer(cuda, warmup=not args.dry)
-    for T, D, dtname, mode in grid(args):
-        try:
-            run_one(T, D, dtname, mode, args, timer, cuda, device)
-        except torch.OutOfMemoryError:
-            print(f"{T:>6} {D:>4} {dtname:>5} {mode:>7}  out of memory", flush=True)
-            torch.cuda.empty_cache()
+    print(f"B={args.B} H={args.H} T={args.T} D={args.D[0]} causal; errors: relative RMS vs float64 "
+          f"(first {args.ref_heads} heads); first = seconds of the first call (compilation)")
+    print(f"{'dtype':>5} {'ridge':>6} {'mode':>7} {'impl':>12} {'ms':>10} {'vs sdpa':>9} {'peak MiB':>9} "
+          f"{'iters':>5} {'o err':>9} {'grad err':>9} {'warned':>6} {'first':>7}")
+    deadline = time.time() + args.budget_s
+    for dtname in args.dtypes:
+        for ridge in args.ridges:
+            for mode in args.modes:
+                try:
+                    run_config(dtname, ridge, mode, args, cuda, device, deadline)
+                except torch.OutOfMemoryError:
+                    print(f"{dtname:>5} {ridge:>6g} {mode:>7}  out of memory", flush=True)
+                    torch.cuda.empty_cache()
     if args.dry:
         print("dry run ok")
     return 0

@@ -27,25 +27,28 @@ SWEEP = [(64, 32, 4), (32, 64, 4), (32, 32, 4), (64, 64, 8), (64, 32, 8), (128, 
 #: input dtype when the mechanism lists them in ``typed``, else float32)
 INTS = ("T", "S", "H", "Hk", "D", "Dv", "max_iters", "n_tiles")
 SCALARS = ("scale", "tol")
-INT_POINTERS = ("LO", "HI", "QLO", "QHI", "ITERS")
+INT_POINTERS = ("LO", "HI", "QLO", "QHI", "ITERS", "PIV")
 
 
 def lla_kernels(D: int, dtype: torch.dtype):
-    """LLA: ``(typed pointers, [(name, kernel, (BLOCK_M, BLOCK_N, warps), constexprs)])``."""
+    """LLA: ``(typed pointers, [(name, kernel, (BLOCK_M, BLOCK_N, warps), constexprs)])`` for every
+    precision the dtype runs (float32: ``fp32`` and ``mixed``; bf16/fp16: ``mixed``)."""
     from lla.ops.lla.triton_backend import kernels as K
     from lla.ops.lla.triton_backend.function import block_config
 
-    bc = block_config(D, D, dtype)
     out = []
-    for which, fn, precond in (("fwd", K.lla_fwd_kernel, True), ("bwd_q", K.lla_bwd_query_kernel, True),
-                               ("bwd_k", K.lla_bwd_key_kernel, False)):
-        const = dict(BLOCK_M=bc[which][0], BLOCK_N=bc[which][1], BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"],
-                     PREC=bc["PREC"], PREC_QK=bc["PREC_QK"], EMU=0)
-        if precond:
-            const["PRECOND"] = True
-        if which != "fwd":
-            const["SHIFT_M"] = bc["fwd"][0]
-        out.append((which, fn, bc[which], const))
+    for precision in (["fp32", "mixed"] if dtype == torch.float32 else ["mixed"]):
+        bc = block_config(D, D, dtype, precision)
+        for which, fn, precond in (("fwd", K.lla_fwd_kernel, True), ("bwd_q", K.lla_bwd_query_kernel, True),
+                                   ("bwd_k", K.lla_bwd_key_kernel, False)):
+            const = {n: bc[n] for n in ("BLOCK_D", "BLOCK_DV", "PREC", "PREC_QK", "MIXED", "PREC_CG", "PREC_CGQ",
+                                        "REFINE", "INNER")}
+            const.update(BLOCK_M=bc[which][0], BLOCK_N=bc[which][1], EMU=0)
+            if precond:
+                const["PRECOND"] = True
+            if which != "fwd":
+                const["SHIFT_M"] = bc["fwd"][0]
+            out.append((f"{which}/{precision}", fn, bc[which], const))
     return ("Q", "V", "O", "DO", "DQ", "DK", "DV"), out
 
 

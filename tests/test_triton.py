@@ -36,6 +36,7 @@ CASES = [
     "outlier_key_locality",
     "tf32_rounding",
     "saturated_logits",
+    "mixed_precision",
 ]
 
 
@@ -48,19 +49,24 @@ def _env(**extra):
 
 @pytest.fixture(scope="module")
 def interp_report():
-    """Run every interpreter case once; ``{case: (ok, text)}``."""
+    """Run every interpreter case once; ``{case: (ok, text)}``.  Two worker processes (one thread
+    each) share the cases, so that both CI cores work (the interpreter is single-threaded numpy)."""
     pytest.importorskip("triton")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "triton_interp_cases.py"), *CASES],
-        capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT,
-    )
-    report = {}
-    for line in proc.stdout.splitlines():
-        for tag, ok in (("OK ", True), ("FAIL ", False)):
-            if line.startswith(tag):
-                name = line[len(tag):].split()[0].rstrip(":")
-                report[name] = (ok, line + ("" if ok else "\n" + proc.stderr[-4000:]))
-    report["_raw"] = (proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:])
+    groups = [CASES[0::2], CASES[1::2]]
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "triton_interp_cases.py"), *g],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(LLA_TEST_THREADS="1"), cwd=ROOT) for g in groups]
+    report, raw, ok_all = {}, "", True
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        for line in out.splitlines():
+            for tag, ok in (("OK ", True), ("FAIL ", False)):
+                if line.startswith(tag):
+                    name = line[len(tag):].split()[0].rstrip(":")
+                    report[name] = (ok, line + ("" if ok else "\n" + err[-4000:]))
+        raw += out[-2000:] + err[-4000:]
+        ok_all &= proc.returncode == 0
+    report["_raw"] = (ok_all, raw)
     return report
 
 
@@ -141,6 +147,36 @@ def test_block_config_pads_head_dims():
             c = block_config(D, D, dtype)
             assert c["bwd_q"][0] <= c["fwd"][0] and c["bwd_k"][0] <= c["fwd"][0]
     assert block_config(32, 32, torch.float32)["PREC"] == "ieee" == block_config(32, 32, torch.float32)["PREC_QK"]
+
+
+def test_precision_choices():
+    """``precision``: "auto" follows torch.get_float32_matmul_precision() for float32 inputs and is
+    "mixed" for half inputs; "mixed" runs the CG iterations as bf16 / fp16 tensor-core products, the
+    rest accurate (ieee for float32 inputs; TF32x3 and native half logits, all on tensor cores, for
+    half inputs); unknown values raise."""
+    pytest.importorskip("triton")
+    from lla.ops.lla.triton_backend.function import block_config, resolve_precision
+
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert resolve_precision("auto", torch.float32) == "fp32"
+        torch.set_float32_matmul_precision("high")
+        assert resolve_precision("auto", torch.float32) == "mixed"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert resolve_precision("auto", torch.bfloat16) == "mixed" == resolve_precision("auto", torch.float16)
+    assert resolve_precision("fp32", torch.bfloat16) == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("tf32", torch.float32)
+    for dtype, low, prec, qk in ((torch.float32, "bf16", "ieee", "ieee"), (torch.bfloat16, "bf16", "tf32x3", "bf16"),
+                                 (torch.float16, "fp16", "tf32x3", "fp16")):
+        c = block_config(64, 64, dtype, "mixed")
+        assert c["MIXED"] and c["PREC_CG"] == c["PREC_CGQ"] == low and c["PREC_QK"] == qk and c["PREC"] == prec
+        if dtype != torch.float32:
+            assert "ieee" not in (c["PREC"], c["PREC_QK"], c["PREC_CG"], c["PREC_CGQ"])
+    f = block_config(64, 64, torch.float32, "fp32")
+    assert not f["MIXED"] and f["PREC"] == f["PREC_CG"] == "ieee"
 
 
 def test_bench_gpu_dry_mode():

@@ -47,12 +47,34 @@ def _round_tf32(a, EMU: tl.constexpr):
 
 
 @triton.jit
+def _round_half(a, PREC: tl.constexpr):
+    """float32 -> the nearest bf16 (``PREC == "bf16"``) or fp16 (``"fp16"``) value, as float32, rounded
+    to nearest even (bf16 in the bits, since the interpreter's float32 -> bf16 cast truncates)."""
+    if PREC == "bf16":
+        bits = a.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return a.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
 def _dot(a, b, PREC: tl.constexpr, EMU: tl.constexpr):
-    """``tl.dot(a, b)`` with float32 accumulation at precision ``PREC``; with ``EMU`` (interpreter
-    only) the operands are rounded as the GPU's tensor cores see them: TF32 for ``"tf32"``, and
-    the split ``a = hi + lo`` three-product scheme for ``"tf32x3"``; ``"ieee"`` is left exact."""
+    """``tl.dot(a, b)`` with float32 accumulation at precision ``PREC``: ``"ieee"``, ``"tf32"``,
+    ``"tf32x3"``, or ``"bf16"`` / ``"fp16"`` (both operands cast to that half type: the tensor cores'
+    fastest products, float32 accumulators).  With ``EMU`` (interpreter only) the operands are rounded
+    as the GPU's tensor cores see them: TF32 for ``"tf32"``, the split ``a = hi + lo`` three-product
+    scheme for ``"tf32x3"``, round-to-nearest-even bf16 / fp16 for the half precisions; ``"ieee"`` is
+    left exact."""
     if EMU == 0:
-        return tl.dot(a, b, input_precision=PREC)
+        if PREC == "bf16":
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+        elif PREC == "fp16":
+            return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+        else:
+            return tl.dot(a, b, input_precision=PREC)
+    elif (PREC == "bf16") | (PREC == "fp16"):
+        return tl.dot(_round_half(a, PREC), _round_half(b, PREC), input_precision="ieee")
     elif PREC == "tf32":
         return tl.dot(_round_tf32(a, EMU), _round_tf32(b, EMU), input_precision="ieee")
     elif PREC == "tf32x3":

@@ -17,8 +17,14 @@ Transparent fallbacks to the PyTorch backend (same results, just not fused): flo
 ``solver="direct"``, non-finite keys or values, head dims above 256, empty inputs (no batch, heads
 or positions).
 
+``precision`` (``"auto"`` | ``"fp32"`` | ``"mixed"``, see ``resolve_precision`` / ``block_config``): plain
+float32 solves, or the CG iterations as bf16/fp16 tensor-core products inside reliable updates with
+accurate true residuals (float32 accuracy either way).  The conditioning estimate is the PyTorch
+backend's, from per-row statistics the forward kernel writes (``amplification``); the backward adds
+the PyTorch backend's logit-rounding and ridge-gradient checks.
+
 Under the Triton interpreter (``TRITON_INTERPRET=1``) every ``tl.dot`` rounds its operands as the
-GPU's tensor cores would (TF32, round to nearest even); ``LLA_TRITON_EMULATE=0`` switches that
+GPU's tensor cores would (TF32 / bf16 / fp16, round to nearest even); ``LLA_TRITON_EMULATE=0`` switches that
 off, ``=trunc`` truncates to TF32 instead (the worst case if the hardware drops the low bits).
 """
 
@@ -31,7 +37,7 @@ from ...triton_common import emulation_mode
 from . import kernels as _k
 
 __all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
-           "MAX_HEAD_DIM"]
+           "resolve_precision", "amplification", "MAX_HEAD_DIM", "PRECISIONS"]
 
 #: largest head dim the kernels take (padded to a power of two up to this)
 MAX_HEAD_DIM = 256
@@ -43,11 +49,13 @@ MAX_GRID_X = 2**31 - 1
 
 
 class _Cfg:
-    __slots__ = ("scale", "max_iters", "tol", "precondition", "lam_min")
+    __slots__ = ("scale", "max_iters", "tol", "precondition", "lam_min", "lam_dims", "precision")
 
-    def __init__(self, scale, max_iters, tol, precondition, lam_min=float("nan")):
+    def __init__(self, scale, max_iters, tol, precondition, lam_min=float("nan"), lam_dims=(), precision="fp32"):
         self.scale, self.max_iters, self.tol, self.precondition = scale, max_iters, tol, precondition
+        self.precision = precision  # resolved: "fp32", "mixed" or "authors"
         self.lam_min = lam_min
+        self.lam_dims = list(lam_dims)  # the ridge's broadcast dims of [B, T, H] (autograd sums over them)
 
 
 def _interpreting() -> bool:
@@ -56,39 +64,105 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
-    """Tile sizes, warps and dot precision for head dims ``D``/``Dv`` (padded to powers of two).
+#: the op's ``precision`` choices (``"authors"``, a fixed-iteration all-bf16 solve without refinement,
+#: is internal: the benchmark's reference point for the authors' FlashLLA scheme)
+PRECISIONS = ("auto", "fp32", "mixed")
+#: mixed precision: the true residual is re-measured (a reliable update) each time the low-precision CG's
+#: recurrence residual has dropped by this factor, at most ``MIXED_REFINE`` times per solve
+MIXED_INNER = 2.0**-5
+MIXED_REFINE = 16
+#: tiles of the tensor-core precisions: "mma" (16-row tiles, mma.sync, least register spilling in the
+#: sm_90 compile statistics) or "wgmma" (64-row tiles, Hopper's warpgroup products, 1-3 KB spilled per
+#: thread at D = 64); ``benchmarks/bench_gpu.py --impls lla-mixed-wg`` times the second
+MIXED_TILES = "mma"
 
-    Returns ``BLOCK_D``, ``BLOCK_DV``, ``PREC``, ``PREC_QK`` and, per kernel (``fwd``, ``bwd_q``,
-    ``bwd_k``), ``(BLOCK_M, BLOCK_N, num_warps)``.  float32 inputs use exact fp32 dots (``ieee``).
-    Half inputs use TF32 dots (``PREC_QK``) where the operands are input-dtype values, which TF32
-    holds exactly (logits q.k, do.v), and ``PREC`` = ``"tf32x3"`` (three TF32 products, about fp32
-    accuracy) for the moments, the CG matvec, the output and the gradients.  The backward kernels'
-    ``BLOCK_M`` never exceeds the forward's (their tiles must sit inside one forward tile, whose key
-    shift they use).  The tiles were chosen by compiling for sm_90 on a CPU machine
-    and keeping the configurations with (nearly) no register spills (see docs/triton.md); they are
-    not timed.  Under the interpreter the tiles are 16..32 (few, large numpy steps), different per kernel.
+
+def resolve_precision(precision: str, dtype: torch.dtype) -> str:
+    """``"auto"`` -> ``"mixed"`` for bf16 / fp16 inputs; for float32 inputs it follows PyTorch's
+    ``torch.get_float32_matmul_precision()``: ``"highest"`` (PyTorch's default) -> ``"fp32"`` (plain
+    float32 solves, no tensor cores), ``"high"`` / ``"medium"`` -> ``"mixed"``.  Both give float32
+    accuracy; ``"mixed"`` is the faster scheme on tensor cores."""
+    if precision not in PRECISIONS and precision != "authors":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if dtype != torch.float32:
+        return "mixed"
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "mixed"
+
+
+def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32") -> dict:
+    """Tile sizes, warps and dot precisions for head dims ``D``/``Dv`` (padded to powers of two).
+
+    Returns ``BLOCK_D``, ``BLOCK_DV``, the dot precisions ``PREC`` (moments, output, true residuals,
+    gradients), ``PREC_QK`` (logits q.k and do.v: raw input values), ``PREC_CG`` / ``PREC_CGQ`` (the CG
+    iterations' matvec and their logits), ``MIXED``, ``REFINE``, ``INNER`` (see ``kernels._solve``)
+    and, per kernel (``fwd``, ``bwd_q``, ``bwd_k``), ``(BLOCK_M, BLOCK_N, num_warps)``.
+
+    ``precision="fp32"``: float32 inputs use exact fp32 dots (``ieee``, no tensor cores); half inputs
+    TF32 dots for the logits (exact for bf16/fp16 values) and ``"tf32x3"`` (three TF32 products,
+    about fp32 accuracy) for the rest.  ``"mixed"``: the CG iterations (their matvecs and logits) as
+    bf16 tensor-core products (fp16 for fp16 inputs) with fp32 accumulators, inside reliable updates
+    whose true residuals, like the moments, output and gradients, keep the accurate precision:
+    ``ieee`` for float32 inputs (``tf32x3`` there lost 100x on the ridge gradient at logits ~1e3),
+    ``tf32x3`` with native half logits (exact) for half inputs, so every dot of a half-input call is
+    on tensor cores.  ``"authors"`` (benchmark only): every dot bf16 / fp16, no refinement.
+
+    The backward kernels' ``BLOCK_M`` never exceeds the forward's (their tiles must sit inside one
+    forward tile, whose key shift they use).  The tiles were chosen by compiling for sm_90 on a CPU
+    machine and keeping the configurations with the least register spilling (docs/triton.md; for the
+    tensor-core precisions see ``MIXED_TILES``); none is timed.  Under the interpreter the tiles are 16..32 (few, large numpy steps), different per kernel.
     """
     bd = max(16, triton.next_power_of_2(D))
     bdv = max(16, triton.next_power_of_2(Dv))
     widest = max(bd, bdv)
+    half = dtype != torch.float32
+    lowp = "fp16" if dtype == torch.float16 else "bf16"
     if _interpreting():  # different tiles per kernel, so that CI sees tiles that do not line up
         fwd, bwd_q, bwd_k = (32, 32, 4), (16, 32, 4), (32, 16, 4)
+    elif precision != "fp32" and MIXED_TILES == "wgmma":  # 64-row tiles: one warpgroup's wgmma (spills)
+        if widest <= 64:
+            fwd, bwd_q, bwd_k = (64, 32, 8), (64, 16, 8), (32, 32, 4)
+        else:
+            fwd, bwd_q, bwd_k = (64, 16, 8), (64, 16, 8), (32, 16, 4)
+    elif precision != "fp32" and (half or precision == "authors"):  # every dot on tensor cores (mma.sync at
+        # 16 rows): the least spilling of those compiled; float32 inputs on "mixed" keep ieee dots outside
+        # the CG iterations and spill least with the fp32 tiles below (D = 64: 400 / 680 / 608 bytes per
+        # thread against 1016 / 1664 / 5656 with these)
+        if widest <= 32:
+            fwd = bwd_q = bwd_k = (32, 32, 4)
+        elif widest <= 64:
+            fwd = bwd_q = bwd_k = (16, 32, 4)
+        elif widest <= 128:
+            fwd = bwd_q = bwd_k = (16, 32, 8)
+        else:
+            fwd = bwd_q = bwd_k = (16, 16, 8)
     elif widest <= 16:
         fwd = bwd_q = bwd_k = (32, 32, 8)
     elif widest <= 32:
         fwd, bwd_q, bwd_k = (16, 32, 4), (16, 32, 4), (16, 32, 4)
-    elif widest <= 64 and dtype != torch.float32:
+    elif widest <= 64 and half:
         fwd, bwd_q, bwd_k = (32, 32, 8), (32, 32, 8), (16, 32, 8)
     elif widest <= 64:  # fp32 (ieee dots) needs more registers
         fwd, bwd_q, bwd_k = (16, 32, 8), (16, 32, 8), (16, 16, 8)
-    elif widest <= 128 and dtype != torch.float32:
+    elif widest <= 128 and half:
         fwd, bwd_q, bwd_k = (16, 32, 8), (16, 32, 8), (16, 16, 8)
     else:
         fwd = bwd_q = bwd_k = (16, 16, 8)
     assert bwd_q[0] <= fwd[0] and bwd_k[0] <= fwd[0], "backward query tiles must fit in forward tiles"
-    prec, prec_qk = ("ieee", "ieee") if dtype == torch.float32 else (_HALF_PREC, "tf32")
-    return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, PREC_QK=prec_qk, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k)
+    if precision == "fp32":
+        prec, prec_qk = ("ieee", "ieee") if not half else (_HALF_PREC, "tf32")
+        cg, cgq, mixed, refine, inner = prec, prec_qk, False, 1, 0.0
+    elif precision == "mixed":
+        prec, prec_qk = ("tf32x3", lowp) if half else ("ieee", "ieee")
+        cg, cgq, mixed, refine, inner = lowp, lowp, True, MIXED_REFINE, MIXED_INNER
+    elif precision == "authors":
+        prec = prec_qk = cg = cgq = lowp
+        mixed, refine, inner = False, 0, 0.0
+    else:
+        raise ValueError(f"block_config: unknown precision {precision!r} (resolve 'auto' first)")
+    return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, PREC_QK=prec_qk, PREC_CG=cg, PREC_CGQ=cgq, MIXED=mixed,
+                REFINE=refine, INNER=inner, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k)
 
 
 #: dot precision of the non-logit dots for bf16/fp16 inputs
@@ -98,7 +172,8 @@ _HALF_PREC = "tf32x3"
 def _launch_args(bc: dict, which: str) -> dict:
     bm, bn, warps = bc[which]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"],
-                PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), num_warps=warps)
+                PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), MIXED=bc["MIXED"], PREC_CG=bc["PREC_CG"],
+                PREC_CGQ=bc["PREC_CGQ"], REFINE=bc["REFINE"], INNER=bc["INNER"], num_warps=warps)
 
 
 def launch_grid(n_tiles: int, n_heads: int) -> tuple:
@@ -177,7 +252,7 @@ def key_shifts(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block_m: int
 def _forward(q, k, v, lam, ranges, cfg):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bc = block_config(D, Dv, q.dtype)
+    bc = block_config(D, Dv, q.dtype, cfg.precision)
     lo, hi, _, _ = ranges
     bm = bc["fwd"][0]
     shift = key_shifts(k, lo, hi, bm)  # [B, Hk, n_m, D]
@@ -188,23 +263,55 @@ def _forward(q, k, v, lam, ranges, cfg):
     stat = torch.empty(B, T, H, 2, dtype=torch.float32, device=dev)  # row max, 1 / mass
     lse = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     res = torch.empty_like(lse)
-    amp = torch.empty_like(lse)
+    amp_rows = torch.empty(B, T, H, _k.NAMP.value, dtype=torch.float32, device=dev)
     n_m = triton.cdiv(T, bm)
     iters = torch.zeros(B * H * n_m, dtype=torch.int32, device=dev)
     _k.lla_fwd_kernel[launch_grid(n_m, B * H)](
         q, k, v, shift, lam, lo, hi,
-        o, X, M, stat, lse, res, amp, iters,
+        o, X, M, stat, lse, res, amp_rows, iters,
         T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters, n_m,
         PRECOND=cfg.precondition, **_launch_args(bc, "fwd"),
     )
-    stats = torch.stack([iters.max().float(), res.max(), amp.max()]).double().cpu()
+    amp = amplification(amp_rows, stat[..., 1], lam, D, cfg.scale, q, Hk)
+    stats = torch.stack([iters.max().float(), res.max(), amp]).double().cpu()
     return o, lse, stats, X, M, stat, shift
+
+
+def amplification(rows: torch.Tensor, smax: torch.Tensor, lam: torch.Tensor, D: int, scale: float,
+                  q: torch.Tensor, Hk: int) -> torch.Tensor:
+    """The worst row's rounding magnifier (``LLAAux.amplification``) from the forward kernel's per-row
+    statistics, in the calibrated form of the PyTorch backend (``torch_backend.function._amplification``,
+    which documents each term; this is the same formula on per-row numbers).
+
+    ``rows [B, T, H, NAMP]``: ``|w|_1``, ``E|k - c|``, ``E|k|``, ``E|k - c|^2``, ``|m - c|``, ``|x|``,
+    ``|q - c|``, ``E|v|``, ``|o|``; ``smax [B, T, H]`` the largest weight (the inverse mass, as the
+    row max has weight exactly 1 before normalising); ``lam [B, T, H]``.  ``|o|`` is taken relative
+    to ``max(|o|, mean |o|)`` over the rows of the same (batch, key head), as the PyTorch backend's
+    tile mean.  -> 0-dim float32 tensor."""
+    aw, ekc, ek, ekc2, mn, xn, qcn, ev, on = rows.unbind(-1)
+    B, T, H = aw.shape
+    seen = smax > 0
+    trc = (ekc2 - mn * mn).clamp_min(0.0)
+    ci = trc / D
+    f = ci.sqrt() / (ci + lam)
+    spread = 2.0 * (1.0 - smax).clamp_min(0.0)
+    logit = abs(scale) * q.float().norm(dim=-1) * ek
+    dl = (torch.finfo(torch.float32).eps * logit).clamp_max(50.0)
+    flip = ((1.0 - smax).clamp_min(0.0) * dl.exp() * dl).clamp_max(1.0)
+    typ = (smax / D).sqrt()
+    a = aw * (1.0 + torch.maximum(spread, flip) * logit) + typ * spread * ekc * xn
+    a = a + typ * ekc * xn * (ci / (ci + lam)) + f * (ekc + qcn)
+    on_mean = on.view(B, T, Hk, H // Hk).mean(dim=(1, 3), keepdim=True).expand(B, T, Hk, H // Hk).reshape(B, T, H)
+    rel = ev / torch.maximum(on, on_mean).clamp_min(torch.finfo(torch.float32).tiny)
+    a = torch.where(seen, a * rel, torch.zeros_like(a))
+    a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
+    return a.max() if a.numel() else a.new_zeros(())
 
 
 def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bc = block_config(D, Dv, q.dtype)
+    bc = block_config(D, Dv, q.dtype, cfg.precision)
     lo, hi, qlo, qhi = ranges
     n_shift = shift.shape[2]
     dev = q.device
@@ -216,11 +323,12 @@ def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
     pivs = torch.empty(B, T, H, 8, dtype=torch.float32, device=dev)
     dlam = torch.empty_like(gbar)
     res = torch.empty_like(gbar)
+    logit = torch.empty_like(gbar)
     n_m = triton.cdiv(T, bc["bwd_q"][0])
     iters = torch.zeros(B * H * n_m, dtype=torch.int32, device=dev)
     _k.lla_bwd_query_kernel[launch_grid(n_m, B * H)](
         q, k, v, shift, lam, lo, hi, X, M, stat, do,
-        dq, U, gbar, piv, pivs, dlam, res, iters,
+        dq, U, gbar, piv, pivs, dlam, res, logit, iters,
         T, S, H, Hk, D, Dv, cfg.scale, cfg.tol, cfg.max_iters, n_shift,
         PRECOND=cfg.precondition, SHIFT_M=bc["fwd"][0], **_launch_args(bc, "bwd_q"),
     )
@@ -232,7 +340,7 @@ def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
         T, S, H, Hk, D, Dv, cfg.scale, n_shift,
         SHIFT_M=bc["fwd"][0], **_launch_args(bc, "bwd_k"),
     )
-    stats = torch.stack([iters.max().float(), res.max()]).double().cpu()
+    stats = torch.stack([iters.max().float(), res.max(), logit.max()]).double().cpu()
     return dq, dk, dv, dlam, stats
 
 
@@ -247,20 +355,39 @@ class LLATritonFunction(torch.autograd.Function):
         o, lse, stats, X, M, stat, shift = _forward(q, k, v, lam, ranges, cfg)
         ctx.save_for_backward(q, k, v, lam, X, M, stat, shift, *ranges)
         ctx.cfg = cfg
+        ctx.amp = float(stats[2])
         ctx.mark_non_differentiable(lse, stats)
         return o, lse, stats
 
     @staticmethod
     def backward(ctx, do, _dlse, _dstats):
-        from ...diagnostics import check_solve
+        from ...diagnostics import check_conditioning, check_solve
+        from ..torch_backend.function import BACKWARD_LOGIT_FACTOR
 
         q, k, v, lam, X, M, stat, shift, *ranges = ctx.saved_tensors
         cfg = ctx.cfg
         dq, dk, dv, dlam, stats = _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg)
-        iters, resid = stats.tolist()
+        iters, resid, logit = stats.tolist()
         check_solve(stage="backward", solver="cg", residual=resid, tol=cfg.tol, iters=int(iters),
                     lam_min=cfg.lam_min, op="local_linear_attention (triton)")
+        # the PyTorch backend's two backward checks (``LLATorchFunction.backward``): gradients through
+        # nearly one-hot weights are relatively as inexact as the logits ...
+        check_conditioning(BACKWARD_LOGIT_FACTOR * logit, q.dtype, op="local_linear_attention (triton backward)")
+        # ... and the ridge gradient -u.x, summed by autograd over the ridge's broadcast dims, is as
+        # inexact as the output (the forward's estimate) times the sum's cancellation
+        if ctx.needs_input_grad[3]:
+            canc = ridge_cancellation(dlam, cfg.lam_dims)
+            if canc > 0:
+                check_conditioning(ctx.amp * canc, q.dtype, op="local_linear_attention (triton ridge gradient)")
         return dq, dk, dv, (dlam if ctx.needs_input_grad[3] else None), None, None
+
+
+def ridge_cancellation(dlam: torch.Tensor, dims) -> float:
+    """``||dlam|| / ||dlam summed over dims||``: how much the sum autograd makes of the per-row ridge
+    gradients ``dlam [B, T, H]`` (over the ridge's broadcast dims ``dims``) cancels (1: none)."""
+    num = float(dlam.norm())
+    den = float((dlam.sum(dims) if dims else dlam).norm())
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
 def _use_torch(q, k, v, solver) -> bool:
@@ -272,12 +399,15 @@ def _use_torch(q, k, v, solver) -> bool:
 
 
 def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition,
-               cu_seqlens_k=None):
+               cu_seqlens_k=None, precision="auto"):
     """Triton backend entry: ``(o [B, T, H, Dv], lse [B, T, H], iters, residual, amplification)``.
 
-    ``lam [B, T, H]`` (any float dtype, possibly an expanded view) is differentiable.  See the module
-    docstring for the cases handed to the PyTorch backend.
+    ``lam [B, T, H]`` (any float dtype, possibly an expanded view) is differentiable.  ``precision``:
+    ``"auto"`` | ``"fp32"`` | ``"mixed"`` (see ``resolve_precision`` and ``block_config``; both give
+    float32 accuracy, ``"mixed"`` runs the CG iterations on bf16/fp16 tensor cores inside iterative
+    refinement).  See the module docstring for the cases handed to the PyTorch backend.
     """
+    precision = resolve_precision(precision, q.dtype)
     if _use_torch(q, k, v, solver):
         from ..torch_backend import lla_torch
 
@@ -287,8 +417,10 @@ def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iter
         )
     T, S = q.shape[1], k.shape[1]
     ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device, cu_seqlens_k)
+    dims = [d for d in range(3) if lam.stride(d) == 0 and lam.shape[d] > 1]  # before .contiguous()
     lam32 = lam.float().contiguous()  # [B, T, H]; autograd casts dlam back to lam's dtype
-    cfg = _Cfg(float(scale), int(max_iters), float(tol), bool(precondition), float(lam32.detach().min()))
+    cfg = _Cfg(float(scale), int(max_iters), float(tol), bool(precondition), float(lam32.detach().min()), dims,
+               precision)
     o, lse, stats = LLATritonFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), lam32, ranges, cfg)
     iters, resid, amp = stats.tolist()
     return o, lse, int(iters), resid, amp

@@ -26,7 +26,10 @@ per-key query ranges ``qlo[S], qhi[S]``; tiles outside the ranges are never visi
 (tiles x batch x heads folded into axis 0, which CUDA allows up to 2^31 - 1).
 
 Dots: ``PREC_QK`` for the dots whose operands are exact in it (q.k logits and do.v: input-dtype
-values, exact in TF32 for bf16/fp16), ``PREC`` for the rest (moments, CG matvec, output, gradients).
+values, exact in TF32 or as native bf16/fp16 products for bf16/fp16), ``PREC`` for the rest (moments,
+true-residual matvecs, output, gradients) and, when ``MIXED``, ``PREC_CG`` / ``PREC_CGQ`` for the CG
+iterations' matvecs and their logits (bf16/fp16 tensor-core products inside reliable updates, see
+``_solve``); ``function.block_config`` picks them from the op's ``precision``.
 Every dot goes through ``_dot`` (``lla.ops.triton_common``, shared with the Parallax kernels), which
 under the interpreter (``EMU`` > 0) rounds the operands as the GPU would (the interpreter's
 ``tl.dot`` is a plain float32 product whatever the precision asked).
@@ -41,11 +44,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...triton_common import _dot, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
+from ...triton_common import _cast, _dot, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
 
 __all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel", "round_tf32_kernel"]
 
 _BIG = tl.constexpr(1.0e30)  # finite stand-in for -inf as the initial running maximum
+#: MIXED solves measure the true residual at least every this many low-precision iterations
+UPDATE_EVERY = tl.constexpr(16)
+#: per-row statistics the forward writes for the conditioning estimate (``AMP [B, T, H, NAMP]``)
+NAMP = tl.constexpr(9)
 
 
 @triton.jit
@@ -57,7 +64,8 @@ def round_tf32_kernel(X, Y, N, EMU: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK: tl.constexpr, EMU: tl.constexpr):
+def _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK: tl.constexpr, EMU: tl.constexpr,
+             CLAMP: tl.constexpr = False):
     """Normalised softmax weights of a (rows x key tile) block from RAW keys ``kt``: s [BM, BN]
     (0 where not visible).
 
@@ -65,7 +73,11 @@ def _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK: tl.constexpr, EMU: tl.c
     would round it to ulp(max), which at logits ~1e4 moves every weight by ~1e-3."""
     logits = _dot(q, tl.trans(kt), PREC_QK, EMU) * scale
     vis = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
-    return tl.where(vis, tl.exp(logits - mxs[:, None]) * iom[:, None], 0.0)
+    expo = logits - mxs[:, None]
+    if CLAMP:  # logits recomputed at a lower precision (a MIXED solve's) may pass the row max: at logits
+        # ~1e3 their exp would overflow
+        expo = tl.minimum(expo, 0.0)
+    return tl.where(vis, tl.exp(expo) * iom[:, None], 0.0)
 
 
 @triton.jit
@@ -97,7 +109,7 @@ def _load_shift(C, b, hk, Hk, n_tiles, tile, offs_d, D):
 @triton.jit
 def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-                EMU: tl.constexpr):
+                EMU: tl.constexpr, CLAMP: tl.constexpr = False):
     """``A p = sum_j s_j (y_j . p) y_j + lam p`` (``y_j = k_j - m``) for a tile of rows, streaming key
     tiles and recomputing the weights: [BM, BLOCK_D].  ``m`` is relative to the shift ``c`` (as the
     keys are here).  The centred form keeps ``A`` positive definite in floating point even when the
@@ -114,7 +126,7 @@ def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, 
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
-        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
+        s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU, CLAMP)
         kc = kt - c[None, :]
         a = _dot(p, tl.trans(kc), PREC, EMU)  # [BM, BN]  (k_j - c) . p
         w = s * (a - mp[:, None])  # s_j y_j . p
@@ -127,15 +139,27 @@ def _cov_matvec(p, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, 
 @triton.jit
 def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale, tol, max_iters,
            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-           EMU: tl.constexpr):
+           EMU: tl.constexpr, MIXED: tl.constexpr, PREC_CG: tl.constexpr, PREC_CGQ: tl.constexpr,
+           REFINE: tl.constexpr, INNER: tl.constexpr):
     """Jacobi-preconditioned CG on ``A x = b``, one system per row, then its TRUE residual.
 
     A row stops once its recurrence residual ``||r|| <= tol ||b||``; when every row has (or after
     ``max_iters`` iterations) the loop applies ``A`` to ``x`` once and measures ``b - A x``.  If a row
-    misses ``tol`` there and iterations are left, CG restarts once from that true residual (iterative
-    refinement) and the true residual is measured again.  One matvec call site serves both, which
-    keeps the inlined code small.  Returns (x, true relative residual per row [BM], iterations,
-    ``sum_j s_j (k_j - c) . x`` [BM] from that last matvec, see ``_cov_matvec``)."""
+    misses ``tol`` there and iterations are left, CG restarts from that true residual (iterative
+    refinement, once) and the true residual is measured again.
+
+    ``MIXED``: the CG iterations' matvecs (and the logits of their weights) run at the low precisions
+    ``PREC_CG`` / ``PREC_CGQ`` (bf16 / fp16 tensor-core dots, float32 accumulators; the direction is
+    scaled to max-norm 1 first, so that fp16 neither overflows nor underflows), with reliable updates:
+    once every active row's recurrence residual has dropped by ``INNER`` since the last update, the
+    TRUE residual ``b - A x`` is measured at ``PREC`` and replaces the recurrence's (the search
+    directions are kept, so CG does not restart), at most ``REFINE`` times.  The answer therefore has
+    ``PREC``'s accuracy.  When an update finds that a missing row's true residual did not at least
+    halve since the previous one (the problem is too ill-conditioned for the low precision), the
+    remaining iterations run at ``PREC``: never a worse answer than the plain solve, only a slower one.
+
+    Returns (x, true relative residual per row [BM], iterations, ``sum_j s_j (k_j - c) . x`` [BM]
+    from the last (true-residual) matvec, see ``_cov_matvec``)."""
     bb = tl.sum(b * b, 1)
     thresh = tol * tol * bb
     x = tl.zeros_like(b)
@@ -143,22 +167,60 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
     z = r * inv_diag
     p = z
     rz = tl.sum(r * z, 1)
+    rr_true = bb  # MIXED: the squared true residual at the last update (x = 0: r = b exactly)
     active = tl.sum(r * r, 1) > thresh
     it = 0
     restarts = 0
+    lowp = 1  # MIXED: the CG iterations still use the low precision
+    since = 0  # MIXED: iterations since the last reliable update
+    rr_rec = bb  # MIXED: the recurrence's squared residual at the last iteration
+    cap = max_iters  # iterations allowed (MIXED: max_iters more after leaving the low precision)
     check = (tl.sum(active.to(tl.int32), 0) == 0).to(tl.int32)  # 1: the next matvec measures b - A x
     done = 0
     sx = tl.sum(tl.zeros_like(b), 1)
     while done == 0:
-        av, sa = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride,
-                         S, D, scale, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+        if MIXED:
+            if (check > 0) | (lowp == 0):
+                av, sa = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c,
+                                     kstride, S, D, scale, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+            else:
+                pn = tl.max(tl.abs(p), 1)
+                av, sa = _cov_matvec(p * tl.where(pn > 0, 1.0 / tl.where(pn > 0, pn, 1.0), 0.0)[:, None], q, m, lam,
+                                     mxs, iom, lo, hi,
+                                     j_start, j_end, Kb, c, kstride, S, D, scale, BLOCK_N, BLOCK_D, PREC_CG, PREC_CGQ,
+                                     EMU, True)
+                av = av * pn[:, None]
+        else:
+            av, sa = _cov_matvec(tl.where(check > 0, x, p), q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c,
+                                 kstride, S, D, scale, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
         if check > 0:
             r = b - av  # the true residual
             sx = sa
-            missed = tl.sum(r * r, 1) > thresh
-            if (tl.sum(missed.to(tl.int32), 0) > 0) & (it < max_iters) & (restarts < 1):
+            rr = tl.sum(r * r, 1)
+            missed = rr > thresh
+            if MIXED:
+                # the low precision stalls when a missing row's true residual is far above what its recurrence
+                # says (the low-precision operator's error dominates) and did not halve since the last update:
+                # leave it, with a fresh budget of max_iters plain iterations from here
+                # (or when the low-precision iterations used up max_iters with rows still missing)
+                if lowp > 0:
+                    stalled = missed & (((rr > 16.0 * rr_rec) & (rr > 0.25 * rr_true)) | (it >= cap))
+                    if tl.sum(stalled.to(tl.int32), 0) > 0:
+                        lowp = 0
+                        cap = it + max_iters
+                        restarts = REFINE - 2  # from here on the plain solve (this restart, then one refinement)
+                        worse = rr > bb  # rows the low precision left further off than x = 0: start over
+                        x = tl.where(worse[:, None], 0.0, x)
+                        r = tl.where(worse[:, None], b, r)
+                        rr = tl.where(worse, bb, rr)
+                rr_true = rr
+                since = 0
+            if (tl.sum(missed.to(tl.int32), 0) > 0) & (it < cap) & (restarts < REFINE):
                 z = r * inv_diag
-                p = z
+                if MIXED & (lowp > 0):  # reliable update: keep the directions of the rows that were iterating
+                    p = tl.where(active[:, None], p, z)
+                else:
+                    p = z
                 rz = tl.sum(r * z, 1)
                 active = missed
                 restarts += 1
@@ -166,20 +228,45 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
             else:
                 done = 1
         else:
+            if MIXED:  # a row whose low-precision matvec overflowed (fp16) takes no step
+                finite = tl.min((tl.abs(av) < float("inf")).to(tl.int32), 1) > 0
+                av = tl.where(finite[:, None], av, 0.0)
             pap = tl.sum(p * av, 1)
             ok = active & (pap > 0)
-            alpha = tl.where(ok, rz / tl.where(pap > 0, pap, 1.0), 0.0)
+            if MIXED:  # exact line search along p (the kept directions are not r-orthogonal after an update)
+                ok = ok & finite
+                alpha = tl.where(ok, tl.sum(r * p, 1) / tl.where(pap > 0, pap, 1.0), 0.0)
+            else:
+                alpha = tl.where(ok, rz / tl.where(pap > 0, pap, 1.0), 0.0)
             x += alpha[:, None] * p
+            r_old = r
             r -= alpha[:, None] * av
             z = r * inv_diag
             rz_new = tl.sum(r * z, 1)
-            beta = tl.where(rz > 0, rz_new / tl.where(rz > 0, rz, 1.0), 0.0)
+            if MIXED:  # flexible (Polak-Ribiere) beta: robust to the low-precision operator's inexactness
+                beta = tl.where(ok & (rz > 0), tl.maximum(rz_new - tl.sum(r_old * z, 1), 0.0) / tl.where(rz > 0, rz, 1.0),
+                                0.0)
+            else:
+                beta = tl.where(ok & (rz > 0), rz_new / tl.where(rz > 0, rz, 1.0), 0.0)
             p = z + beta[:, None] * p
             rz = rz_new
-            active = active & (tl.sum(r * r, 1) > thresh)
+            rr = tl.sum(r * r, 1)
+            active = active & (rr > thresh)
             it += 1
-            if (tl.sum(active.to(tl.int32), 0) == 0) | (it >= max_iters):
+            if (tl.sum(active.to(tl.int32), 0) == 0) | (it >= cap):
                 check = 1
+            if MIXED:  # every iterating row gained INNER since the last update, or UPDATE_EVERY iterations
+                # passed: measure the true residual (the stall test needs these)
+                rr_rec = rr
+                since += 1
+                if tl.sum((active & ~finite).to(tl.int32), 0) > 0:  # overflow: leave the low precision
+                    lowp = 0
+                    cap = it + max_iters
+                    restarts = REFINE - 2
+                    check = 1
+                if lowp > 0:
+                    if (tl.sum((active & (rr > INNER * INNER * rr_true)).to(tl.int32), 0) == 0) | (since >= UPDATE_EVERY):
+                        check = 1
     bnorm = tl.sqrt(bb)
     res = tl.sqrt(tl.sum(r * r, 1)) / tl.where(bnorm > 0, bnorm, 1.0)
     return x, res, it, sx
@@ -196,20 +283,23 @@ def _program_ids(T, BLOCK_M: tl.constexpr):
 @triton.jit
 def lla_fwd_kernel(
     Q, K, V, C, LAM, LO, HI,  # inputs
-    O, X, M, STAT, LSE, RES, AMP, ITERS,  # outputs
+    O, X, M, STAT, LSE, RES, AMP, ITERS,  # outputs (AMP: [B, T, H, NAMP] per-row statistics)
     T, S, H, Hk, D, Dv, scale, tol, max_iters, n_tiles,
     PRECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-    EMU: tl.constexpr,
+    EMU: tl.constexpr, MIXED: tl.constexpr = False, PREC_CG: tl.constexpr = "ieee", PREC_CGQ: tl.constexpr = "ieee",
+    REFINE: tl.constexpr = 1, INNER: tl.constexpr = 0.0,
 ):
     """One program = BLOCK_M query rows of one (batch, head); its tile is shift tile ``pid_m``.
 
     Pass 1 streams key tiles with an online max: omega (the mass), m (weighted key sum) and the
     weighted squared keys (Jacobi diagonal).  Then CG for x, then the output pass.  Writes o, x,
     ``m - c``, the row max and inverse mass of the logits (``STAT [B, T, H, 2]``; 0 and 0 for rows
-    that see no key), the lse, the true relative residual and the rounding amplification
-    ``sum_j s_j |y_j . x| + sum_j s_j |y_j|^2 / lam`` per row (both terms shift-free), and the
-    iterations per program.
+    that see no key), the lse, the true relative residual, the iterations per program and, per row,
+    what the conditioning estimate needs (``AMP [B, T, H, NAMP]``: ``|w|_1`` of the output weights
+    ``w_j = s_j (1 - y_j . x)``, ``E_s|k - c|``, ``E_s|k|``, ``E_s|k - c|^2``, ``|m - c|``, ``|x|``,
+    ``|q - c|``, ``E_s|v|``, ``|o|``; see ``function.amplification``).  Outputs are stored through
+    ``_cast`` (bf16 rounded to nearest even under the interpreter too).
     """
     pid_m, pid_bh = _program_ids(T, BLOCK_M)
     b = pid_bh // H
@@ -269,27 +359,35 @@ def lla_fwd_kernel(
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     x, res, it, sx = _solve(mu, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
-                        tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+                        tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU, MIXED, PREC_CG, PREC_CGQ, REFINE,
+                        INNER)
 
     # output pass: o = sum_j s_j (1 - (k_j - m) . x) v_j, with y_j . x centred by the weighted mean
     # of the products as computed (the solve's last matvec, same tiles): exactly 0 for a row whose
     # weight sits on one key, however large |x| |k - c| (m . x would leave their rounding)
     mx_dot = sx
     o = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    amp = tl.zeros([BLOCK_M], tl.float32)
+    aw = tl.zeros([BLOCK_M], tl.float32)  # |w|_1, w_j = s_j (1 - y_j . x): the output weights
+    ekc = tl.zeros([BLOCK_M], tl.float32)  # E_s |k - c|
+    ek = tl.zeros([BLOCK_M], tl.float32)  # E_s |k|
+    ev = tl.zeros([BLOCK_M], tl.float32)  # E_s |v|
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
         s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
-        yx = _dot(x, tl.trans(kt - c[None, :]), PREC, EMU) - mx_dot[:, None]  # [BM, BN]  y_j . x
-        o += _dot(s * (1.0 - yx), vt, PREC, EMU)
-        amp += tl.sum(s * tl.abs(yx), 1)
-    amp += tl.sum(tl.maximum(ksq - m * m, 0.0), 1) / lam  # trace of the key covariance / lam
+        kc = kt - c[None, :]
+        yx = _dot(x, tl.trans(kc), PREC, EMU) - mx_dot[:, None]  # [BM, BN]  y_j . x
+        w = s * (1.0 - yx)
+        o += _dot(w, vt, PREC, EMU)
+        aw += tl.sum(tl.abs(w), 1)
+        ekc += tl.sum(s * tl.sqrt(tl.sum(kc * kc, 1))[None, :], 1)
+        ek += tl.sum(s * tl.sqrt(tl.sum(kt * kt, 1))[None, :], 1)
+        ev += tl.sum(s * tl.sqrt(tl.sum(vt * vt, 1))[None, :], 1)
 
     rmask = row_ok[:, None] & dmask[None, :]
-    tl.store(O + row[:, None] * Dv + offs_dv[None, :], o.to(O.dtype.element_ty),
+    tl.store(O + row[:, None] * Dv + offs_dv[None, :], _cast(o, O.dtype.element_ty, EMU),
              mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
     tl.store(X + row[:, None] * D + offs_d[None, :], x, mask=rmask)
     tl.store(M + row[:, None] * D + offs_d[None, :], m, mask=rmask)
@@ -298,18 +396,29 @@ def lla_fwd_kernel(
     lse = tl.where(seen, mx + tl.log(tl.where(seen, omega, 1.0)), -float("inf"))
     tl.store(LSE + row, lse, mask=row_ok)
     tl.store(RES + row, res, mask=row_ok)
-    tl.store(AMP + row, tl.where(seen, amp, 0.0), mask=row_ok)
+    # per-row statistics of the conditioning estimate (``function.amplification``)
+    qc = tl.where(dmask[None, :], q - c[None, :], 0.0)
+    tl.store(AMP + NAMP * row, aw, mask=row_ok)
+    tl.store(AMP + NAMP * row + 1, ekc, mask=row_ok)
+    tl.store(AMP + NAMP * row + 2, ek, mask=row_ok)
+    tl.store(AMP + NAMP * row + 3, tl.sum(ksq, 1), mask=row_ok)  # E_s |k - c|^2
+    tl.store(AMP + NAMP * row + 4, tl.sqrt(tl.sum(m * m, 1)), mask=row_ok)  # |m - c|
+    tl.store(AMP + NAMP * row + 5, tl.sqrt(tl.sum(x * x, 1)), mask=row_ok)
+    tl.store(AMP + NAMP * row + 6, tl.sqrt(tl.sum(qc * qc, 1)), mask=row_ok)
+    tl.store(AMP + NAMP * row + 7, ev, mask=row_ok)
+    tl.store(AMP + NAMP * row + 8, tl.sqrt(tl.sum(o * o, 1)), mask=row_ok)
     tl.store(ITERS + tl.program_id(0), it)
 
 
 @triton.jit
 def lla_bwd_query_kernel(
     Q, K, V, C, LAM, LO, HI, X, M, STAT, DO,  # inputs
-    DQ, U, GBAR, PIV, PIVS, DLAM, RES, ITERS,  # outputs
+    DQ, U, GBAR, PIV, PIVS, DLAM, RES, LOGIT, ITERS,  # outputs
     T, S, H, Hk, D, Dv, scale, tol, max_iters, n_tiles,
     PRECOND: tl.constexpr, SHIFT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-    EMU: tl.constexpr,
+    EMU: tl.constexpr, MIXED: tl.constexpr = False, PREC_CG: tl.constexpr = "ieee", PREC_CGQ: tl.constexpr = "ieee",
+    REFINE: tl.constexpr = 1, INNER: tl.constexpr = 0.0,
 ):
     """Query side of the backward, per BLOCK_M rows of one (batch, head) (inside one forward tile
     of ``SHIFT_M`` rows, whose shift ``c`` it uses).
@@ -320,7 +429,9 @@ def lla_bwd_query_kernel(
     pass B: ``P_j = (1 - y_j.x) g_j - (y_j.u)(y_j.x) + y_j.gm`` with ``gm = gbar x + u`` (so
     ``y_j.gm = gbar y_j.x + y_j.u``), giving
     ``Ps = sum_j s_j P_j`` and ``dq = scale sum_j s_j P_j y_j - u``; ``dlam = -u . x``.
-    Writes dq, dlam and, for the key-tile kernel, u, gbar, the row's pivot key ``piv`` (its
+    Writes dq, dlam, the adjoint's true residual, per row the logits' scale ``|scale| |q| E_s|k|``
+    when its weight is on more than one key (else 0; ``LOGIT [B, T, H]``, for the backward's
+    logit-rounding check) and, for the key-tile kernel, u, gbar, the row's pivot key ``piv`` (its
     largest weight, ``PIV [B, T, H]``, -1 when it sees none) and ``PIVS [B, T, H, 8]``:
     ``gbar - g_piv = sum_{j != piv} s_j (g_j - g_piv)``, ``g_piv``, ``P_piv``,
     ``Ps - P_piv = sum_{j != piv} s_j (P_j - P_piv)``, and for ``p = x, u``: ``a_piv = (k_piv - c) . p``
@@ -369,12 +480,16 @@ def lla_bwd_query_kernel(
     ksq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     best = tl.full([BLOCK_M], -1.0, tl.float32)
     piv = tl.full([BLOCK_M], -1, tl.int32)
+    ek = tl.zeros([BLOCK_M], tl.float32)  # E_s |k| (raw keys)
+    nz = tl.zeros([BLOCK_M], tl.int32)  # keys with a nonzero weight
     for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + offs_n
         kt = _load_keys(Kb, j, offs_d, S, D, kstride)
         vt = tl.load(Vb + j[:, None].to(tl.int64) * vstride + offs_dv[None, :],
                      mask=(j[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0).to(tl.float32)
         s = _weights(q, kt, mxs, iom, lo, hi, j, scale, PREC_QK, EMU)
+        ek += tl.sum(s * tl.sqrt(tl.sum(kt * kt, 1))[None, :], 1)
+        nz += tl.sum((s > 0).to(tl.int32), 1)
         s_top = tl.max(s, 1)
         better = s_top > tl.where(best > 0.0, best, 0.0)  # first tile holding the largest weight
         piv = tl.where(better, (j0 + tl.argmax(s, 1)).to(tl.int32), piv)
@@ -394,7 +509,8 @@ def lla_bwd_query_kernel(
         inv_diag = tl.where(dmask[None, :], 1.0, 0.0) + tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     u, res, it, _su = _solve(gx, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstride, S, D, scale,
-                        tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU)
+                        tol, max_iters, BLOCK_N, BLOCK_D, PREC, PREC_QK, EMU, MIXED, PREC_CG, PREC_CGQ, REFINE,
+                        INNER)
     mx_dot = tl.sum(m * x, 1)
     mu_dot = tl.sum(m * u, 1)
 
@@ -440,7 +556,11 @@ def lla_bwd_query_kernel(
         sau_off += tl.sum(s_off * au, 1)
     dq = scale * (spk - ps[:, None] * m) - u
 
-    tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask)
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], _cast(dq, DQ.dtype.element_ty, EMU), mask=rmask)
+    # the logits' scale |scale| |q| E_s|k| of rows whose weight is on more than one key: their rounding
+    # reaches the gradients through nearly one-hot weights (a row exactly on one key is exact)
+    qn = tl.sqrt(tl.sum(q * q, 1))
+    tl.store(LOGIT + row, tl.where(nz > 1, tl.abs(scale) * qn * ek, 0.0), mask=row_ok)
     tl.store(U + row[:, None] * D + offs_d[None, :], u, mask=rmask)
     tl.store(GBAR + row, gbar, mask=row_ok)
     tl.store(PIV + row, piv, mask=row_ok)
@@ -464,7 +584,8 @@ def lla_bwd_key_kernel(
     T, S, H, Hk, D, Dv, scale, n_tiles,
     SHIFT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PREC_QK: tl.constexpr,
-    EMU: tl.constexpr,
+    EMU: tl.constexpr, MIXED: tl.constexpr = False, PREC_CG: tl.constexpr = "ieee", PREC_CGQ: tl.constexpr = "ieee",
+    REFINE: tl.constexpr = 1, INNER: tl.constexpr = 0.0,
 ):
     """Key side of the backward, per BLOCK_N keys of one (batch, key head), over the query heads
     of its group and the query rows that see these keys (no atomics), in query tiles aligned to
@@ -556,7 +677,7 @@ def lla_bwd_key_kernel(
             dv += _dot(tl.trans(sc), do, PREC, EMU)
 
     kcol = (b.to(tl.int64) * S + offs_n) * Hk + hk
-    tl.store(DK + kcol[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+    tl.store(DK + kcol[:, None] * D + offs_d[None, :], _cast(dk, DK.dtype.element_ty, EMU),
              mask=col_ok[:, None] & dmask[None, :])
-    tl.store(DV + kcol[:, None] * Dv + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + kcol[:, None] * Dv + offs_dv[None, :], _cast(dv, DV.dtype.element_ty, EMU),
              mask=col_ok[:, None] & dvmask[None, :])
