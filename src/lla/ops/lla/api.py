@@ -35,6 +35,9 @@ class LLAAux(NamedTuple):
               side; see ``torch_backend.function._amplification``).  The op warns when that
               estimate exceeds ``diagnostics.CONDITIONING_THRESHOLD``.  NaN when a backend does not
               report it.
+    precision: what the forward's solve ran in: "fp64", "fp32", "mixed" (bf16 matvecs refined to
+              the fp32 tolerance) or "mixed+fp32 (N rows)" (N rows stalled in bf16 and finished in
+              fp32); "" when a backend does not report it.
     """
 
     iters: int
@@ -42,6 +45,7 @@ class LLAAux(NamedTuple):
     lse: torch.Tensor
     solver: str
     amplification: float = float("nan")
+    precision: str = ""
 
 
 def _check_tensor(name: str, x, rank: int) -> None:
@@ -215,6 +219,7 @@ def local_linear_attention(
     max_iters: int | None = None,
     tol: float | None = None,
     precondition: bool = True,
+    precision: str = "auto",
     backend: str = "auto",
     return_aux: bool = False,
 ):
@@ -246,6 +251,11 @@ def local_linear_attention(
             float32/bf16/fp16 inputs, 1e-11 in float64).  A CG row also stops once its residual
             reaches the rounding floor of the working precision (no iteration is spent below it).
         precondition: precondition CG with the per-row Jacobi diagonal.
+        precision: CG arithmetic for float32 / bf16 / fp16 inputs: ``"fp32"``, ``"mixed"`` (bf16
+            matvecs inside the solve, fp32 residuals and refinement: the same tolerance on the fp32
+            true residual, rows where it stalls finish in fp32) or ``"auto"`` (``"mixed"`` where
+            bf16 GEMMs are fast, see ``torch_backend.function.resolve_precision``).  float64 inputs
+            always solve in float64.
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"``, ``"triton"``.
         return_aux: also return an ``LLAAux``.
 
@@ -260,6 +270,8 @@ def local_linear_attention(
     window_size = _check_window(window_size, causal)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if precision not in ("auto", "fp32", "mixed"):
+        raise ValueError(f"precision must be one of ('auto', 'fp32', 'mixed'), got {precision!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1):
@@ -302,6 +314,7 @@ def local_linear_attention(
         max_iters=max_iters,
         tol=float(tol),
         precondition=bool(precondition),
+        **({"precision": precision} if name == "torch" else {}),  # lla_triton takes it once it has the mixed path
     )
     amplification = float(extra[0]) if extra else float("nan")
     chk_residual, chk_floor = extra[1] if len(extra) > 1 else (residual, 0.0)
@@ -309,5 +322,6 @@ def local_linear_attention(
                 floor=chk_floor)
     check_conditioning(amplification, q.dtype)
     if return_aux:
-        return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver, amplification=amplification)
+        return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver, amplification=amplification,
+                         precision=extra[2] if len(extra) > 2 else "")
     return o
