@@ -239,6 +239,8 @@ def _cg_exit(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, x, it, sy, work=No
     fl = _floor(eps, x, b, lam, ekc2, m)
     miss = res > torch.maximum(fl, torch.full_like(fl, tol)) * 2.0
     mixed = resolve_precision(cfg.precision, b.dtype, b.device) == "mixed"
+    if mixed:
+        miss |= ~torch.isfinite(res)
     if (it >= cfg.max_iters and not mixed) or not bool(miss.any()):
         return x, it, res, fl, False
     trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)

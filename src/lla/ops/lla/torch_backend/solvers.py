@@ -355,6 +355,10 @@ def _fallback(x, rn, rest, s, kc, m, lam, b, bnorm, diag, *, tol, max_iters, scr
         return 0
     if work is not None:
         work.fallback += int(rest.sum())
+    # a row whose low-precision iterate is not finite restarts from 0 (where its residual is |b|)
+    sane = torch.isfinite(x).all(-1) & torch.isfinite(rn)
+    x.masked_fill_(~sane.unsqueeze(-1), 0.0)
+    torch.where(sane, rn, bnorm, out=rn)
     order = torch.argsort((~rest).to(torch.int8), dim=-1, stable=True)[..., :n_rest]
     on = _take_rows(rest, order)
     b_a = _take_rows(b, order) * on.unsqueeze(-1)
@@ -483,7 +487,10 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
         if work is not None:
             work.add(s_lo)
         pap = torch.linalg.vecdot(p, ap)
-        alpha = (rz / pap.clamp_min(tiny) * (live & (pap > 0))).unsqueeze(-1)
+        # the bf16 operator is not exactly symmetric positive definite: no step where p.Ap is not a
+        # sane positive number (a row stuck that way stalls and is finished in fp32)
+        alpha = rz / pap.clamp_min(tiny)
+        alpha = (alpha * (live & (pap > 0) & torch.isfinite(alpha))).nan_to_num_(0.0, 0.0, 0.0).unsqueeze(-1)
         x.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1.0)
         it += 1
@@ -510,6 +517,7 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
             # the true residual no longer drops)
             near = rtn <= 2.0 * lim
             stall_now = sel & ((rec <= 0.25 * rt) | (gap >= MIXED_STALL_GAP)) & (rtn > MIXED_STALL * rt) & ~near
+            stall_now |= sel & ~torch.isfinite(rtn)
             gap = 0
             r = torch.where(sel.unsqueeze(-1), r_true, r)
             rt = torch.where(sel, rtn, rt)
