@@ -53,6 +53,10 @@ from .solvers import Work, _fallback, direct_solve, pcg_compact, pcg_mixed
 
 __all__ = ["lla_torch", "lla_forward", "lla_backward", "LLATorchFunction", "TILE_ELEMS"]
 
+#: When a list, every forward and backward appends ``(stage, solvers.Work)``: the row-key products its
+#: solves' matvecs really ran (bf16 and working precision), for ``lla bench``'s FLOP count.
+WORK_LOG = None
+
 #: Upper bound on the elements of one ``[B, H, tile, n_keys]`` score tile (float32: 16 MiB).
 TILE_ELEMS = 1 << 22
 
@@ -481,6 +485,8 @@ def lla_forward(q, k, v, lam, cfg):
         O[c, :, i0:i1] = o.view(-1, G, t, Dv)
         X[c, :, i0:i1] = x.view(-1, G, t, D)
         M[c, :, i0:i1] = m.reshape(-1, G, t, D)
+    if WORK_LOG is not None:
+        WORK_LOG.append(("fwd", work))
     O, X, M, LSE = (t.view(B, Hk, *t.shape[1:]) for t in (O, X, M, LSE))
     o = O.reshape(B, H, T, Dv).permute(0, 2, 1, 3).to(q.dtype)
     lse = LSE.reshape(B, H, T).permute(0, 2, 1).float()
@@ -625,6 +631,8 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
         dKh.baddbmm_(dl.transpose(-1, -2), q_t, alpha=scale)
         dV[c, j0:j1].baddbmm_(sc.transpose(-1, -2), do_t)
         dL[c, :, i0:i1] = (-(u * x).sum(-1)).view(nbc, G, t)
+    if WORK_LOG is not None:
+        WORK_LOG.append(("bwd", work))
     if report is not None and acc is not None:
         canc = 0.0
         if need_dlam:  # dlam's cancellation in the sums autograd makes of it (over lam's broadcast dims):
