@@ -52,9 +52,10 @@ def cov_matvec(s, kc, m, lam, p, kp=None):
     return ap.addcmul_(kp.sum(-1, keepdim=True), m, value=-1.0).addcmul_(p, lam.unsqueeze(-1))
 
 
-def lowp_keys(kc, dtype=torch.bfloat16):
-    """``[k - c | 1]`` in ``dtype`` (``[..., n, D + 1]``): the keys of ``_cov_matvec_lowp``."""
-    ka = kc.new_empty(*kc.shape[:-1], kc.shape[-1] + 1, dtype=dtype)
+def lowp_keys(kc, dtype=torch.bfloat16, out=None):
+    """``[k - c | 1]`` in ``dtype`` (``[..., n, D + 1]``, in ``out`` when given): the keys of
+    ``_cov_matvec_lowp``."""
+    ka = kc.new_empty(*kc.shape[:-1], kc.shape[-1] + 1, dtype=dtype) if out is None else out
     ka[..., :-1] = kc
     ka[..., -1] = 1.0
     return ka
@@ -339,6 +340,9 @@ MIXED_REPLACE = 1e-2
 #: ``pcg_mixed``: rows whose estimated low-precision contraction exceeds this go to plain CG up front.
 MIXED_ROUTE = 0.1
 
+#: ``pcg_mixed``: a tile where fewer rows than this fraction go to bf16 runs plain CG.
+MIXED_MIN_SHARE = 0.5
+
 #: ``pcg_mixed``: a row whose true residual did not halve over this many iterations has stalled.
 MIXED_STALL_GAP = 6
 
@@ -363,7 +367,12 @@ def _fallback(x, rn, rest, s, kc, m, lam, b, bnorm, diag, *, tol, max_iters, scr
     on = _take_rows(rest, order)
     b_a = _take_rows(b, order) * on.unsqueeze(-1)
     x0 = _take_rows(x, order) * on.unsqueeze(-1)
-    x_a, it2, res_a = pcg_compact(_take_rows(s, order), kc, _take_rows(m, order), _take_rows(lam, order), b_a,
+    if scratch is None:
+        s_a = _take_rows(s, order)
+    else:
+        s_a = torch.gather(s, -2, order[..., None].expand(*order.shape, s.shape[-1]),
+                           out=scratch.get("sw", (*order.shape, s.shape[-1])))
+    x_a, it2, res_a = pcg_compact(s_a, kc, _take_rows(m, order), _take_rows(lam, order), b_a,
                                   None if diag is None else _take_rows(diag, order), tol=tol, max_iters=max_iters,
                                   scratch=scratch, x0=x0, floor_coef=None if coef is None else _take_rows(coef, order),
                                   residual=True, work=work)
@@ -451,14 +460,22 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
         est = torch.finfo(lowp).eps * ekc2 / lam * (1.0 if smax is None else smax.clamp_min(0.0).sqrt())
         stalled = live & (est > MIXED_ROUTE)
         live = live & ~stalled
-        if not bool(live.any()):  # no row for bf16: plain CG, as precision="fp32" runs it
+        # too few rows for bf16 (short bf16 GEMMs are slow, and the tile's bf16 copy is not free):
+        # plain CG, as precision="fp32" runs it
+        if int(live.sum(-1).max()) < MIXED_MIN_SHARE * R:
             if work is not None:
-                work.fallback += int(stalled.sum())
+                work.fallback += int((live | stalled).sum())
             return pcg_compact(s, kc, m, lam, b, diag, tol=tol, max_iters=max_iters, scratch=scratch,
                                floor_coef=floor_coef if cg_floor_coef is None else cg_floor_coef, residual=residual,
                                work=work)
-    s_lo = s.to(lowp)
-    ka = lowp_keys(kc, lowp)
+    # every [R, n] tensor in reused buffers: fresh multi-MiB allocations per tile fragment the heap
+    # (peak RSS at T = 16384 grew from ~310 to 577 MiB before they were reused)
+    if scratch is None:
+        s_lo = s.to(lowp)
+    else:
+        s_lo = scratch.get("lo1", s.shape, lowp)
+        s_lo.copy_(s)
+    ka = lowp_keys(kc, lowp, None if scratch is None else scratch.get("ka", (*kc.shape[:-1], kc.shape[-1] + 1), lowp))
     kp_buf = None if scratch is None else scratch.get("kp", s.shape, lowp)
     it = 0
     gap = 0
@@ -476,7 +493,12 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
             order = torch.argsort((~busy).to(torch.int8), dim=-1, stable=True)[..., :n_busy]
             idx = full_idx.gather(-1, order)
             x, r, p, rz, live, pend, rt, stalled = (_take_rows(t, order) for t in (x, r, p, rz, live, pend, rt, stalled))
-            s_lo = _take_rows(s_lo, order)
+            if scratch is None:
+                s_lo = _take_rows(s_lo, order)
+            else:  # ping-pong: the source of a gather is never its destination
+                slot = "lo2" if s_lo.data_ptr() == scratch.get("lo1", (1,), lowp).data_ptr() else "lo1"
+                s_lo = torch.gather(s_lo, -2, order[..., None].expand(*order.shape, s_lo.shape[-1]),
+                                    out=scratch.get(slot, (*order.shape, s_lo.shape[-1]), lowp))
             kp_buf = None if scratch is None else scratch.get("kp", s_lo.shape, lowp)
             m, lam, target, bnorm, b = (_take_rows(t, order) for t in (m, lam, target, bnorm, b))
             if coef is not None:
@@ -507,7 +529,13 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
         if n_live == 0 or 2 * n_drop >= n_live or gap >= MIXED_STALL_GAP:
             # reliable update: the true residual of the working rows, in the working precision
             sel = live | pend
-            s_w = s_all if idx is None else _take_rows(s_all, idx)
+            if idx is None:
+                s_w = s_all
+            elif scratch is None:
+                s_w = _take_rows(s_all, idx)
+            else:
+                s_w = torch.gather(s_all, -2, idx[..., None].expand(*idx.shape, s_all.shape[-1]),
+                                   out=scratch.get("sw", (*idx.shape, s_all.shape[-1])))
             r_true = b - cov_matvec(s_w, kc, m, lam, x, None if scratch is None else scratch.get("kp", s_w.shape))
             if work is not None:
                 work.add(s_w)
