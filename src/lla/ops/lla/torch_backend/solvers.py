@@ -385,6 +385,14 @@ def _fallback(x, rn, rest, s, kc, m, lam, b, bnorm, diag, *, tol, max_iters, scr
     return it2
 
 
+def _bucket(n: int) -> int:
+    """``n`` rounded up to ``i 2^(e - 3)``, ``2^(e - 1) < n <= 2^e``: 4 sizes per octave, at least 64."""
+    if n <= 64:
+        return 64
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
 def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, floor_coef=None,
               cg_floor_coef=None, lowp=torch.bfloat16, work=None, ekc2=None, smax=None, residual: bool = True):
     """Mixed-precision Jacobi-CG on ``A x = b``: low-precision matvecs, working-precision residuals.
@@ -468,15 +476,22 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
             return pcg_compact(s, kc, m, lam, b, diag, tol=tol, max_iters=max_iters, scratch=scratch,
                                floor_coef=floor_coef if cg_floor_coef is None else cg_floor_coef, residual=residual,
                                work=work)
-    # every [R, n] tensor in reused buffers: fresh multi-MiB allocations per tile fragment the heap
-    # (peak RSS at T = 16384 grew from ~310 to 577 MiB before they were reused)
-    if scratch is None:
-        s_lo = s.to(lowp)
-    else:
-        s_lo = scratch.get("lo1", s.shape, lowp)
-        s_lo.copy_(s)
-    ka = lowp_keys(kc, lowp, None if scratch is None else scratch.get("ka", (*kc.shape[:-1], kc.shape[-1] + 1), lowp))
-    kp_buf = None if scratch is None else scratch.get("kp", s.shape, lowp)
+    # The bf16 GEMMs (oneDNN on the CPU) keep memory per distinct shape: at T = 16384 the tiles' key
+    # counts (256 of them) times the compacted row counts took the forward's peak RSS from ~310 to
+    # ~580 MiB.  So the key axis is padded (zero weights, zero keys) to one of 4 sizes per octave
+    # (<= 25 % more columns) and the compacted row count rounded up to a multiple of 16; every
+    # [R, n] tensor lives in a reused buffer.
+    n = s.shape[-1]
+    n_pad = _bucket(n)
+    shape = (*s.shape[:-1], n_pad)
+    s_lo = s.new_empty(shape, dtype=lowp) if scratch is None else scratch.get("lo1", shape, lowp)
+    s_lo[..., :n].copy_(s)
+    s_lo[..., n:].zero_()
+    ka = kc.new_empty((*kc.shape[:-2], n_pad, kc.shape[-1] + 1), dtype=lowp) if scratch is None else \
+        scratch.get("ka", (*kc.shape[:-2], n_pad, kc.shape[-1] + 1), lowp)
+    lowp_keys(kc, lowp, ka[..., :n, :])
+    ka[..., n:, :].zero_()
+    kp_buf = None if scratch is None else scratch.get("kp", shape, lowp)
     it = 0
     gap = 0
     while it < max_iters:
@@ -485,12 +500,13 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
         if n_busy == 0:
             break
         Ra = busy.shape[-1]
-        if n_busy <= LOWP_COMPACT_FRACTION * Ra:
+        n_keep = min(Ra, -(-n_busy // 16) * 16)  # (a few idle rows ride along: fewer distinct GEMM shapes)
+        if n_keep <= LOWP_COMPACT_FRACTION * Ra:
             full_idx = idx if idx is not None else torch.arange(R, device=b.device).expand(busy.shape)
             x_out.scatter_(-2, full_idx[..., None].expand_as(x), x)
             rn_out.scatter_(-1, full_idx, rt)
             stalled_out.scatter_(-1, full_idx, stalled)
-            order = torch.argsort((~busy).to(torch.int8), dim=-1, stable=True)[..., :n_busy]
+            order = torch.argsort((~busy).to(torch.int8), dim=-1, stable=True)[..., :n_keep]
             idx = full_idx.gather(-1, order)
             x, r, p, rz, live, pend, rt, stalled = (_take_rows(t, order) for t in (x, r, p, rz, live, pend, rt, stalled))
             if scratch is None:
