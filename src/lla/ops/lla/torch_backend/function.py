@@ -75,9 +75,6 @@ class _Cfg:
         self.precision = precision
 
 
-PRECISIONS = ("auto", "fp32", "mixed")
-
-
 @functools.lru_cache(maxsize=None)
 def _fast_bf16(device: torch.device) -> bool:
     """Whether bf16 GEMMs are hardware-accelerated on ``device`` (CUDA with bf16 support; a CPU

@@ -468,9 +468,13 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
         est = torch.finfo(lowp).eps * ekc2 / lam * (1.0 if smax is None else smax.clamp_min(0.0).sqrt())
         stalled = live & (est > MIXED_ROUTE)
         live = live & ~stalled
-        # too few rows for bf16 (short bf16 GEMMs are slow, and the tile's bf16 copy is not free):
-        # plain CG, as precision="fp32" runs it
-        if int(live.sum(-1).max()) < MIXED_MIN_SHARE * R:
+        # too few of a (batch, head)'s rows for bf16 (short bf16 GEMMs are slow, and the tile's bf16
+        # copy is not free): its rows go to fp32; decided per system group, never across the batch,
+        # so that a row's arithmetic does not depend on which other sequences share the step
+        few = live.sum(-1, keepdim=True) < MIXED_MIN_SHARE * R
+        stalled = stalled | (live & few)
+        live = live & ~few
+        if not bool(live.any()):  # plain CG, as precision="fp32" runs it
             if work is not None:
                 work.fallback += int((live | stalled).sum())
             return pcg_compact(s, kc, m, lam, b, diag, tol=tol, max_iters=max_iters, scratch=scratch,
@@ -493,7 +497,7 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
     ka[..., n:, :].zero_()
     kp_buf = None if scratch is None else scratch.get("kp", shape, lowp)
     it = 0
-    gap = 0
+    gap = torch.zeros(live.shape[:-1], dtype=torch.long, device=b.device)  # iterations since the last replacement
     while it < max_iters:
         busy = live | pend
         n_busy = int(busy.sum(-1).max()) if busy.numel() else 0
@@ -539,12 +543,15 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
         pend = pend | low
         live = live & ~low
         dropped = live & (rec <= MIXED_REPLACE * rt)
-        n_pend, n_drop, n_live = torch.stack([pend.sum(), dropped.sum(), live.sum()]).tolist()
+        # replacements are due per system group (batch dims), so that groups never time each other's
+        n_live_g = live.sum(-1)
+        trig = (n_live_g == 0) | (2 * dropped.sum(-1) >= n_live_g) | (gap >= MIXED_STALL_GAP)
+        sel = (live | pend) & trig.unsqueeze(-1)
+        n_live, n_sel = torch.stack([n_live_g.sum(), sel.sum()]).tolist()
         if n_live == 0 and not residual:
             break  # the caller checks the pending rows
-        if n_live == 0 or 2 * n_drop >= n_live or gap >= MIXED_STALL_GAP:
-            # reliable update: the true residual of the working rows, in the working precision
-            sel = live | pend
+        if n_sel > 0:
+            # reliable update: the true residual of the rows due, in the working precision
             if idx is None:
                 s_w = s_all
             elif scratch is None:
@@ -560,15 +567,15 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
             # (within 2x of the target counts as there, as in ``function._cg_exit``: at the rounding floor
             # the true residual no longer drops)
             near = rtn <= 2.0 * lim
-            stall_now = sel & ((rec <= 0.25 * rt) | (gap >= MIXED_STALL_GAP)) & (rtn > MIXED_STALL * rt) & ~near
-            stall_now |= sel & ~torch.isfinite(rtn)
-            gap = 0
+            stall_now = sel & ((rec <= 0.25 * rt) | (gap >= MIXED_STALL_GAP).unsqueeze(-1)) & (rtn > MIXED_STALL * rt)
+            stall_now = (stall_now & ~near) | (sel & ~torch.isfinite(rtn))
+            gap = torch.where(trig, torch.zeros_like(gap), gap)
             r = torch.where(sel.unsqueeze(-1), r_true, r)
             rt = torch.where(sel, rtn, rt)
             stalled = stalled | stall_now
-            was_pend = pend
-            live = sel & ~near & ~stall_now
-            pend = torch.zeros_like(pend)
+            was_pend = pend & trig.unsqueeze(-1)
+            live = torch.where(trig.unsqueeze(-1), sel & ~near & ~stall_now, live)
+            pend = pend & ~trig.unsqueeze(-1)
             z = precond(r)
             rz_new = torch.linalg.vecdot(r, z)
             beta = (rz_new / rz.clamp_min(tiny)).unsqueeze(-1)
