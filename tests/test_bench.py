@@ -28,12 +28,12 @@ def _run(args, tmp_path):
 
 
 def test_bench_tiny_grid_outputs(tmp_path):
-    out = _run(["--T", "48", "--D", "16", "--ridge", "0.5", "--modes", "fwdbwd", "--providers", "lla-cg", "sdpa",
-                "--repeats", "1"], tmp_path)
+    out = _run(["--T", "48", "--D", "16", "--ridge", "0.5", "--modes", "fwdbwd", "--providers", "lla-cg", "lla-mixed",
+                "sdpa", "--repeats", "1"], tmp_path)
     assert "targets" in out and "T1" in out
     data = json.loads((tmp_path / "bench.json").read_text())
     res = data["results"]
-    assert {(r["provider"], r["mode"]) for r in res} == {("lla-cg", "fwdbwd"), ("sdpa", "fwdbwd")}
+    assert {(r["provider"], r["mode"]) for r in res} == {("lla-cg", "fwdbwd"), ("lla-mixed", "fwdbwd"), ("sdpa", "fwdbwd")}
     for r in res:
         assert not r.get("error"), r
         assert r["ms"] > 0 and r["gflops"] > 0 and r["T"] == 48 and r["D"] == 16 and r["H"] == 8
@@ -44,9 +44,11 @@ def test_bench_tiny_grid_outputs(tmp_path):
             assert r["ratio"] > 0 and r["sdpa_ms"] > 0
             assert r["iters"] >= 1 and r["solver"] == "cg"
             assert 0 <= r["rel_err"] < 1e-4 and r["err_rows"] >= 2  # computed against the float64 reference
+            assert r["work"] > 0  # the solves' matvec work, counted by the backend (forward and adjoint)
+    assert next(r for r in res if r["provider"] == "lla-mixed")["precision"].startswith("mixed")
     assert {t["target"] for t in data["targets"]} == {"T1", "T2", "T3", "T4", "T5"}
     md = (tmp_path / "bench.md").read_text()
-    assert "| provider | mode |" in md and "FLOP formulas" in md
+    assert "| provider | mode |" in md and "FLOP formulas" in md and "| precision |" in md
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
@@ -58,6 +60,17 @@ def test_run_point_batch_and_heads():
     assert many["flops"] == pytest.approx(one["flops"] * 3 * 2 / 8)
     r = bench.run_point("lla-cg", "fwdbwd", 16, 8, 1.0, repeats=1, threads=1, B=3, heads=2)
     assert r["B"] == 3 and 0 <= r["rel_err"] < 1e-4
+
+
+def test_flops_count_the_work_the_solves_ran():
+    """GFLOP/s from the row-key products the backend counted, not from the slowest row's iterations."""
+    r = bench.run_point("lla-cg", "fwd", 64, 8, 1.0, repeats=1, threads=1, heads=2)
+    P = 2 * 64 * 65 / 2
+    assert r["work"] > 0 and r["flops"] == pytest.approx(P * 8 * 8 + 4 * 8 * r["work"])
+    # plain fp32 CG: the work is what the tile's rows ran, at most rows x keys per iteration of the slowest
+    f = bench.run_point("lla-fp32", "fwd", 256, 8, 1.0, repeats=0, threads=1, heads=1)
+    assert f["precision"] == "fp32" and 0 < f["work"] <= f["iters"] * 256 * 256
+    assert f["work"] < 0.9 * f["iters"] * 256 * 256  # rows that converge early drop out
 
 
 @pytest.mark.parametrize("provider", ["ref", "lla-direct", "lla-cg"])
@@ -72,8 +85,8 @@ def test_targets_summary_logic():
     rec = lambda **kw: dict(dict(provider="lla-auto", D=64, rel_err=1e-5, iters=8, solver="cg", peak_mib=100.0), **kw)
     res = [
         dict(provider="sdpa", mode="fwd", T=4096, D=64, ms=100.0),
-        rec(mode="fwd", T=4096, ridge=1.0, ms=900.0),
-        rec(mode="fwd", T=4096, ridge=0.01, ms=2500.0),
+        rec(mode="fwd", T=4096, ridge=1.0, ms=790.0),
+        rec(mode="fwd", T=4096, ridge=0.01, ms=1250.0),
         rec(mode="fwd", T=2048, ridge=1.0, ms=100.0),
         rec(mode="fwd", T=16384, ridge=1.0, ms=100.0 * 70, peak_mib=300.0),
     ]

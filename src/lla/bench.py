@@ -10,13 +10,19 @@ the op once, and reports ``peak RSS - RSS with the inputs``.  Then it times ``--
 Shapes: B = 1, H = 8 (``--batch``, ``--heads`` change them, e.g. to training shapes), causal,
 float32, ``q, k, v ~ N(0, 1)``, default scale ``1 / sqrt(D)``.
 
-FLOP formulas (``P = B * H * T (T + 1) / 2`` causal query-key pairs, ``it`` = reported CG
-iterations, an upper bound since converged rows drop out; see ``FLOP_FORMULAS``):
+Providers: ``lla-auto`` / ``lla-cg`` / ``lla-direct`` (the op with that solver, default precision),
+``lla-fp32`` / ``lla-mixed`` (solver auto, ``precision="fp32"`` / ``"mixed"``: plain fp32 CG or bf16
+matvecs with fp32 residual replacement), ``ref``, ``sdpa``, ``parallax``.  ``--precision`` sets the
+precision of ``lla-auto`` / ``lla-cg`` / ``lla-direct``.
+
+FLOP formulas (``P = B * H * T (T + 1) / 2`` causal query-key pairs, ``W`` = the row-key products
+the solves' matvecs really ran, counted by the backend (``torch_backend.function.WORK_LOG``; bf16
+and fp32 alike, each ``4 D`` flops); see ``FLOP_FORMULAS``):
 
     sdpa fwd        4 P D                 sdpa fwd+bwd   14 P D       (bwd = 2.5 x fwd)
-    lla cg fwd      P (8 D + 4 D it)      (logits, mean, y.x, output; 2 GEMMs per CG iteration)
+    lla cg fwd      P 8 D + 4 D W         (logits, mean, y.x, output; 2 GEMMs per CG iteration)
     lla direct fwd  P (8 D + D (D + 1)) + H T D^3 / 3
-    lla bwd         P (20 D + 4 D it)     (same for direct, with D (D + 1) for the solve)
+    lla bwd         P 20 D + 4 D W        (same for direct, with D (D + 1) for the solve)
 
 Usage::
 
@@ -40,24 +46,25 @@ import warnings
 
 __all__ = ["main", "run_point", "TARGETS", "FLOP_FORMULAS"]
 
-PROVIDERS = ("lla-auto", "lla-cg", "lla-direct", "ref", "sdpa", "parallax")
+PROVIDERS = ("lla-auto", "lla-cg", "lla-direct", "lla-fp32", "lla-mixed", "ref", "sdpa", "parallax")
+PRECISION_PROVIDERS = {"lla-fp32": "fp32", "lla-mixed": "mixed"}
 MODES = ("fwd", "fwdbwd")
 FULL_GRID = dict(T=[512, 1024, 2048, 4096, 8192, 16384], D=[64, 128], ridge=[0.01, 1.0, 10.0])
 H = 8
 
 FLOP_FORMULAS = {
     "sdpa": "fwd 4*P*D, fwd+bwd 14*P*D",
-    "lla-cg": "fwd P*(8*D + 4*D*it), bwd P*(20*D + 4*D*it)",
+    "lla-cg": "fwd 8*P*D + 4*D*W, bwd 20*P*D + 4*D*W (W: row-key products the solves ran, bf16 + fp32)",
     "lla-direct": "fwd P*(8*D + D*(D+1)) + H*T*D^3/3, bwd the same plus P*20*D",
     "ref": "as lla-direct (it materialises z [T, S, D]: not a fair FLOP count)",
     "parallax": "fwd 6*P*D, fwd+bwd 22*P*D (Dv = D; the torch backend's GEMMs)",
 }
 
-#: The issue's targets: (name, description).  Evaluated by ``targets_summary``.
+#: The issue's targets (issue 12): (name, description).  Evaluated by ``targets_summary``.
 TARGETS = (
-    ("T1", "fwd, T=4096, ridge=1: time <= 10x SDPA, rel err <= 1e-4"),
-    ("T2", "fwd+bwd, T=4096, ridge=1: time <= 12x SDPA fwd+bwd"),
-    ("T3", "fwd, T=4096, ridge=0.01: time <= 20x SDPA, rel err <= 1e-3"),
+    ("T1", "fwd, T=4096, ridge=1: time <= 8x SDPA, rel err <= 1e-5"),
+    ("T2", "fwd+bwd, T=4096, ridge=1: time <= 8x SDPA fwd+bwd"),
+    ("T3", "fwd, T=4096, ridge=0.01: time <= 12x SDPA, rel err <= 1e-3"),
     ("T4", "peak memory at T=16384: fwd <= 512 MiB, fwd+bwd <= 1 GiB above inputs"),
     ("T5", "fwd time grows no faster than T^2 from T=2048 to 16384"),
 )
@@ -84,18 +91,20 @@ def _reset_peak() -> bool:
         return False
 
 
-def _flops(provider: str, mode: str, T: int, D: int, iters: int, solver: str | None, B: int = 1, heads: int = H) -> float:
+def _flops(provider: str, mode: str, T: int, D: int, work: float, solver: str | None, B: int = 1,
+           heads: int = H) -> float:
+    """FLOPs of one run; ``work`` = the row-key products of the solves' matvecs (forward and, for
+    fwd+bwd, the adjoint solves), as the backend counted them."""
     P = B * heads * T * (T + 1) / 2
     if provider == "sdpa":
         return (4 if mode == "fwd" else 14) * P * D
     if provider == "parallax":
         return (6 if mode == "fwd" else 22) * P * D
     direct = solver == "direct" or provider == "ref"
-    solve = D * (D + 1) if direct else 4 * D * iters
-    f = P * (8 * D + solve) + (B * heads * T * D**3 / 3 if direct else 0.0)
-    if mode == "fwdbwd":
-        f += P * (20 * D + solve)
-    return f
+    if direct:
+        f = P * (8 * D + D * (D + 1)) + B * heads * T * D**3 / 3
+        return f + (P * (20 * D + D * (D + 1)) if mode == "fwdbwd" else 0.0)
+    return P * (8 * D if mode == "fwd" else 28 * D) + 4 * D * work
 
 
 def _sample_rows(T: int, n: int = 8) -> list[int]:
@@ -123,7 +132,7 @@ def _parallax_ref_rows(q, r, k, v, rows):
 
 
 def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: int = 3, threads: int | None = None,
-              seed: int = 0, B: int = 1, heads: int = H) -> dict:
+              seed: int = 0, B: int = 1, heads: int = H, precision: str = "auto") -> dict:
     """Run one point in this process; returns a record (see the module docstring).  Call it from a
     fresh process (``--worker``) for a meaningful memory figure."""
     import torch
@@ -149,7 +158,9 @@ def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: i
             return lla.local_linear_attention_ref(q_, k_, v_, ridge=ridge)
         if provider == "parallax":
             return lla.parallax_attention(q_, r[:, : q_.shape[1]], k_, v_, backend="torch")  # (warm-up: a prefix)
-        o, aux = lla.local_linear_attention(q_, k_, v_, ridge=ridge, solver=provider.split("-")[1], backend="torch",
+        prec = PRECISION_PROVIDERS.get(provider, precision)
+        solver = "auto" if provider in PRECISION_PROVIDERS else provider.split("-")[1]
+        o, aux = lla.local_linear_attention(q_, k_, v_, ridge=ridge, solver=solver, backend="torch", precision=prec,
                                             return_aux=True)
         aux_box["aux"] = aux
         return o
@@ -165,6 +176,9 @@ def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: i
 
     # warm the kernels up on a tiny problem, so that the memory run measures the op, not lazy init
     once(*(t[:, :32].clone() for t in (q, k, v, do)))
+    from lla.ops.lla.torch_backend import function as _tb
+
+    _tb.WORK_LOG = []  # the solves' matvec work of every run below (the same problem each time)
     rss0 = _rss_kib("VmRSS")
     exact_peak = _reset_peak()
     t0 = time.perf_counter()
@@ -178,6 +192,10 @@ def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: i
         once(q, k, v, do)
         times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
+    log, _tb.WORK_LOG = _tb.WORK_LOG, None
+    runs = 1 + max(0, repeats)
+    work = sum(w.lowp + w.fp32 for _, w in log) / runs if log else 0.0
+    work_lowp = sum(w.lowp for _, w in log) / runs if log else 0.0
     aux = aux_box.get("aux")
     iters = aux.iters if aux is not None else 0
     solver = aux.solver if aux is not None else ("direct" if provider == "ref" else None)
@@ -187,11 +205,12 @@ def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: i
         ref = _ref_rows(q, k, v, ridge, rows) if provider != "parallax" else _parallax_ref_rows(q, r, k, v, rows)
         out = o[:, rows].double()
         err = float((out - ref).norm() / ref.norm())
-    flops = _flops(provider, mode, T, D, iters, solver, B, heads)
+    flops = _flops(provider, mode, T, D, work, solver, B, heads)
     return dict(provider=provider, mode=mode, T=T, D=D, H=heads, B=B, ridge=ridge, ms=ms, times_ms=[t * 1e3 for t in times],
                 gflops=flops / (ms * 1e-3) / 1e9, flops=flops, peak_mib=mem_mib, peak_exact=exact_peak,
                 rel_err=err, err_rows=len(_sample_rows(T)) if err is not None else 0, iters=iters, solver=solver,
-                residual=(aux.residual if aux is not None else None), threads=torch.get_num_threads())
+                residual=(aux.residual if aux is not None else None), threads=torch.get_num_threads(),
+                precision=(aux.precision if aux is not None else None), work=work, work_bf16=work_lowp)
 
 
 def _spawn(args: dict, timeout: float | None) -> dict:
@@ -217,7 +236,9 @@ def _grid(a) -> list[dict]:
         r1, r001 = 1.0, 0.01
         for mode, T, ridge in (("fwd", 4096, r1), ("fwd", 4096, r001), ("fwdbwd", 4096, r1), ("fwd", 2048, r1),
                                ("fwd", 8192, r1), ("fwd", 16384, r1), ("fwdbwd", 16384, r1)):
-            for prov in ("sdpa", "lla-auto"):
+            # at the three T = 4096 targets, the plain fp32 path too (the default is lla-auto)
+            provs = ("sdpa", "lla-auto", "lla-fp32") if T == 4096 else ("sdpa", "lla-auto")
+            for prov in provs:
                 pts.append(dict(provider=prov, mode=mode, T=T, D=64, ridge=ridge if prov != "sdpa" else None))
     else:
         for mode in a.modes:
@@ -254,21 +275,25 @@ def _fmt(x, spec):
 
 
 def markdown_table(results: list[dict]) -> str:
-    """Markdown table: ms first, then GFLOP/s, ratio to SDPA, peak memory, error, iterations."""
+    """Markdown table: ms and the relative error first, then the ratio to SDPA, GFLOP/s, peak memory,
+    iterations, solver and precision."""
     lines = [
-        "| provider | mode | T | D | ridge | ms | GFLOP/s (nominal) | x SDPA | peak MiB | rel err | CG iters | solver |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| provider | mode | T | D | ridge | ms | rel err | x SDPA | GFLOP/s | peak MiB | CG iters | bf16 share | "
+        "solver | precision |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in results:
         if r.get("error"):
             lines.append(f"| {r['provider']} | {r['mode']} | {r['T']} | {r['D']} | {_fmt(r.get('ridge'), 'g')} | "
-                         f"{r['error']} | | | | | | |")
+                         f"{r['error']} | | | | | | | | |")
             continue
+        lla_row = r["provider"].startswith("lla")
+        share = r["work_bf16"] / r["work"] if lla_row and r.get("work") else None
         lines.append(
             f"| {r['provider']} | {r['mode']} | {r['T']} | {r['D']} | {_fmt(r['ridge'], 'g')} | {r['ms']:.1f} | "
-            f"{r['gflops']:.1f} | {_fmt(r.get('ratio'), '.2f')} | {_fmt(r['peak_mib'], '.0f')} | "
-            f"{_fmt(r['rel_err'], '.1e')} | {r['iters'] if r['provider'].startswith('lla') else '-'} | "
-            f"{r['solver'] or '-'} |"
+            f"{_fmt(r['rel_err'], '.1e')} | {_fmt(r.get('ratio'), '.2f')} | {r['gflops']:.1f} | "
+            f"{_fmt(r['peak_mib'], '.0f')} | {r['iters'] if lla_row else '-'} | {_fmt(share, '.2f')} | "
+            f"{r['solver'] or '-'} | {r.get('precision') or '-'} |"
         )
     return "\n".join(lines)
 
@@ -290,15 +315,15 @@ def targets_summary(results: list[dict]) -> list[dict]:
     def add(name, value, met):
         out.append(dict(target=name, desc=dict(TARGETS)[name], measured=value, met=met))
 
-    for name, mode, ridge, rmax, emax in (("T1", "fwd", 1.0, 10, 1e-4), ("T2", "fwdbwd", 1.0, 12, None),
-                                          ("T3", "fwd", 0.01, 20, 1e-3)):
+    for name, mode, ridge, rmax, emax in (("T1", "fwd", 1.0, 8, 1e-5), ("T2", "fwdbwd", 1.0, 8, None),
+                                          ("T3", "fwd", 0.01, 12, 1e-3)):
         r = lla_pt(mode, 4096, ridge)
         if r is None or r.get("ratio") is None:
             add(name, "not measured", None)
             continue
         met = r["ratio"] <= rmax and (emax is None or (r["rel_err"] is not None and r["rel_err"] <= emax))
         add(name, f"{r['ratio']:.2f}x SDPA ({r['ms']:.0f} ms vs {r['sdpa_ms']:.0f} ms), rel err {_fmt(r['rel_err'], '.1e')}"
-            f", {r['iters']} CG iters ({r['solver']})", met)
+            f", {r['iters']} CG iters ({r['solver']}, {r.get('precision') or '-'})", met)
     f, b = lla_pt("fwd", 16384, 1.0), lla_pt("fwdbwd", 16384, 1.0)
     if f is None and b is None:
         add("T4", "not measured", None)
@@ -375,6 +400,8 @@ def _parse(argv):
     p.add_argument("--ridge", type=float, nargs="+", default=FULL_GRID["ridge"])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--precision", choices=("auto", "fp32", "mixed"), default="auto",
+                   help="precision= of the lla-auto / lla-cg / lla-direct providers (lla-fp32 / lla-mixed fix theirs)")
     p.add_argument("--batch", type=int, default=1, help="batch size B of every point (default 1)")
     p.add_argument("--heads", type=int, default=H, help=f"heads H (= key heads) of every point (default {H})")
     p.add_argument("--threads", type=int, default=None, help="torch threads per point (default: torch's default)")
@@ -395,7 +422,8 @@ def main(argv=None) -> int:
     if a.worker is not None:
         kw = json.loads(a.worker)
         rec = run_point(kw["provider"], kw["mode"], kw["T"], kw["D"], kw["ridge"] if kw["ridge"] is not None else 1.0,
-                        repeats=kw["repeats"], threads=kw.get("threads"), B=kw.get("B", 1), heads=kw.get("H", H))
+                        repeats=kw["repeats"], threads=kw.get("threads"), B=kw.get("B", 1), heads=kw.get("H", H),
+                        precision=kw.get("precision", "auto"))
         rec["ridge"] = kw["ridge"]
         print("RESULT " + json.dumps(rec), flush=True)
         return 0
@@ -413,14 +441,15 @@ def main(argv=None) -> int:
             results.append(dict(pt, error="skipped (slower than --skip-after at a smaller T)"))
             continue
         reps = a.repeats if a.repeats is not None else (3 if (not a.quick or pt["T"] <= 4096) else 0)
-        rec = _spawn(dict(pt, repeats=reps, threads=a.threads, B=a.batch, H=a.heads), a.timeout)
+        rec = _spawn(dict(pt, repeats=reps, threads=a.threads, B=a.batch, H=a.heads, precision=a.precision), a.timeout)
         if not rec.get("error") and rec["ms"] * 1e-3 > a.skip_after:
             slow.add(series)
         results.append(rec)
         _add_ratios(results)
         msg = rec.get("error") or (
-            f"{rec['ms']:.1f} ms, {rec['gflops']:.1f} GFLOP/s, x{_fmt(rec.get('ratio'), '.2f')} SDPA, "
-            f"peak {_fmt(rec['peak_mib'], '.0f')} MiB, err {_fmt(rec['rel_err'], '.1e')}, iters {rec['iters']}")
+            f"{rec['ms']:.1f} ms, err {_fmt(rec['rel_err'], '.1e')}, x{_fmt(rec.get('ratio'), '.2f')} SDPA, "
+            f"{rec['gflops']:.1f} GFLOP/s, peak {_fmt(rec['peak_mib'], '.0f')} MiB, iters {rec['iters']}"
+            f"{'' if not rec.get('precision') else ', ' + rec['precision']}")
         print(f"  {pt['provider']:10s} {pt['mode']:6s} T={pt['T']:<6d} D={pt['D']:<4d} ridge={_fmt(pt['ridge'], 'g'):5s} "
               f"{msg}", flush=True)
     summary = targets_summary(results)
@@ -436,7 +465,8 @@ def main(argv=None) -> int:
         f.write(f"Command: `{meta['command']}` (torch {meta['torch']}, {meta['cpus']} CPUs, {meta['threads']} threads, "
                 f"B = {a.batch}, H = {a.heads})\n\n")
         f.write(table + "\n\n")
-        f.write("FLOP formulas (P = B H T (T+1) / 2 causal pairs, it = reported CG iterations): "
+        f.write("FLOP formulas (P = B H T (T+1) / 2 causal pairs, W = row-key products the solves' matvecs ran, "
+                "counted by the backend; bf16 share = the part of W in bf16): "
                 + "; ".join(f"{k}: {v}" for k, v in FLOP_FORMULAS.items()) + "\n\n")
         f.write("```\n" + targets + "\n```\n")
     if not a.no_plot:

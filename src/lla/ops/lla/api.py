@@ -35,6 +35,9 @@ class LLAAux(NamedTuple):
               side; see ``torch_backend.function._amplification``).  The op warns when that
               estimate exceeds ``diagnostics.CONDITIONING_THRESHOLD``.  NaN when a backend does not
               report it.
+    precision: what the forward's solve ran in: "fp64", "fp32", "mixed" (bf16 matvecs refined to
+              the fp32 tolerance) or "mixed+fp32 (N rows)" (N rows stalled in bf16 and finished in
+              fp32); "" when a backend does not report it.
     """
 
     iters: int
@@ -42,6 +45,7 @@ class LLAAux(NamedTuple):
     lse: torch.Tensor
     solver: str
     amplification: float = float("nan")
+    precision: str = ""
 
 
 def resolve_solver(solver: str, lam_min: float, D: int, dtype: torch.dtype, S: int | None = None) -> str:
@@ -99,6 +103,7 @@ def local_linear_attention(
     max_iters: int | None = None,
     tol: float | None = None,
     precondition: bool = True,
+    precision: str = "auto",
     backend: str = "auto",
     return_aux: bool = False,
 ):
@@ -137,6 +142,12 @@ def local_linear_attention(
             float32/bf16/fp16 inputs, 1e-11 in float64).  A CG row also stops once its residual
             reaches the rounding floor of the working precision (no iteration is spent below it).
         precondition: precondition CG with the per-row Jacobi diagonal.
+        precision: CG arithmetic for float32 / bf16 / fp16 inputs: ``"fp32"``, ``"mixed"`` (bf16
+            matvecs inside the solve, fp32 residuals and refinement: the same tolerance on the fp32
+            true residual, rows where it stalls finish in fp32) or ``"auto"`` (``"mixed"`` where
+            bf16 GEMMs are fast, see ``torch_backend.function.resolve_precision``; the Triton backend's rule is
+            ``triton_backend.function.resolve_precision``).  float64 inputs always solve in float64;
+            under ``torch.compile`` the backend's ``"auto"`` applies.
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch; PyTorch under
             ``torch.compile``), ``"torch"``, ``"triton"`` (a ``ValueError`` where it cannot run:
             no triton, CPU tensors without ``TRITON_INTERPRET=1``, under ``torch.compile``).
@@ -150,15 +161,18 @@ def local_linear_attention(
     window = check_window(window_size, causal)
     check_solver_options(solver, max_iters, tol)
     check_bool("return_aux", return_aux)
+    if precision not in ("auto", "fp32", "mixed"):
+        raise ValueError(f"precision must be one of ('auto', 'fp32', 'mixed'), got {precision!r}")
     lam = check_ridge(ridge, B, T, H, q)
     varlen = check_varlen(cu_seqlens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, B=B, T=T, S=S,
                           device=q.device)
     return _dispatch(pick_backend(backend, q), q, k, v, lam, varlen, scale=scale, window=window, solver=solver,
-                     max_iters=max_iters, tol=tol, precondition=bool(precondition), return_aux=return_aux)
+                     max_iters=max_iters, tol=tol, precondition=bool(precondition), precision=precision,
+                     return_aux=return_aux)
 
 
 def _dispatch(name: str, q, k, v, lam, varlen: Varlen | None, *, scale, window, solver, max_iters, tol,
-              precondition, return_aux):
+              precondition, precision="auto", return_aux):
     """The one way from checked arguments to a backend: the custom op while ``torch.compile`` traces
     (it resolves ``solver="auto"`` and checks the values it needs inside), else the backend ``name``
     followed by the forward's diagnostics."""
@@ -179,7 +193,7 @@ def _dispatch(name: str, q, k, v, lam, varlen: Varlen | None, *, scale, window, 
     tol = float(default_tol(q.dtype) if tol is None else tol)
     o, lse, iters, residual, *extra = _backend_fn(name)(
         q, k, v, lam, scale=scale, window_size=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, solver=solver,
-        max_iters=max_iters, tol=tol, precondition=precondition,
+        max_iters=max_iters, tol=tol, precondition=precondition, precision=precision,
     )
     amplification = float(extra[0]) if extra else float("nan")
     chk_residual, chk_floor = extra[1] if len(extra) > 1 else (residual, 0.0)
@@ -187,5 +201,6 @@ def _dispatch(name: str, q, k, v, lam, varlen: Varlen | None, *, scale, window, 
                 floor=chk_floor, stacklevel=4)  # (the warning points at the caller of the public op)
     check_conditioning(amplification, q.dtype, stacklevel=4)
     if return_aux:
-        return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver, amplification=amplification)
+        return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver, amplification=amplification,
+                         precision=extra[2] if len(extra) > 2 else "")
     return o

@@ -43,14 +43,19 @@ attention-shaped passes plus the adjoint solve.  Saved from the forward: ``x``, 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from ...diagnostics import adjoint_tol, check_conditioning, check_solve
-from .solvers import FEW_ROWS, chol_solve, direct_solve, pcg_compact
+from .solvers import FEW_ROWS, Work, _fallback, chol_solve, direct_solve, pcg_compact, pcg_mixed
 
 __all__ = ["lla_torch", "lla_forward", "lla_backward", "LLATorchFunction", "TILE_ELEMS"]
+
+#: When a list, every forward and backward appends ``(stage, solvers.Work)``: the row-key products its
+#: solves' matvecs really ran (bf16 and working precision), for ``lla bench``'s FLOP count.
+WORK_LOG = None
 
 #: Upper bound on the elements of one ``[B, H, tile, n_keys]`` score tile (float32: 16 MiB).
 TILE_ELEMS = 1 << 22
@@ -61,12 +66,44 @@ HEAD_TILE_ELEMS = 1 << 20
 
 
 class _Cfg:
-    __slots__ = ("scale", "window", "solver", "max_iters", "tol", "precondition", "adj_tol")
+    __slots__ = ("scale", "window", "solver", "max_iters", "tol", "precondition", "adj_tol", "precision")
 
-    def __init__(self, scale, window, solver, max_iters, tol, precondition, adj_tol=None):
+    def __init__(self, scale, window, solver, max_iters, tol, precondition, adj_tol=None, precision="auto"):
         self.scale, self.window, self.solver = scale, window, solver
         self.max_iters, self.tol, self.precondition = max_iters, tol, precondition
         self.adj_tol = adjoint_tol(tol) if adj_tol is None else adj_tol
+        self.precision = precision
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 GEMMs are hardware-accelerated on ``device`` (CUDA with bf16 support; a CPU
+    with AVX512-BF16 / AMX, as oneDNN reports it)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, dtype: torch.dtype, device: torch.device) -> str:
+    """The precision a CG solve runs in: ``"fp64"`` (float64 inputs, always), ``"fp32"`` or
+    ``"mixed"`` (bf16 matvecs refined to the fp32 tolerance, ``solvers.pcg_mixed``).
+
+    ``"auto"`` is ``"mixed"`` when bf16 GEMMs are fast on the device (``_fast_bf16``), else
+    ``"fp32"``.  ``torch.get_float32_matmul_precision()`` is not consulted: it lets *matmul results*
+    lose accuracy, while the mixed solve returns what the fp32 solve does (the same tolerance on the
+    fp32 true residual; rows where bf16 refinement stalls finish in fp32), so even ``"highest"``
+    is honoured.  ``"fp32"`` forces the plain fp32 CG (bitwise the pre-mixed path).
+    """
+    if dtype == torch.float64:
+        return "fp64"
+    if precision == "auto":
+        return "mixed" if _fast_bf16(device) else "fp32"
+    return precision
 
 
 def _row_range(i, T, S, window):
@@ -162,7 +199,7 @@ BACKWARD_LOGIT_FACTOR = 4.0
 CG_FLOOR_STOP = 0.25
 
 
-def _solve(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, aim=None):
+def _solve(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, aim=None, work=None, smax=None):
     """Solve A x = b for a tile's rows with the configured solver -> (x, iters, residual, floor).
 
     ``aim`` (optional, a float or per-row ``[..., R]``) is a tighter tolerance to iterate to, where
@@ -177,19 +214,28 @@ def _solve(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, aim=None):
         x, res = direct_solve(s, k1, m, lam, b, tol=tol if aim is None else aim)
         return x, 0, res, _floor(torch.finfo(b.dtype).eps, x, b, lam, ekc2, m)
     trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
+    if resolve_precision(cfg.precision, b.dtype, b.device) == "mixed":
+        # the outer loop measures true residuals: held to the floor itself (no CG_FLOOR_STOP margin)
+        coef = FLOOR_FACTOR * ((trc * ekc2).sqrt() + lam)
+        x, it, _ = pcg_mixed(s, k1, m, lam, b, diag if cfg.precondition else None, tol=tol, max_iters=cfg.max_iters,
+                             scratch=scratch, floor_coef=coef, cg_floor_coef=CG_FLOOR_STOP * coef, work=work,
+                             ekc2=ekc2, smax=s.amax(-1) if smax is None else smax, residual=False)
+        return x, it, None, None  # the true residual comes from the y . x pass (``_cg_exit``)
     coef = FLOOR_FACTOR * CG_FLOOR_STOP * ((trc * ekc2).sqrt() + lam)
     x, it, _ = pcg_compact(s, k1, m, lam, b, diag if cfg.precondition else None, tol=tol if aim is None else aim,
-                           max_iters=cfg.max_iters,
-                           scratch=scratch, floor_coef=coef, residual=False)
+                           max_iters=cfg.max_iters, scratch=scratch, floor_coef=coef, residual=False, work=work)
     return x, it, None, None
 
 
-def _cg_exit(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, x, it, sy, aim=None):
+def _cg_exit(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, x, it, sy, aim=None, work=None):
     """True residual of a CG solve from ``sy = s_j y_j . x`` ``[nb, R, n]`` (one GEMM instead of a matvec).
 
     A row whose true residual misses ``max(tol, floor)`` (the recurrence residual drifted from the
     true one) is restarted from its iterate, once, within the iteration cap; then ``redone`` is True
-    and the caller recomputes what it derived from ``x``.  -> (x, iters, residual, floor, redone)
+    and the caller recomputes what it derived from ``x``.  After a mixed solve (``pcg_mixed``, which
+    leaves its last rows to this check) only the rows that missed are finished, in the working
+    precision, with a full iteration budget (the bf16 iterations do not count against it).
+    -> (x, iters, residual, floor, redone)
     """
     ax = (sy @ k1).addcmul_(sy.sum(-1, keepdim=True), m, value=-1.0).addcmul_(x, lam.unsqueeze(-1))
     bn = b.norm(dim=-1)
@@ -197,10 +243,19 @@ def _cg_exit(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, x, it, sy, aim=Non
     eps = torch.finfo(b.dtype).eps
     fl = _floor(eps, x, b, lam, ekc2, m)
     miss = res > torch.maximum(fl, torch.full_like(fl, tol)) * 2.0
-    if it >= cfg.max_iters or not bool(miss.any()):
+    mixed = resolve_precision(cfg.precision, b.dtype, b.device) == "mixed"
+    if mixed:
+        miss |= ~torch.isfinite(res)
+    if (it >= cfg.max_iters and not mixed) or not bool(miss.any()):
         return x, it, res, fl, False
     trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
     coef = FLOOR_FACTOR * CG_FLOOR_STOP * ((trc * ekc2).sqrt() + lam)
+    if mixed:
+        bn1 = bn.where(bn > 0, torch.ones_like(bn))
+        rn = res * bn1
+        it2 = _fallback(x, rn, miss, s, k1, m, lam, b, bn, diag if cfg.precondition else None, tol=tol,
+                        max_iters=cfg.max_iters, scratch=scratch, coef=coef, work=work)
+        return x, max(it, it2), rn / bn1, _floor(eps, x, b, lam, ekc2, m), True
     x2, it2, res2 = pcg_compact(s, k1, m, lam, b, diag if cfg.precondition else None, tol=tol if aim is None else aim,
                                 max_iters=cfg.max_iters - it, scratch=scratch, x0=x, floor_coef=coef)
     better = res2 < res
@@ -217,12 +272,13 @@ class _Scratch:
         self.like = like
         self.bufs: dict = {}
 
-    def get(self, slot: str, shape) -> torch.Tensor:
+    def get(self, slot: str, shape, dtype=None) -> torch.Tensor:
         n = math.prod(shape)
-        buf = self.bufs.get(slot)
+        key = slot if dtype is None or dtype == self.like.dtype else (slot, dtype)
+        buf = self.bufs.get(key)
         if buf is None or buf.numel() < n:
-            buf = self.like.new_empty(max(n, 1))
-            self.bufs[slot] = buf
+            buf = self.like.new_empty(max(n, 1), dtype=dtype)
+            self.bufs[key] = buf
         return buf[:n].view(*shape)
 
 
@@ -355,9 +411,11 @@ def _merge(acc, new):
 def lla_forward(q, k, v, lam, cfg):
     """Forward pass.  q [B, T, H, D], k [B, S, Hk, D], v [B, S, Hk, Dv], lam [B, T, H].
 
-    Returns ``o [B, T, H, Dv]`` (dtype of q), ``lse [B, T, H]`` float32, ``stats [5]`` on the CPU =
-    (CG iterations, worst true relative residual, worst amplification, and the residual and
-    attainable floor of the row furthest past its tolerance, see ``diagnostics.check_solve``), where
+    Returns ``o [B, T, H, Dv]`` (dtype of q), ``lse [B, T, H]`` float32, ``stats [8]`` on the CPU =
+    (CG iterations, worst true relative residual, worst amplification, the residual and
+    attainable floor of the row furthest past its tolerance (see ``diagnostics.check_solve``), rows a
+    mixed solve finished in fp32, and the matvecs' row-key products in bf16 and in the working
+    precision (``solvers.Work``: ``4 D`` flops each)), where
     the amplification estimates how much rounding is magnified (see ``LLAAux``), and the saved state
     ``x, m [B, Hk, G, T, D]`` (``m`` in its tile's key frame), ``lse_c [B, Hk, G, T]`` (compute dtype).
 
@@ -381,7 +439,7 @@ def lla_forward(q, k, v, lam, cfg):
     X = Q.new_zeros(B, Hk, G, T, D)
     M = Q.new_zeros(B, Hk, G, T, D)
     LSE = Q.new_full((B, Hk, G, T), float("-inf"))
-    iters, amp, acc = 0, Q.new_zeros(()), None
+    iters, amp, acc, work = 0, Q.new_zeros(()), None, Work()
     # (batch, key head) pairs folded into one dim N, processed ``nb`` at a time: one pair per step
     # at long T (a tile is already HEAD_TILE_ELEMS), many at short T (training shapes), so that
     # small problems are a few batched GEMMs rather than B * Hk tiny ones.
@@ -415,11 +473,12 @@ def lla_forward(q, k, v, lam, cfg):
             x, res, chol = direct_solve(s, k1, m, lam_t, mu, tol=cfg.tol, factor=True)
             it, fl = 0, _floor(eps, x, mu, lam_t, ekc2, m)
         else:
-            x, it, res, fl = _solve(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2)
+            x, it, res, fl = _solve(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2, work=work, smax=smax)
         # output weights w_j = s_j (1 - y_j . x); s_j y_j . x on the way gives CG's true residual
         w = _centred(x, k1, s, scratch.get("k", s.shape), ssum, few).mul_(s)
         if res is None:
-            x, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2, x, it, w)
+            x, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2, x, it, w,
+                                              work=work)
             if redone:
                 w = _centred(x, k1, s, scratch.get("k", s.shape), ssum, few).mul_(s)
         w.neg_().add_(s)
@@ -439,6 +498,8 @@ def lla_forward(q, k, v, lam, cfg):
         O[c, :, i0:i1] = o.view(-1, G, t, Dv)
         X[c, :, i0:i1] = x.view(-1, G, t, D)
         M[c, :, i0:i1] = m.reshape(-1, G, t, D)
+    if WORK_LOG is not None:
+        WORK_LOG.append(("fwd", work))
     O, X, M, LSE = (t.view(B, Hk, *t.shape[1:]) for t in (O, X, M, LSE))
     o = O.reshape(B, H, T, Dv).permute(0, 2, 1, 3).to(q.dtype)
     lse = LSE.reshape(B, H, T).permute(0, 2, 1).float()
@@ -446,7 +507,8 @@ def lla_forward(q, k, v, lam, cfg):
         z = Q.new_zeros(())
         acc = (z, z, z, z)
     del eps
-    stats = torch.stack([torch.tensor(float(iters), dtype=cdt), acc[0].cpu(), amp.cpu(), acc[1].cpu(), acc[2].cpu()])
+    stats = torch.stack([torch.tensor(float(iters), dtype=cdt), acc[0].cpu(), amp.cpu(), acc[1].cpu(), acc[2].cpu(),
+                         *(torch.tensor(float(w), dtype=cdt) for w in (work.fallback, work.lowp, work.fp32))])
     return o, lse, stats, X, M, LSE
 
 
@@ -584,7 +646,7 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
     Qs, Q, K, V, L, dO = (t.reshape(N, *t.shape[2:]) for t in (Qs, Q, K, V, L, dO))
     dQ, dK, dV, dL = (t.view(N, *t.shape[2:]) for t in (dQ, dK, dV, dL))
     X, M, LSE = (t.reshape(N, *t.shape[2:]) for t in (X, M, LSE))
-    iters, acc, amp_b = 0, None, Q.new_zeros(())
+    iters, acc, amp_b, work = 0, None, Q.new_zeros(()), Work()
     for c, i0, i1, j0, j1, mask, common in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
         t = i1 - i0
         R = G * t
@@ -619,11 +681,12 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
         ekc2 = sk2.sum(-1)
         diag = (sk2 - m * m).clamp_min_(0.0).add_(lam_t.unsqueeze(-1))
         aim = _ridge_grad_aim(cfg.adj_tol, lam_t, m, ekc2, D) if need_dlam and Q.dtype == torch.float64 else None
-        u, it, res, fl = _solve(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2, aim)  # adjoint solve
+        u, it, res, fl = _solve(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2, aim, work=work)  # adjoint solve
         _centred(u, Kt, s, a)  # y_j . u
         if res is None:  # CG: the true residual from s_j y_j . u
             su = torch.mul(a, s, out=scratch.get("yx", (nbc, R, n)))
-            u, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2, u, it, su, aim)
+            u, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2, u, it, su, aim,
+                                              work=work)
             if redone:
                 _centred(u, Kt, s, a)
         iters = max(iters, it)
@@ -644,6 +707,8 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
         dKh.baddbmm_(dl.transpose(-1, -2), q_t, alpha=scale)
         dV[c, j0:j1].baddbmm_(sc.transpose(-1, -2), do_t)
         dL[c, :, i0:i1] = (-(u * x).sum(-1)).view(nbc, G, t)
+    if WORK_LOG is not None:
+        WORK_LOG.append(("bwd", work))
     if report is not None and acc is not None:
         canc = 0.0
         if need_dlam:  # dlam's cancellation in the sums autograd makes of it (over lam's broadcast dims):
@@ -653,7 +718,7 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
             num = float(dLs.norm())
             den = float((dLs.sum(dims) if dims else dLs).norm())
             canc = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
-        report.append((float(acc[0]), float(acc[1]), float(acc[2]), iters, float(amp_b), canc))
+        report.append((float(acc[0]), float(acc[1]), float(acc[2]), iters, float(amp_b), canc, work))
     dQ, dK, dV, dL = (t.view(B, Hk, *t.shape[1:]) for t in (dQ, dK, dV, dL))
     dq = dQ.reshape(B, H, T, D).permute(0, 2, 1, 3).to(q.dtype)
     dk = dK.permute(0, 2, 1, 3).to(k.dtype)
@@ -682,7 +747,7 @@ class LLATorchFunction(torch.autograd.Function):
         report = []
         dq, dk, dv, dlam = lla_backward(do, q, k, v, lam, X, M, LSE, ctx.cfg, ctx.needs_input_grad[3], report=report)
         if report:
-            _worst, res, floor, iters, logit, canc = report[0]
+            _worst, res, floor, iters, logit, canc, _work = report[0]
             check_solve(stage="backward", solver=ctx.cfg.solver, residual=res, tol=ctx.cfg.adj_tol, iters=iters,
                         lam_min=float(lam.detach().min()) if lam.numel() else float("nan"), floor=floor)
             # gradients through nearly one-hot weights are relatively as inexact as the logits
@@ -695,7 +760,7 @@ class LLATorchFunction(torch.autograd.Function):
 
 
 def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition,
-              cu_seqlens_k=None):
+              cu_seqlens_k=None, precision="auto"):
     """PyTorch backend entry: ``(o [B, T, H, Dv], lse [B, T, H], iters, residual, amplification,
     (residual, floor))`` where the last pair is what ``diagnostics.check_solve`` takes: the true
     residual and attainable floor of the row furthest past its tolerance.
@@ -705,20 +770,21 @@ def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters
     crosses a boundary.  An empty query sequence contributes nothing; queries of a sequence without
     keys output zeros.
     """
-    cfg = _Cfg(scale, tuple(window_size), solver, max_iters, tol, precondition)
+    cfg = _Cfg(scale, tuple(window_size), solver, max_iters, tol, precondition, precision=precision)
     if cu_seqlens is None:
         segments = [(None, None)]
     else:
         cq = cu_seqlens.tolist()
         ck = cq if cu_seqlens_k is None else cu_seqlens_k.tolist()
         segments = [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cq, cq[1:], ck, ck[1:]) if b > a]
-    outs, lses, iters, resid, amp, chk = [], [], 0, 0.0, 0.0, (0.0, 0.0)
+    outs, lses, iters, resid, amp, chk, ran = [], [], 0, 0.0, 0.0, (0.0, 0.0), [0.0, 0.0, 0.0]
     for sq, sk in segments:
         if sq is None:
             o, lse, stats = LLATorchFunction.apply(q, k, v, lam, cfg)
         else:
             o, lse, stats = LLATorchFunction.apply(q[:, sq], k[:, sk], v[:, sk], lam[:, sq], cfg)
-        it, r, amp_seq, r_chk, f_chk = stats.tolist()
+        it, r, amp_seq, r_chk, f_chk, *more = stats.tolist()
+        ran = [a + b for a, b in zip(ran, more)]
         amp = max(amp, amp_seq)
         outs.append(o)
         lses.append(lse)
@@ -726,11 +792,20 @@ def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters
         resid = r if (math.isnan(r) or math.isnan(resid)) else max(resid, r)
         if _excess(r_chk, f_chk, tol) > _excess(*chk, tol):
             chk = (r_chk, f_chk)
+    ran = _ran(precision, q, solver, ran)
     if len(outs) == 1:
-        return outs[0], lses[0], iters, resid, amp, chk
+        return outs[0], lses[0], iters, resid, amp, chk, ran
     if not outs:  # every packed query sequence is empty
-        return q.new_zeros(*q.shape[:3], v.shape[3]), q.new_zeros(q.shape[:3], dtype=torch.float32), 0, 0.0, 0.0, chk
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1), iters, resid, amp, chk
+        return q.new_zeros(*q.shape[:3], v.shape[3]), q.new_zeros(q.shape[:3], dtype=torch.float32), 0, 0.0, 0.0, chk, ran
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1), iters, resid, amp, chk, ran
+
+
+def _ran(precision, q, solver, counts):
+    """What the forward solve ran, for ``LLAAux.precision``: ``"fp64"``, ``"fp32"``, ``"mixed"`` or
+    ``"mixed+fp32 (N rows)"`` when N rows stalled in bf16 and were finished in fp32."""
+    p = resolve_precision(precision, q.dtype, q.device) if solver == "cg" else ("fp64" if q.dtype == torch.float64 else "fp32")
+    fallback = int(counts[0])
+    return f"mixed+fp32 ({fallback} rows)" if p == "mixed" and fallback else p
 
 
 def _excess(res, floor, tol):

@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cov_matvec", "cov_diag", "pcg_compact", "cov_matrix", "direct_solve", "chol_solve", "true_residual"]
+__all__ = ["cov_matvec", "cov_diag", "pcg_compact", "pcg_mixed", "pcg_refine", "lowp_keys", "Work", "cov_matrix",
+           "direct_solve", "chol_solve", "true_residual"]
 
 #: Compact the rows still iterating once at most this fraction of the current rows is active.
 COMPACT_FRACTION = 0.75
+
+#: The same for low-precision matvecs (``pcg_mixed``'s inner solves): bf16 GEMMs lose much more of
+#: their speed on short row blocks than fp32 ones (16 rows: ~50 vs ~75 GFLOP/s, 256: ~400 vs ~90).
+LOWP_COMPACT_FRACTION = 0.5
 
 
 def cov_matvec(s, kc, m, lam, p, kp=None):
@@ -35,6 +40,8 @@ def cov_matvec(s, kc, m, lam, p, kp=None):
     s [..., R, n], kc [..., n, D] (``k - c``), m [..., R, D], lam [..., R], p [..., R, D] -> [..., R, D].
     ``kp`` (optional) is a ``[..., R, n]`` buffer for the intermediate.
     """
+    if kc.dtype != p.dtype:
+        return _cov_matvec_lowp(s, kc, m, lam, p, kp)
     mp = -torch.linalg.vecdot(m, p).unsqueeze(-1)
     if kp is None:
         kp = torch.baddbmm(mp, p, kc.transpose(-1, -2)) if p.dim() == 3 else p @ kc.transpose(-1, -2) + mp
@@ -43,6 +50,38 @@ def cov_matvec(s, kc, m, lam, p, kp=None):
     kp.mul_(s)
     ap = kp @ kc
     return ap.addcmul_(kp.sum(-1, keepdim=True), m, value=-1.0).addcmul_(p, lam.unsqueeze(-1))
+
+
+def lowp_keys(kc, dtype=torch.bfloat16, out=None):
+    """``[k - c | 1]`` in ``dtype`` (``[..., n, D + 1]``, in ``out`` when given): the keys of
+    ``_cov_matvec_lowp``."""
+    ka = kc.new_empty(*kc.shape[:-1], kc.shape[-1] + 1, dtype=dtype) if out is None else out
+    ka[..., :-1] = kc
+    ka[..., -1] = 1.0
+    return ka
+
+
+def _cov_matvec_lowp(s, ka, m, lam, p, kp=None):
+    """``cov_matvec`` with the weights ``s`` and the keys ``ka = [k - c | 1]`` (``lowp_keys``) in a low
+    precision (bf16): both GEMMs in that dtype (fp32 accumulation, outputs rounded to it), the vectors
+    ``p``, ``m`` and the result in ``p``'s dtype.  The centring constant ``-m . p`` rides in the first
+    GEMM (the column of ones); the second GEMM runs on the keys alone and leaves out
+    ``-(sum_j s_j y_j . p) m`` (zero in exact arithmetic; ``cov_matvec`` keeps it to cancel rounding
+    the fp32 result cannot afford, here it would only cost a ``D + 1``-wide GEMM).  Relative accuracy
+    ~2^-8: for the inner solves of ``pcg_mixed`` only.  ``kp`` (optional) is a ``[..., R, n]`` buffer
+    of ``ka``'s dtype.  Batched GEMMs go through ``bmm`` (``matmul`` with ``out=`` takes a slower
+    bf16 path on the CPU)."""
+    pa = torch.cat([p, -torch.linalg.vecdot(m, p).unsqueeze(-1)], dim=-1).to(ka.dtype)  # [..., R, D + 1]
+    D = p.shape[-1]
+    kt = ka.transpose(-1, -2)
+    mm = torch.bmm if pa.dim() == 3 else torch.mm
+    if kp is None:
+        kp = mm(pa, kt)
+    else:
+        mm(pa, kt, out=kp)
+    kp.mul_(s)
+    ap = mm(kp, ka[..., :D]).to(p.dtype)  # sum_j s_j (y_j . p)(k_j - c)
+    return ap.addcmul_(p, lam.unsqueeze(-1))
 
 
 def true_residual(s, kc, m, lam, x, b, kp=None):
@@ -66,7 +105,7 @@ def _take_rows(t, sel):
 
 
 def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, x0=None, floor_coef=None,
-                residual: bool = True):
+                residual: bool = True, work=None):
     """Jacobi-preconditioned CG on ``A x = b`` for a tile of rows, converged rows dropped as it goes.
 
     One independent system per row (the rows never mix: a row's iterates depend only on its own
@@ -83,11 +122,14 @@ def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
     is below the rounding floor ``eps (floor_coef |x| + |b|)`` (see ``function._floor``), where more
     iterations no longer move the true residual.  ``residual=False`` skips the exit matvec (the
     caller measures the true residual from a pass it makes anyway) and returns None for it.
+    ``s`` and ``kc`` may be low-precision (``lowp_keys``): the matvecs then run in that dtype
+    (``_cov_matvec_lowp``), everything else in ``b``'s.  ``work`` (optional ``Work``) counts the
+    row-key products of the matvecs (rows in the working set times keys, per iteration).
     -> (x [..., R, D], iterations of the slowest row, true relative residual per row [..., R])
     """
     R = b.shape[-2]
     s_all, m_all, lam_all = s, m, lam
-    kp_buf = None if scratch is None else scratch.get("kp", s.shape)
+    kp_buf = None if scratch is None else scratch.get("kp", s.shape, s.dtype)
     bnorm = b.norm(dim=-1)  # [..., R]
     thresh = (tol * bnorm) ** 2
     inv_diag = None if diag is None else 1.0 / diag
@@ -120,7 +162,7 @@ def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
         if n_active == 0:
             break
         Ra = active.shape[-1]
-        if n_active <= COMPACT_FRACTION * Ra:
+        if n_active <= (COMPACT_FRACTION if s.dtype == b.dtype else LOWP_COMPACT_FRACTION) * Ra:
             # store the working rows, then keep the n_active first rows of a stable active-first order
             full_idx = idx if idx is not None else torch.arange(R, device=b.device).expand(active.shape)
             x_out.scatter_(-2, full_idx[..., None].expand_as(x), x)
@@ -130,16 +172,18 @@ def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
             if scratch is None:
                 s = _take_rows(s, order)
             else:  # ping-pong between two buffers: the source of a gather is never its destination
-                slot = "s1" if s.data_ptr() != scratch.get("s1", (1,)).data_ptr() else "s2"
+                slot = "s1" if s.data_ptr() != scratch.get("s1", (1,), s.dtype).data_ptr() else "s2"
                 s = torch.gather(s, -2, order[..., None].expand(*order.shape, s.shape[-1]),
-                                 out=scratch.get(slot, (*order.shape, s.shape[-1])))
-                kp_buf = scratch.get("kp", s.shape)
+                                 out=scratch.get(slot, (*order.shape, s.shape[-1]), s.dtype))
+                kp_buf = scratch.get("kp", s.shape, s.dtype)
             m, lam, thresh, bnorm = (_take_rows(t, order) for t in (m, lam, thresh, bnorm))
             if floor_coef is not None:
                 floor_coef = _take_rows(floor_coef, order)
             if inv_diag is not None:
                 inv_diag = _take_rows(inv_diag, order)
         ap = cov_matvec(s, kc, m, lam, p, kp_buf)
+        if work is not None:
+            work.add(s)
         pap = torch.linalg.vecdot(p, ap)
         # pap > 0 for p != 0 in exact arithmetic (A is SPD); rounding can break that: no step then
         alpha = (rz / pap.clamp_min(tiny) * (active & (pap > 0))).unsqueeze(-1)
@@ -158,13 +202,415 @@ def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
         x_out.scatter_(-2, idx[..., None].expand_as(x), x)
     if not residual:
         return x_out, it, None
-    kp_buf = None if scratch is None else scratch.get("kp", s_all.shape)
+    kp_buf = None if scratch is None else scratch.get("kp", s_all.shape, s_all.dtype)
     return x_out, it, true_residual(s_all, kc, m_all, lam_all, x_out, b, kp_buf)
 
 
 #: With at most this many rows, ``cov_matrix`` forms each row's moment by its own GEMM (decode: one row
 #: per query head) instead of the weights against the keys' outer products (a GEMV then).
 FEW_ROWS = 8
+
+
+class Work:
+    """Row-key products of the solves' matvecs (each costs ``4 D`` flops), by precision, and how many
+    rows a mixed solve handed to plain CG (``fallback``)."""
+
+    __slots__ = ("fp32", "lowp", "fallback")
+
+    def __init__(self):
+        self.fp32, self.lowp, self.fallback = 0, 0, 0
+
+    def add(self, s):
+        n = s.numel()
+        if s.dtype in (torch.bfloat16, torch.float16):
+            self.lowp += n
+        else:
+            self.fp32 += n
+
+
+#: ``pcg_mixed``: each inner (low-precision) CG runs until its residual is this fraction of the
+#: right-hand side it was given (the outer, true residual): measured in ``benchmarks/mixed_ab.py``.
+MIXED_INNER_TOL = 1e-2
+
+#: ``pcg_mixed``: an outer step that does not shrink a row's true residual by at least this factor
+#: (and leaves it above the row's target) is a stall: the low-precision operator is too inexact for
+#: the row's conditioning, and the row is finished by plain CG in the working precision.
+MIXED_STALL = 0.5
+
+#: ``pcg_mixed``: at most this many inner iterations per outer step.
+MIXED_INNER_ITERS = 32
+
+
+def pcg_refine(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, floor_coef=None,
+               cg_floor_coef=None, lowp=torch.bfloat16, work=None, inner_tol: float | None = None):
+    """Mixed-precision solve of ``A x = b`` by restarted iterative refinement (measured slower than
+    ``pcg_mixed`` and kept for the A/B in ``benchmarks/mixed_ab.py``, ``--set MIXED_SCHEME=refine``).
+
+    Outer loop, in ``b``'s dtype (fp32): the true residual ``r = b - A x`` (``cov_matvec``, centred);
+    inner: Jacobi-CG on ``A d = r`` with both GEMMs of every matvec in ``lowp`` (bf16 copies of the
+    weights and the shifted keys made once, ``_cov_matvec_lowp``) down to ``inner_tol`` relative to
+    ``r`` (``MIXED_INNER_TOL``); ``x += d``.  Each outer step contracts the error by about the
+    inner tolerance plus the low-precision operator's relative error times ``cond(A)``, so a
+    well-conditioned row meets ``tol`` in 2-4 outer steps, i.e. 2-4 working-precision matvecs instead
+    of one per CG iteration.  A row stops once its true residual is below ``max(tol, floor)`` with
+    ``floor = eps (floor_coef |x| + |b|)`` (``function._floor``; ``cg_floor_coef``, the same for the
+    recurrence residual of the fallback CG, defaults to ``floor_coef``).  A row whose outer step shrinks
+    its residual by less than ``MIXED_STALL`` (too ill-conditioned for ``lowp``) is finished by
+    ``pcg_compact`` in the working precision from its current ``x`` (up to ``max_iters`` more
+    iterations), so the answer is never worse than plain CG's.  Rows never mix (each has its own
+    system); the active rows are gathered down at each outer step.
+
+    Shapes as in ``pcg_compact``.  -> (x [..., R, D], matvecs of the slowest row (inner + outer +
+    fallback), true relative residual per row [..., R] (of the last outer step or the fallback))
+    """
+    inner_tol = MIXED_INNER_TOL if inner_tol is None else inner_tol
+    R, D = b.shape[-2], b.shape[-1]
+    lead = b.shape[:-2]
+    s_lo = s.to(lowp)
+    ka = lowp_keys(kc, lowp)
+    bnorm = b.norm(dim=-1)
+    eps = torch.finfo(b.dtype).eps
+    target = tol * bnorm
+    x = torch.zeros_like(b)
+    r = b.clone()
+    rn = bnorm.clone()
+    stalled = torch.zeros_like(bnorm, dtype=torch.bool)
+
+    def limit(xn):
+        if floor_coef is None:
+            return target
+        return torch.maximum(target, eps * (floor_coef * xn + bnorm))
+
+    it = 0
+    while it < max_iters:
+        act = (rn > limit(x.norm(dim=-1))) & ~stalled  # [..., R]
+        n_act = int(act.sum(-1).max()) if act.numel() else 0
+        if n_act == 0:
+            break
+        order = torch.argsort((~act).to(torch.int8), dim=-1, stable=True)[..., :n_act]  # [..., c]
+        on = _take_rows(act, order)
+        r_a = _take_rows(r, order) * on.unsqueeze(-1)  # rows already done get a zero right-hand side
+        m_a, lam_a = _take_rows(m, order), _take_rows(lam, order)
+        diag_a = None if diag is None else _take_rows(diag, order)
+        s_lo_a = s_lo if n_act == R else _take_rows(s_lo, order)
+        d, it_in, _ = pcg_compact(s_lo_a, ka, m_a, lam_a, r_a, diag_a, tol=inner_tol,
+                                  max_iters=min(MIXED_INNER_ITERS, max_iters - it), scratch=scratch, residual=False,
+                                  work=work)
+        x_a = _take_rows(x, order) + d
+        s_a = s if n_act == R else _take_rows(s, order)
+        r_new = _take_rows(b, order) - cov_matvec(s_a, kc, m_a, lam_a, x_a)
+        if work is not None:
+            work.add(s_a)
+        rn_new = r_new.norm(dim=-1)
+        rn_old = _take_rows(rn, order)
+        # a row whose step did not help keeps its old x (never worse than before the step)
+        keep = on & (rn_new < rn_old)
+        sel = order[..., None].expand(*order.shape, D)
+        x.scatter_(-2, sel, torch.where(keep.unsqueeze(-1), x_a, _take_rows(x, order)))
+        r.scatter_(-2, sel, torch.where(keep.unsqueeze(-1), r_new, _take_rows(r, order)))
+        lim_a = _take_rows(limit(x.norm(dim=-1)), order)
+        stall_a = on & (rn_new > MIXED_STALL * rn_old) & (rn_new > lim_a)
+        rn.scatter_(-1, order, torch.where(keep, rn_new, rn_old))
+        stalled.scatter_(-1, order, _take_rows(stalled, order) | stall_a)
+        it += it_in + 1
+    # rows that stalled, or that the iteration cap left short: plain CG in the working precision
+    rest = (rn > limit(x.norm(dim=-1))) & (stalled | (it >= max_iters))
+    n_rest = int(rest.sum(-1).max()) if rest.numel() else 0
+    if n_rest:
+        if work is not None:
+            work.fallback += int(rest.sum())
+        order = torch.argsort((~rest).to(torch.int8), dim=-1, stable=True)[..., :n_rest]
+        on = _take_rows(rest, order)
+        cg_coef = floor_coef if cg_floor_coef is None else cg_floor_coef
+        coef = None if cg_coef is None else _take_rows(cg_coef, order)
+        b_a = _take_rows(b, order) * on.unsqueeze(-1)
+        x0 = _take_rows(x, order) * on.unsqueeze(-1)
+        x_a, it2, res_a = pcg_compact(_take_rows(s, order), kc, _take_rows(m, order), _take_rows(lam, order), b_a,
+                                      None if diag is None else _take_rows(diag, order), tol=tol, max_iters=max_iters,
+                                      scratch=scratch, x0=x0, floor_coef=coef, residual=True, work=work)
+        bn_a = _take_rows(bnorm, order)
+        rn_a = res_a * bn_a.where(bn_a > 0, torch.ones_like(bn_a))
+        better = on & (rn_a < _take_rows(rn, order))
+        sel = order[..., None].expand(*order.shape, D)
+        x.scatter_(-2, sel, torch.where(better.unsqueeze(-1), x_a, _take_rows(x, order)))
+        rn.scatter_(-1, order, torch.where(better, rn_a, _take_rows(rn, order)))
+        it += it2
+    return x, it, rn / bnorm.where(bnorm > 0, torch.ones_like(bnorm))
+
+
+#: ``pcg_mixed``: a residual replacement (the true residual in the working precision) is due once
+#: half the active rows' recurrence residuals have dropped by this factor since their last one.
+MIXED_REPLACE = 1e-2
+
+#: ``pcg_mixed``: rows whose estimated low-precision contraction exceeds this go to plain CG up front.
+MIXED_ROUTE = 0.1
+
+#: ``pcg_mixed``: a tile where fewer rows than this fraction go to bf16 runs plain CG.
+MIXED_MIN_SHARE = 0.5
+
+#: ``pcg_mixed``: a row whose true residual did not halve over this many iterations has stalled.
+MIXED_STALL_GAP = 6
+
+#: ``pcg_mixed``: "reliable" (``pcg_mixed``'s own loop) or "refine" (``pcg_refine``); A/B only.
+MIXED_SCHEME = "reliable"
+
+
+def _fallback(x, rn, rest, s, kc, m, lam, b, bnorm, diag, *, tol, max_iters, scratch, coef, work):
+    """Finish the rows ``rest [..., R]`` with ``pcg_compact`` in the working precision from their ``x``;
+    ``x`` and the true residual norms ``rn`` are updated in place where that did better."""
+    D = b.shape[-1]
+    n_rest = int(rest.sum(-1).max()) if rest.numel() else 0
+    if not n_rest:
+        return 0
+    if work is not None:
+        work.fallback += int(rest.sum())
+    # a row whose low-precision iterate is not finite restarts from 0 (where its residual is |b|)
+    sane = torch.isfinite(x).all(-1) & torch.isfinite(rn)
+    x.masked_fill_(~sane.unsqueeze(-1), 0.0)
+    torch.where(sane, rn, bnorm, out=rn)
+    order = torch.argsort((~rest).to(torch.int8), dim=-1, stable=True)[..., :n_rest]
+    on = _take_rows(rest, order)
+    b_a = _take_rows(b, order) * on.unsqueeze(-1)
+    x0 = _take_rows(x, order) * on.unsqueeze(-1)
+    if scratch is None:
+        s_a = _take_rows(s, order)
+    else:
+        s_a = torch.gather(s, -2, order[..., None].expand(*order.shape, s.shape[-1]),
+                           out=scratch.get("sw", (*order.shape, s.shape[-1])))
+    x_a, it2, res_a = pcg_compact(s_a, kc, _take_rows(m, order), _take_rows(lam, order), b_a,
+                                  None if diag is None else _take_rows(diag, order), tol=tol, max_iters=max_iters,
+                                  scratch=scratch, x0=x0, floor_coef=None if coef is None else _take_rows(coef, order),
+                                  residual=True, work=work)
+    bn_a = _take_rows(bnorm, order)
+    rn_a = res_a * bn_a.where(bn_a > 0, torch.ones_like(bn_a))
+    better = on & (rn_a < _take_rows(rn, order))
+    sel = order[..., None].expand(*order.shape, D)
+    x.scatter_(-2, sel, torch.where(better.unsqueeze(-1), x_a, _take_rows(x, order)))
+    rn.scatter_(-1, order, torch.where(better, rn_a, _take_rows(rn, order)))
+    return it2
+
+
+def _bucket(n: int) -> int:
+    """``n`` rounded up to ``i 2^(e - 3)``, ``2^(e - 1) < n <= 2^e``: 4 sizes per octave, at least 64."""
+    if n <= 64:
+        return 64
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
+def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, floor_coef=None,
+              cg_floor_coef=None, lowp=torch.bfloat16, work=None, ekc2=None, smax=None, residual: bool = True):
+    """Mixed-precision Jacobi-CG on ``A x = b``: low-precision matvecs, working-precision residuals.
+
+    The CG of ``pcg_compact`` (converged rows dropped as it goes) with every matvec's two GEMMs in
+    ``lowp`` (bf16 copies of the weights and shifted keys made once, ``_cov_matvec_lowp``: ~3.4x
+    faster than fp32 on a 256 x 4096 tile of an AVX512-BF16 CPU) and the vectors in ``b``'s dtype,
+    plus *reliable updates* (residual replacement): once half the iterating rows' recurrence residuals
+    have dropped by ``MIXED_REPLACE`` since their last replacement, or none iterates (the others'
+    recurrence residuals are at their targets: they wait, frozen, for this check), or
+    ``MIXED_STALL_GAP`` iterations after the last one, the true residual ``b - A x`` is computed in the working precision (``cov_matvec``,
+    centred) and replaces the recurrence residual, keeping the search directions (so the Krylov
+    progress is not lost, as it is by restarting: ``pcg_refine``).  The bf16 rounding of the
+    matvecs then only perturbs the directions; the iterate converges to the working precision's
+    accuracy.  A row leaves only on a true residual below ``max(tol, floor)``,
+    ``floor = eps (floor_coef |x| + |b|)`` (``function._floor``).  A row whose true residual shrank
+    by less than ``MIXED_STALL`` between two replacements (too ill-conditioned for ``lowp``) stops,
+    and, with rows the iteration cap left short, is finished by ``pcg_compact`` in the working
+    precision from its current ``x`` (up to ``max_iters`` more iterations, ``cg_floor_coef`` as its
+    floor coefficient): the answer is never worse than plain CG's.  So is a row whose true residual
+    did not halve over ``MIXED_STALL_GAP`` iterations.  Rows the low-precision operator cannot serve
+    are sent to plain CG up front: ``ekc2 [..., R]`` (``E_s |k - c|^2``) and ``smax [..., R]`` (the
+    largest weight) give the estimate ``eps_lowp E|k - c|^2 / lam * sqrt(s_max)`` of the matvec's
+    relative error seen through ``A^-1`` (the key rounding's error averages over the about
+    ``1 / s_max`` keys a row weighs); rows above ``MIXED_ROUTE`` skip the bf16 loop.
+
+    ``residual=False``: once every row still iterating has a recurrence residual at its target, stop
+    without the last replacement and return None for the residual (the caller measures the true
+    residual from a pass it makes anyway and finishes rows that missed in the working precision,
+    ``function._cg_exit``); rows that stalled or were routed to plain CG are still finished here.
+
+    The iteration cap applies to each precision: at most ``max_iters`` low-precision iterations, and
+    at most ``max_iters`` working-precision ones for the rows finished by plain CG.
+
+    Shapes as in ``pcg_compact``.  -> (x [..., R, D], iterations (the larger of the low-precision
+    loop's and the fallback's), true relative residual per row [..., R] at exit or None)
+    """
+    if MIXED_SCHEME == "refine":
+        return pcg_refine(s, kc, m, lam, b, diag, tol=tol, max_iters=max_iters, scratch=scratch, floor_coef=floor_coef,
+                          cg_floor_coef=cg_floor_coef, lowp=lowp, work=work)
+    R, D = b.shape[-2], b.shape[-1]
+    s_all, m_all, lam_all, b_all, coef_all = s, m, lam, b, floor_coef
+    bnorm_all = b.norm(dim=-1)
+    bnorm = bnorm_all
+    target = tol * bnorm
+    inv_diag = None if diag is None else 1.0 / diag
+    tiny = torch.finfo(b.dtype).tiny
+    eps = torch.finfo(b.dtype).eps
+    coef = floor_coef
+
+    def limit(x):
+        if coef is None:
+            return target
+        return torch.maximum(target, eps * (coef * x.norm(dim=-1) + bnorm))
+
+    def precond(r):
+        return r if inv_diag is None else r * inv_diag
+
+    x = torch.zeros_like(b)
+    r = b.clone()
+    rt = bnorm.clone()  # true residual norm at the last replacement (the start: r = b exactly)
+    x_out = x.clone()
+    rn_out = bnorm_all.clone()
+    stalled_out = torch.zeros_like(bnorm_all, dtype=torch.bool)
+    idx = None
+    z = precond(r)
+    p = z.clone()
+    rz = torch.linalg.vecdot(r, z)
+    live = rt > limit(x)  # iterating
+    pend = torch.zeros_like(live)  # recurrence residual at the target, frozen until the next replacement checks it
+    stalled = torch.zeros_like(live)
+    if ekc2 is not None:
+        est = torch.finfo(lowp).eps * ekc2 / lam * (1.0 if smax is None else smax.clamp_min(0.0).sqrt())
+        stalled = live & (est > MIXED_ROUTE)
+        live = live & ~stalled
+        # too few of a (batch, head)'s rows for bf16 (short bf16 GEMMs are slow, and the tile's bf16
+        # copy is not free): its rows go to fp32; decided per system group, never across the batch,
+        # so that a row's arithmetic does not depend on which other sequences share the step
+        few = live.sum(-1, keepdim=True) < MIXED_MIN_SHARE * R
+        stalled = stalled | (live & few)
+        live = live & ~few
+        if not bool(live.any()):  # plain CG, as precision="fp32" runs it
+            if work is not None:
+                work.fallback += int((live | stalled).sum())
+            return pcg_compact(s, kc, m, lam, b, diag, tol=tol, max_iters=max_iters, scratch=scratch,
+                               floor_coef=floor_coef if cg_floor_coef is None else cg_floor_coef, residual=residual,
+                               work=work)
+    # The bf16 GEMMs (oneDNN on the CPU) keep memory per distinct shape: at T = 16384 the tiles' key
+    # counts (256 of them) times the compacted row counts took the forward's peak RSS from ~310 to
+    # ~580 MiB.  So the key axis is padded (zero weights, zero keys) to one of 4 sizes per octave
+    # (<= 25 % more columns) and the compacted row count rounded up to a multiple of 16; every
+    # [R, n] tensor lives in a reused buffer.
+    n = s.shape[-1]
+    n_pad = _bucket(n)
+    shape = (*s.shape[:-1], n_pad)
+    s_lo = s.new_empty(shape, dtype=lowp) if scratch is None else scratch.get("lo1", shape, lowp)
+    s_lo[..., :n].copy_(s)
+    s_lo[..., n:].zero_()
+    ka = kc.new_empty((*kc.shape[:-2], n_pad, kc.shape[-1] + 1), dtype=lowp) if scratch is None else \
+        scratch.get("ka", (*kc.shape[:-2], n_pad, kc.shape[-1] + 1), lowp)
+    lowp_keys(kc, lowp, ka[..., :n, :])
+    ka[..., n:, :].zero_()
+    kp_buf = None if scratch is None else scratch.get("kp", shape, lowp)
+    it = 0
+    gap = torch.zeros(live.shape[:-1], dtype=torch.long, device=b.device)  # iterations since the last replacement
+    while it < max_iters:
+        busy = live | pend
+        n_busy = int(busy.sum(-1).max()) if busy.numel() else 0
+        if n_busy == 0:
+            break
+        Ra = busy.shape[-1]
+        n_keep = min(Ra, -(-n_busy // 16) * 16)  # (a few idle rows ride along: fewer distinct GEMM shapes)
+        if n_keep <= LOWP_COMPACT_FRACTION * Ra:
+            full_idx = idx if idx is not None else torch.arange(R, device=b.device).expand(busy.shape)
+            x_out.scatter_(-2, full_idx[..., None].expand_as(x), x)
+            rn_out.scatter_(-1, full_idx, rt)
+            stalled_out.scatter_(-1, full_idx, stalled)
+            order = torch.argsort((~busy).to(torch.int8), dim=-1, stable=True)[..., :n_keep]
+            idx = full_idx.gather(-1, order)
+            x, r, p, rz, live, pend, rt, stalled = (_take_rows(t, order) for t in (x, r, p, rz, live, pend, rt, stalled))
+            if scratch is None:
+                s_lo = _take_rows(s_lo, order)
+            else:  # ping-pong: the source of a gather is never its destination
+                slot = "lo2" if s_lo.data_ptr() == scratch.get("lo1", (1,), lowp).data_ptr() else "lo1"
+                s_lo = torch.gather(s_lo, -2, order[..., None].expand(*order.shape, s_lo.shape[-1]),
+                                    out=scratch.get(slot, (*order.shape, s_lo.shape[-1]), lowp))
+            kp_buf = None if scratch is None else scratch.get("kp", s_lo.shape, lowp)
+            m, lam, target, bnorm, b = (_take_rows(t, order) for t in (m, lam, target, bnorm, b))
+            if coef is not None:
+                coef = _take_rows(coef, order)
+            if inv_diag is not None:
+                inv_diag = _take_rows(inv_diag, order)
+        ap = _cov_matvec_lowp(s_lo, ka, m, lam, p, kp_buf)
+        if work is not None:
+            work.add(s_lo)
+        pap = torch.linalg.vecdot(p, ap)
+        # the bf16 operator is not exactly symmetric positive definite: no step where p.Ap is not a
+        # sane positive number (a row stuck that way stalls and is finished in fp32)
+        alpha = rz / pap.clamp_min(tiny)
+        alpha = (alpha * (live & (pap > 0) & torch.isfinite(alpha))).nan_to_num_(0.0, 0.0, 0.0).unsqueeze(-1)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1.0)
+        it += 1
+        gap += 1
+        rec = r.norm(dim=-1)
+        lim = limit(x)
+        low = live & (rec <= lim)
+        pend = pend | low
+        live = live & ~low
+        dropped = live & (rec <= MIXED_REPLACE * rt)
+        # replacements are due per system group (batch dims), so that groups never time each other's
+        n_live_g = live.sum(-1)
+        trig = (n_live_g == 0) | (2 * dropped.sum(-1) >= n_live_g) | (gap >= MIXED_STALL_GAP)
+        sel = (live | pend) & trig.unsqueeze(-1)
+        n_live, n_sel = torch.stack([n_live_g.sum(), sel.sum()]).tolist()
+        if n_live == 0 and not residual:
+            break  # the caller checks the pending rows
+        if n_sel > 0:
+            # reliable update: the true residual of the rows due, in the working precision
+            if idx is None:
+                s_w = s_all
+            elif scratch is None:
+                s_w = _take_rows(s_all, idx)
+            else:
+                s_w = torch.gather(s_all, -2, idx[..., None].expand(*idx.shape, s_all.shape[-1]),
+                                   out=scratch.get("sw", (*idx.shape, s_all.shape[-1])))
+            r_true = b - cov_matvec(s_w, kc, m, lam, x, None if scratch is None else scratch.get("kp", s_w.shape))
+            if work is not None:
+                work.add(s_w)
+            rtn = r_true.norm(dim=-1)
+            # the recurrence promised a 4x drop, the true residual did not halve: bf16 is too inexact here
+            # (within 2x of the target counts as there, as in ``function._cg_exit``: at the rounding floor
+            # the true residual no longer drops)
+            near = rtn <= 2.0 * lim
+            stall_now = sel & ((rec <= 0.25 * rt) | (gap >= MIXED_STALL_GAP).unsqueeze(-1)) & (rtn > MIXED_STALL * rt)
+            stall_now = (stall_now & ~near) | (sel & ~torch.isfinite(rtn))
+            gap = torch.where(trig, torch.zeros_like(gap), gap)
+            r = torch.where(sel.unsqueeze(-1), r_true, r)
+            rt = torch.where(sel, rtn, rt)
+            stalled = stalled | stall_now
+            was_pend = pend & trig.unsqueeze(-1)
+            live = torch.where(trig.unsqueeze(-1), sel & ~near & ~stall_now, live)
+            pend = pend & ~trig.unsqueeze(-1)
+            z = precond(r)
+            rz_new = torch.linalg.vecdot(r, z)
+            beta = (rz_new / rz.clamp_min(tiny)).unsqueeze(-1)
+            # rows that sat frozen restart from the steepest-descent direction; the others keep theirs
+            p = torch.where(was_pend.unsqueeze(-1), z, p.mul_(beta).add_(z))
+            rz = rz_new
+            continue
+        z = precond(r)
+        rz_new = torch.linalg.vecdot(r, z)
+        beta = (rz_new / rz.clamp_min(tiny)).unsqueeze(-1)
+        p = p.mul_(beta).add_(z)
+        rz = rz_new
+    busy = live | pend
+    if idx is None:
+        x_out, rn_out, stalled_out = x, rt, stalled
+        short = busy if residual else live
+    else:
+        x_out.scatter_(-2, idx[..., None].expand_as(x), x)
+        rn_out.scatter_(-1, idx, rt)
+        stalled_out.scatter_(-1, idx, stalled)
+        short = torch.zeros_like(stalled_out).scatter_(-1, idx, busy if residual else live)
+    # stalled rows, and rows the cap left short (their last true residual is stale): plain CG
+    rest = stalled_out | short
+    if bool(rest.any()):
+        it = max(it, _fallback(x_out, rn_out, rest, s_all, kc, m_all, lam_all, b_all, bnorm_all, diag, tol=tol,
+                        max_iters=max_iters, scratch=scratch, coef=coef_all if cg_floor_coef is None else cg_floor_coef,
+                        work=work))
+    if not residual:
+        return x_out, it, None
+    return x_out, it, rn_out / bnorm_all.where(bnorm_all > 0, torch.ones_like(bnorm_all))
 
 
 def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):

@@ -413,7 +413,7 @@ def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iter
 
         return lla_torch(
             q, k, v, lam, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens, solver=solver,
-            max_iters=max_iters, tol=tol, precondition=precondition, cu_seqlens_k=cu_seqlens_k,
+            max_iters=max_iters, tol=tol, precondition=precondition, cu_seqlens_k=cu_seqlens_k, precision=precision,
         )
     T, S = q.shape[1], k.shape[1]
     ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device, cu_seqlens_k)

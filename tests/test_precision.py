@@ -1,0 +1,151 @@
+"""``precision=``: the mixed-precision CG of the PyTorch backend (bf16 matvecs, fp32 residual
+replacement, stalled rows finished in fp32) against the float64 reference, its fallback, and the
+argument's contract."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_qkv, rel_err
+
+import lla
+from lla.ops.lla.reference import local_linear_attention_ref
+from lla.ops.lla.torch_backend import function as fn
+from lla.ops.lla.torch_backend import solvers
+
+
+def _op(q, k, v, **kw):
+    kw.setdefault("backend", "torch")
+    kw.setdefault("solver", "cg")
+    return lla.local_linear_attention(q, k, v, **kw)
+
+
+@pytest.fixture
+def every_row_in_bf16(monkeypatch):
+    """No row is routed to fp32 CG up front by the conditioning estimate: every row starts in the bf16
+    loop (the stall detection and the fallback then have to do their job)."""
+    monkeypatch.setattr(solvers, "MIXED_ROUTE", float("inf"))
+
+
+def _stats(q, k, v, ridge, precision, **kw):
+    B, T, H, _ = q.shape
+    cfg = fn._Cfg(q.shape[-1] ** -0.5, (-1, 0), "cg", kw.get("max_iters", 2 * q.shape[-1]), 1e-6, True,
+                  precision=precision)
+    return fn.lla_forward(q, k, v, torch.full((B, T, H), float(ridge)), cfg)[2]
+
+
+@pytest.mark.parametrize("T,D", [(1, 16), (63, 48), (100, 80)])
+def test_mixed_forward_and_gradients_match_reference(every_row_in_bf16, T, D):
+    """Output and the gradients of q, k, v and the ridge within the fp32 bound (1e-4, as
+    test_core's fp32 gradients), with every row starting in bf16; the bf16 loop really ran."""
+    q, k, v = make_qkv(1, T, 2, D, Hk=1, Dv=D // 2, seed=T, requires_grad=True)
+    lam = torch.tensor([0.8, 2.0], dtype=torch.float64, requires_grad=True)
+    g = torch.randn(1, T, 2, D // 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ref = local_linear_attention_ref(q, k, v, ridge=lam)
+    grads_ref = torch.autograd.grad((ref * g).sum(), (q, k, v, lam))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    lam32 = lam.detach().float().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silent: the result is accurate
+        o, aux = _op(q32, k32, v32, ridge=lam32, precision="mixed", return_aux=True)
+        grads = torch.autograd.grad((o * g.float()).sum(), (q32, k32, v32, lam32))
+    assert aux.precision.startswith("mixed")
+    assert rel_err(o, ref) < 1e-4
+    for name, a, b in zip("q k v ridge".split(), grads, grads_ref):
+        assert rel_err(a, b, atol=1e-2) < 1e-4, name
+    if T > 1:  # rows seeing one key solve exactly at x = 0 or in one step; longer ones use bf16 matvecs
+        st = _stats(q32.detach(), k32.detach(), v32.detach(), 1.0, "mixed")
+        assert st[6] > 0  # bf16 row-key products
+
+
+def test_mixed_long_rows_mostly_bf16_and_accurate():
+    """Default routing at a length where most rows see many keys: most matvec work is bf16, no row is
+    less accurate than the fp32 bound, the reported residual is the fp32 true residual's order."""
+    q, k, v = make_qkv(1, 384, 2, 32, dtype=torch.float32, seed=3)
+    ref = local_linear_attention_ref(q.double(), k.double(), v.double(), ridge=1.0)
+    o, aux = _op(q, k, v, ridge=1.0, precision="mixed", return_aux=True)
+    o32, aux32 = _op(q, k, v, ridge=1.0, precision="fp32", return_aux=True)
+    assert rel_err(o, ref) < 1e-5 and rel_err(o32, ref) < 1e-5
+    assert aux.residual < 1e-4
+    st = _stats(q, k, v, 1.0, "mixed")
+    assert st[6] > st[7]  # bf16 row-key products outnumber the fp32 ones
+
+
+def test_stall_falls_back_to_fp32(every_row_in_bf16):
+    """Ill-conditioned for bf16 (ridge 0.01, keys x3): refinement cannot converge in bf16; the rows are
+    finished in fp32, the answer is as accurate as plain fp32 CG's, and the aux says so."""
+    q, k, v = make_qkv(1, 96, 2, 16, dtype=torch.float32, seed=11)
+    k = k * 3
+    ref = local_linear_attention_ref(q.double(), k.double(), v.double(), ridge=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o32 = _op(q, k, v, ridge=0.01, precision="fp32")
+        o, aux = _op(q, k, v, ridge=0.01, precision="mixed", return_aux=True)
+    assert aux.precision.startswith("mixed+fp32 (") and int(aux.precision.split("(")[1].split()[0]) > 0
+    e32, e = rel_err(o32, ref), rel_err(o, ref)
+    assert e <= max(2 * e32, 1e-5), (e, e32)
+    st = _stats(q, k, v, 0.01, "mixed")
+    assert st[5] > 0 and st[7] > 0  # rows handed to fp32, fp32 matvecs run
+
+
+def test_fp32_is_the_plain_path_and_fp64_ignores_precision(monkeypatch):
+    q, k, v = make_qkv(1, 200, 2, 32, dtype=torch.float32, seed=2)
+    o, aux = _op(q, k, v, precision="fp32", return_aux=True)
+    assert aux.precision == "fp32"
+    st = _stats(q, k, v, 1.0, "fp32")
+    assert st[6] == 0 and st[5] == 0  # no bf16 work, no fallback
+    # "auto" without fast bf16 is the same plain fp32 path, bit for bit
+    monkeypatch.setattr(fn, "_fast_bf16", lambda device: False)
+    assert torch.equal(_op(q, k, v, precision="auto"), o)
+    q64, k64, v64 = make_qkv(1, 40, 2, 16, seed=4)
+    o64, aux64 = _op(q64, k64, v64, precision="mixed", return_aux=True)
+    assert aux64.precision == "fp64" and o64.dtype == torch.float64
+    assert torch.equal(o64, _op(q64, k64, v64, precision="fp32"))
+
+
+def test_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(fn, "_fast_bf16", lambda device: True)
+    assert fn.resolve_precision("auto", torch.float32, torch.device("cpu")) == "mixed"
+    assert fn.resolve_precision("auto", torch.bfloat16, torch.device("cpu")) == "mixed"
+    assert fn.resolve_precision("fp32", torch.float32, torch.device("cpu")) == "fp32"
+    assert fn.resolve_precision("mixed", torch.float64, torch.device("cpu")) == "fp64"
+    monkeypatch.setattr(fn, "_fast_bf16", lambda device: False)
+    assert fn.resolve_precision("auto", torch.float32, torch.device("cpu")) == "fp32"
+    assert fn.resolve_precision("mixed", torch.float32, torch.device("cpu")) == "mixed"
+
+
+@pytest.mark.parametrize("bad", ["bf16", "FP32", None, 32])
+def test_bad_precision_raises(bad):
+    q, k, v = make_qkv(1, 8, 1, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="precision"):
+        _op(q, k, v, precision=bad)
+
+
+def test_mixed_locality_and_finite(every_row_in_bf16):
+    """A huge key a row cannot see does not move it (bf16 rows never mix); finite in, finite out."""
+    T, j = 128, 100
+    q, k, v = make_qkv(1, T, 2, 32, dtype=torch.float32, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o0 = _op(q, k, v, ridge=0.5, precision="mixed")
+        k2 = k.clone()
+        k2[:, j] *= 1e4
+        o1 = _op(q, k2, v, ridge=0.5, precision="mixed")
+    assert torch.isfinite(o1).all()
+    assert rel_err(o1[:, :j], o0[:, :j]) <= 1e-5
+
+
+def test_work_counters_add_up():
+    """The stats' row-key products: plain fp32 CG over a tile counts rows x keys per iteration."""
+    R, n, D = 8, 50, 16
+    g = torch.Generator().manual_seed(0)
+    s = torch.softmax(torch.randn(1, R, n, generator=g), -1)
+    kc = torch.randn(1, n, D, generator=g)
+    m = s @ kc
+    lam = torch.ones(1, R)
+    b = torch.randn(1, R, D, generator=g)
+    w = solvers.Work()
+    x, it, _ = solvers.pcg_compact(s, kc, m, lam, b, None, tol=1e-30, max_iters=3, work=w)
+    assert it == 3 and w.fp32 == 3 * R * n and w.lowp == 0
