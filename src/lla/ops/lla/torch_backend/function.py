@@ -531,6 +531,33 @@ def _centred(p, kc, s, out, ssum=None, pivot: bool = False):
     return out.sub_((mean if ssum is None else mean / ssum).unsqueeze(-1))
 
 
+def amplification_rows(aw, ekc, ek, ekc2, mn, xn, qcn, qn, smax, lam, D, scale, eps, sens=None):
+    """The terms of ``_amplification`` per row, before the ``rel`` factor, from per-row numbers (shared with
+    the Triton backend, whose kernels write them): ``|w|_1``, ``E|k - c|``, ``E|k|``, ``E|k - c|^2``,
+    ``|m - c|``, ``|x|``, ``|q - c|``, ``|q|``, ``s_max``, ``lam`` (all ``[...]``), the head dim, the logit
+    scale, the working precision's ``eps`` and the optional few-row sensitivity.  -> ``[...]``"""
+    trc = (ekc2 - mn * mn).clamp_min(0.0)
+    # typical (isotropic) case of sqrt(c) / (c + lam) over the covariance's eigenvalues c ~ tr C / D;
+    # the worst case min(1 / (2 sqrt(lam)), sqrt(tr C) / lam) over-warned by 10-1000x on the grid
+    ci = trc / D
+    f = ci.sqrt() / (ci + lam)
+    spread = 2.0 * (1.0 - smax).clamp_min(0.0)
+    logit = abs(scale) * qn * ek  # |logits| scale: their rounding is eps times this
+    # a logit error dl can move weight onto keys within dl of the largest logit (weight ~ (1 - s_max) e^dl):
+    # once that is not small, the errors no longer cancel
+    dl = (eps * logit).clamp_max(50.0)
+    flip = ((1.0 - smax).clamp_min(0.0) * dl.exp() * dl).clamp_max(1.0)
+    # rounding of y . x (a D-term dot product per key, errors of either sign summed over the keys with
+    # weights s_j): typically sqrt(sum_j s_j^2 / D) <= sqrt(s_max / D) of the worst case E|k - c| |x|
+    typ = (smax / D).sqrt()
+    a = aw * (1.0 + torch.maximum(spread, flip) * logit) + typ * spread * ekc * xn
+    if sens is not None:  # few-row direct tiles: the row's actual sensitivity replaces the isotropic terms
+        return FEW_ROWS_FACTOR * (a + sens)
+    # the centred matvec's rounding lies along the keys' spread (its components scale with sqrt(c)), so
+    # after A^-1 it reaches the output like the rounding of y . x does: E|k - c| |x|
+    return a + typ * ekc * xn * (ci / (ci + lam)) + f * (ekc + qcn)
+
+
 def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel, sens=None):
     """Worst row's rounding magnifier (see ``LLAAux.amplification``): w [nb, R, n] the output weights.
 
@@ -549,32 +576,9 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel, sens=None):
     (isotropic) terms, and the sum is scaled by ``FEW_ROWS_FACTOR``.
     """
     aw = torch.linalg.vector_norm(w, ord=1, dim=-1)
-    ekc = mom[..., 2 * D + 1]
-    ek = mom[..., 2 * D + 2]
-    ekc2 = mom[..., D + 1 : 2 * D + 1].sum(-1)
-    mn = m.norm(dim=-1)
-    xn = x.norm(dim=-1)
-    trc = (ekc2 - mn * mn).clamp_min(0.0)
-    # typical (isotropic) case of sqrt(c) / (c + lam) over the covariance's eigenvalues c ~ tr C / D;
-    # the worst case min(1 / (2 sqrt(lam)), sqrt(tr C) / lam) over-warned by 10-1000x on the grid
-    ci = trc / D
-    f = ci.sqrt() / (ci + lam)
-    spread = 2.0 * (1.0 - smax).clamp_min(0.0)
-    logit = abs(scale) * q.norm(dim=-1) * ek  # |logits| scale: their rounding is eps times this
-    # a logit error dl can move weight onto keys within dl of the largest logit (weight ~ (1 - s_max) e^dl):
-    # once that is not small, the errors no longer cancel
-    dl = (torch.finfo(w.dtype).eps * logit).clamp_max(50.0)
-    flip = ((1.0 - smax).clamp_min(0.0) * dl.exp() * dl).clamp_max(1.0)
-    # rounding of y . x (a D-term dot product per key, errors of either sign summed over the keys with
-    # weights s_j): typically sqrt(sum_j s_j^2 / D) <= sqrt(s_max / D) of the worst case E|k - c| |x|
-    typ = (smax / D).sqrt()
-    a = aw * (1.0 + torch.maximum(spread, flip) * logit) + typ * spread * ekc * xn
-    # the centred matvec's rounding lies along the keys' spread (its components scale with sqrt(c)), so
-    # after A^-1 it reaches the output like the rounding of y . x does: E|k - c| |x|
-    if sens is None:
-        a = (a + typ * ekc * xn * (ci / (ci + lam)) + f * (ekc + qc.norm(dim=-1))) * rel
-    else:
-        a = FEW_ROWS_FACTOR * (a + sens) * rel
+    a = amplification_rows(aw, mom[..., 2 * D + 1], mom[..., 2 * D + 2], mom[..., D + 1 : 2 * D + 1].sum(-1),
+                           m.norm(dim=-1), x.norm(dim=-1), qc.norm(dim=-1), q.norm(dim=-1), smax, lam, D, scale,
+                           torch.finfo(w.dtype).eps, sens) * rel
     a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
     return a.max() if a.numel() else a.new_zeros(())
 

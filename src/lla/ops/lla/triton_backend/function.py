@@ -280,27 +280,21 @@ def _forward(q, k, v, lam, ranges, cfg):
 def amplification(rows: torch.Tensor, smax: torch.Tensor, lam: torch.Tensor, D: int, scale: float,
                   q: torch.Tensor, Hk: int) -> torch.Tensor:
     """The worst row's rounding magnifier (``LLAAux.amplification``) from the forward kernel's per-row
-    statistics, in the calibrated form of the PyTorch backend (``torch_backend.function._amplification``,
-    which documents each term; this is the same formula on per-row numbers).
+    statistics, in the calibrated form of the PyTorch backend (``torch_backend.function._amplification``
+    documents each term; both evaluate ``amplification_rows``).
 
     ``rows [B, T, H, NAMP]``: ``|w|_1``, ``E|k - c|``, ``E|k|``, ``E|k - c|^2``, ``|m - c|``, ``|x|``,
     ``|q - c|``, ``E|v|``, ``|o|``; ``smax [B, T, H]`` the largest weight (the inverse mass, as the
     row max has weight exactly 1 before normalising); ``lam [B, T, H]``.  ``|o|`` is taken relative
     to ``max(|o|, mean |o|)`` over the rows of the same (batch, key head), as the PyTorch backend's
     tile mean.  -> 0-dim float32 tensor."""
+    from ..torch_backend.function import amplification_rows
+
     aw, ekc, ek, ekc2, mn, xn, qcn, ev, on = rows.unbind(-1)
     B, T, H = aw.shape
     seen = smax > 0
-    trc = (ekc2 - mn * mn).clamp_min(0.0)
-    ci = trc / D
-    f = ci.sqrt() / (ci + lam)
-    spread = 2.0 * (1.0 - smax).clamp_min(0.0)
-    logit = abs(scale) * q.float().norm(dim=-1) * ek
-    dl = (torch.finfo(torch.float32).eps * logit).clamp_max(50.0)
-    flip = ((1.0 - smax).clamp_min(0.0) * dl.exp() * dl).clamp_max(1.0)
-    typ = (smax / D).sqrt()
-    a = aw * (1.0 + torch.maximum(spread, flip) * logit) + typ * spread * ekc * xn
-    a = a + typ * ekc * xn * (ci / (ci + lam)) + f * (ekc + qcn)
+    a = amplification_rows(aw, ekc, ek, ekc2, mn, xn, qcn, q.float().norm(dim=-1), smax, lam, D, scale,
+                           torch.finfo(torch.float32).eps)
     on_mean = on.view(B, T, Hk, H // Hk).mean(dim=(1, 3), keepdim=True).expand(B, T, Hk, H // Hk).reshape(B, T, H)
     rel = ev / torch.maximum(on, on_mean).clamp_min(torch.finfo(torch.float32).tiny)
     a = torch.where(seen, a * rel, torch.zeros_like(a))
