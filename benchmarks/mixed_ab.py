@@ -8,7 +8,7 @@ the float64 reference on 8 sampled rows (``lla.bench._ref_rows``), the slowest r
 and the matvec work (row-key products, bf16 / fp32) from the backend's stats.
 
     python benchmarks/mixed_ab.py --T 4096 --ridge 1 0.01 --threads 1
-    python benchmarks/mixed_ab.py --T 4096 --ridge 1 --bwd --set MIXED_INNER_TOL=3e-2
+    python benchmarks/mixed_ab.py --T 4096 --ridge 1 --bwd --set MIXED_REPLACE=3e-3
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cov_matvec", "cov_diag", "pcg_compact", "pcg_mixed", "pcg_refine", "lowp_keys", "Work", "cov_matrix",
+__all__ = ["cov_matvec", "cov_diag", "pcg_compact", "pcg_mixed", "lowp_keys", "Work", "cov_matrix",
            "direct_solve", "chol_solve", "true_residual"]
 
 #: Compact the rows still iterating once at most this fraction of the current rows is active.
@@ -104,6 +104,16 @@ def _take_rows(t, sel):
     return t.gather(-2, sel[..., None].expand(*sel.shape, t.shape[-1]))
 
 
+def _take_weight_rows(s, order, scratch, slots):
+    """Rows ``order [..., c]`` of a weight tile ``s [..., R, n]``; with ``scratch``, gathered into whichever of
+    the two buffers ``slots`` does not hold ``s`` (ping-pong: the source of a gather is never its destination)."""
+    if scratch is None:
+        return _take_rows(s, order)
+    slot = slots[1] if s.data_ptr() == scratch.get(slots[0], (1,), s.dtype).data_ptr() else slots[0]
+    return torch.gather(s, -2, order[..., None].expand(*order.shape, s.shape[-1]),
+                        out=scratch.get(slot, (*order.shape, s.shape[-1]), s.dtype))
+
+
 def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, x0=None, floor_coef=None,
                 residual: bool = True, work=None):
     """Jacobi-preconditioned CG on ``A x = b`` for a tile of rows, converged rows dropped as it goes.
@@ -169,12 +179,8 @@ def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
             order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)[..., :n_active]  # [..., c]
             idx = full_idx.gather(-1, order)
             x, r, p, rz, active = (_take_rows(t, order) for t in (x, r, p, rz, active))
-            if scratch is None:
-                s = _take_rows(s, order)
-            else:  # ping-pong between two buffers: the source of a gather is never its destination
-                slot = "s1" if s.data_ptr() != scratch.get("s1", (1,), s.dtype).data_ptr() else "s2"
-                s = torch.gather(s, -2, order[..., None].expand(*order.shape, s.shape[-1]),
-                                 out=scratch.get(slot, (*order.shape, s.shape[-1]), s.dtype))
+            s = _take_weight_rows(s, order, scratch, ("s1", "s2"))
+            if scratch is not None:
                 kp_buf = scratch.get("kp", s.shape, s.dtype)
             m, lam, thresh, bnorm = (_take_rows(t, order) for t in (m, lam, thresh, bnorm))
             if floor_coef is not None:
@@ -228,115 +234,10 @@ class Work:
             self.fp32 += n
 
 
-#: ``pcg_mixed``: each inner (low-precision) CG runs until its residual is this fraction of the
-#: right-hand side it was given (the outer, true residual): measured in ``benchmarks/mixed_ab.py``.
-MIXED_INNER_TOL = 1e-2
-
-#: ``pcg_mixed``: an outer step that does not shrink a row's true residual by at least this factor
-#: (and leaves it above the row's target) is a stall: the low-precision operator is too inexact for
-#: the row's conditioning, and the row is finished by plain CG in the working precision.
+#: ``pcg_mixed``: a row whose true residual, between two replacements, does not shrink by at least this
+#: factor (and stays above its target) has stalled: the low-precision operator is too inexact for the
+#: row's conditioning, and the row is finished by plain CG in the working precision.
 MIXED_STALL = 0.5
-
-#: ``pcg_mixed``: at most this many inner iterations per outer step.
-MIXED_INNER_ITERS = 32
-
-
-def pcg_refine(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, floor_coef=None,
-               cg_floor_coef=None, lowp=torch.bfloat16, work=None, inner_tol: float | None = None):
-    """Mixed-precision solve of ``A x = b`` by restarted iterative refinement (measured slower than
-    ``pcg_mixed`` and kept for the A/B in ``benchmarks/mixed_ab.py``, ``--set MIXED_SCHEME=refine``).
-
-    Outer loop, in ``b``'s dtype (fp32): the true residual ``r = b - A x`` (``cov_matvec``, centred);
-    inner: Jacobi-CG on ``A d = r`` with both GEMMs of every matvec in ``lowp`` (bf16 copies of the
-    weights and the shifted keys made once, ``_cov_matvec_lowp``) down to ``inner_tol`` relative to
-    ``r`` (``MIXED_INNER_TOL``); ``x += d``.  Each outer step contracts the error by about the
-    inner tolerance plus the low-precision operator's relative error times ``cond(A)``, so a
-    well-conditioned row meets ``tol`` in 2-4 outer steps, i.e. 2-4 working-precision matvecs instead
-    of one per CG iteration.  A row stops once its true residual is below ``max(tol, floor)`` with
-    ``floor = eps (floor_coef |x| + |b|)`` (``function._floor``; ``cg_floor_coef``, the same for the
-    recurrence residual of the fallback CG, defaults to ``floor_coef``).  A row whose outer step shrinks
-    its residual by less than ``MIXED_STALL`` (too ill-conditioned for ``lowp``) is finished by
-    ``pcg_compact`` in the working precision from its current ``x`` (up to ``max_iters`` more
-    iterations), so the answer is never worse than plain CG's.  Rows never mix (each has its own
-    system); the active rows are gathered down at each outer step.
-
-    Shapes as in ``pcg_compact``.  -> (x [..., R, D], matvecs of the slowest row (inner + outer +
-    fallback), true relative residual per row [..., R] (of the last outer step or the fallback))
-    """
-    inner_tol = MIXED_INNER_TOL if inner_tol is None else inner_tol
-    R, D = b.shape[-2], b.shape[-1]
-    lead = b.shape[:-2]
-    s_lo = s.to(lowp)
-    ka = lowp_keys(kc, lowp)
-    bnorm = b.norm(dim=-1)
-    eps = torch.finfo(b.dtype).eps
-    target = tol * bnorm
-    x = torch.zeros_like(b)
-    r = b.clone()
-    rn = bnorm.clone()
-    stalled = torch.zeros_like(bnorm, dtype=torch.bool)
-
-    def limit(xn):
-        if floor_coef is None:
-            return target
-        return torch.maximum(target, eps * (floor_coef * xn + bnorm))
-
-    it = 0
-    while it < max_iters:
-        act = (rn > limit(x.norm(dim=-1))) & ~stalled  # [..., R]
-        n_act = int(act.sum(-1).max()) if act.numel() else 0
-        if n_act == 0:
-            break
-        order = torch.argsort((~act).to(torch.int8), dim=-1, stable=True)[..., :n_act]  # [..., c]
-        on = _take_rows(act, order)
-        r_a = _take_rows(r, order) * on.unsqueeze(-1)  # rows already done get a zero right-hand side
-        m_a, lam_a = _take_rows(m, order), _take_rows(lam, order)
-        diag_a = None if diag is None else _take_rows(diag, order)
-        s_lo_a = s_lo if n_act == R else _take_rows(s_lo, order)
-        d, it_in, _ = pcg_compact(s_lo_a, ka, m_a, lam_a, r_a, diag_a, tol=inner_tol,
-                                  max_iters=min(MIXED_INNER_ITERS, max_iters - it), scratch=scratch, residual=False,
-                                  work=work)
-        x_a = _take_rows(x, order) + d
-        s_a = s if n_act == R else _take_rows(s, order)
-        r_new = _take_rows(b, order) - cov_matvec(s_a, kc, m_a, lam_a, x_a)
-        if work is not None:
-            work.add(s_a)
-        rn_new = r_new.norm(dim=-1)
-        rn_old = _take_rows(rn, order)
-        # a row whose step did not help keeps its old x (never worse than before the step)
-        keep = on & (rn_new < rn_old)
-        sel = order[..., None].expand(*order.shape, D)
-        x.scatter_(-2, sel, torch.where(keep.unsqueeze(-1), x_a, _take_rows(x, order)))
-        r.scatter_(-2, sel, torch.where(keep.unsqueeze(-1), r_new, _take_rows(r, order)))
-        lim_a = _take_rows(limit(x.norm(dim=-1)), order)
-        stall_a = on & (rn_new > MIXED_STALL * rn_old) & (rn_new > lim_a)
-        rn.scatter_(-1, order, torch.where(keep, rn_new, rn_old))
-        stalled.scatter_(-1, order, _take_rows(stalled, order) | stall_a)
-        it += it_in + 1
-    # rows that stalled, or that the iteration cap left short: plain CG in the working precision
-    rest = (rn > limit(x.norm(dim=-1))) & (stalled | (it >= max_iters))
-    n_rest = int(rest.sum(-1).max()) if rest.numel() else 0
-    if n_rest:
-        if work is not None:
-            work.fallback += int(rest.sum())
-        order = torch.argsort((~rest).to(torch.int8), dim=-1, stable=True)[..., :n_rest]
-        on = _take_rows(rest, order)
-        cg_coef = floor_coef if cg_floor_coef is None else cg_floor_coef
-        coef = None if cg_coef is None else _take_rows(cg_coef, order)
-        b_a = _take_rows(b, order) * on.unsqueeze(-1)
-        x0 = _take_rows(x, order) * on.unsqueeze(-1)
-        x_a, it2, res_a = pcg_compact(_take_rows(s, order), kc, _take_rows(m, order), _take_rows(lam, order), b_a,
-                                      None if diag is None else _take_rows(diag, order), tol=tol, max_iters=max_iters,
-                                      scratch=scratch, x0=x0, floor_coef=coef, residual=True, work=work)
-        bn_a = _take_rows(bnorm, order)
-        rn_a = res_a * bn_a.where(bn_a > 0, torch.ones_like(bn_a))
-        better = on & (rn_a < _take_rows(rn, order))
-        sel = order[..., None].expand(*order.shape, D)
-        x.scatter_(-2, sel, torch.where(better.unsqueeze(-1), x_a, _take_rows(x, order)))
-        rn.scatter_(-1, order, torch.where(better, rn_a, _take_rows(rn, order)))
-        it += it2
-    return x, it, rn / bnorm.where(bnorm > 0, torch.ones_like(bnorm))
-
 
 #: ``pcg_mixed``: a residual replacement (the true residual in the working precision) is due once
 #: half the active rows' recurrence residuals have dropped by this factor since their last one.
@@ -350,9 +251,6 @@ MIXED_MIN_SHARE = 0.5
 
 #: ``pcg_mixed``: a row whose true residual did not halve over this many iterations has stalled.
 MIXED_STALL_GAP = 6
-
-#: ``pcg_mixed``: "reliable" (``pcg_mixed``'s own loop) or "refine" (``pcg_refine``); A/B only.
-MIXED_SCHEME = "reliable"
 
 
 def _fallback(x, rn, rest, s, kc, m, lam, b, bnorm, diag, *, tol, max_iters, scratch, coef, work):
@@ -410,7 +308,8 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
     recurrence residuals are at their targets: they wait, frozen, for this check), or
     ``MIXED_STALL_GAP`` iterations after the last one, the true residual ``b - A x`` is computed in the working precision (``cov_matvec``,
     centred) and replaces the recurrence residual, keeping the search directions (so the Krylov
-    progress is not lost, as it is by restarting: ``pcg_refine``).  The bf16 rounding of the
+    progress is not lost, as it is by restarting: the restarted refinement was measured slower and
+    dropped, ``docs/performance.md``).  The bf16 rounding of the
     matvecs then only perturbs the directions; the iterate converges to the working precision's
     accuracy.  A row leaves only on a true residual below ``max(tol, floor)``,
     ``floor = eps (floor_coef |x| + |b|)`` (``function._floor``).  A row whose true residual shrank
@@ -435,9 +334,6 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
     Shapes as in ``pcg_compact``.  -> (x [..., R, D], iterations (the larger of the low-precision
     loop's and the fallback's), true relative residual per row [..., R] at exit or None)
     """
-    if MIXED_SCHEME == "refine":
-        return pcg_refine(s, kc, m, lam, b, diag, tol=tol, max_iters=max_iters, scratch=scratch, floor_coef=floor_coef,
-                          cg_floor_coef=cg_floor_coef, lowp=lowp, work=work)
     R, D = b.shape[-2], b.shape[-1]
     s_all, m_all, lam_all, b_all, coef_all = s, m, lam, b, floor_coef
     bnorm_all = b.norm(dim=-1)
@@ -518,12 +414,7 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
             order = torch.argsort((~busy).to(torch.int8), dim=-1, stable=True)[..., :n_keep]
             idx = full_idx.gather(-1, order)
             x, r, p, rz, live, pend, rt, stalled = (_take_rows(t, order) for t in (x, r, p, rz, live, pend, rt, stalled))
-            if scratch is None:
-                s_lo = _take_rows(s_lo, order)
-            else:  # ping-pong: the source of a gather is never its destination
-                slot = "lo2" if s_lo.data_ptr() == scratch.get("lo1", (1,), lowp).data_ptr() else "lo1"
-                s_lo = torch.gather(s_lo, -2, order[..., None].expand(*order.shape, s_lo.shape[-1]),
-                                    out=scratch.get(slot, (*order.shape, s_lo.shape[-1]), lowp))
+            s_lo = _take_weight_rows(s_lo, order, scratch, ("lo1", "lo2"))
             kp_buf = None if scratch is None else scratch.get("kp", s_lo.shape, lowp)
             m, lam, target, bnorm, b = (_take_rows(t, order) for t in (m, lam, target, bnorm, b))
             if coef is not None:
