@@ -29,12 +29,14 @@ LRS = [1e-3, 3e-3, 1e-2]
 #: TTR: each method's own hyperparameter grid (tuned per setting on a held-out stream);
 #: softmax ``scale`` multiplies 1/sqrt(d); gated_deltanet is the normalised delta rule (beta / |k|^2)
 #: with a constant decay alpha
+# grids widened (three times) until no method's chosen value sits on an edge it could move past: the first tuned
+# run put lla (0.01, 1), mesa (1), softmax (0.5) and gated DeltaNet (beta 1) on their grids' edges
 TTR_HPARAMS = {
-    "lla": {"ridge": [1e-2, 1e-1, 1.0]},
-    "mesa": {"ridge": [1e-2, 1e-1, 1.0]},
-    "softmax": {"scale": [0.5, 1.0, 2.0, 4.0]},
+    "lla": {"ridge": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4]},
+    "mesa": {"ridge": [1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4]},
+    "softmax": {"scale": [1 / 32, 1 / 16, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0]},
     "linear": {"feature_map": ["elu1", "relu"]},
-    "gated_deltanet": {"beta": [0.3, 1.0], "alpha": [0.97, 1.0]},
+    "gated_deltanet": {"beta": [0.1, 0.3, 1.0, 1.5, 1.9], "alpha": [0.9, 0.97, 1.0]},
 }
 
 _TTR = {"seq_len": 1024, "noise": 0.1, "ridge": 0.1, "seed": 0, "hparams": TTR_HPARAMS, "dtype": "float64"}
