@@ -99,3 +99,26 @@ def _cast(x, dtype: tl.constexpr, EMU: tl.constexpr):
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+#: CUDA's limit on grid axis 0 (the kernels fold tiles x batch x heads into it; axes 1 and 2 stop at 65535)
+MAX_GRID_X = 2**31 - 1
+
+
+def launch_grid(n_tiles: int, n_heads: int) -> tuple:
+    """The 1-D grid of ``n_tiles`` tiles for each of ``n_heads`` (batch x head) slices: CUDA caps
+    axes 1 and 2 at 65535, so everything goes on axis 0 (limit ``2^31 - 1``)."""
+    n = n_tiles * n_heads
+    if n > MAX_GRID_X:
+        raise ValueError(
+            f"too many tiles for one launch: {n_tiles} tiles x {n_heads} (batch, head) pairs > {MAX_GRID_X}")
+    return (n,)
+
+
+@triton.jit
+def _program_ids(n, BLOCK: tl.constexpr):
+    """(tile, flat batch*head) of this program on a ``launch_grid``: axis 0 holds the ``cdiv(n, BLOCK)``
+    tiles of every (batch, head) slice."""
+    pid = tl.program_id(0)
+    n_t = tl.cdiv(n, BLOCK)
+    return pid % n_t, pid // n_t

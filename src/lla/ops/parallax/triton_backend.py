@@ -1,7 +1,7 @@
 """Fused Triton Parallax: forward and backward kernels and their launcher (CUDA, or CPU tensors under
 ``TRITON_INTERPRET=1``).  Imported lazily by ``api.py`` only when this backend is picked.
 
-Forward (grid: query tiles x (batch, head)), one pass over the key tiles a row can see, flash-style
+Forward (1-D grid: query tiles x (batch, head)), one pass over the key tiles a row can see, flash-style
 with an online softmax.  The ``r . k`` moments are kept *centred* with a running centre ``cbar``
 (Chan / Welford merge), never as the raw ``d2 = sum p a`` and ``O2 = sum p a v`` whose difference
 ``O1 d2 / d1 - O2`` cancels catastrophically when ``r . k`` is large (e.g. ``9000 + O(1)``).  Per
@@ -20,8 +20,8 @@ one lse rounds it to ulp(max), which at logits ~1e4 moves every weight by ~1e-3)
 ``Ev = O1 / d1``, ``Cv = C / d1`` (float32 ``[B, T, H, Dv]``), from which ``gbar = do . Ev`` and
 ``beta = do . Cv`` (= ``Cov_s(a, do . v)``) are formed before the backward kernels.
 
-Backward: ``parallax_bwd_query_kernel`` (dq, dr; grid: query tiles x (batch, head)) and
-``parallax_bwd_key_kernel`` (dk, dv; grid: key tiles x (batch, key head), looping over the query
+Backward: ``parallax_bwd_query_kernel`` (dq, dr; 1-D grid: query tiles x (batch, head)) and
+``parallax_bwd_key_kernel`` (dk, dv; 1-D grid: key tiles x (batch, key head), looping over the query
 heads of its group and the rows that see the tile).  No atomics.  With ``b = a - c``,
 ``w = s (1 - b)``, ``e = do . v - gbar``: ``dl = w e + s beta``, ``da = -s e``.
 
@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ..lla.triton_backend.function import row_ranges
-from ..triton_common import _cast, _dot, emulation_mode, interpreting
+from ..triton_common import _cast, _dot, _program_ids, emulation_mode, interpreting, launch_grid
 
 __all__ = ["parallax_triton", "ParallaxTritonFunction", "block_config", "MAX_HEAD_DIM"]
 
@@ -83,8 +83,7 @@ def parallax_fwd_kernel(
     """One program = BLOCK_M query rows of one (batch, head).  Writes o, the row statistics
     ``STAT [B, T, H, 3]`` = (max, 1 / d1, c) (zeros for a row that sees no key), ``Ev``, ``Cv`` and
     the lse (``-inf`` for a row that sees no key)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(T, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // Hk)
@@ -164,8 +163,7 @@ def parallax_bwd_query_kernel(
 ):
     """dq = scale sum_j dl_j (k_j - m) and dr = sum_j da_j (k_j - m) (``m = E_s[k]``, see below) for
     BLOCK_M rows of one (batch, head)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(T, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // Hk)
@@ -225,8 +223,7 @@ def parallax_bwd_key_kernel(
 ):
     """dk_j = sum_i (scale dl_ij q_i + da_ij r_i), dv_j = sum_i w_ij do_i for BLOCK_N keys of one
     (batch, key head), over the query heads of its group and the rows that see these keys."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program_ids(S, BLOCK_N)
     b = pid_bh // Hk
     hk = pid_bh % Hk
     G = H // Hk
@@ -333,7 +330,7 @@ def _forward(q, r, k, v, ranges, scale):
     ev = torch.empty(B, T, H, Dv, dtype=torch.float32, device=dev)
     cv = torch.empty_like(ev)
     lse = torch.empty(B, T, H, dtype=torch.float32, device=dev)
-    grid = (triton.cdiv(T, bc["fwd"][0]), B * H)
+    grid = launch_grid(triton.cdiv(T, bc["fwd"][0]), B * H)
     parallax_fwd_kernel[grid](q, r, k, v, lo, hi, o, stat, ev, cv, lse, T, S, H, Hk, D, Dv, scale,
                               **_launch_args(bc, "fwd"))
     return o, lse, stat, ev, cv
@@ -348,10 +345,10 @@ def _backward(do, q, r, k, v, stat, ev, cv, ranges, scale):
     do32 = do.float()
     gb = torch.stack([(do32 * ev).sum(-1), (do32 * cv).sum(-1)], dim=-1).contiguous()  # (gbar, beta) [B, T, H, 2]
     dq, dr = torch.empty_like(q), torch.empty_like(r)
-    parallax_bwd_query_kernel[(triton.cdiv(T, bc["bwd_q"][0]), B * H)](
+    parallax_bwd_query_kernel[launch_grid(triton.cdiv(T, bc["bwd_q"][0]), B * H)](
         q, r, k, v, lo, hi, stat, do, gb, dq, dr, T, S, H, Hk, D, Dv, scale, **_launch_args(bc, "bwd_q"))
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    parallax_bwd_key_kernel[(triton.cdiv(S, bc["bwd_k"][1]), B * Hk)](
+    parallax_bwd_key_kernel[launch_grid(triton.cdiv(S, bc["bwd_k"][1]), B * Hk)](
         q, r, k, v, lo, hi, qlo, qhi, stat, do, gb, dk, dv, T, S, H, Hk, D, Dv, scale, **_launch_args(bc, "bwd_k"))
     return dq, dr, dk, dv
 

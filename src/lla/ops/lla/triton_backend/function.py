@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...triton_common import emulation_mode
+from ...triton_common import MAX_GRID_X, emulation_mode, launch_grid  # noqa: F401  (re-exported)
 from . import kernels as _k
 
 __all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
@@ -44,8 +44,6 @@ MAX_HEAD_DIM = 256
 #: keys (at most) behind each query tile's shift: the coordinatewise median of the last ones that
 #: every row of the tile sees
 SHIFT_KEYS = 8
-#: CUDA's limit on grid axis 0 (the kernels fold tiles x batch x heads into it)
-MAX_GRID_X = 2**31 - 1
 
 
 class _Cfg:
@@ -174,16 +172,6 @@ def _launch_args(bc: dict, which: str) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"],
                 PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), MIXED=bc["MIXED"], PREC_CG=bc["PREC_CG"],
                 PREC_CGQ=bc["PREC_CGQ"], REFINE=bc["REFINE"], INNER=bc["INNER"], num_warps=warps)
-
-
-def launch_grid(n_tiles: int, n_heads: int) -> tuple:
-    """The 1-D grid of ``n_tiles`` tiles for each of ``n_heads`` (batch x head) slices: CUDA caps
-    axes 1 and 2 at 65535, so everything goes on axis 0 (limit ``2^31 - 1``)."""
-    n = n_tiles * n_heads
-    if n > MAX_GRID_X:
-        raise ValueError(
-            f"too many tiles for one launch: {n_tiles} tiles x {n_heads} (batch, head) pairs > {MAX_GRID_X}")
-    return (n,)
 
 
 def row_ranges(T: int, S: int, window_size, cu_seqlens, device, cu_seqlens_k=None):

@@ -44,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...triton_common import _cast, _dot, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
+from ...triton_common import _cast, _dot, _program_ids, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
 
 __all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel", "round_tf32_kernel"]
 
@@ -270,14 +270,6 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
     bnorm = tl.sqrt(bb)
     res = tl.sqrt(tl.sum(r * r, 1)) / tl.where(bnorm > 0, bnorm, 1.0)
     return x, res, it, sx
-
-
-@triton.jit
-def _program_ids(T, BLOCK_M: tl.constexpr):
-    """(query tile, flat batch*head) of this program: axis 0 holds tiles x (batch, head)."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(T, BLOCK_M)
-    return pid % n_m, pid // n_m
 
 
 @triton.jit
@@ -601,10 +593,7 @@ def lla_bwd_key_kernel(
     in the forward), so a saturated row contributes exactly what it should, not the rounding
     difference of products recomputed here times ``scale |q|``.
     """
-    pid = tl.program_id(0)
-    n_n = tl.cdiv(S, BLOCK_N)
-    pid_n = pid % n_n
-    pid_bh = pid // n_n
+    pid_n, pid_bh = _program_ids(S, BLOCK_N)
     b = pid_bh // Hk
     hk = pid_bh % Hk
     G = H // Hk
