@@ -44,3 +44,18 @@ def make_qkv(B=1, T=16, H=2, D=16, S=None, Hk=None, Dv=None, dtype=torch.float64
 @pytest.fixture
 def qkv():
     return make_qkv
+
+
+def record_launches(monkeypatch, module, names):
+    """Replace the Triton kernels ``names`` of ``module`` by recorders of their launch grids (nothing runs)
+    -> the list the grids are appended to, in launch order."""
+    grids = []
+
+    class _Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *a, **kw: None
+
+    for name in names:
+        monkeypatch.setattr(module, name, _Recorder())
+    return grids

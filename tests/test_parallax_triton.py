@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lla import parallax_attention
+from conftest import record_launches
 from test_parallax import make_qrkv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,15 +95,7 @@ def test_parallax_launch_grids_fold_batch_and_heads_into_axis_0(monkeypatch):
     from lla.ops.lla.triton_backend.function import row_ranges
     from lla.ops.parallax import triton_backend as P
 
-    grids = []
-
-    class _Rec:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return lambda *a, **kw: None
-
-    for name in ("parallax_fwd_kernel", "parallax_bwd_query_kernel", "parallax_bwd_key_kernel"):
-        monkeypatch.setattr(P, name, _Rec())
+    grids = record_launches(monkeypatch, P, ("parallax_fwd_kernel", "parallax_bwd_query_kernel", "parallax_bwd_key_kernel"))
     B, T, H, D = 35000, 3, 2, 16
     q = torch.zeros(B, T, H, D)
     k, v = torch.zeros(B, T, 1, D), torch.zeros(B, T, 1, D)

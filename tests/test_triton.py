@@ -16,6 +16,7 @@ import torch
 import lla
 from lla.ops.checks import pick_backend
 from lla.ops.lla.reference import visible_mask
+from conftest import record_launches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -195,15 +196,7 @@ def test_launch_grids_fold_batch_and_heads_into_axis_0(monkeypatch):
     pytest.importorskip("triton")
     from lla.ops.lla.triton_backend import function as F
 
-    grids = []
-
-    class _Rec:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return lambda *a, **kw: None
-
-    for name in ("lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel"):
-        monkeypatch.setattr(F._k, name, _Rec())
+    grids = record_launches(monkeypatch, F._k, ("lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel"))
     B, T, H, D = 35000, 3, 2, 16
     q = torch.zeros(B, T, H, D)
     k, v = torch.zeros(B, T, 1, D), torch.zeros(B, T, 1, D)
