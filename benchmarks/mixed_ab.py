@@ -8,6 +8,7 @@ the float64 reference on 8 sampled rows (``lla.bench._ref_rows``), the slowest r
 and the matvec work (row-key products, bf16 / fp32) from the backend's stats.
 
     python benchmarks/mixed_ab.py --T 4096 --ridge 1 0.01 --threads 1
+    python benchmarks/mixed_ab.py --bwd --T 256 1024 4096 --D 16 64 --H 4   # "auto"'s size rule
     python benchmarks/mixed_ab.py --T 4096 --ridge 1 --bwd --set MIXED_REPLACE=3e-3
 """
 
@@ -29,8 +30,8 @@ from lla.ops.lla.torch_backend import solvers
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--T", type=int, default=4096)
-    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--T", type=int, nargs="+", default=[4096])
+    p.add_argument("--D", type=int, nargs="+", default=[64])
     p.add_argument("--H", type=int, default=8)
     p.add_argument("--ridge", type=float, nargs="+", default=[1.0])
     p.add_argument("--precision", nargs="+", default=["fp32", "mixed"])
@@ -46,8 +47,14 @@ def main():
         mod = solvers if hasattr(solvers, name) else fn
         setattr(mod, name, type(getattr(mod, name))(float(val)))
     warnings.simplefilter("ignore")
+    for T in a.T:
+        for D in a.D:
+            ab(a, T, D)
+
+
+def ab(a, T, D):
     g = torch.Generator().manual_seed(0)
-    q, k, v, do = (torch.randn(1, a.T, a.H, a.D, generator=g) for _ in range(4))
+    q, k, v, do = (torch.randn(1, T, a.H, D, generator=g) for _ in range(4))
 
     def sdpa():
         qq, kk, vv = (t.detach().transpose(1, 2).requires_grad_(a.bwd) for t in (q, k, v))
@@ -63,8 +70,8 @@ def main():
         return o.detach(), aux
 
     sdpa()
-    print(f"T={a.T} D={a.D} H={a.H} threads={torch.get_num_threads()} {'fwd+bwd' if a.bwd else 'fwd'} set={a.set}")
-    rows = _sample_rows(a.T)
+    print(f"T={T} D={D} H={a.H} threads={torch.get_num_threads()} {'fwd+bwd' if a.bwd else 'fwd'} set={a.set}")
+    rows = _sample_rows(T)
     for ridge in a.ridge:
         ref = _ref_rows(q, k, v, ridge, rows)
         for prec in a.precision:
@@ -79,8 +86,8 @@ def main():
                 ts.append(time.perf_counter() - t0)
                 tc.append(time.process_time() - c0)
             err = float((o[:, rows].double() - ref).norm() / ref.norm())
-            st = fn.lla_forward(q, k, v, torch.full((1, a.T, a.H), ridge), fn._Cfg(
-                a.D ** -0.5, (-1, 0), "cg", 2 * a.D, 1e-6, True, precision=prec))[2].tolist() if not a.bwd else None
+            st = fn.lla_forward(q, k, v, torch.full((1, T, a.H), ridge), fn._Cfg(
+                D ** -0.5, (-1, 0), "cg", 2 * D, 1e-6, True, precision=prec))[2].tolist() if not a.bwd else None
             t, s = statistics.median(ts), statistics.median(ss)
             cpu = statistics.median(tc) / statistics.median(sc)
             work = "" if st is None else f" work bf16 {st[6] / 1e6:.0f}M fp32 {st[7] / 1e6:.0f}M fallback {st[5]:.0f}"

@@ -149,3 +149,16 @@ def test_work_counters_add_up():
     w = solvers.Work()
     x, it, _ = solvers.pcg_compact(s, kc, m, lam, b, None, tol=1e-30, max_iters=3, work=w)
     assert it == 3 and w.fp32 == 3 * R * n and w.lowp == 0
+
+
+def test_auto_is_fp32_for_short_sequences(monkeypatch):
+    """The mixed solve's casts and refinement cost more than its bf16 GEMMs save below
+    ``MIXED_MIN_KEYS`` keys per sequence: ``auto`` runs fp32 there even on fast-bf16 hardware."""
+    monkeypatch.setattr(fn, "_fast_bf16", lambda device: True)
+    cpu = torch.device("cpu")
+    assert fn.resolve_precision("auto", torch.float32, cpu, keys=fn.MIXED_MIN_KEYS - 1) == "fp32"
+    assert fn.resolve_precision("auto", torch.float32, cpu, keys=fn.MIXED_MIN_KEYS) == "mixed"
+    assert fn.resolve_precision("mixed", torch.float32, cpu, keys=16) == "mixed"  # forced stays forced
+    q, k, v = (t.float() for t in make_qkv(1, 40, 2, 16, seed=3))
+    _, aux = _op(q, k, v, precision="auto", return_aux=True)
+    assert aux.precision == "fp32"

@@ -75,26 +75,36 @@ class _Cfg:
         self.precision = precision
 
 
+# Below this many keys per sequence the mixed solve's extra casts and refinement steps cost more
+# than its bf16 GEMMs save, whatever the GEMM speed (docs/performance.md, "mixed precision by size").
+MIXED_MIN_KEYS = 1024
+
+
 @functools.lru_cache(maxsize=None)
 def _fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 GEMMs are hardware-accelerated on ``device`` (CUDA with bf16 support; a CPU
-    with AVX512-BF16 / AMX, as oneDNN reports it)."""
+    """Whether bf16 GEMMs are fast enough on ``device`` to pay for the mixed solve: CUDA with bf16
+    support, or a CPU with AMX tiles.  AVX512-BF16 alone is not enough: on such a CPU (no AMX,
+    2 threads, ``python benchmarks/mixed_ab.py --bwd --T 256 1024 4096 --D 16 64``) the mixed solve
+    was never faster than fp32 (see ``docs/performance.md``)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
         try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
+            return bool(amx()) if amx is not None else False
+        except RuntimeError:
             return False
     return False
 
 
-def resolve_precision(precision: str, dtype: torch.dtype, device: torch.device) -> str:
+def resolve_precision(precision: str, dtype: torch.dtype, device: torch.device, keys: int | None = None) -> str:
     """The precision a CG solve runs in: ``"fp64"`` (float64 inputs, always), ``"fp32"`` or
     ``"mixed"`` (bf16 matvecs refined to the fp32 tolerance, ``solvers.pcg_mixed``).
 
-    ``"auto"`` is ``"mixed"`` when bf16 GEMMs are fast on the device (``_fast_bf16``), else
-    ``"fp32"``.  ``torch.get_float32_matmul_precision()`` is not consulted: it lets *matmul results*
+    ``"auto"`` is ``"mixed"`` when bf16 GEMMs are fast on the device (``_fast_bf16``) and the
+    sequences are long enough (``keys``, the longest sequence's key count, at least
+    ``MIXED_MIN_KEYS``; unknown counts as long), else ``"fp32"``.
+    ``torch.get_float32_matmul_precision()`` is not consulted: it lets *matmul results*
     lose accuracy, while the mixed solve returns what the fp32 solve does (the same tolerance on the
     fp32 true residual; rows where bf16 refinement stalls finish in fp32), so even ``"highest"``
     is honoured.  ``"fp32"`` forces the plain fp32 CG (bitwise the pre-mixed path).
@@ -102,7 +112,8 @@ def resolve_precision(precision: str, dtype: torch.dtype, device: torch.device) 
     if dtype == torch.float64:
         return "fp64"
     if precision == "auto":
-        return "mixed" if _fast_bf16(device) else "fp32"
+        long_enough = keys is None or keys >= MIXED_MIN_KEYS
+        return "mixed" if long_enough and _fast_bf16(device) else "fp32"
     return precision
 
 
@@ -774,13 +785,15 @@ def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters
     crosses a boundary.  An empty query sequence contributes nothing; queries of a sequence without
     keys output zeros.
     """
-    cfg = _Cfg(scale, tuple(window_size), solver, max_iters, tol, precondition, precision=precision)
     if cu_seqlens is None:
-        segments = [(None, None)]
+        segments, keys = [(None, None)], k.shape[1]
     else:
         cq = cu_seqlens.tolist()
         ck = cq if cu_seqlens_k is None else cu_seqlens_k.tolist()
         segments = [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cq, cq[1:], ck, ck[1:]) if b > a]
+        keys = max((d - c for c, d in zip(ck, ck[1:])), default=0)
+    precision = resolve_precision(precision, q.dtype, q.device, keys)  # resolved once per call
+    cfg = _Cfg(scale, tuple(window_size), solver, max_iters, tol, precondition, precision=precision)
     outs, lses, iters, resid, amp, chk, ran = [], [], 0, 0.0, 0.0, (0.0, 0.0), [0.0, 0.0, 0.0]
     for sq, sk in segments:
         if sq is None:
