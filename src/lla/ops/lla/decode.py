@@ -40,7 +40,7 @@ from ..checks import (
 from ..diagnostics import check_conditioning, check_solve, default_tol
 from .api import LLAAux, local_linear_attention
 from .torch_backend.function import (  # the backend's code, shared
-    SHIFT_SAMPLE, _amplification, _floor, _sensitivity,
+    SHIFT_SAMPLE, _amplification, _floor, _hopeless_rows, _sensitivity,
 )
 from .torch_backend.solvers import FEW_ROWS, direct_solve
 
@@ -140,6 +140,17 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
         yx = yx - yx.gather(-1, s.argmax(-1, keepdim=True))
     w = s - s * (yx - (s * yx).sum(-1, keepdim=True) / ssum)
     o = w @ V  # [B, Hk, G, Dv]
+    live = has_key[..., 0].expand(B, Hk, G)
+    hopeless = None
+    if cdt != torch.float64:  # rows the working precision cannot solve: in float64, as the op does
+        hopeless = (_hopeless_rows("direct", residual, floor) | ~torch.isfinite(o).all(-1)) & live
+        if bool(hopeless.any()):
+            o64, _lse64, st64 = _decode_one(q.double(), k_cache, v_cache, rows, lens, lam.double(), scale, left, tol)
+            o = torch.where(hopeless.unsqueeze(-1), o64.reshape(B, Hk, G, Dv).to(cdt), o)
+            residual = torch.where(hopeless, st64[0].to(cdt), residual)
+            floor = floor.masked_fill(hopeless, 0.0)
+        else:
+            hopeless = None
     # the backend's rounding estimate, from the same moments: [m | sum s | E (k - c)^2 | E|k - c| | E|k|]
     mom = torch.cat([m, s.sum(-1, keepdim=True), ext[..., : D + 2]], dim=-1)
     on = o.norm(dim=-1)
@@ -147,9 +158,8 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     with torch.no_grad():
         sens = (_sensitivity(s, kc, V, m, chol, b, residual, ext[..., D], Q - shift, ext[..., D + 2], chunk_elems=1 << 20)
                 if few else None)
-    amplification = _amplification(w, x, m, Q - shift, L, mom, D, scale, Q, s.amax(-1), rel, sens)
+    amplification = _amplification(w, x, m, Q - shift, L, mom, D, scale, Q, s.amax(-1), rel, sens, skip=hopeless)
     # the solve's report: the worst residual, and the residual and floor of the row furthest past max(tol, floor)
-    live = has_key[..., 0].expand(B, Hk, G)
     residual, floor = torch.where(live, residual, 0.0), torch.where(live, floor, 0.0)
     worst = (residual / floor.clamp_min(tol)).reshape(-1).argmax()
     stats = torch.stack([residual.amax(), amplification, residual.reshape(-1)[worst], floor.reshape(-1)[worst]])

@@ -43,6 +43,7 @@ attention-shaped passes plus the adjoint solve.  Saved from the forward: ``x``, 
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -419,6 +420,40 @@ def _merge(acc, new):
     return (worst, *(torch.where(take, b, a) for a, b in zip(acc[1:], new[1:])))
 
 
+#: A row whose working-precision solve is hopeless is recomputed in float64 from its own tile
+#: (``_tile_fp64``; the backward redoes such a tile in float64, ``lla_backward``): a non-finite residual
+#: or output from finite inputs, a rounding floor (``_floor``) above this, or a direct solve whose true
+#: residual stays above it after refinement (the fp32 system cannot represent it, e.g. fp16 keys x100 at
+#: ridge 1e-6, cond(A) ~ 1e10).  A CG row short of iterations is not hopeless (more iterations would
+#: do): it keeps the working precision and warns, as do rows that are merely inexact.
+HOPELESS_RESIDUAL = 1e-2
+
+
+def _hopeless_rows(solver, res, fl):
+    """Rows (``[..., R]`` bool) the working precision cannot solve (see ``HOPELESS_RESIDUAL``)."""
+    out = ~torch.isfinite(res) | ~(fl <= HOPELESS_RESIDUAL)
+    return out | (res > HOPELESS_RESIDUAL) if solver == "direct" else out
+
+
+def _tile_fp64(Q, K, V, L, c, i0, i1, j0, j1, mask, common, G, scale, tol):
+    """A tile's rows recomputed in float64 from the keys and values they see (the same shift sample,
+    weights from raw keys, formed moments, ``direct_solve``): Q [N, G, T, D], K [N, S, D], V [N, S, Dv],
+    L [N, G, T] in the working precision (upcast exactly).
+    -> (o [nb, R, Dv], x, m [nb, R, D] (m in the tile's key frame), lse [nb, R], true residual [nb, R]),
+    all float64."""
+    R, D = G * (i1 - i0), Q.shape[-1]
+    Q64 = Q[c, :, i0:i1].reshape(-1, R, D).double()
+    K64 = K[c].double()
+    s, lse, _ = _softmax_tile(Q64 * scale, K64[:, j0:j1], mask, G, _Scratch(Q64))
+    k1, _, shift = _shifted_keys(K64, slice(None), common, j0, j1, extra=False)
+    m = s @ k1
+    lam = L[c, :, i0:i1].reshape(-1, R).double()
+    mu = torch.where(torch.isfinite(lse).unsqueeze(-1), m - (Q64 - shift), torch.zeros_like(m))
+    x, res = direct_solve(s, k1, m, lam, mu, tol=tol)
+    w = _centred(x, k1, s, torch.empty_like(s)).mul_(s).neg_().add_(s)
+    return w @ V[c, j0:j1].double(), x, m, lse, res
+
+
 def lla_forward(q, k, v, lam, cfg):
     """Forward pass.  q [B, T, H, D], k [B, S, Hk, D], v [B, S, Hk, Dv], lam [B, T, H].
 
@@ -428,7 +463,9 @@ def lla_forward(q, k, v, lam, cfg):
     mixed solve finished in fp32, and the matvecs' row-key products in bf16 and in the working
     precision (``solvers.Work``: ``4 D`` flops each)), where
     the amplification estimates how much rounding is magnified (see ``LLAAux``), and the saved state
-    ``x, m [B, Hk, G, T, D]`` (``m`` in its tile's key frame), ``lse_c [B, Hk, G, T]`` (compute dtype).
+    ``x, m [B, Hk, G, T, D]`` (``m`` in its tile's key frame), ``lse_c [B, Hk, G, T]`` (compute dtype;
+    NaN marks a row the working precision could not solve, recomputed in float64 by ``_tile_fp64``,
+    whose tile the backward then redoes in float64: see ``HOPELESS_RESIDUAL``).
 
     Per step (``_blocks``): a chunk of (batch, key head) pairs, each with its ``G`` query heads, and
     a tile of query rows: one logits GEMM (raw keys) and an in-place softmax in a reused buffer; the
@@ -450,7 +487,7 @@ def lla_forward(q, k, v, lam, cfg):
     X = Q.new_zeros(B, Hk, G, T, D)
     M = Q.new_zeros(B, Hk, G, T, D)
     LSE = Q.new_full((B, Hk, G, T), float("-inf"))
-    iters, amp, acc, work = 0, Q.new_zeros(()), None, Work()
+    iters, amp, acc, work, redo = 0, Q.new_zeros(()), None, Work(), None
     # (batch, key head) pairs folded into one dim N, processed ``nb`` at a time: one pair per step
     # at long T (a tile is already HEAD_TILE_ELEMS), many at short T (training shapes), so that
     # small problems are a few batched GEMMs rather than B * Hk tiny ones.
@@ -494,7 +531,6 @@ def lla_forward(q, k, v, lam, cfg):
                 w = _centred(x, k1, s, scratch.get("k", s.shape), ssum, few).mul_(s)
         w.neg_().add_(s)
         iters = max(iters, it)
-        acc = _merge(acc, _solve_stats(res, fl, cfg.tol))
         if bad is not None:
             sees_bad = (s > 0).to(cdt) @ bad[c, j0:j1, None].to(cdt)  # [nb, R, 1]
         o = torch.matmul(w, Vt)  # [nb, R, Dv]
@@ -502,8 +538,25 @@ def lla_forward(q, k, v, lam, cfg):
         on = o.norm(dim=-1)
         rel = ev / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
         sens = None if chol is None else _sensitivity(s, k1, Vt, m, chol, mu, res, mom[..., 2 * D + 1], qc, ev)
+        hopeless = None
+        if cdt != torch.float64:
+            hopeless = _hopeless_rows(cfg.solver, res, fl) | ~torch.isfinite(o).all(-1)  # [nb, R]
+            if bad is not None:  # rows that see a non-finite key stay poisoned
+                hopeless &= sees_bad.squeeze(-1) == 0
+            if bool(hopeless.any()):  # those rows, and only those, in float64 (the others stay bit for bit)
+                o64, x64, m64, lse64, res64 = _tile_fp64(Q, K, V, L, c, i0, i1, j0, j1, mask, common, G, cfg.scale,
+                                                         cfg.tol)
+                h = hopeless.unsqueeze(-1)
+                o, x, m = (torch.where(h, a.to(cdt), b) for a, b in ((o64, o), (x64, x), (m64, m)))
+                if redo is None:
+                    redo = torch.zeros(LSE.shape, dtype=torch.bool, device=LSE.device)
+                redo[c, :, i0:i1] = hopeless.view(-1, G, t)
+                res, fl = torch.where(hopeless, res64.to(cdt), res), fl.masked_fill(hopeless, 0.0)
+            else:
+                hopeless = None
+        acc = _merge(acc, _solve_stats(res, fl, cfg.tol))
         amp = torch.maximum(amp, _amplification(w, x, m, qc, lam_t, mom, D, cfg.scale, Q[c, :, i0:i1].reshape(-1, R, D),
-                                                smax, rel, sens))
+                                                smax, rel, sens, skip=hopeless))
         if bad is not None:
             o = o.masked_fill(sees_bad > 0, float("nan"))
         O[c, :, i0:i1] = o.view(-1, G, t, Dv)
@@ -513,7 +566,9 @@ def lla_forward(q, k, v, lam, cfg):
         WORK_LOG.append(("fwd", work))
     O, X, M, LSE = (t.view(B, Hk, *t.shape[1:]) for t in (O, X, M, LSE))
     o = O.reshape(B, H, T, Dv).permute(0, 2, 1, 3).to(q.dtype)
-    lse = LSE.reshape(B, H, T).permute(0, 2, 1).float()
+    lse = LSE.reshape(B, H, T).permute(0, 2, 1).float().clone()
+    if redo is not None:  # the saved state marks the rows computed in float64 (NaN lse), which the
+        LSE.view(-1).masked_fill_(redo.view(-1), float("nan"))  # backward redoes in float64 too
     if acc is None:
         z = Q.new_zeros(())
         acc = (z, z, z, z)
@@ -569,7 +624,7 @@ def amplification_rows(aw, ekc, ek, ekc2, mn, xn, qcn, qn, smax, lam, D, scale, 
     return a + typ * ekc * xn * (ci / (ci + lam)) + f * (ekc + qcn)
 
 
-def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel, sens=None):
+def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel, sens=None, skip=None):
     """Worst row's rounding magnifier (see ``LLAAux.amplification``): w [nb, R, n] the output weights.
 
     Per row, with ``E`` the softmax mean over its keys, ``c`` the tile's key shift, ``C`` the
@@ -584,13 +639,16 @@ def _amplification(w, x, m, qc, lam, mom, D, scale, q, smax, rel, sens=None):
     ``f (E|k - c| + |q - c|)``                    the right-hand side ``m - q``,
     all in units of ``E|v|``, so times ``rel = E|v| / max(|o|, mean_tile |o|)`` to be relative to the output.
     ``sens [nb, R]`` (optional, few-row direct tiles): ``_sensitivity``, which replaces the last two
-    (isotropic) terms, and the sum is scaled by ``FEW_ROWS_FACTOR``.
+    (isotropic) terms, and the sum is scaled by ``FEW_ROWS_FACTOR``.  ``skip [nb, R]`` (optional): rows
+    recomputed in float64 (``_tile_fp64``), which the working precision's rounding does not reach.
     """
     aw = torch.linalg.vector_norm(w, ord=1, dim=-1)
     a = amplification_rows(aw, mom[..., 2 * D + 1], mom[..., 2 * D + 2], mom[..., D + 1 : 2 * D + 1].sum(-1),
                            m.norm(dim=-1), x.norm(dim=-1), qc.norm(dim=-1), q.norm(dim=-1), smax, lam, D, scale,
                            torch.finfo(w.dtype).eps, sens) * rel
     a = torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
+    if skip is not None:
+        a = a.masked_fill(skip, 0.0)
     return a.max() if a.numel() else a.new_zeros(())
 
 
@@ -640,6 +698,102 @@ def _ridge_grad_aim(tol, lam, m, ekc2, D):
     return tol * (lam / (ci + lam)).clamp_max(1.0)
 
 
+def _backward_tile(ins, c, i0, i1, j0, j1, mask, common, G, cfg, scratch, work, need_dlam):
+    """One step of the backward (rows ``i0:i1`` of the pairs ``c``, keys ``j0:j1``).
+
+    ``ins = (Qs, Q, K, V, L, dO, X, M, LSE)``, folded (batch, key head) pairs first, in one precision.
+    -> (dq [nb, R, D], dlam [nb, R], the key-side factors ``(coef, sc, dl [nb, R, n], x, u, q_t [nb, R, D],
+    do_t [nb, R, Dv])`` that ``_accumulate_keys`` adds into dK and dV, CG iterations, the adjoint's true
+    residual and floor [nb, R], the largest logit scale of a row with several weights)."""
+    Qs, Q, K, V, L, dO, X, M, LSE = ins
+    scale, D, Dv = cfg.scale, Q.shape[-1], V.shape[-1]
+    t = i1 - i0
+    R = G * t
+    Vt = V[c, j0:j1]  # [nb, n, Dv]
+    nbc, n = Vt.shape[0], Vt.shape[1]
+    lse = LSE[c, :, i0:i1].reshape(nbc, R, 1)
+    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+    s = scratch.get("s", (nbc, R, n))
+    torch.matmul(Qs[c, :, i0:i1].reshape(nbc, R, D), K[c, j0:j1].transpose(-1, -2), out=s)
+    _mask_fill_(s, mask)
+    s.sub_(lse).exp_()  # [nb, R, n] softmax weights
+    k1, _, _ = _shifted_keys(K, c, common, j0, j1, extra=False)
+    Kt = k1
+    x, m = X[c, :, i0:i1].reshape(nbc, R, D), M[c, :, i0:i1].reshape(nbc, R, D)
+    q_t = Q[c, :, i0:i1].reshape(nbc, R, D)
+    do_t = dO[c, :, i0:i1].reshape(nbc, R, Dv)
+    lam_t = L[c, :, i0:i1].reshape(nbc, R)
+    g = scratch.get("g", (nbc, R, n))
+    torch.matmul(do_t, Vt.transpose(-1, -2), out=g)  # g_j = do . v_j
+    gbar = torch.linalg.vecdot(s, g).unsqueeze(-1)  # [nb, R, 1]
+    a = scratch.get("a", (nbc, R, n))
+    torch.sub(g, gbar, out=a).mul_(s)  # s_j (g_j - gbar): centred, so one-hot rows give exactly 0
+    gx = -(a @ Kt)  # -sum_j s_j g_j y_j = -sum_j s_j (g_j - gbar)(k_j - c)
+    # logit scale of each row (scale |q| E_s|k|): rounding of the logits reaches the gradients
+    logit = abs(scale) * q_t.norm(dim=-1) * (s @ K[c, j0:j1].norm(dim=-1).unsqueeze(-1)).squeeze(-1)
+    # a row whose weight is exactly on one key (the others underflow to 0) has exact logit gradients;
+    # otherwise gradients through nearly one-hot weights are tiny and relatively as inexact as the logits
+    # (``s_max < 1`` is not the test: weights below eps / 2 leave ``s_max == 1`` but carry the gradient)
+    several = ((s > 0).sum(-1) > 1).to(logit.dtype)
+    sk2 = s @ (Kt * Kt)
+    ekc2 = sk2.sum(-1)
+    diag = (sk2 - m * m).clamp_min_(0.0).add_(lam_t.unsqueeze(-1))
+    aim = _ridge_grad_aim(cfg.adj_tol, lam_t, m, ekc2, D) if need_dlam and Q.dtype == torch.float64 else None
+    u, it, res, fl = _solve(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2, aim, work=work)  # adjoint solve
+    _centred(u, Kt, s, a)  # y_j . u
+    if res is None:  # CG: the true residual from s_j y_j . u
+        su = torch.mul(a, s, out=scratch.get("yx", (nbc, R, n)))
+        u, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2, u, it, su, aim,
+                                          work=work)
+        if redone:
+            _centred(u, Kt, s, a)
+    gm = gbar * x + u
+    a.add_(g)  # g_j + y_j . u
+    yx = _centred(x, Kt, s, scratch.get("yx", (nbc, R, n)))  # y_j . x
+    P = _centred(gm, Kt, s, scratch.get("P", (nbc, R, n)))  # y_j . gm
+    P.add_(g).addcmul_(yx, a, value=-1.0)  # P_j = (1 - y.x) g - (y.u)(y.x) + y.gm
+    sP = torch.linalg.vecdot(s, P).unsqueeze(-1)  # [nb, R, 1]
+    dl = P.sub_(sP).mul_(s)  # softmax backward
+    dq = torch.baddbmm(u, dl, Kt, beta=-1.0, alpha=scale)  # scale * dl @ (K - c) - u  (sum_j dl_j = 0)
+    coef = a.neg_().add_(gbar).mul_(s)  # s_j (gbar - g_j - y_j . u)
+    sc = yx.neg_().add_(1.0).mul_(s)  # s_j (1 - y_j . x)
+    return dq, -(u * x).sum(-1), (coef, sc, dl, x, u, q_t, do_t), it, res, fl, (several * logit).max()
+
+
+def _accumulate_keys(dK, dV, parts, scale):
+    """Add a tile's key-side gradients: dK [nb, n, D] += coef^T x + sc^T u + scale dl^T q,
+    dV [nb, n, Dv] += sc^T do (``parts`` from ``_backward_tile``, cast to dK's dtype)."""
+    coef, sc, dl, x, u, q_t, do_t = (p.to(dK.dtype) for p in parts)
+    dK.baddbmm_(coef.transpose(-1, -2), x).baddbmm_(sc.transpose(-1, -2), u)
+    dK.baddbmm_(dl.transpose(-1, -2), q_t, alpha=scale)
+    dV.baddbmm_(sc.transpose(-1, -2), do_t)
+
+
+def _hopeless(solver, res, fl, dq, dlam, parts) -> bool:
+    """Whether a working-precision backward tile cannot be used (see ``HOPELESS_RESIDUAL``)."""
+    if bool(_hopeless_rows(solver, res, fl).any()):
+        return True
+    sums = torch.stack([dq.sum(), dlam.sum(), parts[0].sum(), parts[1].sum(), parts[2].sum()])
+    return not bool(torch.isfinite(sums).all())
+
+
+def _backward_tile_fp64(ins, c, i0, i1, j0, j1, mask, common, G, cfg, need_dlam):
+    """``_backward_tile`` in float64 for a tile whose working-precision pass is hopeless: the tile's
+    forward state (x, m, lse) recomputed in float64 first (``_tile_fp64``), the adjoint solved directly."""
+    Qs, Q, K, V, L, dO, X, M, LSE = ins
+    _o, x64, m64, lse64, _ = _tile_fp64(Q, K, V, L, c, i0, i1, j0, j1, mask, common, G, cfg.scale, cfg.tol)
+    nb, D = x64.shape[0], x64.shape[-1]
+    X64, M64, LSE64 = X[c].double(), M[c].double(), LSE[c].double()
+    X64[:, :, i0:i1] = x64.view(nb, G, -1, D)
+    M64[:, :, i0:i1] = m64.view(nb, G, -1, D)
+    LSE64[:, :, i0:i1] = lse64.view(nb, G, -1)
+    Q64 = Q[c].double()
+    ins64 = (Q64 * cfg.scale, Q64, K[c].double(), V[c].double(), L[c].double(), dO[c].double(), X64, M64, LSE64)
+    cfg64 = copy.copy(cfg)
+    cfg64.solver = "direct"
+    return _backward_tile(ins64, slice(None), i0, i1, j0, j1, mask, common, G, cfg64, _Scratch(Q64), Work(), need_dlam)
+
+
 def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, report=None):
     """Backward pass from the forward's saved state -> ``(dq, dk, dv, dlam [B, T, H] or None)``.
 
@@ -651,7 +805,7 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hk
-    Q, K, V, L, _ = _prepare(q, k, v, lam)
+    Q, K, V, L, bad = _prepare(q, k, v, lam)
     scratch = _Scratch(Q)
     scale = cfg.scale
     Qs = Q * scale
@@ -662,66 +816,24 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
     dQ, dK, dV, dL = (t.view(N, *t.shape[2:]) for t in (dQ, dK, dV, dL))
     X, M, LSE = (t.reshape(N, *t.shape[2:]) for t in (X, M, LSE))
     iters, acc, amp_b, work = 0, None, Q.new_zeros(()), Work()
+    ins = (Qs, Q, K, V, L, dO, X, M, LSE)
     for c, i0, i1, j0, j1, mask, common in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
         t = i1 - i0
-        R = G * t
-        Vt = V[c, j0:j1]  # [nb, n, Dv]
-        nbc, n = Vt.shape[0], Vt.shape[1]
-        lse = LSE[c, :, i0:i1].reshape(nbc, R, 1)
-        lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
-        s = scratch.get("s", (nbc, R, n))
-        torch.matmul(Qs[c, :, i0:i1].reshape(nbc, R, D), K[c, j0:j1].transpose(-1, -2), out=s)
-        _mask_fill_(s, mask)
-        s.sub_(lse).exp_()  # [nb, R, n] softmax weights
-        k1, _, _ = _shifted_keys(K, c, common, j0, j1, extra=False)
-        Kt = k1
-        x, m = X[c, :, i0:i1].reshape(nbc, R, D), M[c, :, i0:i1].reshape(nbc, R, D)
-        q_t = Q[c, :, i0:i1].reshape(nbc, R, D)
-        do_t = dO[c, :, i0:i1].reshape(nbc, R, Dv)
-        lam_t = L[c, :, i0:i1].reshape(nbc, R)
-        g = scratch.get("g", (nbc, R, n))
-        torch.matmul(do_t, Vt.transpose(-1, -2), out=g)  # g_j = do . v_j
-        gbar = torch.linalg.vecdot(s, g).unsqueeze(-1)  # [nb, R, 1]
-        a = scratch.get("a", (nbc, R, n))
-        torch.sub(g, gbar, out=a).mul_(s)  # s_j (g_j - gbar): centred, so one-hot rows give exactly 0
-        gx = -(a @ Kt)  # -sum_j s_j g_j y_j = -sum_j s_j (g_j - gbar)(k_j - c)
-        # logit scale of each row (scale |q| E_s|k|): rounding of the logits reaches the gradients
-        logit = abs(scale) * q_t.norm(dim=-1) * (s @ K[c, j0:j1].norm(dim=-1).unsqueeze(-1)).squeeze(-1)
-        # a row whose weight is exactly on one key (the others underflow to 0) has exact logit gradients;
-        # otherwise gradients through nearly one-hot weights are tiny and relatively as inexact as the logits
-        # (``s_max < 1`` is not the test: weights below eps / 2 leave ``s_max == 1`` but carry the gradient)
-        several = ((s > 0).sum(-1) > 1).to(logit.dtype)
-        amp_b = torch.maximum(amp_b, (several * logit).max())
-        sk2 = s @ (Kt * Kt)
-        ekc2 = sk2.sum(-1)
-        diag = (sk2 - m * m).clamp_min_(0.0).add_(lam_t.unsqueeze(-1))
-        aim = _ridge_grad_aim(cfg.adj_tol, lam_t, m, ekc2, D) if need_dlam and Q.dtype == torch.float64 else None
-        u, it, res, fl = _solve(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2, aim, work=work)  # adjoint solve
-        _centred(u, Kt, s, a)  # y_j . u
-        if res is None:  # CG: the true residual from s_j y_j . u
-            su = torch.mul(a, s, out=scratch.get("yx", (nbc, R, n)))
-            u, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, gx, diag, scratch, cfg.adj_tol, ekc2, u, it, su, aim,
-                                              work=work)
-            if redone:
-                _centred(u, Kt, s, a)
+        marked = Q.dtype != torch.float64 and bool(torch.isnan(LSE[c, :, i0:i1]).any())  # rows the forward redid
+        if not marked:
+            dq, dl, parts, it, res, fl, logit = _backward_tile(ins, c, i0, i1, j0, j1, mask, common, G, cfg, scratch,
+                                                               work, need_dlam)
+        if marked or (Q.dtype != torch.float64 and bad is None and _hopeless(cfg.solver, res, fl, dq, dl, parts)):
+            # the working precision cannot represent this tile's systems: redo it in float64
+            dq, dl, parts, it, res, fl, logit = _backward_tile_fp64(ins, c, i0, i1, j0, j1, mask, common, G, cfg,
+                                                                    need_dlam)
+            res, fl, logit = res.to(Q.dtype), fl.to(Q.dtype), logit.to(Q.dtype) * 0.0
         iters = max(iters, it)
         acc = _merge(acc, _solve_stats(res, fl, cfg.adj_tol))
-        gm = gbar * x + u
-        a.add_(g)  # g_j + y_j . u
-        yx = _centred(x, Kt, s, scratch.get("yx", (nbc, R, n)))  # y_j . x
-        P = _centred(gm, Kt, s, scratch.get("P", (nbc, R, n)))  # y_j . gm
-        P.add_(g).addcmul_(yx, a, value=-1.0)  # P_j = (1 - y.x) g - (y.u)(y.x) + y.gm
-        sP = torch.linalg.vecdot(s, P).unsqueeze(-1)  # [nb, R, 1]
-        dl = P.sub_(sP).mul_(s)  # softmax backward
-        dq = torch.baddbmm(u, dl, Kt, beta=-1.0, alpha=scale)  # scale * dl @ (K - c) - u  (sum_j dl_j = 0)
-        dQ[c, :, i0:i1] = dq.view(nbc, G, t, D)
-        coef = a.neg_().add_(gbar).mul_(s)  # s_j (gbar - g_j - y_j . u)
-        sc = yx.neg_().add_(1.0).mul_(s)  # s_j (1 - y_j . x)
-        dKh = dK[c, j0:j1]
-        dKh.baddbmm_(coef.transpose(-1, -2), x).baddbmm_(sc.transpose(-1, -2), u)
-        dKh.baddbmm_(dl.transpose(-1, -2), q_t, alpha=scale)
-        dV[c, j0:j1].baddbmm_(sc.transpose(-1, -2), do_t)
-        dL[c, :, i0:i1] = (-(u * x).sum(-1)).view(nbc, G, t)
+        amp_b = torch.maximum(amp_b, logit)
+        dQ[c, :, i0:i1] = dq.view(-1, G, t, D)
+        _accumulate_keys(dK[c, j0:j1], dV[c, j0:j1], parts, scale)
+        dL[c, :, i0:i1] = dl.view(-1, G, t)
     if WORK_LOG is not None:
         WORK_LOG.append(("bwd", work))
     if report is not None and acc is not None:
