@@ -312,3 +312,32 @@ def test_torchrun_two_processes(tmp_path):
     assert sum(1 for r in lines if r["kind"] == "config") == 1  # only rank 0 logs
     rows = json.load(open(tmp_path / "summary.json"))
     assert any(r["metric"] == "accuracy" and r["mixer"] == "lla" for r in rows)
+
+
+def test_training_logs_numerical_warnings_with_their_step():
+    """An LLAConvergenceWarning raised inside a training step lands in the log with run and step
+    (and is still issued)."""
+    import warnings as _w
+
+    import lla
+    from lla.experiments import train as tr
+
+    calls = {"n": 0}
+
+    class Task:
+        def sample(self, batch, g):
+            return torch.randn(batch, 4, generator=g), torch.randn(batch, 1, generator=g)
+
+        def loss(self, out, y):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                _w.warn("solve missed", lla.LLAConvergenceWarning)
+            return (out - y).pow(2).mean()
+
+    rows = []
+    model = torch.nn.Linear(4, 1)
+    cfg = tr.TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup=0, log_every=1)
+    with pytest.warns(lla.LLAConvergenceWarning, match="solve missed"):
+        tr.train(model, Task(), cfg, device=torch.device("cpu"), log=rows.append, progress=False)
+    warned = [r for r in rows if r["kind"] == "warning"]
+    assert warned == [{"kind": "warning", "run": "train", "step": 2, "message": "solve missed"}]

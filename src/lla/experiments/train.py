@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from lla.ops.diagnostics import LLAConvergenceWarning
 
 
 @dataclass
@@ -117,6 +120,16 @@ def _cp_loss(task, out, y, cp_group, cp: int):
     return task.loss(out, y) * (n_loc / n_all) * cp
 
 
+def _report_warnings(caught, log, desc: str, step: int) -> None:
+    """Log each ``LLAConvergenceWarning`` of a training step (``{"kind": "warning", "run", "step",
+    "message"}`` in metrics.jsonl, so that it can be traced to its run and step), then re-issue every
+    caught warning as usual."""
+    for w in caught:
+        if log is not None and issubclass(w.category, LLAConvergenceWarning):
+            log({"kind": "warning", "run": desc, "step": step, "message": str(w.message)})
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None, log=None,
           desc: str = "train", stop_after: int | None = None, progress: bool = True, meta: dict | None = None,
           context_parallel: int = 1, eval_fn=None, eval_every: int = 0, restart: bool = False) -> dict:
@@ -180,15 +193,18 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     for step in bar:
         x, y = task.sample(cfg.batch_size, batch_generator(cfg.seed, step, 0))  # the global batch
         x, y = x[dp_rank * per : (dp_rank + 1) * per].to(device), y[dp_rank * per : (dp_rank + 1) * per].to(device)
-        if cp > 1:
-            if y.dim() != 2 or y.shape != x.shape[:2] or y.is_floating_point():
-                raise ValueError(f"{desc}: context parallelism needs per-token integer labels [B, T], got {tuple(y.shape)}")
-            x, y = shard(x, cp_group, pad=True), shard(y, cp_group, pad=True, pad_value=-100)
-            loss = _cp_loss(task, ddp(x), y, cp_group, cp)
-        else:
-            loss = task.loss(ddp(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with warnings.catch_warnings(record=True) as caught:  # numerical warnings, logged with their step
+            warnings.simplefilter("always", LLAConvergenceWarning)
+            if cp > 1:
+                if y.dim() != 2 or y.shape != x.shape[:2] or y.is_floating_point():
+                    raise ValueError(f"{desc}: context parallelism needs per-token integer labels [B, T], got {tuple(y.shape)}")
+                x, y = shard(x, cp_group, pad=True), shard(y, cp_group, pad=True, pad_value=-100)
+                loss = _cp_loss(task, ddp(x), y, cp_group, cp)
+            else:
+                loss = task.loss(ddp(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        _report_warnings(caught, log if rank == 0 else None, desc, step + 1)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
