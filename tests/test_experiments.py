@@ -341,3 +341,16 @@ def test_training_logs_numerical_warnings_with_their_step():
         tr.train(model, Task(), cfg, device=torch.device("cpu"), log=rows.append, progress=False)
     warned = [r for r in rows if r["kind"] == "warning"]
     assert warned == [{"kind": "warning", "run": "train", "step": 2, "message": "solve missed"}]
+
+
+def test_ttr_untrained_parallax_is_softmax_at_zero_gain_and_lla_shaped():
+    """TTR's Parallax (no training: ``r_i = gain (m_i - q_i)``) is softmax attention at gain 0, and at
+    a small ridge-like gain moves toward LLA (its isotropic approximation)."""
+    from lla.experiments.tasks import ttr
+
+    x, y = ttr.make_stream(2, 96, 4, 32, 2.0, 0.1, torch.Generator().manual_seed(0))
+    p0 = ttr.ttr_predict("parallax", x, y, 0.1, torch.float64, gain=0.0)
+    assert torch.allclose(p0, ttr.ttr_predict("softmax", x, y, 0.1, torch.float64), atol=1e-12)
+    assert "parallax" in get_preset("ttr", "quick")["hparams"]
+    mse = {g: ttr.ttr_mse("parallax", x, y, 0.1, torch.float64, gain=g).mean().item() for g in (0.0, 0.1)}
+    assert mse[0.1] < mse[0.0]

@@ -19,7 +19,7 @@ EXPERIMENTS = ("ttr", "icr", "mqar", "state")
 _TRAINED = ["lla", "parallax", "softmax", "mesa", "linear", "gated_deltanet"]
 #: every mixer is used when registered (``parallax`` joins once ``lla.nn.mixers`` has it)
 DEFAULT_MIXERS = {
-    "ttr": ["lla", "softmax", "mesa", "linear", "gated_deltanet"],
+    "ttr": ["lla", "parallax", "softmax", "mesa", "linear", "gated_deltanet"],
     "icr": list(_TRAINED),
     "mqar": _TRAINED + ["sliding_window"],
     "state": _TRAINED + ["sliding_window"],
@@ -37,6 +37,8 @@ TTR_HPARAMS = {
     "softmax": {"scale": [1 / 32, 1 / 16, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0]},
     "linear": {"feature_map": ["elu1", "relu"]},
     "gated_deltanet": {"beta": [0.1, 0.3, 1.0, 1.5, 1.9], "alpha": [0.9, 0.97, 1.0]},
+    # untrained Parallax: r_i = gain (m_i - q_i) (``tasks.ttr._parallax_untrained``)
+    "parallax": {"gain": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]},
 }
 
 _TTR = {"seq_len": 1024, "noise": 0.1, "ridge": 0.1, "seed": 0, "hparams": TTR_HPARAMS, "dtype": "float64"}

@@ -28,6 +28,16 @@ def _gated_delta(q, k, v, beta: float = 1.0, alpha: float = 1.0):
     return gated_delta_attention(q, k, v, torch.full_like(b, alpha), b)
 
 
+def _parallax_untrained(q, k, v, gain: float = 1.0):
+    """Parallax without training: its second query ``r_i`` is learned in a model, and LLA's output is
+    Parallax with ``r_i = A_i^-1 (m_i - q_i)`` (``m_i = E_s[k]``, ``A_i = Cov_s(k) + lam I``; see
+    ``docs``/LLA.md section 7), so at test time the solver-free choice is ``A_i ~ I / gain``:
+    ``r_i = gain (m_i - q_i)``, ``gain`` tuned like the other methods' hyperparameters."""
+    scale = 1.0 / math.sqrt(q.shape[-1])  # the weights LLA uses here (the op's default scale)
+    m = softmax_attention(q, k, k, scale=scale)  # E_s[k]  [B, T, 1, D]
+    return lla.parallax_attention(q, gain * (m - q), k, v, scale=scale)
+
+
 #: mixers this task can evaluate: name -> f(q, k, v, ridge, **hparams) with q/k/v [B, T, 1, D] (S == T);
 #: ``ridge`` is lla's and mesa's hyperparameter, the others take theirs as keywords
 TTR_MIXERS = {
@@ -36,6 +46,7 @@ TTR_MIXERS = {
     "mesa": lambda q, k, v, ridge, **h: mesa_attention(q, k, v, ridge=ridge),
     "linear": lambda q, k, v, ridge, **h: linear_attention(q, k, v, feature_map=h.get("feature_map", "elu1"), normalize=True),
     "gated_deltanet": lambda q, k, v, ridge, **h: _gated_delta(q, k, v, h.get("beta", 1.0), h.get("alpha", 1.0)),
+    "parallax": lambda q, k, v, ridge, **h: _parallax_untrained(q, k, v, h.get("gain", 1.0)),
 }
 
 
