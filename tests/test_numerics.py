@@ -280,3 +280,33 @@ def test_fp64_tiny_ridge_cg_ridge_gradient_is_accurate():
     assert rel_err(o, ref) <= 1e-8
     for name, a, b in zip(("dq", "dk", "dv", "dridge"), got, want):
         assert rel_err(a, b) <= 1e-5, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_cg_solves_a_tiny_right_hand_side(flush):
+    """A row whose right-hand side is ~1e-25 (an adjoint through nearly one-hot weights): CG's dot
+    products square it below float32's range, and the row never moved (true residual 1, a backward
+    warning in the state experiment's lr-1e-2 training).  Scaled by a power of two it solves like any
+    other row, and the other rows are bit for bit what they were."""
+    from lla.ops.lla.torch_backend import solvers
+
+    g = torch.Generator().manual_seed(0)
+    R, n, D = 6, 24, 8
+    s = torch.softmax(torch.randn(1, R, n, generator=g), -1)
+    kc = torch.randn(1, n, D, generator=g)
+    m = s @ kc
+    lam = torch.full((1, R), 0.5)
+    b = torch.randn(1, R, D, generator=g)
+    b_tiny = b.clone()
+    b_tiny[:, 2] *= 1e-25
+    old = torch.is_flush_denormal_enabled() if hasattr(torch, "is_flush_denormal_enabled") else False
+    torch.set_flush_denormal(flush)
+    try:
+        x, _, res = solvers.pcg_compact(s, kc, m, lam, b_tiny, None, tol=1e-6, max_iters=64)
+        x_ref, _, _ = solvers.pcg_compact(s, kc, m, lam, b, None, tol=1e-6, max_iters=64)
+    finally:
+        torch.set_flush_denormal(old)
+    assert res[0, 2] < 1e-5
+    keep = [0, 1, 3, 4, 5]
+    assert torch.equal(x[:, keep], x_ref[:, keep])
+    assert rel_err(x[:, 2] * 1e25, x_ref[:, 2]) < 1e-5

@@ -17,6 +17,8 @@ measured with one more matvec (not the CG recurrence, which drifts from it in fl
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["cov_matvec", "cov_diag", "pcg_compact", "pcg_mixed", "lowp_keys", "Work", "cov_matrix",
@@ -114,6 +116,27 @@ def _take_weight_rows(s, order, scratch, slots):
                         out=scratch.get(slot, (*order.shape, s.shape[-1]), s.dtype))
 
 
+def _unit_rhs(solve):
+    """Run a CG ``solve`` on each row's right-hand side scaled by a power of two to ``max |b_i| ~ 1``
+    and scale ``x`` back.  CG's dot products square magnitudes: in float32 a row whose ``|b|`` is below
+    ~1e-19 (an adjoint right-hand side through nearly one-hot weights, under the flush-to-zero training
+    sets) had ``r . z`` underflow to 0 and never moved (true residual 1, a warning in the state
+    experiment's training).  Powers of two are exact, so every other row's iterates are unchanged."""
+
+    @functools.wraps(solve)
+    def run(s, kc, m, lam, b, diag, *args, x0=None, **kw):
+        bmax = b.abs().amax(-1, keepdim=True)  # no squares: cannot underflow
+        _, e = torch.frexp(torch.where(bmax > 0, bmax, torch.ones_like(bmax)))
+        sc = torch.ldexp(torch.ones_like(bmax), e)  # [..., R, 1]
+        if x0 is not None:
+            kw["x0"] = x0 / sc
+        x, it, res = solve(s, kc, m, lam, b / sc, diag, *args, **kw)
+        return x * sc, it, res
+
+    return run
+
+
+@_unit_rhs
 def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, x0=None, floor_coef=None,
                 residual: bool = True, work=None):
     """Jacobi-preconditioned CG on ``A x = b`` for a tile of rows, converged rows dropped as it goes.
@@ -296,6 +319,7 @@ def _bucket(n: int) -> int:
     return -(-n // step) * step
 
 
+@_unit_rhs
 def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, floor_coef=None,
               cg_floor_coef=None, lowp=torch.bfloat16, work=None, ekc2=None, smax=None, residual: bool = True):
     """Mixed-precision Jacobi-CG on ``A x = b``: low-precision matvecs, working-precision residuals.
