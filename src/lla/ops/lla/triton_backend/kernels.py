@@ -159,7 +159,15 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
     remaining iterations run at ``PREC``: never a worse answer than the plain solve, only a slower one.
 
     Returns (x, true relative residual per row [BM], iterations, ``sum_j s_j (k_j - c) . x`` [BM]
-    from the last (true-residual) matvec, see ``_cov_matvec``)."""
+    from the last (true-residual) matvec, see ``_cov_matvec``).
+
+    Each row's right-hand side is scaled by a power of two to ``max |b| ~ 1`` first (and ``x`` back at
+    the end): CG's dot products square magnitudes, and an adjoint right-hand side near float32's
+    underflow (~1e-20, through nearly one-hot weights) would never move (the PyTorch path's
+    ``solvers._unit_rhs``)."""
+    bmax = tl.max(tl.abs(b), 1)
+    sc = tl.where(bmax > 0, tl.exp2(tl.floor(tl.log2(tl.where(bmax > 0, bmax, 1.0)))), 1.0)
+    b = b / sc[:, None]
     bb = tl.sum(b * b, 1)
     thresh = tol * tol * bb
     x = tl.zeros_like(b)
@@ -269,7 +277,7 @@ def _solve(b, inv_diag, q, m, lam, mxs, iom, lo, hi, j_start, j_end, Kb, c, kstr
                         check = 1
     bnorm = tl.sqrt(bb)
     res = tl.sqrt(tl.sum(r * r, 1)) / tl.where(bnorm > 0, bnorm, 1.0)
-    return x, res, it, sx
+    return x * sc[:, None], res, it, sx * sc
 
 
 @triton.jit
