@@ -354,3 +354,19 @@ def test_ttr_untrained_parallax_is_softmax_at_zero_gain_and_lla_shaped():
     assert "parallax" in get_preset("ttr", "quick")["hparams"]
     mse = {g: ttr.ttr_mse("parallax", x, y, 0.1, torch.float64, gain=g).mean().item() for g in (0.0, 0.1)}
     assert mse[0.1] < mse[0.0]
+
+
+def test_window_option_reaches_the_sliding_window_mixer(tmp_path):
+    """``lla run ... --window W`` builds the sliding_window mixer with that window (at the quick
+    presets' lengths the default 64 is plain softmax attention) and leaves other mixers alone."""
+    from lla.experiments.runner import _mixer_kwargs
+
+    out = tmp_path / "sw"
+    assert cli_main(["run", "state", "--preset", "smoke", "--mixers", "sliding_window", "lla", "--window", "4",
+                     "--out", str(out), "--no-progress"]) == 0
+    cfgs = [json.loads(line) for line in open(out / "metrics.jsonl") if '"kind": "config"' in line]
+    assert cfgs and cfgs[0]["config"]["mixer_kwargs"] == {"sliding_window": {"window": 4}}
+    assert _mixer_kwargs(cfgs[0]["config"], "sliding_window") == {"mixer_kwargs": {"window": 4}}
+    assert _mixer_kwargs(cfgs[0]["config"], "lla") == {}
+    with pytest.raises(SystemExit):
+        cli_main(["run", "ttr", "--preset", "smoke", "--window", "4", "--out", str(tmp_path / "t")])

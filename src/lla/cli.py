@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="seeds to run, each a full run (default: the preset's; quick: 0 1 2); summary gives mean, std, 95%% interval")
     r.add_argument("--lrs", type=float, nargs="+", default=None,
                    help="learning rates to sweep on the first seed, per mixer (best on validation streams; default: the preset's)")
+    r.add_argument("--window", type=int, default=None,
+                   help="the sliding_window mixer's window in tokens (default 64: at the quick presets' lengths, "
+                        "64 and more is softmax attention)")
     r.add_argument("--positions", choices=["learned", "none"], default=None,
                    help="mqar: learned absolute positions (Zoology's setting, default) or none")
     r.add_argument("--estimate", action="store_true",
@@ -106,7 +109,10 @@ def _run_config(args):
         raise SystemExit(f"lla run: --steps must be >= 1, got {args.steps}")
     if args.log_every is not None and (not trained or args.log_every < 1):
         raise SystemExit("lla run: --log-every must be >= 1 and applies to trained experiments (icr, mqar, state)")
-    if args.steps is None and args.seed is None and args.log_every is None and args.positions is None:
+    if args.window is not None and (not trained or args.window < 1):
+        raise SystemExit("lla run: --window must be >= 1 and applies to trained experiments (icr, mqar, state)")
+    if args.steps is None and args.seed is None and args.log_every is None and args.positions is None \
+            and args.window is None:
         return None, args.seeds
     cfg = get_preset(args.experiment, args.preset)
     for key, val in (("steps", args.steps), ("log_every", args.log_every)):
@@ -114,6 +120,8 @@ def _run_config(args):
             cfg["train"][key] = val
     if args.positions is not None:
         cfg["positions"] = args.positions
+    if args.window is not None:
+        cfg["mixer_kwargs"] = {"sliding_window": {"window": args.window}}
     if args.seed is None:
         return cfg, args.seeds
     (cfg["train"] if trained else cfg)["seed"] = args.seed

@@ -50,6 +50,13 @@ def _trained_runs(experiment: str, cfg: dict):
             yield {"group": group}, StateTask(cfg, group)
 
 
+def _mixer_kwargs(cfg: dict, mixer: str) -> dict:
+    """``{"mixer_kwargs": ...}`` for ``ModelConfig`` when the config sets options of this mixer
+    (``cfg["mixer_kwargs"][mixer]``, e.g. the sliding window's ``window``), else nothing."""
+    kw = (cfg.get("mixer_kwargs") or {}).get(mixer)
+    return {"mixer_kwargs": dict(kw)} if kw else {}
+
+
 #: how a trained experiment's validation rows pick the best learning rate: (metric, "max" | "min")
 SELECT = {"mqar": ("accuracy", "max"), "icr": ("mse", "min"), "state": ("accuracy", "max")}
 
@@ -101,7 +108,7 @@ def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_a
         tcfg = replace(base, seed=seed, lr=lr)
         name = "_".join([experiment, mixer] + [f"{k}{v}" for k, v in key.items()])
         torch.manual_seed(tcfg.seed)  # same initial weights on every rank
-        mcfg = ModelConfig(mixer=mixer, **cfg["model"], **task.model_kwargs())
+        mcfg = ModelConfig(mixer=mixer, **cfg["model"], **task.model_kwargs(), **_mixer_kwargs(cfg, mixer))
         model = CausalModel(mcfg)
         ck = os.path.join(out_dir, f"seed{seed}", "ckpt", f"{name}_lr{lr:g}.pt") if out_dir else None
         ident = (name, seed, lr)
@@ -372,7 +379,7 @@ def estimate(experiment: str, preset: str = "quick", mixers=None, cfg: dict | No
         for key, task in _trained_runs(experiment, cfg):
             for mixer in mixers:
                 torch.manual_seed(0)
-                model = CausalModel(ModelConfig(mixer=mixer, **cfg["model"], **task.model_kwargs()))
+                model = CausalModel(ModelConfig(mixer=mixer, **cfg["model"], **task.model_kwargs(), **_mixer_kwargs(cfg, mixer)))
                 tcfg = replace(TrainConfig(**cfg["train"]), steps=1)
                 train(model, task, tcfg, device=device, progress=False)
                 t0 = time.time()
