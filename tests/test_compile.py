@@ -23,7 +23,7 @@ def test_custom_op_registered_and_opcheck():
 
     q, k, v = make_qkv(B=1, T=6, H=2, Hk=1, D=4, dtype=torch.float64, requires_grad=True)
     lam = torch.full((1, 6, 2), 0.5, dtype=torch.float64, requires_grad=True)
-    args = (q, k, v, lam, None, 0.5, -1, 0, "direct", 16, 1e-11, True)
+    args = (q, k, v, lam, None, 0.5, -1, 0, "direct", 16, 1e-11, True, "auto")
     torch.library.opcheck(torch.ops.lla.fwd.default, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -116,7 +116,8 @@ def test_reported_residual_is_the_true_residual():
         # recover x from the output is not possible; recompute it the way the backend does and compare:
         from lla.ops.lla.torch_backend import function as fn
 
-        cfg = fn._Cfg(16 ** -0.5, (-1, 0), solver, max_iters or 32, 1e-6, True)
+        assert aux.precision == "fp32"  # 48 keys: "auto" is fp32 on every device (MIXED_MIN_KEYS)
+        cfg = fn._Cfg(16 ** -0.5, (-1, 0), solver, max_iters or 32, 1e-6, True, precision="fp32")
         lam = torch.full((1, 48, 1), 0.01)
         _o, _lse, stats, X, M, _L = fn.lla_forward(q, k, v, lam, cfg)
         x = X[0, 0, 0].double()  # [T, D]

@@ -183,7 +183,7 @@ def _dispatch(name: str, q, k, v, lam, varlen: Varlen | None, *, scale, window, 
         from .custom_op import lla_compiled
 
         o, lse = lla_compiled(q, k, v, lam, cu_q, cu_k, scale=scale, window_size=window, solver=solver,
-                              max_iters=max_iters, tol=tol, precondition=precondition)
+                              max_iters=max_iters, tol=tol, precondition=precondition, precision=precision)
         return (o, LLAAux(iters=-1, residual=float("nan"), lse=lse, solver=solver)) if return_aux else o
     D = q.shape[-1]
     lam_min = float(lam.detach().min()) if lam.numel() else 1.0

@@ -31,10 +31,14 @@ from .torch_backend import function as _tb
 __all__ = ["lla_compiled"]
 
 
-def _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, D, dtype, S):
+def _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, precision, lam, q, segs):
+    """The backend's ``_Cfg``, with ``solver="auto"`` and ``precision="auto"`` resolved as the eager op
+    resolves them (``precision`` by the longest packed key sequence of ``segs``)."""
+    keys = max((sk.stop - sk.start for _sq, sk in segs), default=0)
     if solver == "auto":
-        solver = resolve_solver("auto", float(lam.detach().min()) if lam.numel() else 1.0, D, dtype, S=S)
-    return _tb._Cfg(scale, (window_left, window_right), solver, max_iters, tol, precondition)
+        solver = resolve_solver("auto", float(lam.detach().min()) if lam.numel() else 1.0, q.shape[-1], q.dtype, S=keys)
+    precision = _tb.resolve_precision(precision, q.dtype, q.device, keys)
+    return _tb._Cfg(scale, (window_left, window_right), solver, max_iters, tol, precondition, precision=precision)
 
 
 def _segments(cu_seqlens, cu_seqlens_k, T, S, check=False):
@@ -61,12 +65,14 @@ def _fwd(
     max_iters: int,
     tol: float,
     precondition: bool,
+    precision: str,
     cu_seqlens_k: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_ridge_values(lam)
     segs = _segments(cu_seqlens, cu_seqlens_k, q.shape[1], k.shape[1], check=True)
-    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, q.shape[-1], q.dtype, k.shape[1])
-    outs = _fwd_fake(q, k, v, lam, cu_seqlens, scale, window_left, window_right, solver, max_iters, tol, precondition)
+    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, precision, lam, q, segs)
+    outs = _fwd_fake(q, k, v, lam, cu_seqlens, scale, window_left, window_right, solver, max_iters, tol, precondition,
+                     precision)
     o, lse, X, M, LSE = (t.zero_() for t in outs)
     lse.fill_(float("-inf"))
     LSE.fill_(float("-inf"))
@@ -79,7 +85,7 @@ def _fwd(
 
 @_fwd.register_fake
 def _fwd_fake(q, k, v, lam, cu_seqlens, scale, window_left, window_right, solver, max_iters, tol, precondition,
-              cu_seqlens_k=None):
+              precision, cu_seqlens_k=None):
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[3]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -109,15 +115,17 @@ def _bwd(
     max_iters: int,
     tol: float,
     precondition: bool,
+    precision: str,
     cu_seqlens_k: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, lam, q.shape[-1], q.dtype, k.shape[1])
+    segs = _segments(cu_seqlens, cu_seqlens_k, q.shape[1], k.shape[1])
+    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, precision, lam, q, segs)
     if cu_seqlens is None:
         grads = _tb.lla_backward(do, q, k, v, lam, X, M, LSE, cfg, True)
         return tuple(g.contiguous() for g in grads)  # the fake's strides
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dlam = lam.new_zeros(lam.shape)
-    for sq, sk in _segments(cu_seqlens, cu_seqlens_k, q.shape[1], k.shape[1]):
+    for sq, sk in segs:
         if sq.stop > sq.start:
             g = _tb.lla_backward(do[:, sq], q[:, sq], k[:, sk], v[:, sk], lam[:, sq], X[..., sq, :], M[..., sq, :],
                                  LSE[..., sq], cfg, True)
@@ -129,7 +137,7 @@ def _bwd(
 
 @_bwd.register_fake
 def _bwd_fake(do, q, k, v, lam, X, M, LSE, cu_seqlens, scale, window_left, window_right, solver, max_iters, tol,
-              precondition, cu_seqlens_k=None):
+              precondition, precision, cu_seqlens_k=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), lam.new_empty(lam.shape)
 
 
@@ -143,20 +151,20 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, _dlse, _dx, _dm, _dlse_c):
     q, k, v, lam, X, M, LSE, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv, dlam = _bwd(do.contiguous(), q, k, v, lam, X, M, LSE, cu_seqlens, *ctx.config, cu_seqlens_k)
-    return dq, dk, dv, dlam, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dlam, None, None, None, None, None, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lla_compiled(q, k, v, lam, cu_seqlens_q, cu_seqlens_k, *, scale, window_size, solver, max_iters, tol,
-                 precondition):
+                 precondition, precision="auto"):
     """The op through the custom op: ``(o [B, T, H, Dv], lse [B, T, H])``.
 
     Arguments as ``lla.ops.lla.torch_backend.lla_torch`` takes them, their types and shapes already
-    checked by the public op (``cu_seqlens_q`` / ``cu_seqlens_k`` int64 or None); ``solver`` may
-    still be ``"auto"`` and ``max_iters`` / ``tol`` None (resolved here and inside the op, where the
-    ridge's values can be read).
+    checked by the public op (``cu_seqlens_q`` / ``cu_seqlens_k`` int64 or None); ``solver`` and
+    ``precision`` may still be ``"auto"`` and ``max_iters`` / ``tol`` None (resolved here and inside the
+    op, where the ridge's values and the packed lengths can be read, by the eager op's rules).
     """
     if max_iters is None:
         max_iters = default_max_iters(q.dtype, q.shape[-1])
@@ -165,6 +173,6 @@ def lla_compiled(q, k, v, lam, cu_seqlens_q, cu_seqlens_k, *, scale, window_size
     same = cu_seqlens_k is cu_seqlens_q
     o, lse, _x, _m, _lse_c = _fwd(
         q, k, v, lam, cu_seqlens_q, float(scale), int(window_size[0]), int(window_size[1]), solver, int(max_iters),
-        float(tol), bool(precondition), None if same else cu_seqlens_k,
+        float(tol), bool(precondition), str(precision), None if same else cu_seqlens_k,
     )
     return o, lse
