@@ -150,6 +150,13 @@ def test_compiled_path_resolves_precision_as_the_eager_op(monkeypatch):
         assert torch.equal(o, eager)
 
 
+def test_auto_is_fp32_on_any_cpu():
+    """On a CPU "auto" is plain fp32 at every length, with or without AMX (measured slower there too)."""
+    assert not fn._fast_bf16(torch.device("cpu"))
+    for keys in (16, 1024, 16384, None):
+        assert fn.resolve_precision("auto", torch.float32, torch.device("cpu"), keys) == "fp32"
+
+
 @pytest.mark.parametrize("bad", ["bf16", "FP32", None, 32])
 def test_bad_precision_raises(bad):
     q, k, v = make_qkv(1, 8, 1, 8, dtype=torch.float32)

@@ -145,8 +145,8 @@ def local_linear_attention(
         precision: CG arithmetic for float32 / bf16 / fp16 inputs: ``"fp32"``, ``"mixed"`` (bf16
             matvecs inside the solve, fp32 residuals and refinement: the same tolerance on the fp32
             true residual, rows where it stalls finish in fp32) or ``"auto"`` (PyTorch backend: ``"mixed"``
-            where bf16 GEMMs are fast -- CUDA, or a CPU with AMX -- and the sequences hold >= 1024 keys,
-            else ``"fp32"``, see ``torch_backend.function.resolve_precision``; the Triton backend's rule is
+            on CUDA with bf16 when the sequences hold >= 1024 keys, else ``"fp32"``: on a CPU, with or
+            without AMX, the mixed solve was measured slower, see ``torch_backend.function.resolve_precision``; the Triton backend's rule is
             ``triton_backend.function.resolve_precision``).  float64 inputs always solve in float64;
             under ``torch.compile`` the backend's ``"auto"`` applies.
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch; PyTorch under

@@ -84,25 +84,20 @@ MIXED_MIN_KEYS = 1024
 @functools.lru_cache(maxsize=None)
 def _fast_bf16(device: torch.device) -> bool:
     """Whether bf16 GEMMs are fast enough on ``device`` to pay for the mixed solve: CUDA with bf16
-    support, or a CPU with AMX tiles.  AVX512-BF16 alone is not enough: on such a CPU (no AMX,
-    2 threads, ``python benchmarks/mixed_ab.py --bwd --T 256 1024 4096 --D 16 64``) the mixed solve
-    was never faster than fp32 (see ``docs/performance.md``)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        try:
-            return bool(amx()) if amx is not None else False
-        except RuntimeError:
-            return False
-    return False
+    support.  Not a CPU, measured on both kinds this project has had: with AVX512-BF16 alone
+    (``python benchmarks/mixed_ab.py --bwd --T 256 1024 4096 --D 16 64``: never faster than fp32) and
+    with AMX (bf16 GEMMs 2.5-5x fp32's, yet ``lla bench --quick --threads 1``: forward 4.06 s mixed vs
+    3.02 s fp32 at T = 4096, ridge 1; fwd + bwd 8.75 vs 7.40 s): the CG's compacted row blocks are
+    short, and its replacements, routing and casts are fp32 work and small ops the bf16 GEMMs do not
+    speed up (``docs/performance.md``)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def resolve_precision(precision: str, dtype: torch.dtype, device: torch.device, keys: int | None = None) -> str:
     """The precision a CG solve runs in: ``"fp64"`` (float64 inputs, always), ``"fp32"`` or
     ``"mixed"`` (bf16 matvecs refined to the fp32 tolerance, ``solvers.pcg_mixed``).
 
-    ``"auto"`` is ``"mixed"`` when bf16 GEMMs are fast on the device (``_fast_bf16``) and the
+    ``"auto"`` is ``"mixed"`` when bf16 GEMMs pay for it on the device (``_fast_bf16``: CUDA) and the
     sequences are long enough (``keys``, the longest sequence's key count, at least
     ``MIXED_MIN_KEYS``; unknown counts as long), else ``"fp32"``.
     ``torch.get_float32_matmul_precision()`` is not consulted: it lets *matmul results*
