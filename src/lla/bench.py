@@ -236,8 +236,8 @@ def _grid(a) -> list[dict]:
         r1, r001 = 1.0, 0.01
         for mode, T, ridge in (("fwd", 4096, r1), ("fwd", 4096, r001), ("fwdbwd", 4096, r1), ("fwd", 2048, r1),
                                ("fwd", 8192, r1), ("fwd", 16384, r1), ("fwdbwd", 16384, r1)):
-            # at the three T = 4096 targets, the plain fp32 path too (the default is lla-auto)
-            provs = ("sdpa", "lla-auto", "lla-fp32") if T == 4096 else ("sdpa", "lla-auto")
+            # at the three T = 4096 targets, both forced precisions too (the default is lla-auto)
+            provs = ("sdpa", "lla-auto", "lla-fp32", "lla-mixed") if T == 4096 else ("sdpa", "lla-auto")
             for prov in provs:
                 pts.append(dict(provider=prov, mode=mode, T=T, D=64, ridge=ridge if prov != "sdpa" else None))
     else:
