@@ -146,9 +146,10 @@ def local_linear_attention(
             matvecs inside the solve, fp32 residuals and refinement: the same tolerance on the fp32
             true residual, rows where it stalls finish in fp32) or ``"auto"`` (PyTorch backend: ``"mixed"``
             on CUDA with bf16 when the sequences hold >= 1024 keys, else ``"fp32"``: on a CPU, with or
-            without AMX, the mixed solve was measured slower, see ``torch_backend.function.resolve_precision``; the Triton backend's rule is
+            without AMX, the mixed solve was measured slower; see
+            ``torch_backend.function.resolve_precision``; the Triton backend's rule is
             ``triton_backend.function.resolve_precision``).  float64 inputs always solve in float64;
-            under ``torch.compile`` the backend's ``"auto"`` applies.
+            under ``torch.compile`` the same rule applies.
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch; PyTorch under
             ``torch.compile``), ``"torch"``, ``"triton"`` (a ``ValueError`` where it cannot run:
             no triton, CPU tensors without ``TRITON_INTERPRET=1``, under ``torch.compile``).
