@@ -206,6 +206,13 @@ BACKWARD_LOGIT_FACTOR = 4.0
 CG_FLOOR_STOP = 0.25
 
 
+def _cg_floor_coef(ekc2, m, lam):
+    """The floor coefficient CG stops at (``FLOOR_FACTOR * CG_FLOOR_STOP`` times ``_floor``'s
+    ``sqrt(tr C E|k - c|^2) + lam``), from ``ekc2 = E_s |k - c|^2``, ``m`` [..., R, D] and ``lam``."""
+    trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
+    return FLOOR_FACTOR * CG_FLOOR_STOP * ((trc * ekc2).sqrt() + lam)
+
+
 def _solve(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, aim=None, work=None, smax=None):
     """Solve A x = b for a tile's rows with the configured solver -> (x, iters, residual, floor).
 
@@ -220,17 +227,15 @@ def _solve(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, aim=None, work=None,
     if cfg.solver == "direct":
         x, res = direct_solve(s, k1, m, lam, b, tol=tol if aim is None else aim)
         return x, 0, res, _floor(torch.finfo(b.dtype).eps, x, b, lam, ekc2, m)
-    trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
+    coef = _cg_floor_coef(ekc2, m, lam)
     if resolve_precision(cfg.precision, b.dtype, b.device) == "mixed":
         # held to the same floor as plain CG (the CG_FLOOR_STOP margin): at the floor itself the true
         # residuals met it, but the outputs were 3-7x less accurate than fp32 CG's (AMX CPU, T = 63-100,
         # D = 16-80, every row in bf16; 1.6-1.8x with the margin; tests/test_precision.py)
-        coef = FLOOR_FACTOR * CG_FLOOR_STOP * ((trc * ekc2).sqrt() + lam)
         x, it, _ = pcg_mixed(s, k1, m, lam, b, diag if cfg.precondition else None, tol=tol, max_iters=cfg.max_iters,
-                             scratch=scratch, floor_coef=coef, cg_floor_coef=coef, work=work,
+                             scratch=scratch, floor_coef=coef, work=work,
                              ekc2=ekc2, smax=s.amax(-1) if smax is None else smax, residual=False)
         return x, it, None, None  # the true residual comes from the y . x pass (``_cg_exit``)
-    coef = FLOOR_FACTOR * CG_FLOOR_STOP * ((trc * ekc2).sqrt() + lam)
     x, it, _ = pcg_compact(s, k1, m, lam, b, diag if cfg.precondition else None, tol=tol if aim is None else aim,
                            max_iters=cfg.max_iters, scratch=scratch, floor_coef=coef, residual=False, work=work)
     return x, it, None, None
@@ -257,8 +262,7 @@ def _cg_exit(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, x, it, sy, aim=Non
         miss |= ~torch.isfinite(res)
     if (it >= cfg.max_iters and not mixed) or not bool(miss.any()):
         return x, it, res, fl, False
-    trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
-    coef = FLOOR_FACTOR * CG_FLOOR_STOP * ((trc * ekc2).sqrt() + lam)
+    coef = _cg_floor_coef(ekc2, m, lam)
     if mixed:
         bn1 = bn.where(bn > 0, torch.ones_like(bn))
         rn = res * bn1
@@ -824,7 +828,7 @@ def lla_backward(do, q, k, v, lam, X, M, LSE, cfg, need_dlam: bool = True, repor
             # the working precision cannot represent this tile's systems: redo it in float64
             dq, dl, parts, it, res, fl, logit = _backward_tile_fp64(ins, c, i0, i1, j0, j1, mask, common, G, cfg,
                                                                     need_dlam)
-            res, fl, logit = res.to(Q.dtype), fl.to(Q.dtype), logit.to(Q.dtype) * 0.0
+            res, fl, logit = res.to(Q.dtype), fl.to(Q.dtype), Q.new_zeros(())  # no logit rounding left
         iters = max(iters, it)
         acc = _merge(acc, _solve_stats(res, fl, cfg.adj_tol))
         amp_b = torch.maximum(amp_b, logit)

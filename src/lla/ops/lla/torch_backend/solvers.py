@@ -321,7 +321,7 @@ def _bucket(n: int) -> int:
 
 @_unit_rhs
 def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=None, floor_coef=None,
-              cg_floor_coef=None, lowp=torch.bfloat16, work=None, ekc2=None, smax=None, residual: bool = True):
+              lowp=torch.bfloat16, work=None, ekc2=None, smax=None, residual: bool = True):
     """Mixed-precision Jacobi-CG on ``A x = b``: low-precision matvecs, working-precision residuals.
 
     The CG of ``pcg_compact`` (converged rows dropped as it goes) with every matvec's two GEMMs in
@@ -339,9 +339,9 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
     ``floor = eps (floor_coef |x| + |b|)`` (``function._floor``).  A row whose true residual shrank
     by less than ``MIXED_STALL`` between two replacements (too ill-conditioned for ``lowp``) stops,
     and, with rows the iteration cap left short, is finished by ``pcg_compact`` in the working
-    precision from its current ``x`` (up to ``max_iters`` more iterations, ``cg_floor_coef`` as its
-    floor coefficient): the answer is never worse than plain CG's.  So is a row whose true residual
-    did not halve over ``MIXED_STALL_GAP`` iterations.  Rows the low-precision operator cannot serve
+    precision from its current ``x`` (up to ``max_iters`` more iterations, held to the same
+    ``floor_coef``): the answer is never worse than plain CG's.  So is a row whose true residual did
+    not halve over ``MIXED_STALL_GAP`` iterations.  Rows the low-precision operator cannot serve
     are sent to plain CG up front: ``ekc2 [..., R]`` (``E_s |k - c|^2``) and ``smax [..., R]`` (the
     largest weight) give the estimate ``eps_lowp E|k - c|^2 / lam * sqrt(s_max)`` of the matvec's
     relative error seen through ``A^-1`` (the key rounding's error averages over the about
@@ -403,7 +403,7 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
             if work is not None:
                 work.fallback += int((live | stalled).sum())
             return pcg_compact(s, kc, m, lam, b, diag, tol=tol, max_iters=max_iters, scratch=scratch,
-                               floor_coef=floor_coef if cg_floor_coef is None else cg_floor_coef, residual=residual,
+                               floor_coef=floor_coef, residual=residual,
                                work=work)
     # The bf16 GEMMs (oneDNN on the CPU) keep memory per distinct shape: at T = 16384 the tiles' key
     # counts (256 of them) times the compacted row counts took the forward's peak RSS from ~310 to
@@ -521,8 +521,7 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
     rest = stalled_out | short
     if bool(rest.any()):
         it = max(it, _fallback(x_out, rn_out, rest, s_all, kc, m_all, lam_all, b_all, bnorm_all, diag, tol=tol,
-                        max_iters=max_iters, scratch=scratch, coef=coef_all if cg_floor_coef is None else cg_floor_coef,
-                        work=work))
+                               max_iters=max_iters, scratch=scratch, coef=coef_all, work=work))
     if not residual:
         return x_out, it, None
     return x_out, it, rn_out / bnorm_all.where(bnorm_all > 0, torch.ones_like(bnorm_all))
