@@ -65,6 +65,11 @@ TILE_ELEMS = 1 << 22
 #: forward (float32: 4 MiB).  Small enough for the CG loop's passes to stay in cache.
 HEAD_TILE_ELEMS = 1 << 20
 
+#: Upper bound on the elements of one step's ``[nb, G * tile, n_keys]`` weight tiles when several
+#: (batch, key head) pairs share a step at long T (float32: 16 MiB): the hot loop's small ops are then
+#: issued once for ``nb`` pairs.
+STEP_ELEMS = 1 << 22
+
 
 class _Cfg:
     __slots__ = ("scale", "window", "solver", "max_iters", "tol", "precondition", "adj_tol", "precision")
@@ -314,9 +319,10 @@ def _tile_plan(T, S, window, G, elems, device, pairs: int = 1, D: int = 0, direc
             c0, c1 = int(partial[0]), int(partial[-1]) + 1
             hidden = ~mask[:, c0:c1]
             fill = (c0, c1, (hidden.repeat(G, 1) if G > 1 else hidden).to(device))
-        plan.append((i0, i1, j0, j1, fill, _common_keys(i0, i1, T, S, window)))
         rows = G * (i1 - i0)
-        widest = max(widest, rows * (j1 - j0), rows * D * D if direct else D * D)
+        size = max(rows * (j1 - j0), rows * D * D if direct else D * D, 1)
+        plan.append((i0, i1, j0, j1, fill, _common_keys(i0, i1, T, S, window), size))
+        widest = max(widest, size)
     return plan, max(1, min(pairs, elems // widest))
 
 
@@ -326,9 +332,18 @@ def _blocks(T, S, window, G, N, device, D, solver):
     ``i0:i1``, the keys ``j0:j1`` they can see, the tile's mask fill and its shift sample; tiles that
     see no key are skipped."""
     tiles, nb = _tile_plan(T, S, window, G, HEAD_TILE_ELEMS, device, N, D, solver == "direct")
+    if nb < N and solver != "direct":
+        # long sequences: a tile already fills HEAD_TILE_ELEMS for one pair; batching pairs per step
+        # (up to STEP_ELEMS weights) shares the hot loop's per-op cost among them
+        for i0, i1, j0, j1, mask, common, size in tiles:
+            if j1 > j0:
+                step = max(1, min(N, STEP_ELEMS // size))
+                for c0 in range(0, N, step):
+                    yield slice(c0, min(N, c0 + step)), i0, i1, j0, j1, mask, common
+        return
     for c0 in range(0, N, nb):
         c = slice(c0, min(N, c0 + nb))
-        for i0, i1, j0, j1, mask, common in tiles:
+        for i0, i1, j0, j1, mask, common, _ in tiles:
             if j1 > j0:
                 yield c, i0, i1, j0, j1, mask, common
 

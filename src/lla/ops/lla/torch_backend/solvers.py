@@ -42,7 +42,7 @@ def cov_matvec(s, kc, m, lam, p, kp=None):
     s [..., R, n], kc [..., n, D] (``k - c``), m [..., R, D], lam [..., R], p [..., R, D] -> [..., R, D].
     ``kp`` (optional) is a ``[..., R, n]`` buffer for the intermediate.
     """
-    if kc.dtype != p.dtype:
+    if isinstance(kc, tuple):  # low-precision keys (``lowp_keys``)
         return _cov_matvec_lowp(s, kc, m, lam, p, kp)
     mp = -torch.linalg.vecdot(m, p).unsqueeze(-1)
     if kp is None:
@@ -55,35 +55,37 @@ def cov_matvec(s, kc, m, lam, p, kp=None):
 
 
 def lowp_keys(kc, dtype=torch.bfloat16, out=None):
-    """``[k - c | 1]`` in ``dtype`` (``[..., n, D + 1]``, in ``out`` when given): the keys of
-    ``_cov_matvec_lowp``."""
-    ka = kc.new_empty(*kc.shape[:-1], kc.shape[-1] + 1, dtype=dtype) if out is None else out
-    ka[..., :-1] = kc
-    ka[..., -1] = 1.0
-    return ka
+    """The keys of ``_cov_matvec_lowp``: ``k - c`` in ``dtype`` twice, ``[..., n, D]`` and its transpose
+    ``[..., D, n]``, both contiguous (a bf16 GEMM against a transposed view, or with an odd inner size
+    such as ``D + 1``, runs at 55-70 % of the contiguous ``D``-wide one on an AMX CPU).  ``out``
+    (optional): such a pair to fill.  -> (keys, keys transposed)"""
+    if out is None:
+        out = (kc.new_empty(kc.shape, dtype=dtype), kc.new_empty((*kc.shape[:-2], kc.shape[-1], kc.shape[-2]), dtype=dtype))
+    k_lo, kt_lo = out
+    k_lo.copy_(kc)
+    kt_lo.copy_(k_lo.transpose(-1, -2))
+    return k_lo, kt_lo
 
 
-def _cov_matvec_lowp(s, ka, m, lam, p, kp=None):
-    """``cov_matvec`` with the weights ``s`` and the keys ``ka = [k - c | 1]`` (``lowp_keys``) in a low
-    precision (bf16): both GEMMs in that dtype (fp32 accumulation, outputs rounded to it), the vectors
-    ``p``, ``m`` and the result in ``p``'s dtype.  The centring constant ``-m . p`` rides in the first
-    GEMM (the column of ones); the second GEMM runs on the keys alone and leaves out
-    ``-(sum_j s_j y_j . p) m`` (zero in exact arithmetic; ``cov_matvec`` keeps it to cancel rounding
-    the fp32 result cannot afford, here it would only cost a ``D + 1``-wide GEMM).  Relative accuracy
-    ~2^-8: for the inner solves of ``pcg_mixed`` only.  ``kp`` (optional) is a ``[..., R, n]`` buffer
-    of ``ka``'s dtype.  Batched GEMMs go through ``bmm`` (``matmul`` with ``out=`` takes a slower
-    bf16 path on the CPU)."""
-    pa = torch.cat([p, -torch.linalg.vecdot(m, p).unsqueeze(-1)], dim=-1).to(ka.dtype)  # [..., R, D + 1]
-    D = p.shape[-1]
-    kt = ka.transpose(-1, -2)
+def _cov_matvec_lowp(s, keys, m, lam, p, kp=None):
+    """``cov_matvec`` with the weights ``s`` and the keys ``keys = (k - c, (k - c)^T)`` (``lowp_keys``) in a
+    low precision (bf16): both GEMMs in that dtype (fp32 accumulation, outputs rounded to it), the vectors
+    ``p``, ``m`` and the result in ``p``'s dtype.  Uncentred: ``sum_j s_j ((k_j - c) . p)(k_j - c) -
+    (m . p) m`` (the centring term needs no pass: ``sum_j s_j (k_j - c) = m``, held in ``p``'s dtype), so the
+    rounding scales with ``|k - c|`` rather than ``|y|`` (the routing estimate of ``pcg_mixed`` uses
+    ``E|k - c|^2``).  Relative accuracy ~2^-8: for the inner solves of ``pcg_mixed`` only.  ``kp``
+    (optional) is a ``[..., R, n]`` buffer of the keys' dtype.  Batched GEMMs go through ``bmm``
+    (``matmul`` with ``out=`` takes a slower bf16 path on the CPU)."""
+    k_lo, kt_lo = keys
+    pa = p.to(k_lo.dtype)
     mm = torch.bmm if pa.dim() == 3 else torch.mm
     if kp is None:
-        kp = mm(pa, kt)
+        kp = mm(pa, kt_lo)
     else:
-        mm(pa, kt, out=kp)
+        mm(pa, kt_lo, out=kp)
     kp.mul_(s)
-    ap = mm(kp, ka[..., :D]).to(p.dtype)  # sum_j s_j (y_j . p)(k_j - c)
-    return ap.addcmul_(p, lam.unsqueeze(-1))
+    ap = mm(kp, k_lo).to(p.dtype)  # sum_j s_j ((k_j - c) . p)(k_j - c)
+    return ap.addcmul_(m, torch.linalg.vecdot(m, p).unsqueeze(-1), value=-1.0).addcmul_(p, lam.unsqueeze(-1))
 
 
 def true_residual(s, kc, m, lam, x, b, kp=None):
@@ -416,10 +418,12 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
     s_lo = s.new_empty(shape, dtype=lowp) if scratch is None else scratch.get("lo1", shape, lowp)
     s_lo[..., :n].copy_(s)
     s_lo[..., n:].zero_()
-    ka = kc.new_empty((*kc.shape[:-2], n_pad, kc.shape[-1] + 1), dtype=lowp) if scratch is None else \
-        scratch.get("ka", (*kc.shape[:-2], n_pad, kc.shape[-1] + 1), lowp)
-    lowp_keys(kc, lowp, ka[..., :n, :])
-    ka[..., n:, :].zero_()
+    kshape, tshape = (*kc.shape[:-2], n_pad, D), (*kc.shape[:-2], D, n_pad)
+    ka = (kc.new_empty(kshape, dtype=lowp), kc.new_empty(tshape, dtype=lowp)) if scratch is None else \
+        (scratch.get("ka", kshape, lowp), scratch.get("kt", tshape, lowp))
+    ka[0][..., n:, :].zero_()
+    ka[0][..., :n, :].copy_(kc)
+    ka[1].copy_(ka[0].transpose(-1, -2))
     kp_buf = None if scratch is None else scratch.get("kp", shape, lowp)
     it = 0
     gap = torch.zeros(live.shape[:-1], dtype=torch.long, device=b.device)  # iterations since the last replacement
