@@ -174,12 +174,14 @@ def test_gradients_match_reference_awkward_shapes(solver, T, D):
 @pytest.mark.parametrize(
     "case,T,window,causal,D",
     [("partial", 20, (-1, -1), True, 16), ("partial", 20, (-1, -1), False, 16), ("tiles", 64, (3, 0), False, 4),
-     ("all", 33, (-1, -1), True, 16)],
+     ("all", 33, (-1, -1), True, 16), ("steps", 64, (-1, -1), True, 8)],
 )
 def test_batched_pairs_match_reference(monkeypatch, solver, case, T, window, causal, D):
     """(batch, key head) pairs are folded and processed ``nb`` at a time: a last, partial chunk
-    (8 pairs in chunks of 3), several row tiles per chunk and one chunk holding everything all give
-    the reference's output and gradients."""
+    (8 pairs in chunks of 3), several row tiles per chunk, one chunk holding everything, and (CG) long
+    sequences where one pair fills a tile and each tile takes as many pairs as ``STEP_ELEMS`` allows
+    (more for the short causal tiles than for the long ones) all give the reference's output and
+    gradients."""
     from lla.ops.lla.torch_backend import function as tb
 
     B, H, Hk = 4, 4, 2
@@ -187,10 +189,21 @@ def test_batched_pairs_match_reference(monkeypatch, solver, case, T, window, cau
     if case == "partial":  # one row tile; room for exactly 3 pairs per step
         elems = 3 * max(G * T * T, G * T * D * D if direct else D * D)
     else:
-        elems = 2000 if case == "tiles" else 1 << 20
+        elems = {"tiles": 2000, "all": 1 << 20, "steps": G * 16 * T}[case]
     monkeypatch.setattr(tb, "HEAD_TILE_ELEMS", elems)
-    tiles, nb = tb._tile_plan(T, T, (window[0], 0 if causal else window[1]), G, elems, "cpu", B * Hk, D, direct)
-    assert {"partial": nb == 3 and len(tiles) == 1, "tiles": nb == 3 and len(tiles) > 1, "all": nb == B * Hk}[case]
+    monkeypatch.setattr(tb, "STEP_ELEMS", 3 * G * 16 * T if case == "steps" else elems)
+    win = (window[0], 0 if causal else window[1])
+    tiles, nb = tb._tile_plan(T, T, win, G, elems, "cpu", B * Hk, D, direct)
+    assert {"partial": nb == 3 and len(tiles) == 1, "tiles": nb == 3 and len(tiles) > 1, "all": nb == B * Hk,
+            "steps": nb == 1 and len(tiles) == 4}[case]
+    steps = [(c.stop - c.start, G * (i1 - i0) * (j1 - j0)) for c, i0, i1, j0, j1, *_ in tb._blocks(T, T, win, G, B * Hk, "cpu", D, solver)]
+    assert sum(p for p, _ in steps) == B * Hk * len(tiles)  # every pair of every tile, once
+    if case == "partial":
+        assert [p for p, _ in steps] == [3, 3, 2]
+    if case == "steps":
+        assert all(p * size <= tb.STEP_ELEMS for p, size in steps)
+        counts = {p for p, _ in steps}
+        assert (counts == {1}) if direct else (len(counts) > 1 and max(counts) > 1)
     q, k, v = make_qkv(B, T, H, D, Hk=Hk, seed=T + D, requires_grad=True)
     lam = (0.5 + torch.rand(B, T, H, dtype=torch.float64)).requires_grad_()
     g = torch.randn(B, T, H, D, dtype=torch.float64)
