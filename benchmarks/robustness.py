@@ -167,8 +167,9 @@ def run_case(c):
         gref = torch.autograd.grad(ref, (qr, kr, vr, lr), do, allow_unused=True)
     except RuntimeError as e:  # the float64 reference itself cannot solve it: nothing to compare with
         return dict(case=c, ref_error=f"{type(e).__name__}: {e}"[:120])
-    # guard against a broken reference (seen: sporadic MKL LU failures, "DLASWP parameter 6", at D = 256):
-    # a second float64 computation, the op's direct solver, must agree with it
+    # guard against a broken reference (seen before ``lla.ops.linalg.solve``: MKL's batched LU failing or
+    # hanging at D = 256 with 2 threads, "DLASWP parameter 6"): a second float64 computation, the op's
+    # direct solver, must agree with it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check = lla.local_linear_attention(qr.detach(), kr.detach(), vr.detach(), ridge=c["ridge"], solver="direct",
@@ -206,7 +207,7 @@ def run_case(c):
         grads is not None and any(g is not None and not bool(torch.isfinite(g).all()) for g in grads))
     err_o = _rowerr(o, ref_o)
     out["err_out"] = float(err_o.detach().max()) if err_o.numel() else 0.0
-    out["floor_out"] = float(_rowerr(ref_o.to(dt), ref_o).max()) if dt != torch.float64 and err_o.numel() else 0.0
+    out["floor_out"] = float(_rowerr(ref_o.detach().to(dt), ref_o.detach()).max()) if dt != torch.float64 and err_o.numel() else 0.0
     if grads is not None:
         errs, floors = {}, {}
         big = max(float(b.norm()) for b in gref[:3])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.linalg import solve
 from ._common import check_qkv, expand_kv
 from .linear import _check_self
 
@@ -45,7 +46,7 @@ def mesa_attention(q, k, v, *, ridge=1.0, chunk_size: int = 64) -> torch.Tensor:
         qc = q[:, t0 : t0 + chunk_size].transpose(1, 2)
         C = kc.shape[2]
         g = gram.unsqueeze(2) + torch.cumsum(kc.unsqueeze(-1) * kc.unsqueeze(-2), dim=2)  # [B, H, C, D, D]
-        x = torch.linalg.solve(g + lam[:, :, t0 : t0 + chunk_size, None, None] * eye, qc)  # [B, H, C, D]
+        x = solve(g + lam[:, :, t0 : t0 + chunk_size, None, None] * eye, qc.unsqueeze(-1)).squeeze(-1)  # [B, H, C, D]
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         kx = (x @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [B, H, C, C]: k_j . x_i, j <= i
         outs.append(x @ corr.transpose(-1, -2) + kx @ vc)  # [B, H, C, Dv]
@@ -54,7 +55,7 @@ def mesa_attention(q, k, v, *, ridge=1.0, chunk_size: int = 64) -> torch.Tensor:
 
 
 def mesa_attention_naive(q, k, v, *, ridge=1.0):
-    """Per-position least squares from scratch (``torch.linalg.solve``)."""
+    """Per-position least squares from scratch (an LU solve per position, ``ops.linalg.solve``)."""
     B, T, H, D = q.shape
     k, v = expand_kv(k, H), expand_kv(v, H)
     lam = _ridge_tensor(ridge, B, T, H, q)
@@ -62,6 +63,6 @@ def mesa_attention_naive(q, k, v, *, ridge=1.0):
     for i in range(T):
         K, V = k[:, : i + 1].transpose(1, 2), v[:, : i + 1].transpose(1, 2)  # [B, H, i+1, D]
         sigma = K.transpose(-1, -2) @ K + lam[:, i, :, None, None] * torch.eye(D, dtype=q.dtype)
-        w = torch.linalg.solve(sigma, q[:, i].unsqueeze(-1))  # [B, H, D, 1]
+        w = solve(sigma, q[:, i].unsqueeze(-1))  # [B, H, D, 1]
         out[:, i] = (V.transpose(-1, -2) @ (K @ w)).squeeze(-1)
     return out

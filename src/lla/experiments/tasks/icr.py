@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ...ops.linalg import solve
 from .mqar import eval_seed
 
 
@@ -44,7 +45,7 @@ def baselines(x: torch.Tensor, y: torch.Tensor, seg_len: int, k_nn: int = 3, rid
             X, Y = x64[:, lo:t], y64[:, lo:t]  # [B, m, d]
             # min-norm least squares through the ridge limit: W = Y^T X (X^T X + eps I)^-1
             gram = X.transpose(1, 2) @ X + ridge * torch.eye(d, dtype=torch.float64)
-            W = torch.linalg.solve(gram, X.transpose(1, 2) @ Y).transpose(1, 2)  # [B, d_out, d_in]
+            W = solve(gram, X.transpose(1, 2) @ Y).transpose(1, 2)  # [B, d_out, d_in]
             preds[name][:, t] = (W @ x64[:, t, :, None]).squeeze(-1)
         dist = ((x64[:, :t] - x64[:, t : t + 1]) ** 2).sum(-1)  # [B, t]
         idx = dist.topk(min(k_nn, t), largest=False).indices

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg import solve
+
 __all__ = ["local_linear_attention_ref", "visible_mask", "softmax_attention_ref"]
 
 
@@ -113,7 +115,7 @@ def local_linear_attention_ref(
     mu = torch.einsum("bhts,bhtsd->bhtd", s, z)  # [B, H, T, D]
     eye = torch.eye(D, dtype=q.dtype, device=q.device)
     sigma = torch.einsum("bhts,bhtsd,bhtse->bhtde", s, z, z) + lam[..., None, None] * eye  # [B, H, T, D, D]
-    rho = torch.linalg.solve(sigma, mu.unsqueeze(-1)).squeeze(-1)  # [B, H, T, D]
+    rho = solve(sigma, mu.unsqueeze(-1)).squeeze(-1)  # [B, H, T, D]
     delta = 1.0 - (mu * rho).sum(-1)  # [B, H, T]
     # (1 - z_ij . rho_i) / delta_i  =  1 - (z_ij - mu_i) . rho_i / delta_i  (as 1 - mu . rho = delta):
     # the same weights, written so that a row with one key gets exactly 1 (z - mu = 0), not 1 + rounding
