@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("results_dir", nargs="?", default="results", help="folder of run folders (default: results)")
     rp.add_argument("--out", default=None, help="page to write (default: RESULTS_DIR/README.md)")
     sub.add_parser("bench", help="benchmarks (lla.bench); arguments are passed through", add_help=False)
+    g = sub.add_parser("generate", help="sample bytes from a trained `lla run lm` model (streams UTF-8 text to stdout)")
+    from lla.experiments.generate import add_arguments
+
+    add_arguments(g)
     return p
 
 
@@ -69,6 +73,10 @@ def main(argv=None) -> int:
             return 2
         return bench.main(argv[1:]) or 0
     args = _parser().parse_args(argv)
+    if args.command == "generate":  # torch alone: no experiments extra needed
+        from lla.experiments.generate import main as generate_main
+
+        return generate_main(args)
     missing = _missing(EXPERIMENTS_EXTRA)
     if missing:
         raise SystemExit(
