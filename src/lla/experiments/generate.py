@@ -34,7 +34,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["check_sampling", "sample_next", "generate", "find_checkpoint", "load_model", "main"]
+__all__ = ["check_sampling", "sampling_probs", "sample_next", "stream_text", "generate", "find_checkpoint", "load_model", "main"]
 
 #: vocabulary of the byte-level language models
 BYTE_VOCAB = 256
@@ -52,30 +52,65 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p!r}")
 
 
+def sampling_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution ``sample_next`` draws from: ``probs [V]`` (float32 at least), zero outside the
+    top-k / nucleus set (see the module docstring); ``temperature > 0``."""
+    if logits.dim() != 1:
+        raise ValueError(f"logits must be [V], got {tuple(logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"sampling_probs needs temperature > 0 (0 is greedy: an argmax), got {temperature!r}")
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits.to(cdt) / temperature  # [V]
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th are kept, as HF does
+    probs = torch.softmax(logits, dim=-1)  # [V]
+    if top_p < 1:
+        p_sorted, order = torch.sort(probs, descending=True)  # [V]
+        mass_before = torch.cumsum(p_sorted, dim=-1) - p_sorted  # mass of the tokens ranked above each
+        drop_sorted = mass_before >= top_p
+        drop_sorted[0] = False  # the most probable token is always kept
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> int:
     """One token id from ``logits [V]`` (see the module docstring for the semantics).
 
     ``temperature == 0`` is greedy: the argmax, no random number is drawn (so the generator's
-    state, and the seed, do not matter).  Filtering and the draw run in float32 at least.
+    state, and the seed, do not matter).  Otherwise one ``torch.multinomial`` draw from
+    ``sampling_probs(logits, ...)`` with ``generator``.
     """
     if logits.dim() != 1:
         raise ValueError(f"logits must be [V], got {tuple(logits.shape)}")
     if temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits.float() / temperature  # [V]
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # [V]
-    if top_p < 1:
-        p_sorted, order = torch.sort(probs, descending=True)  # [V]
-        mass_before = torch.cumsum(p_sorted, dim=-1) - p_sorted  # mass strictly more probable (by rank)
-        drop_sorted = mass_before >= top_p
-        drop_sorted[0] = False  # the most probable token is always kept
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+    probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stream_text(tokens, out, decoder=None) -> int:
+    """Write byte ids to the text stream ``out`` as they come, decoded as UTF-8 with replacement
+    (incrementally: a character whose bytes arrive over several steps is written once whole; an
+    invalid byte becomes U+FFFD), flushing after each write; at the end the decoder is flushed (an
+    unfinished character -> U+FFFD).  ``decoder``: an incremental UTF-8 decoder to continue (one
+    that has already seen the prompt).  Returns the number of bytes."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if decoder is None else decoder
+    n = 0
+    for token in tokens:
+        n += 1
+        text = decoder.decode(bytes([token]))
+        if text:
+            out.write(text)
+            out.flush()
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        out.write(tail)
+        out.flush()
+    return n
 
 
 # ------------------------------------------------------------------------------------- generation
@@ -305,21 +340,25 @@ def main(args, out=None, err=None) -> int:
               f"context ({context}); quality past it is untested", file=err)
     use_cache = False if args.no_cache else None
     gen = torch.Generator().manual_seed(args.seed)
+    if out is sys.stdout and hasattr(out, "reconfigure"):
+        out.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a traceback
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     if not args.no_echo:
         out.write(decoder.decode(prompt))
         out.flush()
-    n, t0, t_first = 0, time.perf_counter(), None
-    for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, generator=gen, use_cache=use_cache):
-        if t_first is None:
-            t_first = time.perf_counter()
-        n += 1
-        text = decoder.decode(bytes([token]))
-        if text:
-            out.write(text)
-            out.flush()
-    out.write(decoder.decode(b"", final=True) + "\n")
+    t0, t_first = time.perf_counter(), None
+
+    def timed(tokens):
+        nonlocal t_first
+        for token in tokens:
+            if t_first is None:
+                t_first = time.perf_counter()
+            yield token
+
+    tokens = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, generator=gen, use_cache=use_cache)
+    n = stream_text(timed(tokens), out, decoder)
+    out.write("\n")
     out.flush()
     t1 = time.perf_counter()
     cached = bool(getattr(model, "supports_cache", False)) and not args.no_cache
