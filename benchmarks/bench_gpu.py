@@ -1,9 +1,10 @@
 """GPU benchmark: the LLA Triton kernels' precisions vs SDPA, with accuracy and peak memory.
 
     python benchmarks/bench_gpu.py                      # B=1 H=8 T=4096 D=64 causal, ridge 1 and 0.01 (< 10 min)
+    python benchmarks/bench_gpu.py --T 1024 4096 16384 --D 64 128 --ridges 1 --json r.json --markdown r.md
     python benchmarks/bench_gpu.py --T 8192 --ridges 1 --dtypes bf16 --modes fwd
     python benchmarks/bench_gpu.py --dry                # CPU: the same code on a tiny case, interpreted
-    python benchmarks/bench_gpu.py --compile-check      # CPU: compiles the kernels for sm_90, reports spills
+    python benchmarks/bench_gpu.py --compile-check      # CPU: compile_check.py for sm_90 at --D / --dtypes
 
 Rows per (dtype, ridge, mode), all in one run so that the ratios compare like with like:
 
@@ -13,7 +14,13 @@ Rows per (dtype, ridge, mode), all in one run so that the ratios compare like wi
                     reliable updates with TF32x3 true residuals; float32 accuracy;
 * ``lla-authors``   the authors' FlashLLA scheme as a reference point, our implementation of it: every
                     product in bf16 (fp16), plain CG for a fixed 32 iterations, no refinement;
-* ``lla-mixed-wg``  (on request) ``mixed`` with 64-row tiles (Hopper wgmma, more register spilling).
+* ``lla-mixed-wg``  (on request) ``mixed`` with 64-row tiles (Hopper wgmma, more register spilling);
+* ``parallax``      ``lla.parallax_attention`` on the Triton backend (a second, random ``r``), the
+                    closed-form sibling (no solve): what LLA's solve costs on top.
+
+Every (dtype, ridge, mode, D, T) is one group; ``--T`` and ``--D`` take several values.  The float64
+reference (and so the error columns) is computed for ``T <= --ref-max-T`` only.  ``--json`` /
+``--markdown`` write the rows (``benchmarks/gpu_check.py`` uses both).
 
 Columns: milliseconds (``triton.testing.do_bench``, median), the ratio to SDPA, peak memory allocated
 during one call beyond what was allocated before it, the CG iterations of the slowest row (forward), and
@@ -42,15 +49,14 @@ import lla  # noqa: E402
 from lla.ops.lla import api as _api  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-IMPLS = ("sdpa", "lla-fp32", "lla-mixed", "lla-authors", "lla-mixed-wg")
-DEFAULT_IMPLS = IMPLS[:4]
+IMPLS = ("sdpa", "lla-fp32", "lla-mixed", "lla-authors", "parallax", "lla-mixed-wg")
+DEFAULT_IMPLS = IMPLS[:5]
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, default=4096)
-    p.add_argument("--D", type=int, nargs="+", default=[64], help="head dim (the benchmark takes the first; "
-                   "--compile-check each)")
+    p.add_argument("--T", type=int, nargs="+", default=[4096])
+    p.add_argument("--D", type=int, nargs="+", default=[64], help="head dims")
     p.add_argument("--H", type=int, default=8)
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
@@ -59,6 +65,9 @@ def parse(argv=None):
     p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS,
                    help="lla-mixed-wg: the mixed precision with 64-row (wgmma) tiles instead of 16-row ones")
     p.add_argument("--ref-heads", type=int, default=2, help="heads checked against the float64 reference")
+    p.add_argument("--ref-max-T", type=int, default=4096, help="float64 reference (error columns) up to this T")
+    p.add_argument("--json", help="write the rows (and the device) here")
+    p.add_argument("--markdown", help="write the rows as a Markdown table here")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip what is left after this many seconds")
     p.add_argument("--dry", action="store_true", help="CPU: run a tiny case through the same code, interpreted")
     p.add_argument("--compile-check", action="store_true",
@@ -146,24 +155,30 @@ def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def run_config(dtname, ridge, mode, args, cuda, device, deadline):
+def run_config(dtname, ridge, mode, args, cuda, device, deadline, T, D):
     dtype = DTYPES[dtname]
-    B, H, T, D = args.B, args.H, args.T, args.D[0]
+    B, H = args.B, args.H
     g = torch.Generator(device="cpu").manual_seed(T + D)
-    q, k, v, do = (torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    q, k, v, do, r = (torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(5))
     grad = mode == "fwdbwd"
     nh = min(args.ref_heads, H)
 
-    # float64 reference on the first heads (the same rounded inputs)
-    qr, kr, vr = (t.detach()[:, :, :nh].double().requires_grad_(grad) for t in (q, k, v))
-    ref = lla.local_linear_attention(qr, kr, vr, ridge=ridge, causal=True, solver="direct", backend="torch")
-    ref_g = torch.autograd.grad(ref, (qr, kr, vr), do[:, :, :nh].double()) if grad else None
-    ref = ref.detach()
+    # float64 reference on the first heads (the same rounded inputs), up to --ref-max-T
+    ref = ref_g = None
+    if T <= args.ref_max_T:
+        qr, kr, vr = (t.detach()[:, :, :nh].double().requires_grad_(grad) for t in (q, k, v))
+        ref = lla.local_linear_attention(qr, kr, vr, ridge=ridge, causal=True, solver="direct", backend="torch")
+        ref_g = torch.autograd.grad(ref, (qr, kr, vr), do[:, :, :nh].double()) if grad else None
+        ref = ref.detach()
+        del qr, kr, vr
 
     impls = {}
     for name in args.impls:
         if name == "sdpa":
             impls[name] = (None, lambda qq, kk, vv: _sdpa(qq, kk, vv, cuda))
+        elif name == "parallax":
+            impls[name] = (None, lambda qq, kk, vv: lla.parallax_attention(qq, r, kk, vv, causal=True,
+                                                                           backend="triton"))
         elif name == "lla-fp32" and dtype != torch.float32:
             continue
         else:
@@ -174,7 +189,7 @@ def run_config(dtname, ridge, mode, args, cuda, device, deadline):
     rows, ms_sdpa = [], float("nan")
     for name, (prec, fn) in impls.items():
         if time.time() > deadline:
-            print(f"{dtname:>5} {ridge:>6g} {mode:>7} {name:>12}  skipped (time budget)", flush=True)
+            print(f"{dtname:>5} {ridge:>6g} {mode:>7} {D:>4} {T:>6} {name:>12}  skipped (time budget)", flush=True)
             continue
         qq, kk, vv = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
 
@@ -192,25 +207,46 @@ def run_config(dtname, ridge, mode, args, cuda, device, deadline):
             o = go()  # compiles
             first = time.time() - t0
             iters = -1
-            if prec is not None:
+            if name.startswith("lla"):
                 with torch.no_grad():
                     iters = lla.local_linear_attention(q, k, v, ridge=ridge, causal=True, solver="cg", backend="triton",
                                                        return_aux=True)[1].iters
             ms = _bench(go, cuda) if cuda else 1e3 * first  # dry run: the one interpreted call
             peak = _peak_mib(go, cuda)
         warned = any(issubclass(w.category, lla.LLAConvergenceWarning) for w in caught)
-        err = _rel(o.detach()[:, :, :nh], ref) if name != "sdpa" else float("nan")
+        lla_row = name.startswith("lla") and ref is not None
+        err = _rel(o.detach()[:, :, :nh], ref) if lla_row else float("nan")
         gerr = float("nan")
-        if grad and name != "sdpa":
+        if grad and lla_row:
             gerr = max(_rel(t.grad[:, :, :nh], r) for t, r in zip((qq, kk, vv), ref_g))
         if name == "sdpa":
             ms_sdpa = ms
         rows.append((name, ms, peak, iters, err, gerr, warned, first))
         del o
+    out = []
     for name, ms, peak, iters, err, gerr, warned, first in rows:
-        print(f"{dtname:>5} {ridge:>6g} {mode:>7} {name:>12} {ms:>10.3f} {ms / ms_sdpa:>8.2f}x {peak:>9.1f} "
-              f"{iters if iters >= 0 else '':>5} {err:>9.2e} {gerr:>9.2e} {'yes' if warned else '':>6} {first:>7.1f}",
-              flush=True)
+        print(f"{dtname:>5} {ridge:>6g} {mode:>7} {D:>4} {T:>6} {name:>12} {ms:>10.3f} {ms / ms_sdpa:>8.2f}x "
+              f"{peak:>9.1f} {iters if iters >= 0 else '':>5} {err:>9.2e} {gerr:>9.2e} {'yes' if warned else '':>6} "
+              f"{first:>7.1f}", flush=True)
+        out.append(dict(dtype=dtname, ridge=ridge, mode=mode, D=D, T=T, B=B, H=H, impl=name, ms=ms,
+                        vs_sdpa=ms / ms_sdpa, peak_mib=peak, iters=iters, o_err=err, grad_err=gerr, warned=warned,
+                        first_s=first))
+    return out
+
+
+def markdown(rows) -> str:
+    """The rows as a Markdown table (one line per implementation and configuration)."""
+    def f(x, spec):
+        return "" if x != x else format(x, spec)  # NaN -> empty
+
+    lines = ["| dtype | ridge | mode | D | T | impl | ms | vs SDPA | peak MiB | iters | o err | grad err | warned | "
+             "first call s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['ridge']:g} | {r['mode']} | {r['D']} | {r['T']} | {r['impl']} | "
+                     f"{f(r['ms'], '.3f')} | {f(r['vs_sdpa'], '.2f')} | {f(r['peak_mib'], '.1f')} | "
+                     f"{r['iters'] if r['iters'] >= 0 else ''} | {f(r['o_err'], '.1e')} | {f(r['grad_err'], '.1e')} | "
+                     f"{'yes' if r['warned'] else ''} | {r['first_s']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def compile_check(args) -> int:
@@ -219,7 +255,7 @@ def compile_check(args) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import compile_check as cc
 
-    return cc.main(["lla", "--arch", str(args.arch), "--D", *map(str, args.D), "--dtypes", *args.dtypes])
+    return cc.main(["--arch", str(args.arch), "--D", *map(str, args.D), "--dtypes", *args.dtypes])
 
 
 def main(argv=None) -> int:
@@ -228,7 +264,7 @@ def main(argv=None) -> int:
         return compile_check(args)
     cuda = torch.cuda.is_available()
     if args.dry:
-        args.T, args.D, args.H, args.ridges, args.modes = 8, [16], 1, [1.0], ["fwdbwd"]
+        args.T, args.D, args.H, args.ridges, args.modes = [8], [16], 1, [1.0], ["fwdbwd"]
         args.dtypes = ["fp32"]
         cuda, device = False, "cpu"
     else:
@@ -238,19 +274,31 @@ def main(argv=None) -> int:
             return 2
         device = "cuda"
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"B={args.B} H={args.H} T={args.T} D={args.D[0]} causal; errors: relative RMS vs float64 "
-          f"(first {args.ref_heads} heads); first = seconds of the first call (compilation)")
-    print(f"{'dtype':>5} {'ridge':>6} {'mode':>7} {'impl':>12} {'ms':>10} {'vs sdpa':>9} {'peak MiB':>9} "
-          f"{'iters':>5} {'o err':>9} {'grad err':>9} {'warned':>6} {'first':>7}")
+    dev_name = torch.cuda.get_device_name() if cuda else "cpu (interpreter)"
+    print(f"B={args.B} H={args.H} T={args.T} D={args.D} causal; errors: relative RMS vs float64 "
+          f"(first {args.ref_heads} heads, T <= {args.ref_max_T}); first = seconds of the first call (compilation)")
+    print(f"{'dtype':>5} {'ridge':>6} {'mode':>7} {'D':>4} {'T':>6} {'impl':>12} {'ms':>10} {'vs sdpa':>9} "
+          f"{'peak MiB':>9} {'iters':>5} {'o err':>9} {'grad err':>9} {'warned':>6} {'first':>7}")
     deadline = time.time() + args.budget_s
-    for dtname in args.dtypes:
-        for ridge in args.ridges:
-            for mode in args.modes:
-                try:
-                    run_config(dtname, ridge, mode, args, cuda, device, deadline)
-                except torch.OutOfMemoryError:
-                    print(f"{dtname:>5} {ridge:>6g} {mode:>7}  out of memory", flush=True)
-                    torch.cuda.empty_cache()
+    rows = []
+    for D in args.D:
+        for T in args.T:
+            for dtname in args.dtypes:
+                for ridge in args.ridges:
+                    for mode in args.modes:
+                        try:
+                            rows += run_config(dtname, ridge, mode, args, cuda, device, deadline, T, D)
+                        except torch.OutOfMemoryError:
+                            print(f"{dtname:>5} {ridge:>6g} {mode:>7} {D:>4} {T:>6}  out of memory", flush=True)
+                            torch.cuda.empty_cache()
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(dict(device=dev_name, torch=torch.__version__, args=vars(args), rows=rows), f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"{dev_name}, B={args.B} H={args.H}, causal\n\n" + markdown(rows))
     if args.dry:
         print("dry run ok")
     return 0

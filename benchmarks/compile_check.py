@@ -1,129 +1,424 @@
-"""Ahead-of-time compile of a mechanism's Triton kernels for a CUDA arch on a CPU machine (Triton ->
-cubin): checks that they compile (the interpreter is more lenient than the compiler) and prints
-shared memory, registers and spill stack per thread for the tiles ``block_config`` picks.
+"""Ahead-of-time compile check of the LLA and Parallax Triton kernels, as the launchers really launch
+them, for sm_90 (H100/H200) and sm_80 (A100) on a CPU machine (no GPU, no driver: Triton 3.9 and its
+bundled ptxas).
 
-    PYTHONPATH=src python benchmarks/compile_check.py lla      [--arch 90] [--D 64 128] [--dtypes bf16 fp32]
-    PYTHONPATH=src python benchmarks/compile_check.py parallax [--arch 90] [--D 64 128] [--dtypes bf16 fp32] [--sweep]
+The launchers themselves run on CPU tensors (``lla.ops.lla.triton_backend.function._forward`` /
+``_backward`` and Parallax's) with each kernel's ``run`` intercepted: Triton's own binder then gives
+the specialisation the real launch would have (argument types, constexprs, the divisibility-by-16
+flags of pointers and integers), and the arch the launcher picks tiles for is set with
+``lla.ops.triton_common.target_arch``.  Each kernel is compiled for the target and reported with:
+shared memory (bytes), registers per thread, spill stores / loads and stack frame (bytes per
+thread; ptxas's own ``-v`` log), tensor-core instructions in the PTX (``wgmma`` / ``mma.sync``),
+and whether it fits: shared memory within the arch's opt-in limit (sm_90 232,448 B, sm_80
+166,912 B), and not ptxas's low-register spill mode (a kernel that comes back with at most 32
+registers and spills, a fraction of the chip's speed).
 
-``--sweep`` compiles every kernel at each of ``SWEEP`` (BLOCK_M, BLOCK_N, num_warps) instead of the
-tiles ``block_config`` picks (how Parallax's were chosen: the least spill stack per kernel).
-``python benchmarks/bench_gpu.py --compile-check`` runs the ``lla`` case.
+    PYTHONPATH=src python benchmarks/compile_check.py                       # the full table
+    PYTHONPATH=src python benchmarks/compile_check.py --subset ci           # CI: D 64/128, fp32/bf16, sm_90/80
+    PYTHONPATH=src python benchmarks/compile_check.py --mech lla --D 64 --dtypes bf16 --arch 90
+    PYTHONPATH=src python benchmarks/compile_check.py --update-doc docs/triton.md --json out.json
+
+Results are cached by configuration (the kernel's source hash with its callees, the signature,
+constexprs, divisibility flags, options and target) in ``--cache`` (default
+``~/.cache/lla/compile_check.json``), so reruns compile only what changed.  ``--jobs 2`` compiles in two
+processes.  Exit status 1 when any configuration fails to compile or needs more shared memory than
+its arch has; ``--strict`` also fails on the low-register spill mode and on more than ``--max-spill``
+bytes of spill stores per thread at D <= 128 on sm_90.  A configuration the launcher hands to the
+PyTorch backend (``function.triton_unsupported``) is listed as a fallback with its reason.
+
+On a GPU (``--device``), the launches are real: the kernels are compiled by the normal JIT on the
+device and the table shows the driver's ``n_regs`` / ``n_spills`` too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import io
+import json
 import os
-import subprocess
+import re
 import sys
-import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SWEEP = [(64, 32, 4), (32, 64, 4), (32, 32, 4), (64, 64, 8), (64, 32, 8), (128, 32, 8), (16, 64, 4)]
-#: kernel arguments by name: 32-bit ints, float32 scalars, int32 pointers (other pointers: the
-#: input dtype when the mechanism lists them in ``typed``, else float32)
-INTS = ("T", "S", "H", "Hk", "D", "Dv", "max_iters", "n_tiles")
-SCALARS = ("scale", "tol")
-INT_POINTERS = ("LO", "HI", "QLO", "QHI", "ITERS", "PIV")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(ROOT, "src") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ARCHS = (90, 80)
+DS = (16, 32, 64, 128, 256)
+#: head-dim pairs (D, Dv) with Dv != D in the full table
+DV_PAIRS = ((64, 128), (128, 64))
+PRECISIONS = ("fp32", "mixed")
+#: the CI subset (issue 25): D 64 and 128, fp32 and bf16, sm_90 and sm_80, both mechanisms and precisions
+CI_SUBSET = dict(D=(64, 128), dtypes=("fp32", "bf16"), archs=(90, 80), dv_pairs=())
+#: spill-store budget (bytes per thread) at D <= 128 on sm_90
+MAX_SPILL = 1024
+#: the launch shape (B, T, H, Hk): T = 4096 (divisible by 16, as a real long-context call)
+SHAPE = (1, 4096, 8, 8)
 
 
-def lla_kernels(D: int, dtype: torch.dtype):
-    """LLA: ``(typed pointers, [(name, kernel, (BLOCK_M, BLOCK_N, warps), constexprs)])`` for every
-    precision the dtype runs (float32: ``fp32`` and ``mixed``; bf16/fp16: ``mixed``)."""
+def smem_limit(arch: int) -> int:
+    from lla.ops.triton_common import smem_limit as f
+
+    return f(arch)
+
+
+# ----------------------------------------------------------------------------------------- capture
+class _Capture:
+    """Intercepts ``JITFunction.run`` of the given kernels: records ``(kernel, args, kwargs)`` and
+    launches nothing."""
+
+    def __init__(self, kernels):
+        self.kernels, self.launches = kernels, []
+
+    def __enter__(self):
+        for fn in self.kernels:
+            fn.run = (lambda fn: lambda *a, grid, warmup, **kw: self.launches.append((fn, a, kw)))(fn)
+        return self
+
+    def __exit__(self, *exc):
+        for fn in self.kernels:
+            del fn.run
+        return False
+
+
+def _lla_launches(D, Dv, dtype, precision, arch):
+    """The three LLA launches (fwd, bwd_q, bwd_k) as the launcher makes them, or a fallback reason."""
+    from lla.ops.lla.triton_backend import function as F
     from lla.ops.lla.triton_backend import kernels as K
-    from lla.ops.lla.triton_backend.function import block_config
+    from lla.ops.triton_common import target_arch
 
-    out = []
-    for precision in (["fp32", "mixed"] if dtype == torch.float32 else ["mixed"]):
-        bc = block_config(D, D, dtype, precision)
-        for which, fn, precond in (("fwd", K.lla_fwd_kernel, True), ("bwd_q", K.lla_bwd_query_kernel, True),
-                                   ("bwd_k", K.lla_bwd_key_kernel, False)):
-            const = {n: bc[n] for n in ("BLOCK_D", "BLOCK_DV", "PREC", "PREC_QK", "MIXED", "PREC_CG", "PREC_CGQ",
-                                        "REFINE", "INNER")}
-            const.update(BLOCK_M=bc[which][0], BLOCK_N=bc[which][1], EMU=0)
-            if precond:
-                const["PRECOND"] = True
-            if which != "fwd":
-                const["SHIFT_M"] = bc["fwd"][0]
-            out.append((f"{which}/{precision}", fn, bc[which], const))
-    return ("Q", "V", "O", "DO", "DQ", "DK", "DV"), out
+    B, T, H, Hk = SHAPE
+    with target_arch(arch):
+        why = F.triton_unsupported(D, Dv, dtype, precision, arch) if hasattr(F, "triton_unsupported") else None
+        if why:
+            return why
+        q = torch.zeros(B, T, H, D, dtype=dtype)
+        k = torch.zeros(B, T, Hk, D, dtype=dtype)
+        v = torch.zeros(B, T, Hk, Dv, dtype=dtype)
+        lam = torch.ones(B, T, H)
+        ranges = F.row_ranges(T, T, (-1, 0), None, q.device)
+        cfg = F._Cfg(D ** -0.5, 64, 1e-6, True, 1.0, (), precision)
+        with _Capture([K.lla_fwd_kernel, K.lla_bwd_query_kernel, K.lla_bwd_key_kernel]) as cap:
+            o, lse, stats, X, M, stat, shift = F._forward(q, k, v, lam, ranges, cfg)
+            F._backward(torch.zeros_like(o), q, k, v, lam, X, M, stat, shift, ranges, cfg)
+    return cap.launches
 
 
-def parallax_kernels(D: int, dtype: torch.dtype):
-    """Parallax: ``(typed pointers, [(name, kernel, (BLOCK_M, BLOCK_N, warps), constexprs)])``."""
+def _parallax_launches(D, Dv, dtype, precision, arch):
     from lla.ops.parallax import triton_backend as P
+    from lla.ops.lla.triton_backend.function import row_ranges
+    from lla.ops.triton_common import target_arch
 
-    bc = P.block_config(D, D, dtype)
-    out = []
-    for which, fn in (("fwd", P.parallax_fwd_kernel), ("bwd_q", P.parallax_bwd_query_kernel),
-                      ("bwd_k", P.parallax_bwd_key_kernel)):
-        const = dict(BLOCK_M=bc[which][0], BLOCK_N=bc[which][1], BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"],
-                     PREC=bc["PREC"][which], PREC_QK=bc["PREC_QK"], EMU=0)
-        out.append((which, fn, bc[which], const))
-    return ("Q", "R", "K", "V", "O", "DO", "DQ", "DR", "DK", "DV"), out
-
-
-MECHANISMS = {"lla": lla_kernels, "parallax": parallax_kernels}
-
-
-def signature(fn, const: dict, typed, dtname: str) -> dict:
-    """Triton signature of ``fn``: every argument's type by name (see ``INTS`` and friends)."""
-    sig = {}
-    for arg in fn.arg_names:
-        if arg in const:
-            sig[arg] = "constexpr"
-        elif arg in INTS:
-            sig[arg] = "i32"
-        elif arg in SCALARS:
-            sig[arg] = "fp32"
-        elif arg in INT_POINTERS:
-            sig[arg] = "*i32"
-        else:
-            sig[arg] = "*" + dtname if arg in typed else "*fp32"
-    return sig
+    B, T, H, Hk = SHAPE
+    with target_arch(arch):
+        why = P.triton_unsupported(D, Dv, dtype, arch) if hasattr(P, "triton_unsupported") else None
+        if why:
+            return why
+        q = torch.zeros(B, T, H, D, dtype=dtype)
+        k = torch.zeros(B, T, Hk, D, dtype=dtype)
+        v = torch.zeros(B, T, Hk, Dv, dtype=dtype)
+        ranges = row_ranges(T, T, (-1, 0), None, q.device)
+        kern = [P.parallax_fwd_kernel, P.parallax_bwd_query_kernel, P.parallax_bwd_key_kernel]
+        with _Capture(kern) as cap:
+            o, lse, stat, ev, cv = P._forward(q, q, k, v, ranges, D ** -0.5)
+            P._backward(torch.zeros_like(o), q, q, k, v, stat, ev, cv, ranges, D ** -0.5)
+    return cap.launches
 
 
-def compile_kernel(fn, sig: dict, const: dict, arch: int, warps: int):
-    """Compile for ``sm_<arch>`` -> ``(shared memory bytes, "REG:.. STACK:.." from cuobjdump or "")``."""
-    import triton
+MECHS = {"lla": _lla_launches, "parallax": _parallax_launches}
+KERNEL_NAMES = {"lla_fwd_kernel": "fwd", "lla_bwd_query_kernel": "bwd_q", "lla_bwd_key_kernel": "bwd_k",
+                "parallax_fwd_kernel": "fwd", "parallax_bwd_query_kernel": "bwd_q",
+                "parallax_bwd_key_kernel": "bwd_k"}
+
+
+def _specialise(fn, args, kwargs, arch):
+    """Triton's binder on the captured launch for ``GPUTarget("cuda", arch, 32)`` ->
+    ``(target, src, options)``."""
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    kern = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=warps))
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = ""
-    if os.path.exists(cuobjdump):
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(kern.asm["cubin"])
-        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
-        os.unlink(f.name)
-        usage = " ".join(ln.strip().split(" SHARED")[0] for ln in out.stdout.splitlines() if "REG:" in ln)
-    return kern.metadata.shared, usage
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    return target, ASTSource(fn, signature, constexprs, attrs), options
+
+
+def _key(fn, src, options, arch) -> str:
+    blob = json.dumps([fn.cache_key, str(src.signature), str(sorted(src.constants.items(), key=str)),
+                       str(sorted(src.attrs.items(), key=str)), str(sorted(options.__dict__.items())), arch])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _compile(fn, src, target, options) -> dict:
+    """Compile -> resource usage from ptxas's ``-v`` log and the PTX."""
+    import triton
+    from triton import knobs
+
+    t0 = time.perf_counter()
+    buf = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a Triton cache hit would skip ptxas and its log
+    try:
+        with contextlib.redirect_stdout(buf):
+            kern = triton.compile(src, target=target, options=options.__dict__)
+    finally:
+        knobs.nvidia.dump_ptxas_log = False
+        knobs.compilation.always_compile = False
+    log = buf.getvalue()
+    m_regs, m_spill = _REGS.search(log), _SPILL.search(log)
+    if m_regs is None or m_spill is None:
+        raise RuntimeError(f"no resource usage in the ptxas log: {log[-500:]!r}")
+    ptx = kern.asm.get("ptx", "")
+    regs = int(m_regs.group(1))
+    stack, st, ld = (int(g) for g in m_spill.groups())
+    return dict(smem=int(kern.metadata.shared), regs=regs, stack=stack, spill_st=st, spill_ld=ld,
+                wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)),
+                seconds=round(time.perf_counter() - t0, 1))
+
+
+def run_config(job, cache: dict, sweep=(), kernels=None) -> list:
+    """One configuration ``(mech, D, Dv, dtype, precision, arch)`` -> its rows (one per kernel).
+
+    ``sweep``: compile each launch at these ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` instead of the
+    launcher's (the other arguments as launched; how the tile tables were chosen); ``kernels``: only
+    these (``fwd``, ``bwd_q``, ``bwd_k``)."""
+    mech, D, Dv, dt, precision, arch = job
+    base = dict(mech=mech, D=D, Dv=Dv, dtype=dt, precision=precision, arch=arch)
+    try:
+        launches = MECHS[mech](D, Dv, DTYPES[dt], precision, arch)
+    except Exception as e:  # noqa: BLE001  (a launcher that cannot even prepare the launch)
+        return [dict(base, kernel="-", status="error", error=f"launcher: {type(e).__name__}: {e}")]
+    if isinstance(launches, str):
+        return [dict(base, kernel="-", status="fallback", error=launches)]
+    rows = []
+    todo = []
+    for fn, args, kwargs in launches:
+        name = KERNEL_NAMES.get(fn.__name__, fn.__name__)
+        if kernels and name not in kernels:
+            continue
+        if not sweep:
+            todo.append((fn, name, args, kwargs))
+        for bm, bn, w, st in sweep:
+            if name != "fwd" and "SHIFT_M" in kwargs and bm > kwargs["SHIFT_M"]:
+                continue  # LLA's backward query tiles must sit inside one forward tile
+            todo.append((fn, name, args, dict(kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)))
+    for fn, name, args, kwargs in todo:
+        row = dict(base, kernel=name, BLOCK_M=kwargs.get("BLOCK_M"), BLOCK_N=kwargs.get("BLOCK_N"),
+                   warps=kwargs.get("num_warps", 4))
+        try:
+            target, src, options = _specialise(fn, args, kwargs, arch)
+            row["stages"] = options.num_stages
+            key = _key(fn, src, options, arch)
+            res = cache.get(key)
+            if res is None:
+                res = _compile(fn, src, target, options)
+                res["key"] = key
+            row.update(res)
+            row["status"] = status(row)
+        except Exception as e:  # noqa: BLE001
+            row.update(status="error", error=f"{type(e).__name__}: {str(e)[:300]}")
+        rows.append(row)
+    return rows
+
+
+def status(row) -> str:
+    """``ok`` | ``smem>limit`` | ``lowreg`` (ptxas's low-register spill mode) | ``spill`` (over the
+    ``MAX_SPILL`` budget)."""
+    if row["smem"] > smem_limit(row["arch"]):
+        return "smem>limit"
+    if row["spill_st"] > 0 and 0 < row["regs"] <= 32:
+        return "lowreg"
+    if row["spill_st"] > MAX_SPILL:
+        return "spill"
+    return "ok"
+
+
+def jobs_for(mechs, Ds, dtypes, archs, dv_pairs, precisions=PRECISIONS):
+    out = []
+    pairs = [(d, d) for d in Ds] + list(dv_pairs)
+    for mech in mechs:
+        for arch in archs:
+            for D, Dv in pairs:
+                for dt in dtypes:
+                    for prec in (precisions if mech == "lla" else ("-",)):
+                        out.append((mech, D, Dv, dt, prec, arch))
+    return out
+
+
+def _worker(args):
+    job, cache, sweep, kernels = args
+    return run_config(job, cache, sweep, kernels)
+
+
+def run_all(jobs, cache_path=None, n_jobs=1, log=print, sweep=(), kernels=None) -> list:
+    cache = {}
+    if cache_path and os.path.exists(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
+    rows = []
+    t0 = time.perf_counter()
+
+    def take(rs):
+        for r in rs:
+            rows.append(r)
+            if r.get("key") and r["status"] != "error":
+                cache[r["key"]] = {k: r[k] for k in ("smem", "regs", "stack", "spill_st", "spill_ld", "wgmma", "mma",
+                                                     "seconds", "key")}
+            log(fmt_row(r) + f"   [{time.perf_counter() - t0:.0f}s]")
+        if cache_path:
+            os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+            with open(cache_path + ".tmp", "w") as f:
+                json.dump(cache, f)
+            os.replace(cache_path + ".tmp", cache_path)
+
+    if n_jobs <= 1:
+        for job in jobs:
+            take(run_config(job, cache, sweep, kernels))
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork")) as ex:
+            for rs in ex.map(_worker, [(j, cache, sweep, kernels) for j in jobs]):
+                take(rs)
+    return rows
+
+
+def fmt_row(r) -> str:
+    head = f"{r['mech']:>8} {r['kernel']:>5} sm_{r['arch']} D={r['D']:<3} Dv={r['Dv']:<3} {r['dtype']:>4} {r['precision']:>5}"
+    if r["status"] in ("error", "fallback"):
+        return f"{head}  {r['status'].upper()}: {r.get('error', '')}"
+    return (f"{head}  {r['BLOCK_M']}x{r['BLOCK_N']}/{r['warps']}w/{r['stages']}s  smem {r['smem']:>6}  regs {r['regs']:>3}"
+            f"  spill st/ld {r['spill_st']:>5}/{r['spill_ld']:<5} stack {r['stack']:>5}  wgmma {r['wgmma']:>3} mma {r['mma']:>3}"
+            f"  {r['status']}  ({r['seconds']}s)")
+
+
+def markdown(rows) -> str:
+    """One line per (mechanism, arch, D, Dv, dtype, precision): tiles, smem, regs, spill stores per kernel."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["mech"], r["arch"], r["D"], r["Dv"], r["dtype"], r["precision"]), {})[r["kernel"]] = r
+    lines = ["| mech | arch | D | Dv | dtype | precision | kernel: tiles BMxBN/warps/stages, smem KB, regs, spill st B, "
+             "tensor-core ops | status |", "|---|---|---|---|---|---|---|---|"]
+    order = {"lla": 0, "parallax": 1}
+    for key in sorted(groups, key=lambda k: (order[k[0]], -k[1], k[2], k[3], list(DTYPES).index(k[4]), k[5])):
+        mech, arch, D, Dv, dt, prec = key
+        ks = groups[key]
+        cells, worst = [], "ok"
+        for name in ("fwd", "bwd_q", "bwd_k", "-"):
+            r = ks.get(name)
+            if r is None:
+                continue
+            if r["status"] in ("error", "fallback"):
+                cells.append(f"{r['status']}: {r.get('error', '')}")
+                worst = r["status"]
+                continue
+            tc = f"wgmma {r['wgmma']}" if r["wgmma"] else (f"mma {r['mma']}" if r["mma"] else "none")
+            cells.append(f"{name} {r['BLOCK_M']}x{r['BLOCK_N']}/{r['warps']}/{r['stages']}, {r['smem'] / 1024:.1f}, "
+                         f"{r['regs']}, {r['spill_st']}, {tc}")
+            if r["status"] != "ok" and worst in ("ok", "spill"):
+                worst = r["status"]
+        lines.append(f"| {mech} | sm_{arch} | {D} | {Dv} | {dt} | {prec} | {'; '.join(cells)} | {worst} |")
+    return "\n".join(lines) + "\n"
+
+
+def failures(rows, strict=False, max_spill=MAX_SPILL) -> list:
+    """Rows that fail the check: compile errors and shared memory over the arch's limit; with
+    ``strict`` also the low-register spill mode and spill stores over ``max_spill`` at D <= 128 on sm_90."""
+    bad = []
+    for r in rows:
+        if r["status"] == "error" or r["status"] == "smem>limit":
+            bad.append(r)
+        elif strict and (r["status"] == "lowreg" or (r["status"] not in ("fallback",) and r["arch"] == 90
+                                                     and max(r["D"], r["Dv"]) <= 128 and r["spill_st"] > max_spill)):
+            bad.append(r)
+    return bad
+
+
+def update_doc(path: str, table: str, header: str) -> None:
+    begin, end = "<!-- compile-table:begin -->", "<!-- compile-table:end -->"
+    with open(path) as f:
+        text = f.read()
+    block = f"{begin}\n{header}\n\n{table}{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mechanism", choices=sorted(MECHANISMS))
-    p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--D", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
-    p.add_argument("--sweep", action="store_true", help="compile every kernel at each tile of SWEEP")
+    p.add_argument("--mech", nargs="+", default=list(MECHS), choices=list(MECHS))
+    p.add_argument("--D", type=int, nargs="+", default=list(DS))
+    p.add_argument("--dv-pairs", default=None, help="extra D:Dv pairs, e.g. 64:128,128:64 (full table: those)")
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    p.add_argument("--subset", choices=["ci"], help="ci: D 64/128, fp32/bf16, sm_90/sm_80, no Dv != D")
+    p.add_argument("--sweep", default="", help="compile at these tiles instead: BMxBN/warps/stages,... "
+                   "(e.g. 16x32/8/2,16x16/8/1)")
+    p.add_argument("--kernel", nargs="+", choices=["fwd", "bwd_q", "bwd_k"], help="only these kernels")
+    p.add_argument("--jobs", type=int, default=1, help="compile in this many processes (at most 2 here)")
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "lla", "compile_check.json"))
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--update-doc", help="replace the generated table in this Markdown file")
+    p.add_argument("--strict", action="store_true", help="also fail on low-register mode / spills over --max-spill")
+    p.add_argument("--max-spill", type=int, default=MAX_SPILL)
     a = p.parse_args(argv)
-    for D in a.D:
-        for dt in a.dtypes:
-            typed, kernels = MECHANISMS[a.mechanism](D, DTYPES[dt])
-            tiles = [(w, fn, cfg, c) for cfg in SWEEP for w, fn, _, c in kernels] if a.sweep else kernels
-            for which, fn, (bm, bn, warps), const in tiles:
-                const = {**const, "BLOCK_M": bm, "BLOCK_N": bn}
-                t0 = time.perf_counter()
-                shared, usage = compile_kernel(fn, signature(fn, const, typed, dt), const, a.arch, warps)
-                print(f"sm_{a.arch} D={D:<4} {dt:>5} {which:>6} tiles {bm}x{bn} warps {warps}  "
-                      f"smem {shared:>6} B  {usage}  ({time.perf_counter() - t0:.1f}s)", flush=True)
-    return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("run without TRITON_INTERPRET=1 (the compile check compiles for a GPU target)")
+    if a.subset == "ci":
+        jobs = jobs_for(a.mech, CI_SUBSET["D"], CI_SUBSET["dtypes"], CI_SUBSET["archs"], (), a.precisions)
+    else:
+        pairs = DV_PAIRS if a.dv_pairs is None else [tuple(int(x) for x in s.split(":")) for s in a.dv_pairs.split(",") if s]
+        pairs = [pr for pr in pairs if pr[0] in a.D or pr[1] in a.D]
+        jobs = jobs_for(a.mech, a.D, a.dtypes, a.arch, pairs, a.precisions)
+    t0 = time.perf_counter()
+    sweep = [tuple(int(x) for x in re.split(r"[x/]", t)) for t in a.sweep.split(",") if t]
+    rows = run_all(jobs, None if a.no_cache else a.cache, a.jobs, sweep=sweep, kernels=a.kernel)
+    wall = time.perf_counter() - t0
+    table = markdown(rows)
+    print(table)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(table)
+    if a.update_doc:
+        import triton
+
+        update_doc(a.update_doc, table, f"Generated by `python benchmarks/compile_check.py "
+                   f"{' '.join(argv if argv is not None else sys.argv[1:])}` (Triton {triton.__version__}, "
+                   f"bundled ptxas; {len(rows)} kernel compiles, {wall:.0f} s with the cache).")
+    bad = failures(rows, a.strict, a.max_spill)
+    n_fb = sum(r["status"] == "fallback" for r in rows)
+    print(f"{len(rows)} rows, {n_fb} fallbacks, {len(bad)} failing, {wall:.0f} s")
+    for r in bad:
+        print("FAIL", fmt_row(r))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

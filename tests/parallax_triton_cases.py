@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+#: ``LLA_TRITON_DEVICE=cuda``: compiled and run on the GPU instead (as ``triton_interp_cases.py``)
+DEVICE = os.environ.get("LLA_TRITON_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import sys  # noqa: E402
 
@@ -24,6 +27,10 @@ from lla import parallax_attention  # noqa: E402
 
 
 def tri(*x, **kw):
+    if DEVICE != "cpu":  # inputs to the GPU, outputs back (autograd flows through the copies)
+        out = parallax_attention(*(t.to(DEVICE) for t in x), backend="triton",
+                                 **{k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in kw.items()})
+        return tuple(o.cpu() if torch.is_tensor(o) else o for o in out) if isinstance(out, tuple) else out.cpu()
     return parallax_attention(*x, backend="triton", **kw)
 
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+#: ``LLA_TRITON_DEVICE=cuda`` (``benchmarks/gpu_check.py``): the same cases compiled for and run on the GPU,
+#: not interpreted: the Triton backend's inputs are moved to the GPU and its outputs back (autograd flows
+#: through the copies); cases that test the interpreter's rounding emulation itself are skipped
+DEVICE = os.environ.get("LLA_TRITON_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -27,6 +32,47 @@ from lla import local_linear_attention_ref  # noqa: E402
 from lla.ops.lla.reference import visible_mask  # noqa: E402
 
 F32 = TOL[torch.float32]
+#: cases about the interpreter's GPU-rounding emulation (meaningless compiled)
+INTERPRETER_ONLY = {"tf32_rounding"}
+
+
+def on_device(fn, device):
+    """``fn`` (a public op taking ``backend=``) with its ``backend="triton"`` calls run on ``device``: tensor
+    arguments moved there, tensor results (and ``LLAAux.lse``) moved back to the CPU."""
+    import dataclasses
+    import functools
+
+    def mv(t, dev):
+        return t.to(dev) if torch.is_tensor(t) else t
+
+    def back(o):
+        if torch.is_tensor(o):
+            return o.cpu()
+        if dataclasses.is_dataclass(o) and torch.is_tensor(getattr(o, "lse", None)):
+            return dataclasses.replace(o, lse=o.lse.cpu())
+        return o
+
+    @functools.wraps(fn)
+    def wrapped(*args, backend=None, **kw):
+        if backend != "triton":
+            return fn(*args, backend=backend, **kw)
+        out = fn(*(mv(a, device) for a in args), backend=backend, **{k: mv(v, device) for k, v in kw.items()})
+        return tuple(back(o) for o in out) if isinstance(out, tuple) else back(out)
+
+    return wrapped
+
+
+if DEVICE != "cpu":
+    lla.local_linear_attention = on_device(lla.local_linear_attention, DEVICE)
+
+
+def _lla_node(o):
+    """The LLA Triton autograd node behind ``o`` (through the device copies of ``on_device``)."""
+    fn = o.grad_fn
+    while fn is not None and "LLATriton" not in type(fn).__name__:
+        fn = fn.next_functions[0][0]
+    assert fn is not None, "no LLA Triton node behind the output"
+    return fn
 #: CG tolerance pinned by these cases (the op's fp32 default may change; the kernels' accuracy
 #: against the reference is what is checked here)
 CG_TOL = 1e-6
@@ -73,7 +119,7 @@ def _outputs_and_grads(q, k, v, ridge, do, dtype, backend, warned=None, precisio
 def _true_residual_f64(q, k, v, ridge, o, causal=True):
     """From the Triton call that produced ``o`` (its saved per-row solution ``x``), the TRUE worst
     relative residual ``||A x - mu|| / ||mu||``, measured in float64 from the inputs (MHA, scalar ridge)."""
-    X = o.grad_fn.saved_tensors[4].double()  # [B, T, H, D]  (q, k, v, lam, X, ...)
+    X = _lla_node(o).saved_tensors[4].double().cpu()  # [B, T, H, D]  (q, k, v, lam, X, ...)
     B, T, H, D = q.shape
     S = k.shape[1]
     mask = visible_mask(T, S, causal=causal)
@@ -525,6 +571,9 @@ def main(argv) -> int:
         if name not in CASES:
             print(f"UNKNOWN {name}; cases: {' '.join(CASES)}")
             return 2
+        if DEVICE != "cpu" and name in INTERPRETER_ONLY:
+            print(f"SKIP {name} (interpreter only)")
+            continue
         try:
             msg = CASES[name]()
         except Exception as exc:  # report and keep going

@@ -14,16 +14,56 @@ even, the default), 2 (truncation, ``LLA_TRITON_EMULATE=trunc``) or 0 (``LLA_TRI
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["emulation_mode", "interpreting"]
+__all__ = ["emulation_mode", "interpreting", "device_arch", "target_arch", "SMEM_LIMIT"]
 
 
 def interpreting() -> bool:
     """True when the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+#: shared memory a block may opt into, bytes, per compute capability (major * 10 + minor); other archs
+#: take the entry of the nearest one below (H100/H200: 227 KB; A100: 163 KB; consumer Ampere / Ada: 99 KB)
+SMEM_LIMIT = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448}
+
+_ARCH_OVERRIDE: list = []
+
+
+def device_arch(device) -> int:
+    """The compute capability (``major * 10 + minor``) the kernels are launched for on ``device``: the
+    CUDA device's (``torch.cuda.get_device_capability``), or the arch set by ``target_arch`` (the
+    compile check compiles for sm_90 / sm_80 on a CPU machine); 90 for CPU tensors (the interpreter,
+    whose tiles do not depend on it)."""
+    if _ARCH_OVERRIDE:
+        return _ARCH_OVERRIDE[-1]
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+@contextmanager
+def target_arch(arch: int):
+    """Inside the block the launchers pick tiles for compute capability ``arch`` whatever the device
+    (``benchmarks/compile_check.py`` compiles for sm_90 and sm_80 on CPU tensors)."""
+    _ARCH_OVERRIDE.append(int(arch))
+    try:
+        yield
+    finally:
+        _ARCH_OVERRIDE.pop()
+
+
+def smem_limit(arch: int) -> int:
+    """Opt-in shared memory per block (bytes) of compute capability ``arch``."""
+    below = [a for a in SMEM_LIMIT if a <= arch]
+    return SMEM_LIMIT[max(below)] if below else 49_152
 
 
 def emulation_mode() -> int:

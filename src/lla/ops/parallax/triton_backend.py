@@ -38,7 +38,8 @@ for LLA), and every store goes through ``_cast``, which with ``EMU`` rounds floa
 nearest even as the GPU does (the interpreter truncates).
 
 Transparent fallbacks to the PyTorch backend: float64 inputs, non-finite keys or values, head dims
-above 256, empty sequences.
+above 256, empty sequences; and, with a one-time ``RuntimeWarning`` saying why, a (head dim, dtype,
+arch) whose kernels do not fit the GPU (``triton_unsupported``, from the compile check).
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ import triton
 import triton.language as tl
 
 from ..lla.triton_backend.function import row_ranges
-from ..triton_common import _cast, _dot, _program_ids, emulation_mode, interpreting, launch_grid
+from ..triton_common import _cast, _dot, _program_ids, device_arch, emulation_mode, interpreting, launch_grid
 
-__all__ = ["parallax_triton", "ParallaxTritonFunction", "block_config", "MAX_HEAD_DIM"]
+__all__ = ["parallax_triton", "ParallaxTritonFunction", "block_config", "MAX_HEAD_DIM", "TILES", "triton_unsupported"]
 
 #: largest head dim the kernels take (padded to a power of two up to this)
 MAX_HEAD_DIM = 256
@@ -273,29 +274,58 @@ def parallax_bwd_key_kernel(
 
 
 # ------------------------------------------------------------------------------------------ launcher
-def block_config(D: int, Dv: int, dtype: torch.dtype) -> dict:
-    """Tile sizes ``(BLOCK_M, BLOCK_N, num_warps)`` per kernel, padded head dims and dot precision.
+#: tiles ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` per kernel by input kind (``fp32``: exact fp32 dots;
+#: ``half``: bf16 / fp16 inputs, TF32 / TF32x3 dots), padded head dim (the wider of D, Dv) and arch (90:
+#: sm_90; 80: sm_80 and any arch below 90).  Chosen with ``benchmarks/compile_check.py --sweep`` (least
+#: spilling among the tiles that fit the arch's shared memory out of ptxas's low-register spill mode; the
+#: generated table is in docs/triton.md); never timed on a GPU.
+TILES = {
+    ("fp32", 16): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(64, 32, 8, 3))},
+    ("fp32", 32): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(64, 32, 8, 3))},
+    ("fp32", 64): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(64, 32, 8, 3))},
+    ("fp32", 128): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
+    ("fp32", 256): {90: dict(fwd=(16, 32, 4, 3), bwd_q=(16, 32, 4, 3), bwd_k=(16, 32, 4, 3))},
+    ("half", 16): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
+    ("half", 32): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
+    ("half", 64): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
+    ("half", 128): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
+    ("half", 256): {90: dict(fwd=(16, 32, 4, 3), bwd_q=(16, 32, 4, 3), bwd_k=(16, 32, 4, 3))},
+}
+#: (input kind, padded head dim, arch) the kernels cannot run at: handed to the PyTorch backend with a
+#: one-time warning saying why
+UNSUPPORTED: dict = {}
+_WARNED: set = set()
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def triton_unsupported(D: int, Dv: int, dtype: torch.dtype, arch: int):
+    """Why the kernels cannot run head dims ``D``/``Dv`` and ``dtype`` on compute capability ``arch``
+    (``None`` when they can; ``UNSUPPORTED``, from the compile check)."""
+    widest = max(16, triton.next_power_of_2(max(D, Dv)))
+    return UNSUPPORTED.get((_kind(dtype), widest, 90 if arch >= 90 else 80))
+
+
+def block_config(D: int, Dv: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """Tile sizes ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` per kernel (``TILES``, for compute
+    capability ``arch``), padded head dims and dot precision.
 
     float32 inputs use exact fp32 dots (``ieee``).  Half inputs (tiles cast to float32) use
     ``PREC_QK = "tf32"`` for the dots of raw inputs (exact in TF32) and, per kernel, ``PREC[which]``
-    from ``_HALF_PREC`` for the others; float32 accumulation everywhere.  The tiles are the
-    least-spilling of 7 combinations compiled for sm_90 on a CPU machine
-    (``benchmarks/compile_check.py parallax``, results in ``docs/parallax.md``); never timed on a GPU.  Under the interpreter the tiles are 16..32,
-    different per kernel, so that CI sees tiles that do not line up.
+    from ``_HALF_PREC`` for the others; float32 accumulation everywhere.  Under the interpreter the
+    tiles are 16..32, different per kernel, so that CI sees tiles that do not line up.
     """
     bd = max(16, triton.next_power_of_2(D))
     bdv = max(16, triton.next_power_of_2(Dv))
     widest = max(bd, bdv)
     if interpreting():
-        fwd, bwd_q, bwd_k = (32, 16, 4), (16, 32, 4), (32, 16, 4)
-    elif widest <= 64 and dtype != torch.float32:
-        fwd, bwd_q, bwd_k = (64, 32, 8), (32, 32, 4), (32, 32, 4)
-    elif widest <= 64:  # ieee fp32 dots need more registers
-        fwd, bwd_q, bwd_k = (32, 32, 4), (32, 32, 4), (64, 32, 8)
-    elif widest <= 128:
-        fwd = bwd_q = bwd_k = (32, 32, 4)
-    else:  # not compile-checked
-        fwd = bwd_q = bwd_k = (16, 32, 4)
+        fwd, bwd_q, bwd_k = (32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)
+    else:
+        per_arch = TILES[(_kind(dtype), widest)]
+        t = per_arch.get(90 if arch >= 90 else 80, per_arch[90])
+        fwd, bwd_q, bwd_k = t["fwd"], t["bwd_q"], t["bwd_k"]
     if dtype == torch.float32:
         prec, prec_qk = dict(fwd="ieee", bwd_q="ieee", bwd_k="ieee"), "ieee"
     else:
@@ -314,15 +344,15 @@ _HALF_PREC = {
 
 
 def _launch_args(bc: dict, which: str) -> dict:
-    bm, bn, warps = bc[which]
+    bm, bn, warps, stages = bc[which]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"][which],
-                PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), num_warps=warps)
+                PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), num_warps=warps, num_stages=stages)
 
 
 def _forward(q, r, k, v, ranges, scale):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bc = block_config(D, Dv, q.dtype)
+    bc = block_config(D, Dv, q.dtype, device_arch(q.device))
     lo, hi, _, _ = ranges
     dev = q.device
     o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=dev)
@@ -339,7 +369,7 @@ def _forward(q, r, k, v, ranges, scale):
 def _backward(do, q, r, k, v, stat, ev, cv, ranges, scale):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bc = block_config(D, Dv, q.dtype)
+    bc = block_config(D, Dv, q.dtype, device_arch(q.device))
     lo, hi, qlo, qhi = ranges
     do = do.contiguous()
     do32 = do.float()
@@ -382,7 +412,20 @@ def _use_torch(q, k, v) -> bool:
 def parallax_triton(q, r, k, v, *, scale, window_size, cu_seqlens, return_lse=False, cu_seqlens_k=None):
     """Triton backend entry: ``(o [B, T, H, Dv], lse [B, T, H] float32 or None)``; the module
     docstring lists the cases handed to the PyTorch backend."""
-    if _use_torch(q, k, v):
+    use_torch = _use_torch(q, k, v)
+    if not use_torch and not interpreting():
+        arch = device_arch(q.device)
+        why = triton_unsupported(q.shape[3], v.shape[3], q.dtype, arch)
+        if why:
+            msg = (f"parallax_attention: the Triton kernels cannot run D={q.shape[3]}, Dv={v.shape[3]}, {q.dtype} "
+                   f"on sm_{arch} ({why}); using the PyTorch backend")
+            if msg not in _WARNED:
+                _WARNED.add(msg)
+                import warnings
+
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            use_torch = True
+    if use_torch:
         from .torch_backend import parallax_torch
 
         return parallax_torch(q, r, k, v, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens,

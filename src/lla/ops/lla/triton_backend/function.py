@@ -15,7 +15,8 @@ What runs where
 
 Transparent fallbacks to the PyTorch backend (same results, just not fused): float64 inputs,
 ``solver="direct"``, non-finite keys or values, head dims above 256, empty inputs (no batch, heads
-or positions).
+or positions); and, with a one-time ``RuntimeWarning`` saying why, a (head dim, dtype, precision,
+arch) whose kernels do not fit the GPU (``triton_unsupported``, from the compile check).
 
 ``precision`` (``"auto"`` | ``"fp32"`` | ``"mixed"``, see ``resolve_precision`` / ``block_config``): plain
 float32 solves, or the CG iterations as bf16/fp16 tensor-core products inside reliable updates with
@@ -33,10 +34,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...triton_common import MAX_GRID_X, emulation_mode, launch_grid  # noqa: F401  (re-exported)
+from ...triton_common import MAX_GRID_X, device_arch, emulation_mode, launch_grid  # noqa: F401  (re-exported)
 from . import kernels as _k
 
 __all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
+           "triton_unsupported", "TILES",
            "resolve_precision", "amplification", "MAX_HEAD_DIM", "PRECISIONS"]
 
 #: largest head dim the kernels take (padded to a power of two up to this)
@@ -89,13 +91,79 @@ def resolve_precision(precision: str, dtype: torch.dtype) -> str:
     return "fp32" if torch.get_float32_matmul_precision() == "highest" else "mixed"
 
 
-def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32") -> dict:
-    """Tile sizes, warps and dot precisions for head dims ``D``/``Dv`` (padded to powers of two).
+#: tiles ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` per kernel (``fwd``, ``bwd_q``, ``bwd_k``), by tile
+#: family (``_tile_kind``), padded head dim (the wider of D, Dv) and arch (90: sm_90 H100/H200; 80: sm_80
+#: A100 and any other arch below 90).  Chosen with ``benchmarks/compile_check.py --sweep`` (compiled on a
+#: CPU machine with Triton's bundled ptxas): per kernel the tiles with the least spilling among those that
+#: fit the arch's shared memory and keep ptxas out of its low-register spill mode; the table it generates
+#: (docs/triton.md) shows what each entry costs.  None is timed on a GPU yet.
+TILES = {
+    # float32 inputs (``fp32``; ``mixed`` keeps ieee dots outside the CG iterations and the same tiles)
+    ("fp32", 16): {90: dict(fwd=(32, 32, 8, 3), bwd_q=(32, 32, 8, 3), bwd_k=(32, 32, 8, 3))},
+    ("fp32", 32): {90: dict(fwd=(16, 32, 4, 3), bwd_q=(16, 32, 4, 3), bwd_k=(16, 32, 4, 3))},
+    ("fp32", 64): {90: dict(fwd=(16, 32, 8, 3), bwd_q=(16, 32, 8, 3), bwd_k=(16, 16, 8, 3))},
+    ("fp32", 128): {90: dict(fwd=(16, 16, 8, 3), bwd_q=(16, 16, 8, 3), bwd_k=(16, 16, 8, 3))},
+    ("fp32", 256): {90: dict(fwd=(16, 16, 8, 3), bwd_q=(16, 16, 8, 3), bwd_k=(16, 16, 8, 3))},
+    # bf16 / fp16 inputs on ``fp32`` (tf32x3 dots)
+    ("half", 16): {90: dict(fwd=(32, 32, 8, 3), bwd_q=(32, 32, 8, 3), bwd_k=(32, 32, 8, 3))},
+    ("half", 32): {90: dict(fwd=(16, 32, 4, 3), bwd_q=(16, 32, 4, 3), bwd_k=(16, 32, 4, 3))},
+    ("half", 64): {90: dict(fwd=(32, 32, 8, 3), bwd_q=(32, 32, 8, 3), bwd_k=(16, 32, 8, 3))},
+    ("half", 128): {90: dict(fwd=(16, 32, 8, 3), bwd_q=(16, 32, 8, 3), bwd_k=(16, 16, 8, 3))},
+    ("half", 256): {90: dict(fwd=(16, 16, 8, 3), bwd_q=(16, 16, 8, 3), bwd_k=(16, 16, 8, 3))},
+    # bf16 / fp16 inputs on ``mixed`` and the ``authors`` scheme: every dot on tensor cores (mma.sync, 16 rows)
+    ("lowp", 16): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
+    ("lowp", 32): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
+    ("lowp", 64): {90: dict(fwd=(16, 32, 4, 3), bwd_q=(16, 32, 4, 3), bwd_k=(16, 32, 4, 3))},
+    ("lowp", 128): {90: dict(fwd=(16, 32, 8, 3), bwd_q=(16, 32, 8, 3), bwd_k=(16, 32, 8, 3))},
+    ("lowp", 256): {90: dict(fwd=(16, 16, 8, 3), bwd_q=(16, 16, 8, 3), bwd_k=(16, 16, 8, 3))},
+    # ``MIXED_TILES = "wgmma"``: 64-row tiles (one warpgroup's wgmma), D <= 64 only (wider ones spill more and
+    # outgrow sm_80's shared memory; they take the ``lowp`` / ``fp32`` tiles)
+    ("wgmma", 16): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(64, 16, 8, 3), bwd_k=(32, 32, 4, 3))},
+    ("wgmma", 32): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(64, 16, 8, 3), bwd_k=(32, 32, 4, 3))},
+    ("wgmma", 64): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(64, 16, 8, 3), bwd_k=(32, 32, 4, 3))},
+}
+#: (tile family, padded head dim, arch) the kernels cannot run at (no tiles fit): the op hands these to
+#: the PyTorch backend with a one-time warning saying why
+UNSUPPORTED: dict = {}
+_WARNED: set = set()
+
+
+def _tile_kind(dtype: torch.dtype, precision: str, widest: int) -> str:
+    half = dtype != torch.float32
+    if precision != "fp32" and MIXED_TILES == "wgmma" and widest <= 64:
+        return "wgmma"
+    if precision == "authors" or (precision == "mixed" and half):
+        return "lowp"
+    return "half" if half else "fp32"
+
+
+def _arch_class(arch: int) -> int:
+    return 90 if arch >= 90 else 80
+
+
+def _tiles(widest: int, kind: str, arch: int) -> dict:
+    per_arch = TILES[(kind, widest)]
+    return per_arch.get(_arch_class(arch), per_arch[90])
+
+
+def triton_unsupported(D: int, Dv: int, dtype: torch.dtype, precision: str, arch: int):
+    """Why the kernels cannot run head dims ``D``/``Dv``, ``dtype``, resolved ``precision`` on compute
+    capability ``arch`` (``None`` when they can): no tile configuration fits that arch's shared memory
+    without ptxas's low-register spill mode (``UNSUPPORTED``, from the compile check)."""
+    widest = max(16, triton.next_power_of_2(max(D, Dv)))
+    kind = _tile_kind(dtype, precision, widest)
+    return UNSUPPORTED.get((kind, widest, _arch_class(arch)))
+
+
+def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32", arch: int = 90) -> dict:
+    """Tile sizes, warps, pipeline stages and dot precisions for head dims ``D``/``Dv`` (padded to powers
+    of two) on compute capability ``arch`` (``lla.ops.triton_common.device_arch``).
 
     Returns ``BLOCK_D``, ``BLOCK_DV``, the dot precisions ``PREC`` (moments, output, true residuals,
     gradients), ``PREC_QK`` (logits q.k and do.v: raw input values), ``PREC_CG`` / ``PREC_CGQ`` (the CG
     iterations' matvec and their logits), ``MIXED``, ``REFINE``, ``INNER`` (see ``kernels._solve``)
-    and, per kernel (``fwd``, ``bwd_q``, ``bwd_k``), ``(BLOCK_M, BLOCK_N, num_warps)``.
+    and, per kernel (``fwd``, ``bwd_q``, ``bwd_k``), ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``
+    (``TILES``).
 
     ``precision="fp32"``: float32 inputs use exact fp32 dots (``ieee``, no tensor cores); half inputs
     TF32 dots for the logits (exact for bf16/fp16 values) and ``"tf32x3"`` (three TF32 products,
@@ -107,9 +175,8 @@ def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32") -
     on tensor cores.  ``"authors"`` (benchmark only): every dot bf16 / fp16, no refinement.
 
     The backward kernels' ``BLOCK_M`` never exceeds the forward's (their tiles must sit inside one
-    forward tile, whose key shift they use).  The tiles were chosen by compiling for sm_90 on a CPU
-    machine and keeping the configurations with the least register spilling (docs/triton.md; for the
-    tensor-core precisions see ``MIXED_TILES``); none is timed.  Under the interpreter the tiles are 16..32 (few, large numpy steps), different per kernel.
+    forward tile, whose key shift they use).  Under the interpreter the tiles are 16..32 (few, large
+    numpy steps), different per kernel.
     """
     bd = max(16, triton.next_power_of_2(D))
     bdv = max(16, triton.next_power_of_2(Dv))
@@ -117,36 +184,10 @@ def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32") -
     half = dtype != torch.float32
     lowp = "fp16" if dtype == torch.float16 else "bf16"
     if _interpreting():  # different tiles per kernel, so that CI sees tiles that do not line up
-        fwd, bwd_q, bwd_k = (32, 32, 4), (16, 32, 4), (32, 16, 4)
-    elif precision != "fp32" and MIXED_TILES == "wgmma":  # 64-row tiles: one warpgroup's wgmma (spills)
-        if widest <= 64:
-            fwd, bwd_q, bwd_k = (64, 32, 8), (64, 16, 8), (32, 32, 4)
-        else:
-            fwd, bwd_q, bwd_k = (64, 16, 8), (64, 16, 8), (32, 16, 4)
-    elif precision != "fp32" and (half or precision == "authors"):  # every dot on tensor cores (mma.sync at
-        # 16 rows): the least spilling of those compiled; float32 inputs on "mixed" keep ieee dots outside
-        # the CG iterations and spill least with the fp32 tiles below (D = 64: 400 / 680 / 608 bytes per
-        # thread against 1016 / 1664 / 5656 with these)
-        if widest <= 32:
-            fwd = bwd_q = bwd_k = (32, 32, 4)
-        elif widest <= 64:
-            fwd = bwd_q = bwd_k = (16, 32, 4)
-        elif widest <= 128:
-            fwd = bwd_q = bwd_k = (16, 32, 8)
-        else:
-            fwd = bwd_q = bwd_k = (16, 16, 8)
-    elif widest <= 16:
-        fwd = bwd_q = bwd_k = (32, 32, 8)
-    elif widest <= 32:
-        fwd, bwd_q, bwd_k = (16, 32, 4), (16, 32, 4), (16, 32, 4)
-    elif widest <= 64 and half:
-        fwd, bwd_q, bwd_k = (32, 32, 8), (32, 32, 8), (16, 32, 8)
-    elif widest <= 64:  # fp32 (ieee dots) needs more registers
-        fwd, bwd_q, bwd_k = (16, 32, 8), (16, 32, 8), (16, 16, 8)
-    elif widest <= 128 and half:
-        fwd, bwd_q, bwd_k = (16, 32, 8), (16, 32, 8), (16, 16, 8)
+        fwd, bwd_q, bwd_k = (32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)
     else:
-        fwd = bwd_q = bwd_k = (16, 16, 8)
+        t = _tiles(widest, _tile_kind(dtype, precision, widest), arch)
+        fwd, bwd_q, bwd_k = t["fwd"], t["bwd_q"], t["bwd_k"]
     assert bwd_q[0] <= fwd[0] and bwd_k[0] <= fwd[0], "backward query tiles must fit in forward tiles"
     if precision == "fp32":
         prec, prec_qk = ("ieee", "ieee") if not half else (_HALF_PREC, "tf32")
@@ -168,10 +209,11 @@ _HALF_PREC = "tf32x3"
 
 
 def _launch_args(bc: dict, which: str) -> dict:
-    bm, bn, warps = bc[which]
+    bm, bn, warps, stages = bc[which]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"],
                 PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), MIXED=bc["MIXED"], PREC_CG=bc["PREC_CG"],
-                PREC_CGQ=bc["PREC_CGQ"], REFINE=bc["REFINE"], INNER=bc["INNER"], num_warps=warps)
+                PREC_CGQ=bc["PREC_CGQ"], REFINE=bc["REFINE"], INNER=bc["INNER"], num_warps=warps,
+                num_stages=stages)
 
 
 def row_ranges(T: int, S: int, window_size, cu_seqlens, device, cu_seqlens_k=None):
@@ -240,7 +282,7 @@ def key_shifts(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block_m: int
 def _forward(q, k, v, lam, ranges, cfg):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bc = block_config(D, Dv, q.dtype, cfg.precision)
+    bc = block_config(D, Dv, q.dtype, cfg.precision, device_arch(q.device))
     lo, hi, _, _ = ranges
     bm = bc["fwd"][0]
     shift = key_shifts(k, lo, hi, bm)  # [B, Hk, n_m, D]
@@ -293,7 +335,7 @@ def amplification(rows: torch.Tensor, smax: torch.Tensor, lam: torch.Tensor, D: 
 def _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg):
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bc = block_config(D, Dv, q.dtype, cfg.precision)
+    bc = block_config(D, Dv, q.dtype, cfg.precision, device_arch(q.device))
     lo, hi, qlo, qhi = ranges
     n_shift = shift.shape[2]
     dev = q.device
@@ -372,6 +414,15 @@ def ridge_cancellation(dlam: torch.Tensor, dims) -> float:
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
+def _warn_fallback(msg: str) -> None:
+    """Warn once per message (per process) that a configuration runs on the PyTorch backend."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        import warnings
+
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
 def _use_torch(q, k, v, solver) -> bool:
     if q.dtype == torch.float64 or solver == "direct":
         return True
@@ -390,7 +441,15 @@ def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iter
     refinement).  See the module docstring for the cases handed to the PyTorch backend.
     """
     precision = resolve_precision(precision, q.dtype)
-    if _use_torch(q, k, v, solver):
+    use_torch = _use_torch(q, k, v, solver)
+    if not use_torch and not _interpreting():
+        arch = device_arch(q.device)
+        why = triton_unsupported(q.shape[3], v.shape[3], q.dtype, precision, arch)
+        if why:
+            _warn_fallback(f"local_linear_attention: the Triton kernels cannot run D={q.shape[3]}, Dv={v.shape[3]}, "
+                           f"{q.dtype}, precision={precision!r} on sm_{arch} ({why}); using the PyTorch backend")
+            use_torch = True
+    if use_torch:
         from ..torch_backend import lla_torch
 
         return lla_torch(
