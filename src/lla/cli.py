@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="shard each sequence over N ranks (torchrun; mqar and state; world size divisible by N)")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    r.add_argument("--corpus", default=None, metavar="PATH",
+                   help="lm: a text file or a folder of text files (default: this Python's stdlib .py source)")
+    r.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="trained experiments: bf16 autocast for the forward pass (weights and optimizer fp32); default fp32")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoints (an error if there are none); runs always "
+                        "continue from a matching checkpoint, --resume insists that there is one")
     r.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # interruption, for resume tests
     rp = sub.add_parser("report", help="lla report results: write results/README.md from every results/<exp>/summary.json")
     rp.add_argument("results_dir", nargs="?", default="results", help="folder of run folders (default: results)")
@@ -110,17 +117,23 @@ def _run_config(args):
     if args.positions is not None and args.experiment != "mqar":
         raise SystemExit("lla run: --positions applies to mqar")
     if args.lrs is not None and not trained:
-        raise SystemExit("lla run: --lrs applies to trained experiments (icr, mqar, state); ttr tunes each method's own hyperparameters")
+        raise SystemExit("lla run: --lrs applies to trained experiments (icr, mqar, state, lm); ttr tunes each method's own hyperparameters")
     if args.steps is not None and not trained:
-        raise SystemExit("lla run: --steps applies to trained experiments (icr, mqar, state), not ttr")
+        raise SystemExit("lla run: --steps applies to trained experiments (icr, mqar, state, lm), not ttr")
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"lla run: --steps must be >= 1, got {args.steps}")
     if args.log_every is not None and (not trained or args.log_every < 1):
-        raise SystemExit("lla run: --log-every must be >= 1 and applies to trained experiments (icr, mqar, state)")
+        raise SystemExit("lla run: --log-every must be >= 1 and applies to trained experiments (icr, mqar, state, lm)")
     if args.window is not None and (not trained or args.window < 1):
-        raise SystemExit("lla run: --window must be >= 1 and applies to trained experiments (icr, mqar, state)")
+        raise SystemExit("lla run: --window must be >= 1 and applies to trained experiments (icr, mqar, state, lm)")
+    if args.corpus is not None and args.experiment != "lm":
+        raise SystemExit("lla run: --corpus applies to lm")
+    if args.dtype is not None and not trained:
+        raise SystemExit("lla run: --dtype applies to trained experiments (icr, mqar, state, lm)")
+    if args.resume and args.restart:
+        raise SystemExit("lla run: give --resume or --restart, not both")
     if args.steps is None and args.seed is None and args.log_every is None and args.positions is None \
-            and args.window is None:
+            and args.window is None and args.corpus is None and args.dtype is None:
         return None, args.seeds
     cfg = get_preset(args.experiment, args.preset)
     for key, val in (("steps", args.steps), ("log_every", args.log_every)):
@@ -130,6 +143,10 @@ def _run_config(args):
         cfg["positions"] = args.positions
     if args.window is not None:
         cfg["mixer_kwargs"] = {"sliding_window": {"window": args.window}}
+    if args.corpus is not None:
+        cfg["corpus"] = args.corpus
+    if args.dtype is not None:
+        cfg["train"]["dtype"] = args.dtype
     if args.seed is None:
         return cfg, args.seeds
     (cfg["train"] if trained else cfg)["seed"] = args.seed
@@ -152,9 +169,13 @@ def _run(args, argv) -> int:
         runner.run_experiment(args.experiment, args.preset, mixers=args.mixers, out_dir=args.out,
                               progress=not args.no_progress, stop_after=args.stop_after, cfg=cfg,
                               context_parallel=args.context_parallel, seeds=seeds, lrs=args.lrs, restart=args.restart,
-                              command="lla " + " ".join(argv))
+                              command="lla " + " ".join(argv), resume=args.resume)
     except CheckpointMismatchError as e:
         raise SystemExit(f"lla run: {e}") from None
+    except ValueError as e:
+        if args.resume or args.experiment == "lm":  # nothing to resume; a bad corpus
+            raise SystemExit(f"lla run: {e}") from None
+        raise
     return 0
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 
-EXPERIMENTS = ("ttr", "icr", "mqar", "state")
+EXPERIMENTS = ("ttr", "icr", "mqar", "state", "lm")
 _TRAINED = ["lla", "parallax", "softmax", "mesa", "linear", "gated_deltanet"]
 #: every mixer is used when registered (``parallax`` joins once ``lla.nn.mixers`` has it)
 DEFAULT_MIXERS = {
@@ -23,6 +23,7 @@ DEFAULT_MIXERS = {
     "icr": list(_TRAINED),
     "mqar": _TRAINED + ["sliding_window"],
     "state": _TRAINED + ["sliding_window"],
+    "lm": _TRAINED + ["sliding_window"],
 }
 SEEDS = [0, 1, 2]
 LRS = [1e-3, 3e-3, 1e-2]
@@ -95,6 +96,31 @@ PRESETS = {
                   "model": {**_MODEL, "d_model": 256, "num_heads": 4, "n_layers": 4},
                   "train": {**_TRAIN, "steps": 20000, "batch_size": 128, "lr": 3e-4, "warmup": 500}},
     },
+}
+
+
+# Language modelling (bytes; default corpus: the interpreter's stdlib source, see tasks/lm.py).
+# quick: sized from the lead's 1-thread step timings on this CPU (B 16, T 128, d_model 128, 4 layers, 4 heads:
+# lla 0.73 s, mesa 0.96 s, gated_deltanet 0.79 s, softmax 0.19 s); 400 steps, 3 rates on seed 0, then seeds 0 1 2.
+# eval: 32 fixed val windows every 50 steps (lr selection, curves), 128 fixed test windows at the end.
+_LM_MODEL = {"d_model": 128, "num_heads": 4, "n_layers": 4, "mlp": True, "mlp_ratio": 4, "rope": True, "tie_embeddings": True}
+_LM_TRAIN = {**_TRAIN, "weight_decay": 0.1, "grad_clip": 1.0, "dtype": "fp32"}
+PRESETS["lm"] = {
+    # every mixer trains a few dozen steps of a tiny model on the stdlib (< 3 min on 2 cores for all seven)
+    "smoke": {"corpus": None, "context": 64, "eval_windows": 8, "test_windows": 16, "eval_batch": 16, "eval_every": 10,
+              "mixer_kwargs": {"sliding_window": {"window": 16}},
+              "model": {**_LM_MODEL, "d_model": 32, "num_heads": 2, "n_layers": 2},
+              "train": {**_LM_TRAIN, "steps": 30, "batch_size": 8, "warmup": 5, "lr": 3e-3, "ckpt_every": 10}},
+    "quick": {"corpus": None, "context": 128, "eval_windows": 32, "test_windows": 128, "eval_batch": 32, "eval_every": 50,
+              "mixer_kwargs": {"sliding_window": {"window": 32}}, "seeds": SEEDS, "lrs": LRS,
+              "model": dict(_LM_MODEL),
+              "train": {**_LM_TRAIN, "steps": 400, "batch_size": 16, "warmup": 40, "lr": 3e-3, "ckpt_every": 100}},
+    # GPU-sized (not run here): ~25M parameters, 1K-byte context, 64 x 1024 bytes per step
+    "paper": {"corpus": None, "context": 1024, "eval_windows": 256, "test_windows": 2048, "eval_batch": 32, "eval_every": 1000,
+              "mixer_kwargs": {"sliding_window": {"window": 256}}, "seeds": SEEDS, "lrs": [3e-4, 1e-3, 3e-3],
+              "model": {**_LM_MODEL, "d_model": 512, "num_heads": 8, "n_layers": 8},
+              "train": {**_LM_TRAIN, "steps": 50000, "batch_size": 64, "warmup": 1000, "lr": 1e-3, "ckpt_every": 1000,
+                        "log_every": 50, "dtype": "bf16"}},
 }
 
 

@@ -225,7 +225,7 @@ def plot_curves(out_dir: str, curves: list[dict], group_keys, xlabel: str, ylabe
     return paths
 
 
-_ORDER = ("ttr", "icr", "mqar", "state")
+_ORDER = ("ttr", "icr", "mqar", "state", "lm")
 
 
 def _run_sort_key(name: str):
@@ -270,6 +270,12 @@ def results_page(results_dir: str = "results", out: str | None = None, max_figur
         wall = f"{secs / 60:.1f} min" if secs is not None else "?"
         lines.append(f"| [{name}](#{name}) | `{cmd or '?'}` | {', '.join(map(str, seeds)) if seeds else '1 (legacy run)'} | {wall} |")
         body += ["", f"## {name}", "", f"Command: `{cmd or '?'}`" + (f" ({wall})" if secs is not None else ""), ""]
+        data = meta.get("data")
+        if data:  # what a language-modelling run was trained on
+            sp = data.get("splits", {})
+            body += [f"Data: `{data.get('corpus')}` (Python {data.get('python')}), {data.get('bytes')} bytes in "
+                     f"{data.get('files')} file(s), SHA-256 `{data.get('sha256')}`; split {data.get('split')}: "
+                     + ", ".join(f"{k} {v.get('bytes')} bytes" for k, v in sp.items()) + ".", ""]
         if any("kind" in r for r in rows):
             agg = [r for r in rows if r.get("kind") == "aggregate"]
             body.append(pivot_table(agg, _pm))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import math
 import os
@@ -48,6 +49,10 @@ def _trained_runs(experiment: str, cfg: dict):
 
         for group in cfg["groups"]:
             yield {"group": group}, StateTask(cfg, group)
+    elif experiment == "lm":
+        from .tasks.lm import LMTask
+
+        yield {}, LMTask(cfg)
 
 
 def _mixer_kwargs(cfg: dict, mixer: str) -> dict:
@@ -58,7 +63,7 @@ def _mixer_kwargs(cfg: dict, mixer: str) -> dict:
 
 
 #: how a trained experiment's validation rows pick the best learning rate: (metric, "max" | "min")
-SELECT = {"mqar": ("accuracy", "max"), "icr": ("mse", "min"), "state": ("accuracy", "max")}
+SELECT = {"mqar": ("accuracy", "max"), "icr": ("mse", "min"), "state": ("accuracy", "max"), "lm": ("bpb", "min")}
 
 
 def _score(experiment: str, vrows: list[dict]) -> float:
@@ -113,16 +118,20 @@ def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_a
         ck = os.path.join(out_dir, f"seed{seed}", "ckpt", f"{name}_lr{lr:g}.pt") if out_dir else None
         ident = (name, seed, lr)
 
-        def on_eval(m, step):
+        def on_eval(m, step, seconds=None):
             vrows, _ = task.evaluate(m, device, seed, split="val")
-            seen.setdefault(ident, []).append({"step": step, "rows": vrows})
-            log({"kind": "eval", "run": name, "mixer": mixer, **key, "seed": seed, "lr": lr, "step": step, "rows": vrows})
+            runs = seen.setdefault(ident, [])
+            runs[:] = [r for r in runs if r["step"] != step]  # a resumed run re-evaluates the steps it re-runs
+            runs.append({"step": step, "rows": vrows, "seconds": seconds})
+            runs.sort(key=lambda r: r["step"])
+            log({"kind": "eval", "run": name, "mixer": mixer, **key, "seed": seed, "lr": lr, "step": step, "seconds": seconds,
+                 "rows": vrows})
 
         t0 = time.time()
         last = train(model, task, tcfg, device=device, log=log, desc=f"{name} seed{seed} lr{lr:g}", progress=progress,
                      stop_after=stop_after, context_parallel=context_parallel, restart=restart and ck not in written,
                      eval_fn=on_eval if eval_every else None, eval_every=eval_every,
-                     meta={"model": mcfg.to_dict(), "task": cfg}, ckpt_path=ck)
+                     meta={"model": mcfg.to_dict(), "task": cfg, **(task.meta() if hasattr(task, "meta") else {})}, ckpt_path=ck)
         written.add(ck)
         if stop_after is not None and last["step"] < tcfg.steps:
             finished = False
@@ -171,7 +180,8 @@ def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_a
                     for r in _steps_to_target(seen[ident], target):
                         rows.append({"experiment": experiment, "mixer": mixer, **key, **tag, **r})
                 for rec in seen.get(ident, []):
-                    eval_curves.append({"mixer": mixer, **key, "seed": seed, "step": rec["step"], "rows": rec["rows"]})
+                    eval_curves.append({"mixer": mixer, **key, "seed": seed, "step": rec["step"], "rows": rec["rows"],
+                                        "seconds": rec.get("seconds")})
                 for c in ecurves:
                     pred = c.pop("predictor", "model")
                     if pred != "model" and mixer != mixers[0]:
@@ -198,9 +208,13 @@ def _plots(experiment, out_dir, curves, rows, eval_curves=()):
         agg = [r for r in rows if r.get("kind") == "aggregate" and r["metric"] == "accuracy"]
         agg = [{**r, "config": f"{r['seq_len']}/{r['num_kv']}"} for r in agg]
         paths += _plot_vs(out_dir, agg, "config", ["positions"], "sequence length / kv pairs", "accuracy", "mqar_accuracy", ylim=(-0.02, 1.02))
+    elif experiment == "lm":
+        paths += report.plot_curves(out_dir, curves, [], "position in the context (bytes)", "test loss (bits per byte)",
+                                    "lm_loss_by_position")
+        paths += _plot_lm_wallclock(out_dir, eval_curves)
     if eval_curves:  # validation metric against training steps (mean over the task's settings of one run)
         ylabel, key = {"mqar": ("val accuracy (mean over eval configs)", "accuracy"), "state": ("val accuracy", "accuracy"),
-                       "icr": ("val MSE / d (log)", "mse")}[experiment]
+                       "icr": ("val MSE / d (log)", "mse"), "lm": ("val bits per byte", "bpb")}[experiment]
         groups = [k for k in ("seg_len", "group") if any(k in c for c in eval_curves)]
         runs = defaultdict(list)
         for c in eval_curves:
@@ -213,6 +227,36 @@ def _plots(experiment, out_dir, curves, rows, eval_curves=()):
         paths += report.plot_curves(out_dir, cs, groups, "training step", ylabel, f"{experiment}_val_vs_steps",
                                     logy=experiment == "icr", ylim=(-0.02, 1.02) if key == "accuracy" else None)
     return paths
+
+
+def _plot_lm_wallclock(out_dir, eval_curves) -> list[str]:
+    """Validation bpb against training wall-clock seconds: per mixer, the mean over seeds of both the
+    seconds and the bpb at each evaluated step (runs without recorded seconds are left out)."""
+    runs = defaultdict(dict)
+    for c in eval_curves:
+        if c.get("seconds") is None:
+            continue
+        vals = [r["value"] for r in c["rows"] if r["metric"] == "bpb"]
+        runs[(c["mixer"], c["seed"])][c["step"]] = (c["seconds"], sum(vals) / len(vals))
+    if not runs:
+        return []
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for mixer in dict.fromkeys(m for m, _ in runs):
+        seeds = [pts for (m, _), pts in runs.items() if m == mixer]
+        steps = sorted(set.intersection(*(set(p) for p in seeds)))
+        xs = [sum(p[s][0] for p in seeds) / len(seeds) for s in steps]
+        ys = [sum(p[s][1] for p in seeds) / len(seeds) for s in steps]
+        ax.plot(xs, ys, marker="o", ms=2, lw=1.2, label=mixer + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+    ax.set_xlabel("training wall-clock (s; mean over seeds)")
+    ax.set_ylabel("val bits per byte")
+    ax.set_title("validation bpb vs training wall-clock")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "lm_val_vs_seconds.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def _plot_vs(out_dir, agg, xkey, group_keys, xlabel, ylabel, prefix, logx=False, logy=False, ylim=None):
@@ -247,19 +291,29 @@ def _plot_vs(out_dir, agg, xkey, group_keys, xlabel, ylabel, prefix, logx=False,
     return paths
 
 
+def _data_record(experiment: str, cfg: dict) -> dict | None:
+    """The corpus record of a language-modelling run (path, split, sizes, SHA-256s, Python version)."""
+    if experiment != "lm":
+        return None
+    from .tasks.lm import load_corpus
+
+    return load_corpus(cfg.get("corpus"), cfg["context"] + 1)["record"]
+
+
 def _load_evals(path: str) -> dict:
     """Validation curves already logged in ``metrics.jsonl`` (a resumed run reuses them), latest per step."""
     seen = defaultdict(dict)
     for rec in report.read_jsonl(path):
         if rec.get("kind") == "eval":
-            seen[(rec["run"], rec["seed"], rec["lr"])][rec["step"]] = {"step": rec["step"], "rows": rec["rows"]}
+            seen[(rec["run"], rec["seed"], rec["lr"])][rec["step"]] = {"step": rec["step"], "rows": rec["rows"],
+                                                                       "seconds": rec.get("seconds")}
     return {k: [v[s] for s in sorted(v)] for k, v in seen.items()}
 
 
 def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir: str | None = None,
                    progress: bool = True, stop_after: int | None = None, cfg: dict | None = None,
                    context_parallel: int = 1, seeds=None, lrs=None, restart: bool = False,
-                   command: str | None = None) -> list[dict]:
+                   command: str | None = None, resume: bool = False) -> list[dict]:
     """Run one experiment over seeds; rank 0 writes the outputs into ``out_dir`` (default ``runs/<experiment>-<preset>``).
 
     ``seeds`` (default: the preset's ``seeds``, else its single seed): every seed is a full run with
@@ -271,7 +325,9 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
     (distinct from the test streams); the seeds then run at each mixer's best rate.  TTR tunes each
     method's own hyperparameters (``cfg["hparams"]``) on a held-out stream instead.
     ``restart``: start over from existing checkpoints made under another configuration (else
-    ``CheckpointMismatchError``).  ``context_parallel`` > 1 (under ``torchrun``): shard each training
+    ``CheckpointMismatchError``).  Every run continues from its checkpoint in ``out_dir`` when there
+    is one (same configuration); ``resume=True`` only insists that there is something to continue
+    (ValueError when ``out_dir`` holds no checkpoint).  ``context_parallel`` > 1 (under ``torchrun``): shard each training
     sequence over groups of that many ranks (mqar and state); see ``lla.experiments.train.train``.
 
     Returns the summary rows ``{"experiment", "mixer", "metric", "value", "kind", ...config keys}``:
@@ -296,6 +352,10 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
     if any(not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 for lr in lrs):
         raise ValueError(f"lrs must be positive numbers, got {lrs!r}")
     out_dir = out_dir or os.path.join("runs", f"{experiment}-{preset}")
+    if resume and restart:
+        raise ValueError("resume and restart exclude each other")
+    if resume and not glob.glob(os.path.join(out_dir, "seed*", "ckpt", "*.pt")):
+        raise ValueError(f"resume: nothing to resume in {out_dir!r} (no checkpoint under {out_dir}/seed*/ckpt/)")
     device = setup_distributed()
     rank, world = dist_info()
     is_main = rank == 0
@@ -326,6 +386,10 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
         seconds = time.time() - t0
         log({"kind": "done", "seconds": seconds})
         rows = rows + report.aggregate(rows)
+        data = _data_record(experiment, cfg)
+        if data is not None:  # what the run was trained on (summary.json's "data" row, run.json's "data")
+            rows.append({"experiment": experiment, "mixer": "-", "kind": "data", "metric": "corpus_sha256",
+                         "value": data["sha256"], "data": data})
         title = f"{experiment} ({preset} preset)"
         for seed in seeds:
             report.write_summary(os.path.join(out_dir, f"seed{seed}"), [r for r in rows if r.get("seed") == seed],
@@ -340,7 +404,8 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
         with open(os.path.join(out_dir, "run.json"), "w") as f:
             json.dump({"experiment": experiment, "preset": preset, "command": cmd, "mixers": mixers, "seeds": seeds, "lrs": lrs,
                        "chosen": chosen, "seconds": seconds, "world_size": world, "device": str(device),
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": cfg}, f, indent=1)
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": cfg,
+                       **({"data": data} if data is not None else {})}, f, indent=1)
         _plots(experiment, out_dir, curves, rows, eval_curves)
         print(md)
         print(f"\nwrote {out_dir}/summary.json, summary.md, run.json, metrics.jsonl, seed*/ and figures ({seconds:.0f} s)")

@@ -9,8 +9,11 @@ seen, and any number of processes trains on the same data as one process.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import random
+import time
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -32,6 +35,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
+    dtype: str = "fp32"  # "bf16": forward and loss under bf16 autocast (weights, gradients, optimizer fp32)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +89,34 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
 
 def batch_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank * 104_729 + 1)
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may touch: torch CPU, CUDA (when present), python ``random``, numpy."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # numpy is an extra
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def context_parallel_groups(cp: int):
@@ -142,7 +174,14 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     ``restart=True`` ignores an existing checkpoint and starts over explicitly.
     ``eval_fn(model, step)`` (single process, no context parallelism) is called every ``eval_every``
     steps and after the last step, in eval mode (an evaluation curve; a resumed run calls it only for
-    the steps it runs).
+    the steps it runs); an ``eval_fn`` with a ``seconds`` parameter also gets the training wall-clock
+    seconds so far (training steps only, summed over resumed invocations).
+    ``cfg.dtype`` "bf16": forward and loss under ``torch.autocast(dtype=bfloat16)``; weights,
+    gradients and optimizer state stay fp32.  A non-finite loss or gradient norm raises
+    ``FloatingPointError``.
+    Checkpoints (atomic: a temporary file, then ``os.replace``) hold the model, optimizer, scheduler,
+    the loader's state (``{"seed", "step"}``: batches are drawn from ``batch_generator(seed, step)``),
+    every RNG state (torch, CUDA, ``random``, numpy; restored on resume) and the training seconds.
     ``context_parallel`` ``C`` > 1: groups of ``C`` consecutive ranks share each batch slice and shard
     its sequences (``lla.distributed``, zigzag, padded at the end); the task's targets must be
     per-token labels ``[B, T]`` (``-100`` ignored).  Data parallelism runs over ``world / C`` replicas;
@@ -152,6 +191,9 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     """
     rank, world = dist_info()
     cp = context_parallel
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    autocast_dtype = DTYPES[cfg.dtype]
     cp_group, dp_rank, dp_world = context_parallel_groups(cp)
     if cfg.batch_size % dp_world != 0:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the data-parallel size {dp_world}")
@@ -163,7 +205,7 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
-    start, start_loss = 0, float("nan")
+    start, start_loss, train_seconds = 0, float("nan"), 0.0
     meta = {"train": cfg.to_dict(), **(meta or {})}
     state = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path and os.path.exists(ckpt_path) else None
     if state is not None and state.get("meta") != meta and not restart:
@@ -173,14 +215,22 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, start_loss = state["step"], state.get("loss", float("nan"))
+        train_seconds = state.get("train_seconds", 0.0)
+        if "loader" in state and state["loader"] != {"seed": cfg.seed, "step": start}:
+            raise CheckpointMismatchError(ckpt_path, {"loader": state["loader"]}, {"loader": {"seed": cfg.seed, "step": start}})
+        if "rng" in state:
+            set_rng_state(state["rng"])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    eval_takes_seconds = eval_fn is not None and "seconds" in inspect.signature(eval_fn).parameters
 
     def save(step, loss):
         if ckpt_path and rank == 0:
             os.makedirs(os.path.dirname(ckpt_path) or ".", exist_ok=True)
             tmp = ckpt_path + ".tmp"
+            # the loader's state is the step (batches are drawn from batch_generator(seed, step, 0))
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "loss": loss,
-                        "meta": meta}, tmp)
+                        "meta": meta, "loader": {"seed": cfg.seed, "step": step}, "rng": rng_state(),
+                        "train_seconds": train_seconds}, tmp)
             os.replace(tmp, ckpt_path)
         if world > 1:
             dist.barrier()
@@ -190,23 +240,30 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     bar = tqdm(range(start, end), desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
     ddp.train()
     per = cfg.batch_size // dp_world
+    tokens, t_log = 0, train_seconds  # tokens since the last log record, training seconds at it
     for step in bar:
+        t_step = time.perf_counter()
         x, y = task.sample(cfg.batch_size, batch_generator(cfg.seed, step, 0))  # the global batch
+        tokens += x.shape[0] * x.shape[1] if x.dim() >= 2 else x.numel()
         x, y = x[dp_rank * per : (dp_rank + 1) * per].to(device), y[dp_rank * per : (dp_rank + 1) * per].to(device)
         with warnings.catch_warnings(record=True) as caught:  # numerical warnings, logged with their step
             warnings.simplefilter("always", LLAConvergenceWarning)
-            if cp > 1:
-                if y.dim() != 2 or y.shape != x.shape[:2] or y.is_floating_point():
-                    raise ValueError(f"{desc}: context parallelism needs per-token integer labels [B, T], got {tuple(y.shape)}")
-                x, y = shard(x, cp_group, pad=True), shard(y, cp_group, pad=True, pad_value=-100)
-                loss = _cp_loss(task, ddp(x), y, cp_group, cp)
-            else:
-                loss = task.loss(ddp(x), y)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                if cp > 1:
+                    if y.dim() != 2 or y.shape != x.shape[:2] or y.is_floating_point():
+                        raise ValueError(f"{desc}: context parallelism needs per-token integer labels [B, T], got {tuple(y.shape)}")
+                    x, y = shard(x, cp_group, pad=True), shard(y, cp_group, pad=True, pad_value=-100)
+                    loss = _cp_loss(task, ddp(x), y, cp_group, cp)
+                else:
+                    loss = task.loss(ddp(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         _report_warnings(caught, log if rank == 0 else None, desc, step + 1)
+        grad_norm = None
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"{desc}: gradient norm became {grad_norm} at step {step + 1}")
         opt.step()
         sched.step()
         lv = loss.detach()
@@ -214,15 +271,25 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
             dist.all_reduce(lv)
             lv /= world
         last = {"step": step + 1, "loss": lv.item()}
+        train_seconds += time.perf_counter() - t_step
         if not math.isfinite(last["loss"]):
             raise FloatingPointError(f"{desc}: loss became {last['loss']} at step {step + 1}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             bar.set_postfix(loss=f"{last['loss']:.4f}")
             if log is not None and rank == 0:
-                log({"kind": "train", "run": desc, "step": step + 1, "loss": last["loss"], "lr": sched.get_last_lr()[0]})
+                dt = train_seconds - t_log
+                rec = {"kind": "train", "run": desc, "step": step + 1, "loss": last["loss"], "lr": sched.get_last_lr()[0],
+                       "tokens_per_s": tokens / dt if dt > 0 else None, "train_seconds": train_seconds}
+                if grad_norm is not None:
+                    rec["grad_norm"] = grad_norm
+                log(rec)
+            tokens, t_log = 0, train_seconds
         if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
             model.eval()
-            eval_fn(model, step + 1)
+            if eval_takes_seconds:
+                eval_fn(model, step + 1, seconds=train_seconds)
+            else:
+                eval_fn(model, step + 1)
             ddp.train()
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
             save(step + 1, last["loss"])

@@ -193,10 +193,13 @@ def _dispatch(name: str, q, k, v, lam, varlen: Varlen | None, *, scale, window, 
     solver = resolve_solver(solver, lam_min, D, q.dtype, S=k.shape[1])
     max_iters = default_max_iters(q.dtype, D) if max_iters is None else max_iters
     tol = float(default_tol(q.dtype) if tol is None else tol)
-    o, lse, iters, residual, *extra = _backend_fn(name)(
-        q, k, v, lam, scale=scale, window_size=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, solver=solver,
-        max_iters=max_iters, tol=tol, precondition=precondition, precision=precision,
-    )
+    # under torch.autocast the backends run in their own dtypes (the inputs' dtype, fp32 solves): autocast
+    # would otherwise recast some of their internal matmuls and mix dtypes in the out= ops
+    with torch.autocast(q.device.type, enabled=False):
+        o, lse, iters, residual, *extra = _backend_fn(name)(
+            q, k, v, lam, scale=scale, window_size=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, solver=solver,
+            max_iters=max_iters, tol=tol, precondition=precondition, precision=precision,
+        )
     amplification = float(extra[0]) if extra else float("nan")
     chk_residual, chk_floor = extra[1] if len(extra) > 1 else (residual, 0.0)
     check_solve(stage="forward", solver=solver, residual=chk_residual, tol=tol, iters=iters, lam_min=lam_min,
