@@ -1,115 +1,287 @@
-"""Per-token decode latency and peak memory of LLA with a KV cache, versus SDPA decode.
+"""Serving speed: KV-cache decode steps and chunked prefill of LLA and Parallax against SDPA decode.
 
-    python benchmarks/bench_decode.py [--B 1 --H 8 --Hk 8 --D 64 --lengths 1024,2048,4096,8192,16384,32768
-                                       --dtype float32 --device cpu --ridge 1.0 --iters 20]
+    python benchmarks/bench_decode.py [--quick] [--threads 1,2] [--steps 9] [--cases all]
+                                      [--src before=/tmp/decode-base/src --src after=src]
+                                      [--out benchmarks/results/decode]
 
-One decode step = one new token per sequence: append k, v to the caches at cache_seqlens and attend
-with the new query over the S cached entries.  Methods, each in a fresh subprocess (so that the
-peak-memory reading is its own):
-  sdpa        torch.nn.functional.scaled_dot_product_attention over the cache (the baseline)
-  lla-direct  lla.local_linear_attention_with_kvcache, single-token path (one D x D Cholesky / head)
-  lla-cg      the same op with solver="cg" (goes through the public op: CG over the cache)
-Reported: best-of-``iters`` ms per step (the minimum: robust to other jobs on a shared machine), GFLOP/s, ratio to SDPA (same run), peak extra memory of the steps, the first
-included (CPU: ru_maxrss growth over the state after the caches were built and one step on a tiny cache
-ran, so one-off library allocations are excluded; CUDA: max_memory_allocated growth), and the caches' own size.  FLOPs per head and step: SDPA 4 S D; LLA-direct
-2 S (D^2 + 3 D + Dv) (logits, mean, centred moment GEMM, output; the Cholesky's D^3/3 is ignored);
-LLA-CG is reported in ms only (its iteration count varies).
+The issue-24 targets table (CPU, fp32 caches, D = 64, H = 8, ridge 1):
+
+  case              shapes                                              LLA target   Parallax target
+  S=1K .. S=32K     B = 1, Hk = 8, one new token on an S-entry cache    <= 10x (1K), <= 3x (8K-32K)   <= 3x, <= 1.5x
+  ragged Hk=8 / 2   B = 8, caches 1K..8K (linspace), one new token      <= 3x        <= 1.5x
+  prefill 64 on 8K  B = 1, Hk = 8, 64 new tokens on an 8K cache         <= 4x        <= 2x
+
+SDPA decode = ``F.scaled_dot_product_attention`` on a contiguous ``[B, Hk, S_max, D]`` cache (what Hugging
+Face keeps; ``enable_gqa=True`` for GQA, a boolean mask for ragged lengths, a bottom-right causal mask for
+the prefill chunk); ours on its own ``[B, S_max, Hk, D]`` cache through
+``lla.local_linear_attention_with_kvcache`` / ``lla.parallax_attention_with_kvcache`` (default options,
+``torch.no_grad``).  Each step writes the new k, v at the same cache position (the cache length stays S).
+
+Every ``--src`` (a ``src`` folder holding the ``lla`` package; default: this checkout's) gets one persistent
+worker process; the workers take the cases in turn (A/B interleaved: case by case, method by method), so a
+before/after comparison shares the machine's state.  Per case and method: ``--steps`` timed steps after two
+warm-up steps, the **median** reported (and the minimum in the JSON); "x SDPA" divides by the SDPA median of
+the same worker and case; "+MiB" is the peak extra memory of one step, measured as the growth of the C
+allocator's in-use bytes (glibc ``mallinfo2``: arenas + mmapped blocks) read after every aten op of the step
+(``TorchDispatchMode``) over the value before it: temporaries freed inside a single aten kernel are not seen
+(their peak is bounded by that kernel's own workspace).  "floor ms" = the bytes of the visible K and V
+entries divided by the memory bandwidth of a timed 256 MiB copy (read + write bytes per second) at the same
+thread count: the time a step that reads the cache once at copy speed would take.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
+import time
 
-CHILD = r"""
-import json, resource, statistics, sys, time, torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CASES = {
+    "S=1K": dict(B=1, Hk=8, lens=[1024], T=1),
+    "S=8K": dict(B=1, Hk=8, lens=[8192], T=1),
+    "S=16K": dict(B=1, Hk=8, lens=[16384], T=1),
+    "S=32K": dict(B=1, Hk=8, lens=[32768], T=1),
+    "ragged B=8 Hk=8": dict(B=8, Hk=8, lens=[1024 + 1024 * i for i in range(8)], T=1),
+    "ragged B=8 Hk=2": dict(B=8, Hk=2, lens=[1024 + 1024 * i for i in range(8)], T=1),
+    "prefill 64 on 8K": dict(B=1, Hk=8, lens=[8192 + 64], T=64),
+}
+TARGETS = {  # case -> (LLA, Parallax) ratio to SDPA
+    "S=1K": (10, 3), "S=8K": (3, 1.5), "S=16K": (3, 1.5), "S=32K": (3, 1.5),
+    "ragged B=8 Hk=8": (3, 1.5), "ragged B=8 Hk=2": (3, 1.5), "prefill 64 on 8K": (4, 2),
+}
+
+WORKER = r"""
+import ctypes, json, statistics, sys, time
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 import lla
-a = json.loads(sys.argv[1])
-dev, dt = a["device"], getattr(torch, a["dtype"])
-B, H, Hk, D, S = a["B"], a["H"], a["Hk"], a["D"], a["S"]
-if dev == "cpu" and a["threads"]:
+
+H, D = 8, 64
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+try:
+    _libc = ctypes.CDLL(None)
+    _libc.mallinfo2.restype = _MallInfo2
+    def _in_use():
+        m = _libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+except (OSError, AttributeError):
+    _in_use = None
+
+class _Peak(TorchDispatchMode):
+    # peak growth of the C allocator's in-use bytes, read after every aten op
+    def __enter__(self):
+        self.base = self.peak = _in_use()
+        return super().__enter__()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _in_use())
+        return out
+
+def bandwidth():
+    src = torch.ones(64 << 20)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter(); dst.copy_(src); ts.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / min(ts)
+
+state = {}
+
+def build(name, c):
+    B, Hk, lens, T = c["B"], c["Hk"], c["lens"], c["T"]
+    S = max(lens)
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(B, S, Hk, D, generator=g)
+    v_cache = torch.randn(B, S, Hk, D, generator=g)
+    q = torch.randn(B, T, H, D, generator=g)
+    r = torch.randn(B, T, H, D, generator=g) * D ** -0.5
+    k = torch.randn(B, T, Hk, D, generator=g)
+    v = torch.randn(B, T, Hk, D, generator=g)
+    seqlens = torch.tensor([n - T for n in lens], dtype=torch.int32)
+    kh = k_cache.transpose(1, 2).contiguous()  # the SDPA cache, [B, Hk, S, D]
+    vh = v_cache.transpose(1, 2).contiguous()
+    lens_t = torch.tensor(lens)
+    mask = None
+    if T > 1:  # bottom-right causal: new query t sees entries j <= L - T + t
+        j = torch.arange(S)
+        mask = (j[None, :] <= (lens_t[:, None, None] - T + torch.arange(T)[None, :, None]))[:, None]  # [B, 1, T, S]
+    elif len(set(lens)) > 1:
+        mask = (torch.arange(S)[None, :] < lens_t[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    bidx = torch.arange(B)[:, None]
+    pos = seqlens.long()[:, None] + torch.arange(T)[None, :]
+
+    def sdpa():
+        kh[bidx, :, pos] = k  # [B, T, Hk, D] at [B, Hk, pos]
+        vh[bidx, :, pos] = v
+        return F.scaled_dot_product_attention(q.transpose(1, 2), kh, vh, attn_mask=mask,
+                                              enable_gqa=H != Hk).transpose(1, 2)
+
+    def lla_step():
+        return lla.local_linear_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, ridge=1.0)
+
+    def parallax_step():
+        return lla.parallax_attention_with_kvcache(q, r, k_cache, v_cache, k, v, cache_seqlens=seqlens)
+
+    return dict(sdpa=sdpa, lla=lla_step, parallax=parallax_step)
+
+bw = {}
+for line in sys.stdin:
+    a = json.loads(line)
     torch.set_num_threads(a["threads"])
-g = torch.Generator().manual_seed(0)
-k_cache = torch.randn(B, S + 1, Hk, D, generator=g).to(dev, dt)
-v_cache = torch.randn(B, S + 1, Hk, D, generator=g).to(dev, dt)
-q = torch.randn(B, 1, H, D, generator=g).to(dev, dt)
-k = torch.randn(B, 1, Hk, D, generator=g).to(dev, dt)
-v = torch.randn(B, 1, Hk, D, generator=g).to(dev, dt)
-seqlens = torch.full((B,), S - 1, dtype=torch.int32, device=dev)
-sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
-
-def step(k_cache=k_cache, v_cache=v_cache, S=S, seqlens=seqlens):
-    if a["method"] == "sdpa":
-        k_cache[:, S - 1 : S] = k
-        v_cache[:, S - 1 : S] = v
-        qh = q.transpose(1, 2)
-        kh = k_cache[:, :S].transpose(1, 2)
-        vh = v_cache[:, :S].transpose(1, 2)
-        return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, enable_gqa=H != Hk).transpose(1, 2)
-    solver = "cg" if a["method"] == "lla-cg" else "auto"
-    return lla.local_linear_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, ridge=a["ridge"], solver=solver)
-
-with torch.no_grad():
-    # one step on a tiny cache first: one-off allocations (thread pools, LAPACK) are not the op's
-    step(k_cache[:, :17].clone(), v_cache[:, :17].clone(), 16, torch.full_like(seqlens, 15)); sync()
-    if dev.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step(); sync()  # the first step's allocations count towards the peak
-    times = []
-    for _ in range(a["iters"]):
-        sync(); t0 = time.perf_counter(); step(); sync(); times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times), "extra_mib": max(0, peak - base) / 2**20}))
+    if a["threads"] not in bw:
+        bw[a["threads"]] = bandwidth()
+    if state.get("name") != a["case"]:
+        state.clear()
+        state.update(name=a["case"], fns=build(a["case"], a["cfg"]))
+    fn = state["fns"][a["method"]]
+    try:
+        with torch.no_grad():
+            fn(); fn()
+            times = []
+            for _ in range(a["steps"]):
+                t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+            extra = float("nan")
+            if _in_use is not None:
+                with _Peak() as p:
+                    fn()
+                extra = (p.peak - p.base) / 2**20
+        out = dict(ms=1e3 * statistics.median(times), ms_min=1e3 * min(times), extra_mib=extra, bandwidth=bw[a["threads"]])
+    except Exception as e:  # noqa: BLE001
+        out = dict(error=f"{type(e).__name__}: {e}"[:200])
+    print(json.dumps(out), flush=True)
 """
 
 
-def run(method, S, args):
-    cfg = dict(method=method, S=S, B=args.B, H=args.H, Hk=args.Hk, D=args.D, dtype=args.dtype, device=args.device,
-               ridge=args.ridge, iters=args.iters, threads=args.threads)
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class Worker:
+    def __init__(self, label, src):
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
+        self.label, self.src = label, src
+        self.p = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, env=env, cwd="/")
+
+    def ask(self, **req):
+        self.p.stdin.write(json.dumps(req) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.label} died")
+        return json.loads(line)
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def load_average():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (float("nan"),) * 3
+
+
+def cell(r, base, target):
+    if "error" in r:
+        return "error", ""
+    ratio = r["ms"] / base if base else float("nan")
+    ok = "yes" if ratio <= target else "**no**"
+    return f"{r['ms']:.3g} ({ratio:.2f}x, {r['extra_mib']:.1f})", ok
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--B", type=int, default=1)
-    ap.add_argument("--H", type=int, default=8)
-    ap.add_argument("--Hk", type=int, default=None)
-    ap.add_argument("--D", type=int, default=64)
-    ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--ridge", type=float, default=1.0)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    ap.add_argument("--methods", default="sdpa,lla-direct,lla-cg")
+    ap.add_argument("--quick", action="store_true", help="5 steps per case (the whole table in under 2 minutes)")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per case and method (default 9; quick 5)")
+    ap.add_argument("--cases", default="all", help="comma-separated case names (see CASES) or 'all'")
+    ap.add_argument("--methods", default="sdpa,lla,parallax")
+    ap.add_argument("--src", action="append", default=None,
+                    help="LABEL=PATH of a src folder holding the lla package (repeat for A/B); default this checkout")
+    ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     args = ap.parse_args(argv)
-    args.Hk = args.Hk or args.H
+    steps = args.steps or (5 if args.quick else 9)
+    srcs = [s.split("=", 1) for s in (args.src or [f"this={os.path.join(ROOT, 'src')}"])]
+    cases = list(CASES) if args.cases == "all" else args.cases.split(",")
     methods = args.methods.split(",")
-    esize = {"float32": 4, "float64": 8}.get(args.dtype, 2)
-    print(f"decode step: B={args.B} H={args.H} Hk={args.Hk} D={args.D} {args.dtype} {args.device} ridge={args.ridge}")
-    print(f"{'S':>6} {'cache MiB':>9} | " + " | ".join(f"{m:>10} ms  GF/s  x sdpa  +MiB" for m in methods))
-    for S in [int(s) for s in args.lengths.split(",")]:
-        cache_mib = 2 * args.B * (S + 1) * args.Hk * args.D * esize / 2**20
-        res = {m: run(m, S, args) for m in methods}
-        base = res.get("sdpa", {}).get("ms")
-        cells = []
-        for m in methods:
-            r = res[m]
-            if "error" in r:
-                cells.append(f"{'error: ' + r['error'][:40]:>36}")
-                continue
-            flops = args.B * args.H * S * (4 * args.D if m == "sdpa" else 2 * (args.D**2 + 3 * args.D + args.D))
-            gfs = flops / (r["ms"] * 1e-3) / 1e9 if m != "lla-cg" else float("nan")
-            ratio = r["ms"] / base if base else float("nan")
-            cells.append(f"{r['ms']:10.3f}    {gfs:5.1f}  {ratio:6.1f}  {r['extra_mib']:5.1f}")
-        print(f"{S:>6} {cache_mib:9.1f} | " + " | ".join(cells), flush=True)
+    threads = [int(t) for t in args.threads.split(",")]
+    workers = [Worker(label, path) for label, path in srcs]
+    t_start = time.time()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results = []
+    try:
+        for th in threads:
+            load0 = load_average()
+            for name in cases:
+                cfg = CASES[name]
+                res = {}
+                for m in methods:
+                    for w in workers:
+                        res[(w.label, m)] = w.ask(case=name, cfg=cfg, method=m, threads=th, steps=steps)
+                results.append(dict(threads=th, case=name, cfg=cfg, load_before=load0,
+                                    res={f"{w}/{m}": r for (w, m), r in res.items()}))
+                print(f"[{th} thread(s)] {name}: " + ", ".join(
+                    f"{w}/{m} {r.get('ms', float('nan')):.3f} ms" for (w, m), r in res.items()), flush=True)
+    finally:
+        for w in workers:
+            w.close()
+    wall = time.time() - t_start
+    load1 = load_average()
+    lines = [f"`python benchmarks/bench_decode.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
+             f"started {started}, {wall:.0f} s; load average (1/5/15 min) at the end {load1[0]:.2f} / {load1[1]:.2f} / "
+             f"{load1[2]:.2f} on {os.cpu_count()} cores.  Median of {steps} steps; cells: ms (x SDPA of the same worker, "
+             "peak extra MiB); 'ok' against the issue's target.", ""]
+    for th in threads:
+        rows = [r for r in results if r["threads"] == th]
+        if not rows:
+            continue
+        bw = next((x["bandwidth"] for r in rows for x in r["res"].values() if "bandwidth" in x), float("nan"))
+        lines.append(f"**{th} thread(s)** (copy bandwidth {bw / 1e9:.1f} GB/s; load average before "
+                     f"{rows[0]['load_before'][0]:.2f})")
+        lines.append("")
+        head = ["case", "cache MiB", "floor ms"]
+        for w in workers:
+            if "sdpa" in methods:
+                head.append(f"SDPA ms ({w.label})")
+            if "lla" in methods:
+                head += [f"LLA ({w.label})", "ok"]
+            if "parallax" in methods:
+                head += [f"Parallax ({w.label})", "ok"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for r in rows:
+            cfg = r["cfg"]
+            cache_bytes = 2 * sum(cfg["lens"]) * cfg["Hk"] * 64 * 4
+            cells = [r["case"], f"{cache_bytes / 2**20:.0f}", f"{1e3 * cache_bytes / bw:.2f}"]
+            tl, tp = TARGETS[r["case"]]
+            for w in workers:
+                sd = r["res"].get(f"{w.label}/sdpa", {})
+                base = sd.get("ms")
+                if "sdpa" in methods:
+                    cells.append(f"{base:.3g}" if base else "error")
+                if "lla" in methods:
+                    cells += list(cell(r["res"][f"{w.label}/lla"], base, tl))
+                if "parallax" in methods:
+                    cells += list(cell(r["res"][f"{w.label}/parallax"], base, tp))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out + ".md", "w") as f:
+            f.write(text + "\n")
+        with open(args.out + ".json", "w") as f:
+            json.dump(dict(started=started, wall_s=wall, load_end=load1, steps=steps, srcs=srcs, results=results), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -428,3 +428,34 @@ def test_new_keys_are_written_detached(parallax):
     assert kc.grad_fn is None and not kc.requires_grad
     gq, gk, gv = torch.autograd.grad(o.sum(), (q, k, v), allow_unused=True)
     assert gk is None and gv is None and gq is not None
+
+
+# ------------------------------------------------------------------------------ locality, no float64 rescue
+@pytest.mark.parametrize("mult", [1e4, 1e6])
+@pytest.mark.parametrize("window", [(-1, -1), (6, -1)])
+def test_ragged_locality_without_float64_rescue(monkeypatch, mult, window):
+    """Locality in a ragged batch with the float64 rescue switched off: a huge key just past sequence 0's
+    length (in its own cache row) and at the same entry of sequence 1 (which sees it) leave sequence 0's
+    output, shift and moments as they are without them, to rounding (its pivot, shift and statistics come
+    only from the keys it sees), and accurate against the float64 reference on its own entries."""
+    from lla.ops.lla import decode
+
+    monkeypatch.setattr(decode, "_hopeless_rows", lambda solver, res, fl: torch.zeros_like(res, dtype=torch.bool))
+    B, S_max, H, Hk, D = 2, 40, 4, 2, 16
+    q, k, v = make_qkv(B=B, T=S_max, H=H, Hk=Hk, D=D, dtype=torch.float32, seed=31)
+    lens = torch.tensor([10, 40])
+    q1 = q[:, -1:]
+    clean = lla.local_linear_attention_with_kvcache(q1, k.clone(), v.clone(), cache_seqlens=lens, ridge=0.5,
+                                                    window_size=window)
+    k2 = k.clone()
+    k2[0, 10] *= mult  # just past sequence 0's length
+    k2[1, 10] *= mult  # sequence 1 sees it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sequence 1 may be ill-conditioned: not the point here
+        out = lla.local_linear_attention_with_kvcache(q1, k2, v.clone(), cache_seqlens=lens, ridge=0.5,
+                                                      window_size=window)
+    assert torch.isfinite(out[0]).all()
+    assert rel_err(out[0], clean[0]) <= 1e-6
+    ref = lla.local_linear_attention_ref(q1[:1].double(), k[:1, :10].double(), v[:1, :10].double(), ridge=0.5,
+                                         window_size=(window[0], 0) if window[0] >= 0 else (-1, -1))
+    assert rel_err(out[0:1], ref) <= 1e-5

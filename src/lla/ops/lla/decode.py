@@ -37,12 +37,15 @@ from ..checks import (
     check_bool, check_cache_batch_idx, check_cache_seqlens, check_new_kv, check_qkv, check_ridge, check_scale,
     check_solver_options, check_window,
 )
-from ..diagnostics import check_conditioning, check_solve, default_tol
+from ..common.kvcache import (  # noqa: F401  (append_to_cache, gather_cache, pack_cache: re-exported)
+    append_to_cache, cache_chunk, chunk_keys, chunk_parts, gather_cache, pack_cache, stage_chunk, visible_span,
+)
+from ..diagnostics import CONDITIONING_THRESHOLD, check_conditioning, check_solve, default_tol
 from .api import LLAAux, local_linear_attention
 from .torch_backend.function import (  # the backend's code, shared
-    SHIFT_SAMPLE, _amplification, _floor, _hopeless_rows, _sensitivity,
+    SHIFT_SAMPLE, _amplification, _floor, _hopeless_rows, _sensitivity, amplification_rows,
 )
-from .torch_backend.solvers import FEW_ROWS, direct_solve
+from .torch_backend.solvers import FEW_ROWS, _chol_apply, _cholesky, chol_solve, direct_solve
 
 __all__ = ["local_linear_attention_with_kvcache", "append_to_cache", "gather_cache", "pack_cache"]
 
@@ -71,8 +74,10 @@ def _key_shift(K, first, lens, S0):
     ok = (idx >= first[:, None]) & (idx >= S0)
     idx = (idx - S0).clamp(0, max(n - 1, 0))
     picked = K.detach().gather(2, idx[:, None, :, None].expand(B, Hk, SHIFT_SAMPLE, D))
-    picked = picked.masked_fill(~ok[:, None, :, None], float("nan"))
-    return picked.nanmedian(dim=2, keepdim=True).values.nan_to_num(0.0)
+    picked = picked.masked_fill(~ok[:, None, :, None], float("nan")).sort(dim=2).values  # NaN last
+    lower = ((ok.sum(-1) - 1) // 2).clamp_min(0)  # the lower median of the keys the row sees (as nanmedian)
+    med = picked.gather(2, lower[:, None, None, None].expand(B, picked.shape[1], 1, picked.shape[3]))
+    return med.nan_to_num(0.0)
 
 
 def _chunk_moments(kc, K, V, j0, j1):
@@ -83,8 +88,9 @@ def _chunk_moments(kc, K, V, j0, j1):
     return torch.cat([kc2, torch.cat([kc2.sum(-1, keepdim=True), k2, v2], dim=-1).sqrt()], dim=-1)
 
 
-def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
-    """Single-query LLA with the backend's moment / solve code, and what it needs to report.
+def _decode_one_autograd(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
+    """Single-query LLA with the backend's moment / solve code, and what it needs to report: the
+    differentiable path (autograd through whole-span tensors; ``_decode_one`` when no gradient is needed).
 
     q [B, 1, H, D]; caches [B_cache, S_max, Hk, *], batch element ``b`` reading cache row
     ``rows[b]`` (``rows`` None: row ``b``); lens [B] int64; lam [B, 1, H].  Row ``b`` sees entries
@@ -145,7 +151,7 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     if cdt != torch.float64:  # rows the working precision cannot solve: in float64, as the op does
         hopeless = (_hopeless_rows("direct", residual, floor) | ~torch.isfinite(o).all(-1)) & live
         if bool(hopeless.any()):
-            o64, _lse64, st64 = _decode_one(q.double(), k_cache, v_cache, rows, lens, lam.double(), scale, left, tol)
+            o64, _lse64, st64 = _decode_one_autograd(q.double(), k_cache, v_cache, rows, lens, lam.double(), scale, left, tol)
             o = torch.where(hopeless.unsqueeze(-1), o64.reshape(B, Hk, G, Dv).to(cdt), o)
             residual = torch.where(hopeless, st64[0].to(cdt), residual)
             floor = floor.masked_fill(hopeless, 0.0)
@@ -166,33 +172,309 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     return o.reshape(B, 1, H, Dv).to(q.dtype), lse.reshape(B, 1, H).float(), stats.detach()
 
 
-def append_to_cache(k_cache, v_cache, k, v, seqlens, rows=None) -> None:
-    """Write ``k, v [B, T_new, Hk, *]`` in place at entries ``seqlens[b] + t`` of cache row ``rows[b]``
-    (``rows`` None: row ``b``), detached: no gradient flows through the cache."""
-    B, T = k.shape[:2]
-    pos = seqlens[:, None] + torch.arange(T, device=seqlens.device)[None, :]  # [B, T]
-    bidx = (torch.arange(B, device=seqlens.device) if rows is None else rows)[:, None].expand(B, T)
-    with torch.no_grad():
-        k_cache[bidx, pos] = k.detach().to(k_cache.dtype)
-        v_cache[bidx, pos] = v.detach().to(v_cache.dtype)
+#: Refinement steps of the single-token solve (as ``solvers.direct_solve``).
+REFINE = 4
 
 
-def gather_cache(cache, rows, n):
-    """The first ``n`` entries of the cache rows the batch uses: a view without ``rows``, else a gather."""
-    return cache[:, :n] if rows is None else cache[rows, :n]
+def _cache_shift(k_cache, rows, first, lens, cdt):
+    """The backend's tile shift for one row per sequence, read from the cache: the coordinate-wise (lower)
+    median of the last ``SHIFT_SAMPLE`` keys the row sees, zero when it sees none.  -> ``[B, Hk, 1, D]``."""
+    B, S_max = lens.shape[0], k_cache.shape[1]
+    idx = lens[:, None] - 1 - torch.arange(SHIFT_SAMPLE, device=lens.device)[None, :]  # [B, SHIFT_SAMPLE]
+    ok = idx >= first[:, None]
+    r = (torch.arange(B, device=lens.device) if rows is None else rows)[:, None]
+    picked = k_cache[r, idx.clamp(0, max(S_max - 1, 0))].to(cdt).permute(0, 2, 1, 3)  # [B, Hk, SHIFT_SAMPLE, D]
+    picked = picked.masked_fill(~ok[:, None, :, None], float("nan")).sort(dim=2).values  # NaN last
+    lower = ((ok.sum(-1) - 1) // 2).clamp_min(0)  # the lower median of the keys the row sees (as nanmedian)
+    med = picked.gather(2, lower[:, None, None, None].expand(B, picked.shape[1], 1, picked.shape[3]))
+    return med.nan_to_num(0.0)
 
 
-def pack_cache(cache, rows, lens):
-    """The first ``lens[b]`` entries of each batch element's cache row, packed: ``[1, sum(lens), Hk, *]``
-    and the int64 offsets ``[B + 1]`` (for ``cu_seqlens_k``)."""
-    B = lens.shape[0]
-    cu = torch.zeros(B + 1, dtype=torch.int64, device=lens.device)
-    cu[1:] = lens.cumsum(0)
-    total = int(cu[-1])
-    rows = torch.arange(B, device=lens.device) if rows is None else rows
-    seq = torch.repeat_interleave(torch.arange(B, device=lens.device), lens, output_size=total)
-    pos = torch.arange(total, device=lens.device) - cu[seq]
-    return cache[rows[seq], pos].unsqueeze(0), cu
+class _Chunks:
+    """The cache span ``S0:S1`` in chunks: ``(offset into the span, n, hide [B, n] or None)`` per chunk;
+    ``raw_keys`` (a view), ``keys`` (shifted) and ``values`` (staged into one reused buffer,
+    ``common.kvcache.stage_chunk``) read one."""
+
+    def __init__(self, k_cache, v_cache, rows, first, lens, span, C, cdt, shift):
+        self.k_cache, self.v_cache, self.rows, self.cdt, self.shift = k_cache, v_cache, rows, cdt, shift
+        _, S0, S1 = span[:3]
+        B, Hk = lens.shape[0], k_cache.shape[2]
+        self.S0 = S0
+        self.parts = chunk_parts(first, lens, span, C)
+        n = min(C, S1 - S0)
+        self.buf = torch.empty(B * Hk * n * max(k_cache.shape[3], v_cache.shape[3]), dtype=cdt, device=lens.device)
+        self.vbuf = None  # a second buffer, for values read beside keys
+
+    def raw_keys(self, a, n):
+        return cache_chunk(self.k_cache, self.rows, self.S0 + a, self.S0 + a + n).to(self.cdt)
+
+    def keys(self, a, n, hide):
+        """``k - c`` (zero where hidden), contiguous [B, Hk, n, D]."""
+        return stage_chunk(self.k_cache, self.rows, self.S0 + a, self.S0 + a + n, self.buf, self.cdt, hide, self.shift)
+
+    def values(self, a, n, hide, beside_keys=False):
+        if beside_keys and self.vbuf is None:
+            self.vbuf = torch.empty_like(self.buf)
+        buf = self.vbuf if beside_keys else self.buf
+        return stage_chunk(self.v_cache, self.rows, self.S0 + a, self.S0 + a + n, buf, self.cdt, hide)
+
+
+def _weighted_cross(s, kc, V, out):
+    """``out [B, Hk, G D, Dv] += sum_j s_j (k_j - c) v_j^T`` per row (one GEMM per key head, its ``G`` rows
+    stacked): s [B, Hk, G, n], kc [B, Hk, n, D], V [B, Hk, n, Dv]."""
+    B, Hk, G, n = s.shape
+    D, Dv = kc.shape[-1], V.shape[-1]
+    skT = torch.empty(B, Hk, G, D, n, dtype=kc.dtype, device=kc.device)
+    torch.mul(s.unsqueeze(-2), kc.transpose(-1, -2).unsqueeze(2), out=skT)  # [B, Hk, G, D, n]
+    out.view(B * Hk, G * D, Dv).baddbmm_(skT.view(B * Hk, G * D, n), V.reshape(B * Hk, n, Dv))
+
+
+class _Gram:
+    """``sum X^T X`` over chunks (X [B, Hk, n, D]) in three contiguous ``D/2``-square blocks of the upper
+    triangle (three GEMMs: 3/4 of the full GEMM's flops); ``full()`` -> ``[B, Hk, D, D]``, symmetric."""
+
+    def __init__(self, B, Hk, D, dtype, device):
+        self.h = h = D // 2
+        self.blocks = [torch.zeros(B * Hk, r, c, dtype=dtype, device=device) for r, c in ((h, h), (h, D - h), (D - h, D - h))]
+        self.shape = (B, Hk, D, D)
+
+    def scale_(self, alpha):  # alpha [B, Hk, 1, 1]
+        a = alpha.reshape(-1, 1, 1)
+        for blk in self.blocks:
+            blk.mul_(a)
+
+    def add_(self, X):
+        B, Hk, n, D = X.shape
+        X3 = X.reshape(B * Hk, n, D)
+        XT, h = X3.transpose(-1, -2), self.h
+        self.blocks[0].baddbmm_(XT[:, :h], X3[:, :, :h])
+        self.blocks[1].baddbmm_(XT[:, :h], X3[:, :, h:])
+        self.blocks[2].baddbmm_(XT[:, h:], X3[:, :, h:])
+
+    def full(self):
+        h = self.h
+        M = self.blocks[0].new_empty(self.shape).view(-1, *self.shape[-2:])
+        M[:, :h, :h] = self.blocks[0]
+        M[:, :h, h:] = self.blocks[1]
+        M[:, h:, :h] = self.blocks[1].transpose(-1, -2)
+        M[:, h:, h:] = self.blocks[2]
+        return M.view(self.shape)
+
+
+@torch.no_grad()
+def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux=False):
+    """Single-query LLA in chunks of the cache, no gradient: the numerics of ``_decode_one_autograd`` (the
+    backend's shift, moments, direct solve with refinement, centred output weights and estimates), with no
+    ``[S, D]`` temporary beyond one chunk.  Same arguments and returns; ``want_aux``: the amplification
+    reported is the estimate itself (else, when a cheap bound shows it cannot warn, that bound).
+
+    Passes over the cache (chunks staged by ``_Chunks``), per key head all its ``G`` query heads in one
+    GEMM, all sequences of a ragged batch in one call:
+      1. keys: logits (kept, ``[B, H, S]``), an online softmax (running max), the weighted first moment,
+         the weighted second moment of the shifted keys (``[G D, n] x [n, D]`` GEMMs) and ``E|k - c|``, ``E|k|``;
+      2. keys: ``(k_j - c) . x`` (kept, ``[B, H, S]``) and the true residual of ``A x = b`` with the centred
+         matvec (``solvers.cov_matvec``'s arithmetic); again per refinement step, while some row's residual
+         exceeds ``tol``;
+      3. values: the centred output weights (``function._centred``'s arithmetic) times V, ``E|v|``, ``E|v|^2``;
+      4. (only when a row's conditioning estimate may warn, or ``want_aux``) keys and values: the few-row
+         sensitivity's ``sum_j s_j (k_j - c) v_j^T`` (``function._sensitivity``); with ``want_aux`` it joins
+         pass 1 instead.
+    """
+    B, _, H, D = q.shape
+    Hk, Dv = k_cache.shape[2], v_cache.shape[3]
+    G = H // Hk
+    dev = q.device
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    eps, tiny = torch.finfo(cdt).eps, torch.finfo(cdt).tiny
+    span = visible_span(lens, left)
+    first, S0, S1 = span[:3]
+    if S1 == 0:
+        lse = torch.full((B, 1, H), float("-inf"), dtype=torch.float32, device=dev)
+        return q.new_zeros(B, 1, H, Dv), lse, torch.zeros(4, dtype=cdt)
+    n_all = S1 - S0
+    few = G <= FEW_ROWS
+    shift = _cache_shift(k_cache, rows, first, lens, cdt)  # [B, Hk, 1, D]
+    chunks = _Chunks(k_cache, v_cache, rows, first, lens, span, chunk_keys(B, H, max(D, Dv), n_all), cdt, shift)
+    Q = q.to(cdt).reshape(B, Hk, G, D)  # query head h = hk * G + g
+    Qs = Q * scale
+    L = lam.to(cdt).reshape(B, Hk, G)
+    fused_cross = want_aux and few
+    gram = G == 1 and not fused_cross and D >= 16  # one row per key head: sqrt(p)-scaled keys, symmetric blocks
+
+    # pass 1: logits, online softmax, first and second moments of the shifted keys
+    logits = torch.empty(B, Hk, G, n_all, dtype=cdt, device=dev)
+    mx = torch.full((B, Hk, G, 1), float("-inf"), dtype=cdt, device=dev)
+    psum = torch.zeros(B, Hk, G, 1, dtype=cdt, device=dev)
+    pk = torch.zeros(B, Hk, G, D, dtype=cdt, device=dev)  # sum_j p_j (k_j - c)
+    # sum_j p_j (k_j - c)(k_j - c)^T: G rows stacked, or (one row per key head) symmetric blocks
+    M2 = _Gram(B, Hk, D, cdt, dev) if gram else torch.zeros(B, Hk, G * D, D, dtype=cdt, device=dev)
+    Qc = torch.cat([Qs, shift], dim=2)  # [B, Hk, G + 1, D]: the logits and k_j . c in one GEMM
+    cc = torch.linalg.vecdot(shift, shift).unsqueeze(-1)  # |c|^2  [B, Hk, 1, 1]
+    pn = torch.zeros(B, Hk, G, 2, dtype=cdt, device=dev)  # sum_j p_j [|k_j - c|, |k_j|]
+    if fused_cross:
+        cross = torch.zeros(B, Hk, G * D, Dv, dtype=cdt, device=dev)
+        pv = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=dev)
+    for a, n, hide in chunks.parts:
+        lk = Qc @ chunks.raw_keys(a, n).transpose(-1, -2)  # [B, Hk, G + 1, n], from the raw keys (a cache view)
+        lg = logits[..., a : a + n]
+        lg.copy_(lk[:, :, :G])  # logits from the raw keys, as the backend
+        if hide is not None:
+            lg.masked_fill_(hide[:, None, None, :], float("-inf"))
+        kc = chunks.keys(a, n, hide)  # k - c, contiguous (zero where hidden)
+        norms = torch.empty(B, Hk, n, 2, dtype=cdt, device=dev)  # [|k_j - c|, |k_j|]
+        kcn2 = torch.linalg.vecdot(kc, kc, out=norms[..., 0])
+        # |k|^2 = |k - c|^2 + 2 k . c - |c|^2 (hidden entries: |k - c| = 0, p = 0)
+        torch.add(kcn2, lk[:, :, G], alpha=2.0, out=norms[..., 1]).sub_(cc[..., 0]).clamp_min_(0.0)
+        norms.sqrt_()
+        if hide is not None:
+            norms.masked_fill_(hide[:, None, :, None], 0.0)  # garbage past a length: not even NaN may enter
+        new = torch.maximum(mx, lg.amax(-1, keepdim=True))
+        ref = new.masked_fill(new == float("-inf"), 0.0)  # rows that saw no key yet: p = 0
+        alpha = torch.exp(mx - ref)
+        mx = new
+        p = torch.exp(lg - ref)  # [B, Hk, G, n]
+        psum.mul_(alpha).add_(p.sum(-1, keepdim=True))
+        pk.mul_(alpha).add_(p @ kc)
+        pn.mul_(alpha).add_(p @ norms)
+        if gram:
+            M2.scale_(alpha)
+            M2.add_(kc.mul_(p.sqrt().transpose(-1, -2)))
+        else:
+            M2.view(B, Hk, G, D, D).mul_(alpha.unsqueeze(-1))
+            _weighted_cross(p, kc, kc, M2)
+        if fused_cross:
+            V = chunks.values(a, n, hide, beside_keys=True)
+            cross.view(B, Hk, G, D, Dv).mul_(alpha.unsqueeze(-1))
+            _weighted_cross(p, kc, V, cross)
+            pv.mul_(alpha).add_(p @ V)
+    live = psum > 0  # [B, Hk, G, 1]: rows that see a key
+    ps = psum.clamp_min(tiny)
+    lse = (mx + psum.log()).reshape(B, 1, H).float()  # -inf for a row that sees nothing
+    ref = mx.masked_fill(~live, 0.0)
+    s = logits.sub_(ref).exp_().div_(ps)  # the softmax weights [B, Hk, G, n] (0 for a row that sees nothing)
+    piv = s.argmax(-1, keepdim=True)  # each row's pivot key (largest weight)
+    ssum = s.sum(-1, keepdim=True).clamp_min(tiny)
+    smax = s.gather(-1, piv)[..., 0]
+    m = pk / ps  # the weighted mean in the shifted frame  [B, Hk, G, D]
+    M2 = (M2.full().unsqueeze(2) if gram else M2.view(B, Hk, G, D, D)) / ps.unsqueeze(-1)
+    if fused_cross:
+        cross, pv = cross.view(B, Hk, G, D, Dv) / ps.unsqueeze(-1), pv / ps
+    ekc2 = M2.diagonal(dim1=-2, dim2=-1).sum(-1)  # E|k - c|^2  [B, Hk, G]
+    ekc, ek = (pn / ps).unbind(-1)
+    A = (0.5 * (M2 + M2.transpose(-1, -2)) - m.unsqueeze(-1) * m.unsqueeze(-2)
+         + L[..., None, None] * torch.eye(D, dtype=cdt, device=dev))
+    del M2
+    qc = Q - shift
+    b = m - qc
+    chol = _cholesky(A)
+    x = _chol_apply(*chol, b)
+    bnorm = b.norm(dim=-1)
+    bnorm = bnorm.where(bnorm > 0, torch.ones_like(bnorm))
+
+    yx = torch.empty_like(s)  # (k_j - c) . x  [B, Hk, G, n]
+
+    def residual_pass(x, keep):
+        """The true residual ``b - A x`` with the centred matvec; ``keep``: also store ``(k_j - c) . x``."""
+        mxd = -torch.linalg.vecdot(m, x).unsqueeze(-1)
+        ap = torch.zeros_like(x)
+        kps = torch.zeros_like(mxd)
+        for a, n, hide in chunks.parts:
+            kc = chunks.keys(a, n, hide)
+            kp = x @ kc.transpose(-1, -2)  # [B, Hk, G, n]
+            if keep:
+                yx[..., a : a + n] = kp
+            kp.add_(mxd).mul_(s[..., a : a + n])
+            ap.add_(kp @ kc)
+            kps.add_(kp.sum(-1, keepdim=True))
+        r = b - ap.addcmul_(kps, m, value=-1.0).addcmul_(x, L.unsqueeze(-1))
+        return r, r.norm(dim=-1) / bnorm
+
+    r, residual = residual_pass(x, True)
+    x_yx = x
+    for _ in range(REFINE):  # as solvers.direct_solve
+        if not bool((residual > tol).any()):
+            break
+        x_new = x + _chol_apply(*chol, r)
+        r_new, res_new = residual_pass(x_new, False)
+        better = res_new < residual
+        x = torch.where(better.unsqueeze(-1), x_new, x)
+        r = torch.where(better.unsqueeze(-1), r_new, r)
+        residual = torch.where(better, res_new, residual)
+    if x is not x_yx:
+        residual_pass(x, True)
+    # output weights w_j = s_j (1 - y_j . x), y . x as function._centred forms it (relative to the row's pivot
+    # key when few, then centred with the weighted mean of the computed products)
+    if few:
+        yx.sub_(yx.gather(-1, piv))
+    yx.sub_(torch.linalg.vecdot(s, yx).unsqueeze(-1) / ssum).mul_(s)
+    w = torch.sub(s, yx, out=yx)
+    aw = torch.linalg.vector_norm(w, ord=1, dim=-1)
+
+    # pass 3: the output and E|v|, E|v|^2
+    o = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=dev)
+    ev = torch.zeros(B, Hk, G, 2, dtype=cdt, device=dev)
+    for a, n, hide in chunks.parts:
+        V = chunks.values(a, n, hide)
+        o.add_(w[..., a : a + n] @ V)
+        vn = torch.empty(B, Hk, n, 2, dtype=cdt, device=dev)
+        torch.linalg.vecdot(V, V, out=vn[..., 1])
+        torch.sqrt(vn[..., 1], out=vn[..., 0])
+        ev.add_(s[..., a : a + n] @ vn)
+    ev, ev2 = ev.unbind(-1)
+    floor = _floor(eps, x, b, L, ekc2, m)
+    live = live[..., 0]
+    hopeless = None
+    if cdt != torch.float64:  # rows the working precision cannot solve: in float64, as the op does
+        hopeless = (_hopeless_rows("direct", residual, floor) | ~torch.isfinite(o).all(-1)) & live
+        if bool(hopeless.any()):
+            o64, _lse64, st64 = _decode_one(q.double(), k_cache, v_cache, rows, lens, lam.double(), scale, left, tol)
+            o = torch.where(hopeless.unsqueeze(-1), o64.reshape(B, Hk, G, Dv).to(cdt), o)
+            residual = torch.where(hopeless, st64[0].to(cdt), residual)
+            floor = floor.masked_fill(hopeless, 0.0)
+        else:
+            hopeless = None
+    on = o.norm(dim=-1)
+    rel = ev / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(tiny)
+
+    def amplification(sens):  # function._amplification on the per-row numbers
+        amp = amplification_rows(aw, ekc, ek, ekc2, m.norm(dim=-1), x.norm(dim=-1), qc.norm(dim=-1), Q.norm(dim=-1),
+                                 smax, L, D, scale, eps, sens) * rel
+        amp = torch.where(torch.isnan(amp), torch.full_like(amp, float("inf")), amp)
+        if hopeless is not None:
+            amp = amp.masked_fill(hopeless, 0.0)
+        return amp.max()
+
+    if few:  # function._sensitivity: |A^-1 M'^T|_F times the rounding of m - q and the residual, over E|v|
+        err = ekc + qc.norm(dim=-1) + residual * b.norm(dim=-1) / eps
+        amp = None
+        if not fused_cross and not bool(chol[2].any()):
+            # a bound first: |A^-1 M'^T|_F <= |M'|_F / lam_min(A), |M'|_F <= sqrt(tr C E|v|^2), lam_min(A) >= lam
+            # (x2 for rounding); below the warning threshold it is reported (as an upper bound) and nothing warns
+            trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
+            bound = 2.0 * (trc * ev2).sqrt() / L * err / ev.clamp_min(tiny)
+            amp = amplification(bound)
+            if not bool(amp * eps <= CONDITIONING_THRESHOLD):
+                amp = None
+        if amp is None:
+            if not fused_cross:  # pass 4
+                cross = torch.zeros(B, Hk, G * D, Dv, dtype=cdt, device=dev)
+                pv = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=dev)
+                for a, n, hide in chunks.parts:
+                    kc = chunks.keys(a, n, hide)
+                    V = chunks.values(a, n, hide, beside_keys=True)
+                    _weighted_cross(s[..., a : a + n], kc, V, cross)
+                    pv.add_(s[..., a : a + n] @ V)
+                cross = cross.view(B, Hk, G, D, Dv)
+            N = cross - m.unsqueeze(-1) * pv.unsqueeze(-2)  # M'^T = sum_j s_j (k_j - m) v_j^T  [B, Hk, G, D, Dv]
+            g = torch.linalg.matrix_norm(chol_solve(chol, N))
+            amp = amplification(g * err / ev.clamp_min(tiny))
+    else:
+        amp = amplification(None)
+    # the solve's report: the worst residual, and the residual and floor of the row furthest past max(tol, floor)
+    residual, floor = torch.where(live, residual, 0.0), torch.where(live, floor, 0.0)
+    worst = (residual / floor.clamp_min(tol)).reshape(-1).argmax()
+    stats = torch.stack([residual.amax(), amp.to(cdt), residual.reshape(-1)[worst], floor.reshape(-1)[worst]])
+    return o.reshape(B, 1, H, Dv).to(q.dtype), lse, stats
 
 
 def local_linear_attention_with_kvcache(
@@ -277,7 +559,10 @@ def local_linear_attention_with_kvcache(
 
     if T == 1 and solver in ("auto", "direct"):
         tol = float(default_tol(q.dtype) if tol is None else tol)
-        o, lse, stats = _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, lam)):
+            o, lse, stats = _decode_one_autograd(q, k_cache, v_cache, rows, lens, lam, scale, left, tol)
+        else:
+            o, lse, stats = _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux=return_aux)
         residual, amplification = (float("nan"), float("nan"))
         if not torch.compiler.is_compiling():
             residual, amplification, chk_residual, chk_floor = stats.tolist()

@@ -3,9 +3,13 @@
 Parallax has no fixed-size recurrent state either (the weights depend on the query), so it keeps
 every key and value; each new query does one pass over its cache.
 
-* A single new token (``T_new == 1``) runs one batched pass over the caches: logits and ``r . k``
-  of every cached entry (``[B, H, S]``), the masked softmax, ``c``, the centred weights and the
-  output, masking each sequence's entries past its length (ragged batches in one call).
+* A single new token (``T_new == 1``) reads the caches once, in chunks, all sequences of a ragged batch
+  and all query heads of a key head in one call: one GEMM per chunk of keys for the logits and ``r . k``
+  of every visible entry (kept: ``[B, H, S]`` each, no ``[S, D]`` temporary), the masked softmax, ``c``
+  and the centred weights, then one GEMM per chunk of values for the output.  Entries a row does not see
+  (past its length, before its window) are masked; a chunk of values holding such entries is staged into
+  a small buffer with them zeroed (they may hold anything), other chunks are read in place.  When a
+  gradient is needed the step runs on whole-span tensors instead (``_decode_one_autograd``).
 * Chunks (``T_new > 1``, prefill on top of a cache) go through the public op: one batched call when
   every sequence has the same length, else one packed varlen call (``cu_seqlens_q`` /
   ``cu_seqlens_k``), bottom-right aligned per sequence, which makes chunked prefill equal to the full
@@ -19,14 +23,16 @@ import torch
 from ..checks import (
     check_cache_batch_idx, check_cache_seqlens, check_new_kv, check_qkv, check_scale, check_tensor, check_window,
 )
-from ..lla.decode import append_to_cache, gather_cache, pack_cache
+from ..common.kvcache import (
+    append_to_cache, cache_chunk, chunk_keys, chunk_parts, gather_cache, pack_cache, stage_chunk, visible_span,
+)
 from .api import parallax_attention
 
 __all__ = ["parallax_attention_with_kvcache"]
 
 
-def _decode_one(q, r, k_cache, v_cache, rows, lens, scale, left):
-    """One new query per sequence.  q, r [B, 1, H, D]; caches [B_cache, S_max, Hk, *], batch element
+def _decode_one_autograd(q, r, k_cache, v_cache, rows, lens, scale, left):
+    """One new query per sequence, on whole-span tensors (differentiable; ``_decode_one`` otherwise).  q, r [B, 1, H, D]; caches [B_cache, S_max, Hk, *], batch element
     ``b`` reading cache row ``rows[b]`` (None: row ``b``); lens [B] int64.
 
     Sequence ``b`` sees entries ``max(0, lens[b] - 1 - left) <= j < lens[b]`` (``left = -1``: all).
@@ -55,6 +61,47 @@ def _decode_one(q, r, k_cache, v_cache, rows, lens, scale, left):
     c = (s * a).sum(-1, keepdim=True)
     w = s * (1.0 - (a - c))
     o = w @ V  # [B, Hk, G, Dv]
+    return o.reshape(B, 1, H, Dv).to(q.dtype)
+
+
+@torch.no_grad()
+def _decode_one(q, r, k_cache, v_cache, rows, lens, scale, left):
+    """One new query per sequence, in chunks of the cache (see the module docstring); the arithmetic of
+    ``_decode_one_autograd`` (same arguments and result), no gradient."""
+    B, _, H, D = q.shape
+    Hk, Dv = k_cache.shape[2], v_cache.shape[3]
+    G = H // Hk
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    span = visible_span(lens, left)
+    first, S0, S1 = span[:3]
+    if S1 == 0:
+        return q.new_zeros(B, 1, H, Dv)
+    n_all = S1 - S0
+    parts = chunk_parts(first, lens, span, chunk_keys(B, Hk, max(D, Dv), n_all))
+    QR = torch.cat([q.to(cdt) * scale, r.to(cdt)], dim=1).reshape(B, 2, Hk, G, D).transpose(1, 2)
+    QR = QR.reshape(B, Hk, 2 * G, D)  # [B, Hk, 2 G, D]: the scaled queries, then the slope queries
+    la = torch.empty(B, Hk, 2 * G, n_all, dtype=cdt, device=q.device)  # logits | r . k
+    for a, n, hide in parts:
+        part = la[..., a : a + n]
+        part.copy_(QR @ cache_chunk(k_cache, rows, S0 + a, S0 + a + n).to(cdt).transpose(-1, -2))
+        if hide is not None:
+            part[:, :, :G].masked_fill_(hide[:, None, None, :], float("-inf"))
+            part[:, :, G:].masked_fill_(hide[:, None, None, :], 0.0)
+    logits, ak = la[:, :, :G], la[:, :, G:]
+    seen = (lens > 0)[:, None, None, None]  # [B, 1, 1, 1]
+    s = torch.where(seen, torch.softmax(logits, dim=-1), torch.zeros_like(logits))  # [B, Hk, G, n]
+    c = (s * ak).sum(-1, keepdim=True)
+    w = s * (1.0 - (ak - c))
+    o = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=q.device)
+    buf = None
+    for a, n, hide in parts:
+        if hide is None:
+            V = cache_chunk(v_cache, rows, S0 + a, S0 + a + n).to(cdt)
+        else:  # entries a row does not see may hold anything (NaN): zeroed in a staged copy of the chunk
+            if buf is None:
+                buf = torch.empty(B * Hk * min(n_all, parts[0][1]) * Dv, dtype=cdt, device=q.device)
+            V = stage_chunk(v_cache, rows, S0 + a, S0 + a + n, buf, cdt, hide)
+        o.add_(w[..., a : a + n] @ V)
     return o.reshape(B, 1, H, Dv).to(q.dtype)
 
 
@@ -111,6 +158,8 @@ def parallax_attention_with_kvcache(
     lens = seqlens + t_add
 
     if T == 1:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, r, k_cache, v_cache)):
+            return _decode_one_autograd(q, r, k_cache, v_cache, rows, lens, scale, window_size[0])
         return _decode_one(q, r, k_cache, v_cache, rows, lens, scale, window_size[0])
     lens_list = lens.tolist()
     kw = dict(scale=scale, causal=causal, window_size=window_size, backend=backend)
