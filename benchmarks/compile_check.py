@@ -88,7 +88,7 @@ class _Capture:
         return False
 
 
-def _lla_launches(D, Dv, dtype, precision, arch):
+def _lla_launches(D, Dv, dtype, precision, arch, device="cpu"):
     """The three LLA launches (fwd, bwd_q, bwd_k) as the launcher makes them, or a fallback reason."""
     from lla.ops.lla.triton_backend import function as F
     from lla.ops.lla.triton_backend import kernels as K
@@ -99,10 +99,10 @@ def _lla_launches(D, Dv, dtype, precision, arch):
         why = F.triton_unsupported(D, Dv, dtype, precision, arch) if hasattr(F, "triton_unsupported") else None
         if why:
             return why
-        q = torch.zeros(B, T, H, D, dtype=dtype)
-        k = torch.zeros(B, T, Hk, D, dtype=dtype)
-        v = torch.zeros(B, T, Hk, Dv, dtype=dtype)
-        lam = torch.ones(B, T, H)
+        q = torch.zeros(B, T, H, D, dtype=dtype, device=device)
+        k = torch.zeros(B, T, Hk, D, dtype=dtype, device=device)
+        v = torch.zeros(B, T, Hk, Dv, dtype=dtype, device=device)
+        lam = torch.ones(B, T, H, device=device)
         ranges = F.row_ranges(T, T, (-1, 0), None, q.device)
         cfg = F._Cfg(D ** -0.5, 64, 1e-6, True, 1.0, (), precision)
         with _Capture([K.lla_fwd_kernel, K.lla_bwd_query_kernel, K.lla_bwd_key_kernel]) as cap:
@@ -111,7 +111,7 @@ def _lla_launches(D, Dv, dtype, precision, arch):
     return cap.launches
 
 
-def _parallax_launches(D, Dv, dtype, precision, arch):
+def _parallax_launches(D, Dv, dtype, precision, arch, device="cpu"):
     from lla.ops.parallax import triton_backend as P
     from lla.ops.lla.triton_backend.function import row_ranges
     from lla.ops.triton_common import target_arch
@@ -121,9 +121,9 @@ def _parallax_launches(D, Dv, dtype, precision, arch):
         why = P.triton_unsupported(D, Dv, dtype, arch) if hasattr(P, "triton_unsupported") else None
         if why:
             return why
-        q = torch.zeros(B, T, H, D, dtype=dtype)
-        k = torch.zeros(B, T, Hk, D, dtype=dtype)
-        v = torch.zeros(B, T, Hk, Dv, dtype=dtype)
+        q = torch.zeros(B, T, H, D, dtype=dtype, device=device)
+        k = torch.zeros(B, T, Hk, D, dtype=dtype, device=device)
+        v = torch.zeros(B, T, Hk, Dv, dtype=dtype, device=device)
         ranges = row_ranges(T, T, (-1, 0), None, q.device)
         kern = [P.parallax_fwd_kernel, P.parallax_bwd_query_kernel, P.parallax_bwd_key_kernel]
         with _Capture(kern) as cap:
@@ -195,7 +195,35 @@ def _compile(fn, src, target, options) -> dict:
                 seconds=round(time.perf_counter() - t0, 1))
 
 
-def run_config(job, cache: dict, sweep=(), kernels=None) -> list:
+def _compile_on_device(fn, args, kwargs) -> dict:
+    """On a GPU: the normal JIT compile of the launch (no run), loaded on the device -> the ptxas figures
+    as ``_compile`` plus the driver's ``n_regs`` / ``n_spills``."""
+    from triton import knobs
+
+    t0 = time.perf_counter()
+    buf = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True
+    try:
+        with contextlib.redirect_stdout(buf):
+            kern = type(fn).run(fn, *args, grid=(1,), warmup=True, **kwargs)
+    finally:
+        knobs.nvidia.dump_ptxas_log = False
+        knobs.compilation.always_compile = False
+    log = buf.getvalue()
+    m_regs, m_spill = _REGS.search(log), _SPILL.search(log)
+    ptx = kern.asm.get("ptx", "")
+    row = dict(smem=int(kern.metadata.shared), regs=int(m_regs.group(1)) if m_regs else -1,
+               stack=-1, spill_st=-1, spill_ld=-1, wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+               mma=len(re.findall(r"\bmma\.sync", ptx)))
+    if m_spill:
+        row["stack"], row["spill_st"], row["spill_ld"] = (int(g) for g in m_spill.groups())
+    kern._init_handles()  # loads it: raises when it needs more shared memory than the device has
+    row.update(n_regs=int(kern.n_regs), n_spills=int(kern.n_spills), seconds=round(time.perf_counter() - t0, 1))
+    return row
+
+
+def run_config(job, cache: dict, sweep=(), kernels=None, device=None, deadline=None) -> list:
     """One configuration ``(mech, D, Dv, dtype, precision, arch)`` -> its rows (one per kernel).
 
     ``sweep``: compile each launch at these ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` instead of the
@@ -203,8 +231,13 @@ def run_config(job, cache: dict, sweep=(), kernels=None) -> list:
     these (``fwd``, ``bwd_q``, ``bwd_k``)."""
     mech, D, Dv, dt, precision, arch = job
     base = dict(mech=mech, D=D, Dv=Dv, dtype=dt, precision=precision, arch=arch)
+    if deadline is not None and time.time() > deadline:
+        return [dict(base, kernel="-", status="skipped", error="time budget")]
     try:
-        launches = MECHS[mech](D, Dv, DTYPES[dt], precision, arch)
+        if device is not None:
+            launches = MECHS[mech](D, Dv, DTYPES[dt], precision, arch, device)
+        else:
+            launches = MECHS[mech](D, Dv, DTYPES[dt], precision, arch)
     except Exception as e:  # noqa: BLE001  (a launcher that cannot even prepare the launch)
         return [dict(base, kernel="-", status="error", error=f"launcher: {type(e).__name__}: {e}")]
     if isinstance(launches, str):
@@ -225,6 +258,12 @@ def run_config(job, cache: dict, sweep=(), kernels=None) -> list:
         row = dict(base, kernel=name, BLOCK_M=kwargs.get("BLOCK_M"), BLOCK_N=kwargs.get("BLOCK_N"),
                    warps=kwargs.get("num_warps", 4))
         try:
+            if device is not None:
+                row["stages"] = kwargs.get("num_stages", 3)
+                row.update(_compile_on_device(fn, args, kwargs))
+                row["status"] = status(row)
+                rows.append(row)
+                continue
             target, src, options = _specialise(fn, args, kwargs, arch)
             row["stages"] = options.num_stages
             key = _key(fn, src, options, arch)
@@ -265,11 +304,11 @@ def jobs_for(mechs, Ds, dtypes, archs, dv_pairs, precisions=PRECISIONS):
 
 
 def _worker(args):
-    job, cache, sweep, kernels = args
-    return run_config(job, cache, sweep, kernels)
+    job, cache, sweep, kernels, device, deadline = args
+    return run_config(job, cache, sweep, kernels, device, deadline)
 
 
-def run_all(jobs, cache_path=None, n_jobs=1, log=print, sweep=(), kernels=None) -> list:
+def run_all(jobs, cache_path=None, n_jobs=1, log=print, sweep=(), kernels=None, device=None, deadline=None) -> list:
     cache = {}
     if cache_path and os.path.exists(cache_path):
         with open(cache_path) as f:
@@ -280,7 +319,7 @@ def run_all(jobs, cache_path=None, n_jobs=1, log=print, sweep=(), kernels=None) 
     def take(rs):
         for r in rs:
             rows.append(r)
-            if r.get("key") and r["status"] != "error":
+            if r.get("key") and r["status"] not in ("error", "skipped"):
                 cache[r["key"]] = {k: r[k] for k in ("smem", "regs", "stack", "spill_st", "spill_ld", "wgmma", "mma",
                                                      "seconds", "key")}
             log(fmt_row(r) + f"   [{time.perf_counter() - t0:.0f}s]")
@@ -292,23 +331,25 @@ def run_all(jobs, cache_path=None, n_jobs=1, log=print, sweep=(), kernels=None) 
 
     if n_jobs <= 1:
         for job in jobs:
-            take(run_config(job, cache, sweep, kernels))
+            take(run_config(job, cache, sweep, kernels, device, deadline))
     else:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork")) as ex:
-            for rs in ex.map(_worker, [(j, cache, sweep, kernels) for j in jobs]):
+        ctx = mp.get_context("spawn" if device is not None else "fork")  # CUDA does not survive a fork
+        with ProcessPoolExecutor(n_jobs, mp_context=ctx) as ex:
+            for rs in ex.map(_worker, [(j, cache, sweep, kernels, device, deadline) for j in jobs]):
                 take(rs)
     return rows
 
 
 def fmt_row(r) -> str:
     head = f"{r['mech']:>8} {r['kernel']:>5} sm_{r['arch']} D={r['D']:<3} Dv={r['Dv']:<3} {r['dtype']:>4} {r['precision']:>5}"
-    if r["status"] in ("error", "fallback"):
+    if r["status"] in ("error", "fallback", "skipped"):
         return f"{head}  {r['status'].upper()}: {r.get('error', '')}"
+    dev = f"  driver n_regs {r['n_regs']} n_spills {r['n_spills']}" if "n_regs" in r else ""
     return (f"{head}  {r['BLOCK_M']}x{r['BLOCK_N']}/{r['warps']}w/{r['stages']}s  smem {r['smem']:>6}  regs {r['regs']:>3}"
             f"  spill st/ld {r['spill_st']:>5}/{r['spill_ld']:<5} stack {r['stack']:>5}  wgmma {r['wgmma']:>3} mma {r['mma']:>3}"
-            f"  {r['status']}  ({r['seconds']}s)")
+            f"  {r['status']}{dev}  ({r['seconds']}s)")
 
 
 def markdown(rows) -> str:
@@ -327,13 +368,14 @@ def markdown(rows) -> str:
             r = ks.get(name)
             if r is None:
                 continue
-            if r["status"] in ("error", "fallback"):
+            if r["status"] in ("error", "fallback", "skipped"):
                 cells.append(f"{r['status']}: {r.get('error', '')}")
                 worst = r["status"]
                 continue
             tc = f"wgmma {r['wgmma']}" if r["wgmma"] else (f"mma {r['mma']}" if r["mma"] else "none")
+            dev = f" (driver: {r['n_regs']} regs, {r['n_spills']} B spilled)" if "n_regs" in r else ""
             cells.append(f"{name} {r['BLOCK_M']}x{r['BLOCK_N']}/{r['warps']}/{r['stages']}, {r['smem'] / 1024:.1f}, "
-                         f"{r['regs']}, {r['spill_st']}, {tc}")
+                         f"{r['regs']}, {r['spill_st']}, {tc}{dev}")
             if r["status"] != "ok" and worst in ("ok", "spill"):
                 worst = r["status"]
         lines.append(f"| {mech} | sm_{arch} | {D} | {Dv} | {dt} | {prec} | {'; '.join(cells)} | {worst} |")
@@ -384,11 +426,20 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--update-doc", help="replace the generated table in this Markdown file")
+    p.add_argument("--device", action="store_true", help="on a GPU: compile with the normal JIT for this device "
+                   "and report the driver's n_regs / n_spills too (arch: the device's)")
+    p.add_argument("--budget-s", type=float, default=None, help="skip the configurations left after this long")
     p.add_argument("--strict", action="store_true", help="also fail on low-register mode / spills over --max-spill")
     p.add_argument("--max-spill", type=int, default=MAX_SPILL)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("run without TRITON_INTERPRET=1 (the compile check compiles for a GPU target)")
+    device = None
+    if a.device:
+        if not torch.cuda.is_available():
+            p.error("--device needs a CUDA GPU")
+        major, minor = torch.cuda.get_device_capability()
+        a.arch, device = [10 * major + minor], "cuda"
     if a.subset == "ci":
         jobs = jobs_for(a.mech, CI_SUBSET["D"], CI_SUBSET["dtypes"], CI_SUBSET["archs"], (), a.precisions)
     else:
@@ -397,7 +448,9 @@ def main(argv=None) -> int:
         jobs = jobs_for(a.mech, a.D, a.dtypes, a.arch, pairs, a.precisions)
     t0 = time.perf_counter()
     sweep = [tuple(int(x) for x in re.split(r"[x/]", t)) for t in a.sweep.split(",") if t]
-    rows = run_all(jobs, None if a.no_cache else a.cache, a.jobs, sweep=sweep, kernels=a.kernel)
+    deadline = None if a.budget_s is None else time.time() + a.budget_s
+    rows = run_all(jobs, None if (a.no_cache or device) else a.cache, a.jobs, sweep=sweep, kernels=a.kernel,
+                   device=device, deadline=deadline)
     wall = time.perf_counter() - t0
     table = markdown(rows)
     print(table)
@@ -415,7 +468,8 @@ def main(argv=None) -> int:
                    f"bundled ptxas; {len(rows)} kernel compiles, {wall:.0f} s with the cache).")
     bad = failures(rows, a.strict, a.max_spill)
     n_fb = sum(r["status"] == "fallback" for r in rows)
-    print(f"{len(rows)} rows, {n_fb} fallbacks, {len(bad)} failing, {wall:.0f} s")
+    n_skip = sum(r["status"] == "skipped" for r in rows)
+    print(f"{len(rows)} rows, {n_fb} fallbacks, {n_skip} skipped (time budget), {len(bad)} failing, {wall:.0f} s")
     for r in bad:
         print("FAIL", fmt_row(r))
     return 1 if bad else 0

@@ -243,3 +243,84 @@ def test_key_shifts_use_only_keys_every_row_of_the_tile_sees():
             assert torch.equal(key_shifts(k2, lo, hi, bm)[:, :, t], c[:, :, t]), (window, t)
             if not common:
                 assert torch.count_nonzero(c[:, :, t]) == 0
+
+
+def test_tile_tables_cover_every_head_dim_and_arch():
+    """Every (tile family, padded head dim) has tiles for sm_90 and a choice for sm_80; the backward's
+    query tiles sit inside the forward's; ``block_config`` follows the arch it is given and the launcher
+    takes it from ``device_arch`` (``target_arch`` overrides it, as the compile check does)."""
+    pytest.importorskip("triton")
+    from lla.ops.lla.triton_backend import function as F
+    from lla.ops.parallax import triton_backend as P
+    from lla.ops.triton_common import device_arch, smem_limit, target_arch
+
+    for table in (F.TILES, P.TILES):
+        for (kind, widest), per_arch in table.items():
+            assert 90 in per_arch, (kind, widest)
+            for arch, t in per_arch.items():
+                assert set(t) == {"fwd", "bwd_q", "bwd_k"}
+                for bm, bn, warps, stages in t.values():
+                    assert bm >= 16 and bn >= 16 and warps in (1, 2, 4, 8, 16) and stages >= 1
+                if table is F.TILES:
+                    assert t["bwd_q"][0] <= t["fwd"][0] and t["bwd_k"][0] <= t["fwd"][0], (kind, widest, arch)
+    for kind in ("fp32", "half", "lowp"):
+        assert {w for (k, w) in F.TILES if k == kind} == {16, 32, 64, 128, 256}
+    for D in (16, 48, 64, 100, 128, 200, 256):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for prec in ("fp32", "mixed", "authors"):
+                for arch in (80, 86, 89, 90):
+                    c = F.block_config(D, D, dtype, prec, arch)
+                    assert len(c["fwd"]) == 4
+            for arch in (80, 90):
+                assert len(P.block_config(D, D, dtype, arch)["bwd_k"]) == 4
+    assert device_arch("cpu") == 90
+    with target_arch(80):
+        assert device_arch("cpu") == 80
+        with target_arch(90):
+            assert device_arch("cpu") == 90
+        assert device_arch("cpu") == 80
+    assert smem_limit(90) == 232_448 and smem_limit(80) == 166_912 and smem_limit(86) == 101_376
+
+
+def test_unlaunchable_configuration_falls_back_with_one_warning(monkeypatch):
+    """A (head dim, dtype, precision, arch) listed in ``UNSUPPORTED`` runs on the PyTorch backend, with
+    one RuntimeWarning (per process) that says why, and the PyTorch backend's results."""
+    pytest.importorskip("triton")
+    import warnings
+
+    from lla.ops.lla.torch_backend import lla_torch
+    from lla.ops.lla.triton_backend import function as F
+    from lla.ops.parallax import triton_backend as P
+    from lla.ops.parallax.torch_backend import parallax_torch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the compiled path's check (not interpreted)
+    monkeypatch.setattr(F, "UNSUPPORTED", {("fp32", 32, 90): "no tiles fit (test)"})
+    monkeypatch.setattr(F, "_WARNED", set())
+    q, k, v = (torch.randn(1, 12, 2, 24, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    lam = torch.full((1, 12, 2), 0.5)
+    kw = dict(scale=24 ** -0.5, window_size=(-1, 0), cu_seqlens=None, solver="cg", max_iters=64, tol=1e-6,
+              precondition=True, precision="fp32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        o1 = F.lla_triton(q, k, v, lam, **kw)[0]
+        o2 = F.lla_triton(q, k, v, lam, **kw)[0]
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "no tiles fit (test)" in msgs[0] and "D=24" in msgs[0] and "sm_90" in msgs[0], msgs
+    ref = lla_torch(q, k, v, lam, **kw)[0]
+    assert torch.equal(o1, ref) and torch.equal(o2, ref)
+    # another head dim is not listed: it would launch the kernels (CPU tensors, no interpreter: raises)
+    q8, k8, v8 = (torch.randn(1, 12, 2, 80) for _ in range(3))
+    with pytest.raises(Exception):
+        F.lla_triton(q8, k8, v8, lam, **kw)
+
+    monkeypatch.setattr(P, "UNSUPPORTED", {("fp32", 32, 90): "no tiles fit (test)"})
+    monkeypatch.setattr(P, "_WARNED", set())
+    r = torch.randn(1, 12, 2, 24)
+    pkw = dict(scale=24 ** -0.5, window_size=(-1, 0), cu_seqlens=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        po = P.parallax_triton(q, r, k, v, **pkw)[0]
+        P.parallax_triton(q, r, k, v, **pkw)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "no tiles fit (test)" in msgs[0], msgs
+    assert torch.equal(po, parallax_torch(q, r, k, v, **pkw)[0])

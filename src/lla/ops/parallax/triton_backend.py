@@ -280,16 +280,16 @@ def parallax_bwd_key_kernel(
 #: spilling among the tiles that fit the arch's shared memory out of ptxas's low-register spill mode; the
 #: generated table is in docs/triton.md); never timed on a GPU.
 TILES = {
-    ("fp32", 16): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(64, 32, 8, 3))},
-    ("fp32", 32): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(64, 32, 8, 3))},
-    ("fp32", 64): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(64, 32, 8, 3))},
-    ("fp32", 128): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
-    ("fp32", 256): {90: dict(fwd=(16, 32, 4, 3), bwd_q=(16, 32, 4, 3), bwd_k=(16, 32, 4, 3))},
-    ("half", 16): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
-    ("half", 32): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
-    ("half", 64): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
-    ("half", 128): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
-    ("half", 256): {90: dict(fwd=(16, 32, 4, 3), bwd_q=(16, 32, 4, 3), bwd_k=(16, 32, 4, 3))},
+    ("fp32", 16): {90: dict(fwd=(32, 32, 4, 1), bwd_q=(32, 32, 4, 1), bwd_k=(64, 32, 8, 1))},
+    ("fp32", 32): {90: dict(fwd=(32, 32, 4, 1), bwd_q=(32, 32, 4, 1), bwd_k=(64, 32, 8, 1))},
+    ("fp32", 64): {90: dict(fwd=(32, 32, 4, 1), bwd_q=(32, 32, 4, 1), bwd_k=(64, 32, 8, 1))},
+    ("fp32", 128): {90: dict(fwd=(32, 32, 4, 1), bwd_q=(32, 32, 4, 1), bwd_k=(32, 32, 4, 1))},
+    ("fp32", 256): {90: dict(fwd=(16, 32, 4, 1), bwd_q=(16, 32, 4, 1), bwd_k=(16, 32, 4, 1))},
+    ("half", 16): {90: dict(fwd=(64, 32, 8, 1), bwd_q=(32, 32, 4, 1), bwd_k=(32, 32, 4, 1))},
+    ("half", 32): {90: dict(fwd=(64, 32, 8, 1), bwd_q=(32, 32, 4, 1), bwd_k=(32, 32, 4, 1))},
+    ("half", 64): {90: dict(fwd=(64, 32, 8, 1), bwd_q=(32, 32, 4, 1), bwd_k=(32, 32, 4, 1))},
+    ("half", 128): {90: dict(fwd=(32, 32, 4, 1), bwd_q=(32, 32, 4, 1), bwd_k=(32, 32, 4, 1))},
+    ("half", 256): {90: dict(fwd=(16, 32, 4, 1), bwd_q=(16, 32, 4, 1), bwd_k=(16, 32, 4, 1))},
 }
 #: (input kind, padded head dim, arch) the kernels cannot run at: handed to the PyTorch backend with a
 #: one-time warning saying why

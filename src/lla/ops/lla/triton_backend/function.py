@@ -99,28 +99,28 @@ def resolve_precision(precision: str, dtype: torch.dtype) -> str:
 #: (docs/triton.md) shows what each entry costs.  None is timed on a GPU yet.
 TILES = {
     # float32 inputs (``fp32``; ``mixed`` keeps ieee dots outside the CG iterations and the same tiles)
-    ("fp32", 16): {90: dict(fwd=(32, 32, 8, 3), bwd_q=(32, 32, 8, 3), bwd_k=(32, 32, 8, 3))},
-    ("fp32", 32): {90: dict(fwd=(16, 32, 4, 3), bwd_q=(16, 32, 4, 3), bwd_k=(16, 32, 4, 3))},
-    ("fp32", 64): {90: dict(fwd=(16, 32, 8, 3), bwd_q=(16, 32, 8, 3), bwd_k=(16, 16, 8, 3))},
-    ("fp32", 128): {90: dict(fwd=(16, 16, 8, 3), bwd_q=(16, 16, 8, 3), bwd_k=(16, 16, 8, 3))},
-    ("fp32", 256): {90: dict(fwd=(16, 16, 8, 3), bwd_q=(16, 16, 8, 3), bwd_k=(16, 16, 8, 3))},
+    ("fp32", 16): {90: dict(fwd=(32, 32, 8, 1), bwd_q=(32, 32, 8, 1), bwd_k=(32, 32, 8, 1))},
+    ("fp32", 32): {90: dict(fwd=(16, 32, 4, 1), bwd_q=(16, 32, 4, 1), bwd_k=(16, 32, 4, 1))},
+    ("fp32", 64): {90: dict(fwd=(16, 32, 8, 1), bwd_q=(16, 32, 8, 1), bwd_k=(16, 16, 8, 1))},
+    ("fp32", 128): {90: dict(fwd=(16, 16, 8, 1), bwd_q=(16, 16, 8, 1), bwd_k=(16, 16, 8, 1))},
+    ("fp32", 256): {90: dict(fwd=(16, 16, 8, 1), bwd_q=(16, 16, 8, 1), bwd_k=(16, 16, 8, 1))},
     # bf16 / fp16 inputs on ``fp32`` (tf32x3 dots)
-    ("half", 16): {90: dict(fwd=(32, 32, 8, 3), bwd_q=(32, 32, 8, 3), bwd_k=(32, 32, 8, 3))},
-    ("half", 32): {90: dict(fwd=(16, 32, 4, 3), bwd_q=(16, 32, 4, 3), bwd_k=(16, 32, 4, 3))},
-    ("half", 64): {90: dict(fwd=(32, 32, 8, 3), bwd_q=(32, 32, 8, 3), bwd_k=(16, 32, 8, 3))},
-    ("half", 128): {90: dict(fwd=(16, 32, 8, 3), bwd_q=(16, 32, 8, 3), bwd_k=(16, 16, 8, 3))},
-    ("half", 256): {90: dict(fwd=(16, 16, 8, 3), bwd_q=(16, 16, 8, 3), bwd_k=(16, 16, 8, 3))},
+    ("half", 16): {90: dict(fwd=(32, 32, 8, 1), bwd_q=(32, 32, 8, 1), bwd_k=(32, 32, 8, 1))},
+    ("half", 32): {90: dict(fwd=(16, 32, 4, 1), bwd_q=(16, 32, 4, 1), bwd_k=(16, 32, 4, 1))},
+    ("half", 64): {90: dict(fwd=(32, 32, 8, 1), bwd_q=(32, 32, 8, 1), bwd_k=(16, 32, 8, 1))},
+    ("half", 128): {90: dict(fwd=(16, 32, 8, 1), bwd_q=(16, 32, 8, 1), bwd_k=(16, 16, 8, 1))},
+    ("half", 256): {90: dict(fwd=(16, 16, 8, 1), bwd_q=(16, 16, 8, 1), bwd_k=(16, 16, 8, 1))},
     # bf16 / fp16 inputs on ``mixed`` and the ``authors`` scheme: every dot on tensor cores (mma.sync, 16 rows)
-    ("lowp", 16): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
-    ("lowp", 32): {90: dict(fwd=(32, 32, 4, 3), bwd_q=(32, 32, 4, 3), bwd_k=(32, 32, 4, 3))},
-    ("lowp", 64): {90: dict(fwd=(16, 32, 4, 3), bwd_q=(16, 32, 4, 3), bwd_k=(16, 32, 4, 3))},
-    ("lowp", 128): {90: dict(fwd=(16, 32, 8, 3), bwd_q=(16, 32, 8, 3), bwd_k=(16, 32, 8, 3))},
-    ("lowp", 256): {90: dict(fwd=(16, 16, 8, 3), bwd_q=(16, 16, 8, 3), bwd_k=(16, 16, 8, 3))},
+    ("lowp", 16): {90: dict(fwd=(32, 32, 4, 1), bwd_q=(32, 32, 4, 1), bwd_k=(32, 32, 4, 1))},
+    ("lowp", 32): {90: dict(fwd=(32, 32, 4, 1), bwd_q=(32, 32, 4, 1), bwd_k=(32, 32, 4, 1))},
+    ("lowp", 64): {90: dict(fwd=(16, 32, 4, 1), bwd_q=(16, 32, 4, 1), bwd_k=(16, 32, 4, 1))},
+    ("lowp", 128): {90: dict(fwd=(16, 32, 8, 1), bwd_q=(16, 32, 8, 1), bwd_k=(16, 32, 8, 1))},
+    ("lowp", 256): {90: dict(fwd=(16, 16, 8, 1), bwd_q=(16, 16, 8, 1), bwd_k=(16, 16, 8, 1))},
     # ``MIXED_TILES = "wgmma"``: 64-row tiles (one warpgroup's wgmma), D <= 64 only (wider ones spill more and
     # outgrow sm_80's shared memory; they take the ``lowp`` / ``fp32`` tiles)
-    ("wgmma", 16): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(64, 16, 8, 3), bwd_k=(32, 32, 4, 3))},
-    ("wgmma", 32): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(64, 16, 8, 3), bwd_k=(32, 32, 4, 3))},
-    ("wgmma", 64): {90: dict(fwd=(64, 32, 8, 3), bwd_q=(64, 16, 8, 3), bwd_k=(32, 32, 4, 3))},
+    ("wgmma", 16): {90: dict(fwd=(64, 32, 8, 1), bwd_q=(64, 16, 8, 1), bwd_k=(32, 32, 4, 1))},
+    ("wgmma", 32): {90: dict(fwd=(64, 32, 8, 1), bwd_q=(64, 16, 8, 1), bwd_k=(32, 32, 4, 1))},
+    ("wgmma", 64): {90: dict(fwd=(64, 32, 8, 1), bwd_q=(64, 16, 8, 1), bwd_k=(32, 32, 4, 1))},
 }
 #: (tile family, padded head dim, arch) the kernels cannot run at (no tiles fit): the op hands these to
 #: the PyTorch backend with a one-time warning saying why
