@@ -370,3 +370,74 @@ def test_window_option_reaches_the_sliding_window_mixer(tmp_path):
     assert _mixer_kwargs(cfgs[0]["config"], "lla") == {}
     with pytest.raises(SystemExit):
         cli_main(["run", "ttr", "--preset", "smoke", "--window", "4", "--out", str(tmp_path / "t")])
+
+
+# ---- seeds mean something: every family's data depends on the seed ------------------------------------
+
+
+def _drawn_data(experiment: str, seeds: list[int], out_dir, monkeypatch, corpus=None) -> list[str]:
+    """Fingerprints of the data a run draws, in order: the streams TTR evaluates on, or every training
+    batch of a trained experiment (through the runner and the trainer, as ``lla run`` draws them)."""
+    import hashlib
+
+    drawn = []
+
+    def fp(t):
+        return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    cfg = get_preset(experiment, "smoke")
+    if experiment == "ttr":
+        orig = ttr.make_stream
+
+        def recording(*a, **kw):
+            x, y = orig(*a, **kw)
+            drawn.append(fp(x))
+            return x, y
+
+        monkeypatch.setattr(ttr, "make_stream", recording)
+        mixers = ["softmax"]
+        cfg["hparams"] = {}
+    else:
+        from lla.experiments.tasks.icr import ICRTask
+        from lla.experiments.tasks.lm import LMTask
+        from lla.experiments.tasks.mqar import MQARTask
+
+        cls = {"icr": ICRTask, "mqar": MQARTask, "state": StateTask, "lm": LMTask}[experiment]
+        orig = cls.sample
+
+        def recording(self, batch, generator):
+            x, y = orig(self, batch, generator)
+            drawn.append(fp(x) + fp(y))
+            return x, y
+
+        monkeypatch.setattr(cls, "sample", recording)
+        mixers = ["softmax"]
+        cfg["train"].update(steps=2, batch_size=4, warmup=1)
+        cfg["eval_every"] = 0
+        if experiment == "icr":
+            cfg["baselines"] = False
+        if experiment == "lm":
+            cfg.update(corpus=corpus, context=16)
+    try:
+        run_experiment(experiment, "smoke", mixers=mixers, out_dir=str(out_dir), progress=False, cfg=cfg, seeds=seeds)
+    finally:
+        monkeypatch.undo()  # the next call wraps the original again
+    return drawn
+
+
+@pytest.mark.parametrize("experiment", ["ttr", "icr", "mqar", "state", "lm"])
+def test_two_seeds_draw_different_data_and_one_seed_the_same(experiment, tmp_path, monkeypatch):
+    corpus = None
+    if experiment == "lm":
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text("".join(f"line {i}: value_{i % 7} = {i * 13 % 101}\n" for i in range(2000)))
+        corpus = str(corpus)
+    both = _drawn_data(experiment, [0, 1], tmp_path / "a", monkeypatch, corpus)
+    only0 = _drawn_data(experiment, [0], tmp_path / "b", monkeypatch, corpus)
+    only1 = _drawn_data(experiment, [1], tmp_path / "c", monkeypatch, corpus)
+    if experiment == "ttr":  # the held-out tuning stream (drawn first, once per run) is the preset's, by design
+        assert both[0] == only0[0] == only1[0]
+        both, only0, only1 = both[1:], only0[1:], only1[1:]
+    n = len(only0)
+    assert n > 0 and len(only1) == n and both == only0 + only1  # seeds 0 then 1; the same seed draws the same
+    assert not set(only0) & set(only1), "two seeds drew the same data"
