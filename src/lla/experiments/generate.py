@@ -4,7 +4,7 @@ Library:
 
 - ``sample_next(logits, temperature=, top_k=, top_p=, generator=)``: one token id from one row of
   logits ``[V]``: temperature (0 = greedy argmax, no random draw), then top-k, then top-p (nucleus),
-  with Hugging Face's / flash-attn's semantics (below).
+  with Hugging Face's and flash-attn's semantics (below).
 - ``generate(model, prompt, max_new_tokens, ...)``: an iterator of the new token ids (ints), one per
   step.  With a cache (``model.supports_cache``: the lla, parallax, softmax and sliding_window
   mixers) the prompt is prefilled in one forward call through an ``lla.nn.LLACache`` and each step
@@ -14,7 +14,9 @@ Library:
 - ``find_checkpoint(run_dir, ...)``, ``load_model(path)``: a run's final weights -> ``CausalModel``.
 
 Sampling semantics (``transformers``' ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
-``TopPLogitsWarper``, in that order; flash-attn's ``sample``):
+``TopPLogitsWarper``, in that order, as ``generate`` applies them; ``tests/test_generate.py`` checks
+the kept set and the probabilities against them; flash-attn's ``utils.generation.sample`` filters the
+same way: top-k, the temperature, then top-p on the tempered logits):
 ``logits / temperature``; ``top_k > 0`` keeps the ``top_k`` largest logits (0: all); ``top_p < 1``
 keeps the smallest set of most probable tokens whose probability (after temperature and top-k)
 sums to at least ``top_p``, i.e. a token is kept when the mass of the tokens strictly more probable
