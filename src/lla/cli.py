@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="start over when a checkpoint in --out was made under another configuration (else: an error)")
     r.add_argument("--log-every", type=int, default=None, help="override the preset's logging interval in steps")
     r.add_argument("--context-parallel", type=int, default=1, metavar="N",
-                   help="shard each sequence over N ranks (torchrun; mqar and state; world size divisible by N)")
+                   help="shard each sequence over N ranks (torchrun; mqar, state and lm; world size divisible by N)")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     r.add_argument("--corpus", default=None, metavar="PATH",
                    help="lm: a text file or a folder of text files (default: this Python's stdlib .py source)")

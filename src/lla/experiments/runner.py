@@ -340,8 +340,8 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
     mixers = _check_mixers(experiment, mixers)
     if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
         raise ValueError(f"context_parallel must be a positive int, got {context_parallel!r}")
-    if context_parallel > 1 and experiment not in ("mqar", "state"):
-        raise ValueError(f"context_parallel applies to mqar and state (per-token labels), not {experiment}")
+    if context_parallel > 1 and experiment not in ("mqar", "state", "lm"):
+        raise ValueError(f"context_parallel applies to mqar and state, and lm (per-token labels), not {experiment}")
     seed0 = cfg["seed"] if experiment == "ttr" else cfg["train"]["seed"]
     seeds = list(seeds) if seeds is not None else list(cfg.get("seeds", [seed0]))
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
