@@ -89,6 +89,22 @@ def time_generation(model, prompt: bytes, n_new: int, repeats: int) -> dict:
     return best
 
 
+def _git_state() -> str | None:
+    """``HEAD``'s short hash, plus ``+dirty`` when tracked files under src/ differ from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def table(rows: list[dict]) -> str:
     out = ["| mixer | path | threads | prompt bytes | new bytes | prefill s | decode ms/byte | decode bytes/s | total bytes/s |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -139,7 +155,7 @@ def main(argv=None) -> int:
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"# bench_generate: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"load average at start {load}", flush=True)
+          f"git {_git_state()}, load average at start {load}", flush=True)
     rows, t_start = [], time.time()
     for nt in threads:
         torch.set_num_threads(nt or default_threads)
@@ -162,6 +178,7 @@ def main(argv=None) -> int:
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"\n{seconds:.0f} s; load average at start {load}, at end {load_end}")
     meta = {"command": "python benchmarks/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "git": _git_state(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": seconds, "torch": torch.__version__,
             "cpus": os.cpu_count(), "load_start": load, "load_end": load_end,
             "model": None if args.run_dir else {"d_model": 256, "n_layers": 4, "num_heads": 4, "vocab_size": 256,
