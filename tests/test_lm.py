@@ -334,3 +334,27 @@ def test_two_gloo_processes_give_the_single_process_losses(corpus_file, tmp_path
         b = _train_losses(tmp_path / name)
         assert set(a) == set(b), name
         assert max(abs(b[k] - a[k]) / abs(a[k]) for k in a) <= 1e-5, (name, a, b)
+
+
+def test_wallclock_table_interpolates_val_bpb_at_the_reference_time(tmp_path):
+    from lla.experiments.report import lm_wallclock_table
+
+    chosen = [{"experiment": "lm", "mixer": m, "kind": "chosen", "metric": "chosen_lr", "value": 0.01} for m in ("softmax", "lla")]
+    (tmp_path / "summary.json").write_text(json.dumps(chosen))
+    recs = []
+    for seed, scale in ((0, 1.0), (1, 2.0)):
+        # softmax: 2 evals, ends at 10 s * scale; lla: slower, 3 evals up to 30 s * scale
+        for step, sec, bpb in ((50, 5.0, 4.0), (100, 10.0, 3.0)):
+            recs.append({"kind": "eval", "mixer": "softmax", "seed": seed, "lr": 0.01, "step": step, "seconds": sec * scale,
+                         "rows": [{"metric": "bpb", "value": bpb}]})
+        for step, sec, bpb in ((50, 8.0, 5.0), (100, 16.0, 3.5), (150, 30.0, 2.5)):
+            recs.append({"kind": "eval", "mixer": "lla", "seed": seed, "lr": 0.01, "step": step, "seconds": sec * scale,
+                         "rows": [{"metric": "bpb", "value": bpb}]})
+        recs.append({"kind": "eval", "mixer": "lla", "seed": seed, "lr": 0.001, "step": 150, "seconds": 1.0,  # not chosen
+                     "rows": [{"metric": "bpb", "value": 0.0}]})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    table = lm_wallclock_table(str(tmp_path))
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]] for line in table.splitlines()[2:]}
+    # lla at softmax's 10 s (seed 0): between (8, 5.0) and (16, 3.5): 5.0 - 1.5 * 2 / 8 = 4.625; seed 1 the same
+    assert lines["lla"] == ["45 ± 21", "2.5 ± 0", "4.625 ± 0"]
+    assert lines["softmax"] == ["15 ± 7.1", "3 ± 0", "3 ± 0"]

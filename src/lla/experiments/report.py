@@ -225,6 +225,59 @@ def plot_curves(out_dir: str, curves: list[dict], group_keys, xlabel: str, ylabe
     return paths
 
 
+def lm_wallclock_table(run_dir: str, reference: str = "softmax") -> str:
+    """Markdown: per mixer (at its chosen rate, mean ± std over seeds), the training wall-clock of the
+    whole run, the final validation bpb, and the validation bpb at the ``reference`` mixer's training
+    wall-clock of the same seed (linear interpolation on the run's (seconds, val bpb) evaluations;
+    a mixer that finished sooner has no value there: "finished first").  Empty when ``run_dir`` holds
+    no evaluations with seconds (``lla run lm``).  The seconds are as noisy as the machine was busy."""
+    summary = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(summary):
+        return ""
+    with open(summary) as f:
+        chosen = {r["mixer"]: r["value"] for r in json.load(f) if r.get("kind") == "chosen" and r["metric"] == "chosen_lr"}
+    curves = defaultdict(dict)  # (mixer, seed) -> step -> (seconds, bpb)
+    for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
+        if r.get("kind") != "eval" or r.get("seconds") is None or r["mixer"] not in chosen or r["lr"] != chosen[r["mixer"]]:
+            continue
+        vals = [x["value"] for x in r["rows"] if x["metric"] == "bpb"]
+        if vals:
+            curves[(r["mixer"], r["seed"])][r["step"]] = (r["seconds"], sum(vals) / len(vals))
+    if not curves:
+        return ""
+
+    def at(pts, t):
+        """val bpb at training seconds ``t`` (None past the run's end)."""
+        pts = sorted(pts.values())
+        if t > pts[-1][0]:
+            return None
+        prev = (0.0, None)
+        for sec, v in pts:
+            if sec >= t:
+                if prev[1] is None:
+                    return v
+                return prev[1] + (v - prev[1]) * (t - prev[0]) / (sec - prev[0])
+            prev = (sec, v)
+        return pts[-1][1]
+
+    def pm(vals):
+        st = mean_std_ci(vals)
+        return _pm({**st, "n_runs": len(vals)}) if st["n_seeds"] else "finished first"
+
+    mixers = list(dict.fromkeys(m for m, _ in curves))
+    lines = [f"| mixer | training seconds | val bpb, last step | val bpb at {reference}'s training seconds |", "|---|---|---|---|"]
+    for m in mixers:
+        seeds = sorted(s for mm, s in curves if mm == m)
+        secs = [max(curves[(m, s)].values())[0] for s in seeds]
+        final = [curves[(m, s)][max(curves[(m, s)])][1] for s in seeds]
+        same = []
+        for s in seeds:
+            ref = curves.get((reference, s))
+            same.append(at(curves[(m, s)], max(ref.values())[0]) if ref else None)
+        lines.append(f"| {m} | {pm(secs)} | {pm(final)} | {pm(same) if ref is not None else '?'} |")
+    return "\n".join(lines)
+
+
 _ORDER = ("ttr", "icr", "mqar", "state", "lm")
 
 
@@ -286,6 +339,10 @@ def results_page(results_dir: str = "results", out: str | None = None, max_figur
                 body += ["", "Chosen on the validation stream:", "", pivot_table(chosen, lambda r: _fmt(r["value"]))]
             if any(r.get("kind") == "sweep" for r in rows):
                 body += ["", f"Sensitivity table (every mixer at every swept value): [{name}/summary.md]({name}/summary.md)."]
+            wall_table = lm_wallclock_table(d)
+            if wall_table:
+                body += ["", "Equal steps vs equal training wall-clock (chosen rates; seconds measured on a shared machine):",
+                         "", wall_table]
         else:
             body += ["Single run (written before seeds were built in):", "", markdown_table(rows)]
         figs = sorted(glob.glob(os.path.join(d, "*.png")))
