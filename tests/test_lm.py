@@ -358,3 +358,29 @@ def test_wallclock_table_interpolates_val_bpb_at_the_reference_time(tmp_path):
     # lla at softmax's 10 s (seed 0): between (8, 5.0) and (16, 3.5): 5.0 - 1.5 * 2 / 8 = 4.625; seed 1 the same
     assert lines["lla"] == ["45 ± 21", "2.5 ± 0", "4.625 ± 0"]
     assert lines["softmax"] == ["15 ± 7.1", "3 ± 0", "3 ± 0"]
+
+
+def test_checkpoint_holds_and_restores_every_rng_and_the_loader_state(corpus_file, tmp_path):
+    import random
+
+    import numpy as np
+
+    task = LMTask(_cfg(corpus_file))
+    ck = str(tmp_path / "c.pt")
+
+    def run(stop_after):
+        torch.manual_seed(0)
+        model = CausalModel(ModelConfig(mixer="softmax", d_model=16, num_heads=2, n_layers=1, **task.model_kwargs()))
+        return train(model, task, TrainConfig(steps=4, batch_size=2, warmup=1), device=torch.device("cpu"), progress=False,
+                     ckpt_path=ck, stop_after=stop_after)
+
+    run(2)
+    state = torch.load(ck, weights_only=False)
+    assert state["step"] == 2 and state["loader"] == {"seed": 0, "step": 2} and state["train_seconds"] > 0
+    assert {"torch", "python", "numpy"} <= set(state["rng"])
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # noqa: B018
+    run(2)  # resumes at step 2, runs nothing: the RNGs are the checkpoint's again
+    assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
+    assert random.getstate() == state["rng"]["python"]
+    assert np.array_equal(np.random.get_state()[1], state["rng"]["numpy"][1])
+    assert not os.path.exists(ck + ".tmp")  # written to a temporary file, then renamed
