@@ -346,3 +346,20 @@ def test_cli_subprocess_streams_utf8(run_dir):
     want = bytes(generate(models[("softmax", 0.003)], "€ ", 8, temperature=0))
     assert r.stdout.decode("utf-8") == "€ " + want.decode("utf-8", "replace") + "\n"
     assert b"8 new bytes" in r.stderr
+
+
+def test_generate_from_a_real_lla_run_lm(tmp_path, capsys):
+    """End to end: ``lla run lm --preset smoke`` (one mixer, 3 steps, this file as the corpus) writes a
+    run folder; ``lla generate`` on it loads the final checkpoint and prints the library's greedy bytes."""
+    out = str(tmp_path / "lm")
+    assert cli_main(["run", "lm", "--preset", "smoke", "--mixers", "softmax", "--steps", "3", "--corpus", __file__,
+                     "--out", out, "--no-progress"]) == 0
+    capsys.readouterr()
+    ckpt = find_checkpoint(out)
+    assert ckpt == os.path.join(out, "seed0", "ckpt", "lm_softmax_lr0.003.pt")
+    model, info = load_model(ckpt)
+    assert info["mixer"] == "softmax" and info["step"] == info["steps"] == 3 and info["context"] == 64
+    assert model.supports_cache and model.cfg.rope and model.cfg.tie_embeddings
+    text, err = _cli([out, "--prompt", "def ", "--max-new-tokens", "20", "--temperature", "0"], capsys)
+    assert text == "def " + bytes(generate(model, b"def ", 20, temperature=0)).decode("utf-8", "replace") + "\n"
+    assert "20 new bytes" in err and "unfinished" not in err
