@@ -5,7 +5,8 @@ the kernel launches intercepted, compiles every launch ahead of time for sm_90 a
 Triton's bundled ptxas (no GPU needed) and fails on a compile error, on a kernel that needs more
 shared memory than its arch has, on ptxas's low-register spill mode, and on more than 1 KB of spill
 stores per thread at D <= 128 on sm_90 (``--strict``).  The subset: D 64 and 128, fp32 and bf16
-inputs, both precisions, sm_90 and sm_80, both mechanisms (the full table is in docs/triton.md).
+inputs, sm_90 and sm_80, both mechanisms; LLA's two precisions for fp32 inputs and ``mixed`` (the
+default) for bf16: 60 kernel compiles (the full table is in docs/triton.md).
 It compiles in two processes, from a clean cache (as CI starts).
 """
 
@@ -50,7 +51,9 @@ def test_ci_subset_compiles_and_fits(ci_rows):
     # every configuration of the subset is there: three kernels each, or the stated fallback
     seen = {(r["mech"], r["arch"], r["D"], r["dtype"], r["precision"]) for r in rows}
     want = {(j[0], j[5], j[1], j[3], j[4]) for j in cc.jobs_for(list(cc.MECHS), *[cc.CI_SUBSET[k] for k in
-                                                                               ("D", "dtypes", "archs")], ())}
+                                                                               ("D", "dtypes", "archs")], (),
+                                                                  cc.CI_SUBSET["precisions"])}
+    assert len(want) == 20 and len(rows) == 60
     assert seen == want
     for r in rows:
         if r["status"] == "fallback":

@@ -72,8 +72,8 @@ PRECISIONS = ("auto", "fp32", "mixed")
 MIXED_INNER = 2.0**-5
 MIXED_REFINE = 16
 #: tiles of the tensor-core precisions: "mma" (16-row tiles, mma.sync, least register spilling in the
-#: sm_90 compile statistics) or "wgmma" (64-row tiles, Hopper's warpgroup products, 1-3 KB spilled per
-#: thread at D = 64); ``benchmarks/bench_gpu.py --impls lla-mixed-wg`` times the second
+#: compile statistics) or "wgmma" (64-row tiles for D <= 64, Hopper's warpgroup products; not in the
+#: compile table, not a public configuration); ``benchmarks/bench_gpu.py --impls lla-mixed-wg`` times the second
 MIXED_TILES = "mma"
 
 
