@@ -459,3 +459,147 @@ def test_ragged_locality_without_float64_rescue(monkeypatch, mult, window):
     ref = lla.local_linear_attention_ref(q1[:1].double(), k[:1, :10].double(), v[:1, :10].double(), ridge=0.5,
                                          window_size=(window[0], 0) if window[0] >= 0 else (-1, -1))
     assert rel_err(out[0:1], ref) <= 1e-5
+
+
+# ------------------------------------------------------------------------------ the chunked single-token steps
+def _small_chunks(monkeypatch, n=8):
+    """Force chunks of ``n`` keys (several chunks, partly hidden ones) in the single-token steps."""
+    from lla.ops.common import kvcache
+
+    monkeypatch.setattr(kvcache, "CHUNK_ELEMS", 1)
+    monkeypatch.setattr(kvcache, "MIN_CHUNK", n)
+
+
+@pytest.mark.parametrize("parallax", [False, True], ids=["lla", "parallax"])
+@pytest.mark.parametrize("H,Hk,window", [(4, 4, (-1, -1)), (4, 2, (-1, -1)), (4, 1, (7, -1)), (2, 2, (30, -1))])
+def test_chunked_step_matches_whole_span_step(monkeypatch, parallax, H, Hk, window):
+    """The chunked, no-grad single-token step (ragged batch, cache_batch_idx, NaN garbage past the lengths,
+    chunks of 8 keys, some of them partly hidden) equals the whole-span differentiable step (the numerics
+    before the chunking) and the float64 reference on each sequence's own entries."""
+    _small_chunks(monkeypatch)
+    g = torch.Generator().manual_seed(41)
+    B_cache, S_max, D = 4, 45, 16
+    kc = torch.randn(B_cache, S_max, Hk, D, generator=g)
+    vc = torch.randn(B_cache, S_max, Hk, D, generator=g)
+    idx = torch.tensor([2, 0, 3])
+    lens = torch.tensor([37, 9, 44])
+    for b, n in zip(idx.tolist(), lens.tolist()):
+        kc[b, n:], vc[b, n:] = float("nan"), float("nan")
+    q = torch.randn(3, 1, H, D, generator=g)
+    r = torch.randn(3, 1, H, D, generator=g) * 0.3
+    if parallax:
+        step = lambda q, kc, vc: lla.parallax_attention_with_kvcache(  # noqa: E731
+            q, r, kc, vc, cache_seqlens=lens, cache_batch_idx=idx, window_size=window)
+    else:
+        step = lambda q, kc, vc: lla.local_linear_attention_with_kvcache(  # noqa: E731
+            q, kc, vc, cache_seqlens=lens, cache_batch_idx=idx, ridge=0.3, window_size=window)
+    fast = step(q, kc, vc)
+    slow = step(q.clone().requires_grad_(True), kc, vc).detach()  # a gradient needed: the whole-span path
+    assert torch.isfinite(fast).all()
+    assert rel_err(fast, slow) <= 1e-6
+    for i, (b, n) in enumerate(zip(idx.tolist(), lens.tolist())):
+        K, V = kc[b : b + 1, :n].double(), vc[b : b + 1, :n].double()
+        w = (window[0], 0) if window[0] >= 0 else (-1, -1)
+        if parallax:
+            ref = lla.parallax_attention_ref(q[i : i + 1].double(), r[i : i + 1].double(), K, V, window_size=w)
+        else:
+            ref = lla.local_linear_attention_ref(q[i : i + 1].double(), K, V, ridge=0.3, window_size=w)
+        assert rel_err(fast[i : i + 1], ref) <= 1e-5
+
+
+def test_chunked_step_float64_and_aux_match_whole_span(monkeypatch):
+    """float64: the chunked step equals the whole-span step to 1e-12; with return_aux the reported lse,
+    residual and amplification are the same estimates (the amplification up to the measured residual it
+    includes, as in ``test_decode_reports_what_the_op_reports``)."""
+    _small_chunks(monkeypatch)
+    q, k, v = make_qkv(B=2, T=40, H=4, Hk=2, D=8, dtype=torch.float64, seed=42)
+    lens = torch.tensor([40, 23])
+    f = lambda q: lla.local_linear_attention_with_kvcache(  # noqa: E731
+        q, k.clone(), v.clone(), cache_seqlens=lens, ridge=0.2, return_aux=True)
+    o, aux = f(q[:, -1:])
+    o2, aux2 = f(q[:, -1:].clone().requires_grad_(True))
+    assert rel_err(o, o2.detach()) <= 1e-12
+    assert rel_err(aux.lse, aux2.lse) <= 1e-12
+    # the few-row estimate includes the measured residual (rounding-level, from differently blocked GEMMs)
+    assert aux.amplification == pytest.approx(aux2.amplification, rel=0.25)
+    assert aux.residual <= 10 * max(aux2.residual, 1e-15)
+
+
+@pytest.mark.parametrize("case", NEARLY_ONE_HOT + FORMER_FALSE_ALARMS + [(16, 1e-6, 1e3, "drift", 0), (64, 1e-6, 1e4, "newest", 1),
+                                  (16, 1e-3, 1e4, "oldest", 0), (4, 1e-6, 1e3, "drift", 1)])
+def test_warnings_same_with_and_without_aux(case):
+    """Without return_aux the conditioning estimate may be replaced by a cheap upper bound when that bound
+    cannot warn: the step warns exactly when it does with return_aux (the estimate itself), and the
+    outputs are identical."""
+    q, k, v = _extreme_case(*case)
+    o1, w1 = _one_token(q, k, v, case[1])
+    (o2, _aux), w2 = _one_token(q, k, v, case[1], return_aux=True)
+    assert torch.equal(o1, o2)
+    assert bool(w1) == bool(w2)
+
+
+def _peak_extra_bytes(fn):
+    """Peak growth of the C allocator's in-use bytes (glibc ``mallinfo2``: arenas + mmapped blocks) over one
+    call of ``fn``, read after every aten op (``TorchDispatchMode``); None where ``mallinfo2`` is missing.
+    (A temporary allocated and freed inside one aten kernel is not seen.)"""
+    import ctypes
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def in_use():
+        m = libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+
+    class Peak(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, in_use())
+            return out
+
+    for f in (lambda: torch.ones(2) + 1, fn):  # the first use of a dispatch mode allocates for itself
+        mode = Peak()
+        with mode:
+            mode.peak = base = in_use()
+            f()
+    return mode.peak - base
+
+
+@pytest.mark.parametrize("parallax,aux", [(False, False), (False, True), (True, False)], ids=["lla", "lla-aux", "parallax"])
+def test_decode_step_memory_at_32k(parallax, aux):
+    """A decoding step on a 32K cache (B 1, H = Hk = 8, D 64: a 64 MiB key cache) allocates at most 1/8 of
+    the key cache at its peak (no copy of the cache; chunks and O(S) weights only), with and without aux."""
+    S, H, D = 32768, 8, 64
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (many small parallel ops crawl on a loaded 2-core machine; the bytes are the same)
+    try:
+        _check_step_memory(S, H, D, parallax, aux)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_step_memory(S, H, D, parallax, aux):
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(1, S, H, D, generator=g), torch.randn(1, S, H, D, generator=g)
+    q, k, v = (torch.randn(1, 1, H, D, generator=g) for _ in range(3))
+    seqlens = torch.tensor([S - 1])
+    if parallax:
+        step = lambda: lla.parallax_attention_with_kvcache(q, q * 0.1, kc, vc, k, v, cache_seqlens=seqlens)  # noqa: E731
+    else:
+        step = lambda: lla.local_linear_attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens,  # noqa: E731
+                                                               ridge=1.0, return_aux=aux)
+    step()  # one-off allocations (thread pools, LAPACK workspaces) are not the step's
+    peak = _peak_extra_bytes(step)
+    if peak is None:
+        pytest.skip("glibc mallinfo2 not available")
+    key_cache = kc.numel() * kc.element_size()
+    assert peak <= key_cache / 8, f"peak extra {peak / 2**20:.1f} MiB"

@@ -299,7 +299,7 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
     Qs = Q * scale
     L = lam.to(cdt).reshape(B, Hk, G)
     fused_cross = want_aux and few
-    gram = G == 1 and not fused_cross and D >= 16  # one row per key head: sqrt(p)-scaled keys, symmetric blocks
+    gram = G == 1 and D >= 16  # one row per key head: sqrt(p)-scaled keys, symmetric blocks
 
     # pass 1: logits, online softmax, first and second moments of the shifted keys
     logits = torch.empty(B, Hk, G, n_all, dtype=cdt, device=dev)
@@ -321,11 +321,10 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
         if hide is not None:
             lg.masked_fill_(hide[:, None, None, :], float("-inf"))
         kc = chunks.keys(a, n, hide)  # k - c, contiguous (zero where hidden)
-        norms = torch.empty(B, Hk, n, 2, dtype=cdt, device=dev)  # [|k_j - c|, |k_j|]
-        kcn2 = torch.linalg.vecdot(kc, kc, out=norms[..., 0])
+        kcn = torch.linalg.vector_norm(kc, dim=-1)  # |k_j - c|  [B, Hk, n]
         # |k|^2 = |k - c|^2 + 2 k . c - |c|^2 (hidden entries: |k - c| = 0, p = 0)
-        torch.add(kcn2, lk[:, :, G], alpha=2.0, out=norms[..., 1]).sub_(cc[..., 0]).clamp_min_(0.0)
-        norms.sqrt_()
+        kn = torch.addcmul(lk[:, :, G] * 2.0 - cc[..., 0], kcn, kcn).clamp_min_(0.0).sqrt_()
+        norms = torch.stack([kcn, kn], dim=-1)  # [B, Hk, n, 2]
         if hide is not None:
             norms.masked_fill_(hide[:, None, :, None], 0.0)  # garbage past a length: not even NaN may enter
         new = torch.maximum(mx, lg.amax(-1, keepdim=True))
@@ -336,17 +335,17 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
         psum.mul_(alpha).add_(p.sum(-1, keepdim=True))
         pk.mul_(alpha).add_(p @ kc)
         pn.mul_(alpha).add_(p @ norms)
-        if gram:
-            M2.scale_(alpha)
-            M2.add_(kc.mul_(p.sqrt().transpose(-1, -2)))
-        else:
-            M2.view(B, Hk, G, D, D).mul_(alpha.unsqueeze(-1))
-            _weighted_cross(p, kc, kc, M2)
         if fused_cross:
             V = chunks.values(a, n, hide, beside_keys=True)
             cross.view(B, Hk, G, D, Dv).mul_(alpha.unsqueeze(-1))
             _weighted_cross(p, kc, V, cross)
             pv.mul_(alpha).add_(p @ V)
+        if gram:
+            M2.scale_(alpha)
+            M2.add_(kc.mul_(p.sqrt().transpose(-1, -2)))  # (the shifted keys are not needed after this)
+        else:
+            M2.view(B, Hk, G, D, D).mul_(alpha.unsqueeze(-1))
+            _weighted_cross(p, kc, kc, M2)
     live = psum > 0  # [B, Hk, G, 1]: rows that see a key
     ps = psum.clamp_min(tiny)
     lse = (mx + psum.log()).reshape(B, 1, H).float()  # -inf for a row that sees nothing
@@ -416,10 +415,8 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
     for a, n, hide in chunks.parts:
         V = chunks.values(a, n, hide)
         o.add_(w[..., a : a + n] @ V)
-        vn = torch.empty(B, Hk, n, 2, dtype=cdt, device=dev)
-        torch.linalg.vecdot(V, V, out=vn[..., 1])
-        torch.sqrt(vn[..., 1], out=vn[..., 0])
-        ev.add_(s[..., a : a + n] @ vn)
+        vn = torch.linalg.vector_norm(V, dim=-1)
+        ev.add_(s[..., a : a + n] @ torch.stack([vn, vn * vn], dim=-1))
     ev, ev2 = ev.unbind(-1)
     floor = _floor(eps, x, b, L, ekc2, m)
     live = live[..., 0]
