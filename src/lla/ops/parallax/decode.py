@@ -10,9 +10,11 @@ every key and value; each new query does one pass over its cache.
   (past its length, before its window) are masked; a chunk of values holding such entries is staged into
   a small buffer with them zeroed (they may hold anything), other chunks are read in place.  When a
   gradient is needed the step runs on whole-span tensors instead (``_decode_one_autograd``).
-* Chunks (``T_new > 1``, prefill on top of a cache) go through the public op: one batched call when
-  every sequence has the same length, else one packed varlen call (``cu_seqlens_q`` /
-  ``cu_seqlens_k``), bottom-right aligned per sequence, which makes chunked prefill equal to the full
+* Chunks (``T_new > 1``, prefill on top of a cache), causal and without a gradient, on the CPU (or
+  ``backend="torch"``), while the kept logits stay small (``CHUNKED_PREFILL_ELEMS``): the same chunked pass
+  with ``T_new`` rows per head, each bottom-right aligned on its sequence.  Otherwise through the public op:
+  one batched call when every sequence has the same length, else one packed varlen call (``cu_seqlens_q`` /
+  ``cu_seqlens_k``), bottom-right aligned per sequence.  Either way chunked prefill equals the full
   forward.
 """
 
@@ -24,7 +26,7 @@ from ..checks import (
     check_cache_batch_idx, check_cache_seqlens, check_new_kv, check_qkv, check_scale, check_tensor, check_window,
 )
 from ..common.kvcache import (
-    append_to_cache, cache_chunk, chunk_keys, chunk_parts, gather_cache, pack_cache, stage_chunk, visible_span,
+    append_to_cache, cache_chunk, chunk_keys, gather_cache, pack_cache, stage_chunk,
 )
 from .api import parallax_attention
 
@@ -64,45 +66,66 @@ def _decode_one_autograd(q, r, k_cache, v_cache, rows, lens, scale, left):
     return o.reshape(B, 1, H, Dv).to(q.dtype)
 
 
+#: Largest ``B * 2 * T_new * H * S`` (the kept logits and ``r . k``) for which a chunk of new queries runs
+#: in ``_attend_chunked`` rather than through the public op (2^24 fp32 elements = 64 MiB).
+CHUNKED_PREFILL_ELEMS = 1 << 24
+
+
 @torch.no_grad()
-def _decode_one(q, r, k_cache, v_cache, rows, lens, scale, left):
-    """One new query per sequence, in chunks of the cache (see the module docstring); the arithmetic of
-    ``_decode_one_autograd`` (same arguments and result), no gradient."""
-    B, _, H, D = q.shape
+def _attend_chunked(q, r, k_cache, v_cache, rows, lens, scale, left):
+    """``T_new >= 1`` new queries per sequence, causal and bottom-right aligned (new query ``t`` of sequence
+    ``b`` sees entries ``max(0, e - 1 - left) <= j < e``, ``e = lens[b] - T_new + t + 1``; ``left < 0``: from
+    0), in chunks of the cache (see the module docstring); for ``T_new = 1`` the arithmetic of
+    ``_decode_one_autograd`` (same arguments and result), no gradient.  -> o [B, T_new, H, Dv]."""
+    B, T, H, D = q.shape
     Hk, Dv = k_cache.shape[2], v_cache.shape[3]
     G = H // Hk
+    dev = q.device
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    span = visible_span(lens, left)
-    first, S0, S1 = span[:3]
-    if S1 == 0:
-        return q.new_zeros(B, 1, H, Dv)
+    end = lens[:, None] - T + 1 + torch.arange(T, device=dev)[None, :]  # [B, T]: row (b, t) sees j < end
+    first = (end - 1 - left).clamp_min(0) if left >= 0 else torch.zeros_like(end)
+    if not B:
+        return q.new_zeros(B, T, H, Dv)
+    S0, S1, first_max, end_min = torch.stack([first.min(), end.max(), first.max(), end.min()]).tolist()
+    S0, S1 = max(S0, 0), max(S1, 0)
+    if S1 <= S0:
+        return q.new_zeros(B, T, H, Dv)
     n_all = S1 - S0
-    parts = chunk_parts(first, lens, span, chunk_keys(B, Hk, max(D, Dv), n_all))
-    QR = torch.cat([q.to(cdt) * scale, r.to(cdt)], dim=1).reshape(B, 2, Hk, G, D).transpose(1, 2)
-    QR = QR.reshape(B, Hk, 2 * G, D)  # [B, Hk, 2 G, D]: the scaled queries, then the slope queries
-    la = torch.empty(B, Hk, 2 * G, n_all, dtype=cdt, device=q.device)  # logits | r . k
+    C = chunk_keys(B, Hk, max(D, Dv), n_all)
+    parts = []
+    for j0 in range(S0, S1, C):
+        j1 = min(j0 + C, S1)
+        hide = None
+        if j0 < first_max or j1 > end_min:  # some row does not see all of it
+            j = torch.arange(j0, j1, device=dev)[None, None, :]
+            hide = (j < first[..., None]) | (j >= end[..., None])  # [B, T, n]
+        parts.append((j0 - S0, j1 - j0, hide))
+    # [B, Hk, 2 T G, D]: the scaled queries, then the slope queries, rows (t, g)
+    QR = torch.stack([q.to(cdt) * scale, r.to(cdt)], dim=1).reshape(B, 2, T, Hk, G, D).permute(0, 3, 1, 2, 4, 5)
+    QR = QR.reshape(B, Hk, 2 * T * G, D)
+    la = torch.empty(B, Hk, 2, T, G, n_all, dtype=cdt, device=dev)  # logits | r . k
     for a, n, hide in parts:
         part = la[..., a : a + n]
-        part.copy_(QR @ cache_chunk(k_cache, rows, S0 + a, S0 + a + n).to(cdt).transpose(-1, -2))
+        part.copy_((QR @ cache_chunk(k_cache, rows, S0 + a, S0 + a + n).to(cdt).transpose(-1, -2)).view(B, Hk, 2, T, G, n))
         if hide is not None:
-            part[:, :, :G].masked_fill_(hide[:, None, None, :], float("-inf"))
-            part[:, :, G:].masked_fill_(hide[:, None, None, :], 0.0)
-    logits, ak = la[:, :, :G], la[:, :, G:]
-    seen = (lens > 0)[:, None, None, None]  # [B, 1, 1, 1]
-    s = torch.where(seen, torch.softmax(logits, dim=-1), torch.zeros_like(logits))  # [B, Hk, G, n]
+            part[:, :, 0].masked_fill_(hide[:, None, :, None, :], float("-inf"))
+            part[:, :, 1].masked_fill_(hide[:, None, :, None, :], 0.0)
+    logits, ak = la[:, :, 0], la[:, :, 1]  # [B, Hk, T, G, n]
+    seen = (end > first)[:, None, :, None, None]  # [B, 1, T, 1, 1]
+    s = torch.where(seen, torch.softmax(logits, dim=-1), torch.zeros_like(logits))
     c = (s * ak).sum(-1, keepdim=True)
-    w = s * (1.0 - (ak - c))
-    o = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=q.device)
+    w = (s * (1.0 - (ak - c))).reshape(B, Hk, T * G, n_all)
+    o = torch.zeros(B, Hk, T * G, Dv, dtype=cdt, device=dev)
     buf = None
     for a, n, hide in parts:
         if hide is None:
             V = cache_chunk(v_cache, rows, S0 + a, S0 + a + n).to(cdt)
-        else:  # entries a row does not see may hold anything (NaN): zeroed in a staged copy of the chunk
+        else:  # entries no row of a sequence sees may hold anything (NaN): zeroed in a staged copy
             if buf is None:
-                buf = torch.empty(B * Hk * min(n_all, parts[0][1]) * Dv, dtype=cdt, device=q.device)
-            V = stage_chunk(v_cache, rows, S0 + a, S0 + a + n, buf, cdt, hide)
+                buf = torch.empty(B * Hk * min(n_all, C) * Dv, dtype=cdt, device=dev)
+            V = stage_chunk(v_cache, rows, S0 + a, S0 + a + n, buf, cdt, hide.all(1))
         o.add_(w[..., a : a + n] @ V)
-    return o.reshape(B, 1, H, Dv).to(q.dtype)
+    return o.view(B, Hk, T, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, T, H, Dv).to(q.dtype)
 
 
 def parallax_attention_with_kvcache(
@@ -157,10 +180,15 @@ def parallax_attention_with_kvcache(
         append_to_cache(k_cache, v_cache, k, v, seqlens, rows)
     lens = seqlens + t_add
 
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, r, k_cache, v_cache))
     if T == 1:
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, r, k_cache, v_cache)):
+        if grad:
             return _decode_one_autograd(q, r, k_cache, v_cache, rows, lens, scale, window_size[0])
-        return _decode_one(q, r, k_cache, v_cache, rows, lens, scale, window_size[0])
+        return _attend_chunked(q, r, k_cache, v_cache, rows, lens, scale, window_size[0])
+    if (not grad and causal and (backend == "torch" or backend == "auto" and q.device.type == "cpu")
+            and 2 * B * T * H * int(lens.max()) <= CHUNKED_PREFILL_ELEMS):
+        # a chunk of new queries on the cache in one chunked pass (as a decoding step, T_new rows per head)
+        return _attend_chunked(q, r, k_cache, v_cache, rows, lens, scale, window_size[0])
     lens_list = lens.tolist()
     kw = dict(scale=scale, causal=causal, window_size=window_size, backend=backend)
     if all(x == lens_list[0] for x in lens_list):
