@@ -183,11 +183,11 @@ def _cache_shift(k_cache, rows, first, lens, cdt):
     idx = lens[:, None] - 1 - torch.arange(SHIFT_SAMPLE, device=lens.device)[None, :]  # [B, SHIFT_SAMPLE]
     ok = idx >= first[:, None]
     r = (torch.arange(B, device=lens.device) if rows is None else rows)[:, None]
-    picked = k_cache[r, idx.clamp(0, max(S_max - 1, 0))].to(cdt).permute(0, 2, 1, 3)  # [B, Hk, SHIFT_SAMPLE, D]
-    picked = picked.masked_fill(~ok[:, None, :, None], float("nan")).sort(dim=2).values  # NaN last
-    lower = ((ok.sum(-1) - 1) // 2).clamp_min(0)  # the lower median of the keys the row sees (as nanmedian)
-    med = picked.gather(2, lower[:, None, None, None].expand(B, picked.shape[1], 1, picked.shape[3]))
-    return med.nan_to_num(0.0)
+    picked = k_cache[r, idx.clamp(0, max(S_max - 1, 0))].to(cdt).permute(0, 2, 3, 1)  # [B, Hk, D, SHIFT_SAMPLE]
+    if bool(ok.all()):  # every row sees SHIFT_SAMPLE keys: the lower median, as nanmedian takes it
+        return picked.median(dim=-1).values.unsqueeze(2)
+    picked = picked.masked_fill(~ok[:, None, None, :], float("nan"))
+    return picked.nanmedian(dim=-1).values.nan_to_num(0.0).unsqueeze(2)
 
 
 class _Chunks:
