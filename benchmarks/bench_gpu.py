@@ -171,6 +171,13 @@ def run_config(dtname, ridge, mode, args, cuda, device, deadline, T, D):
         ref_g = torch.autograd.grad(ref, (qr, kr, vr), do[:, :, :nh].double()) if grad else None
         ref = ref.detach()
         del qr, kr, vr
+    px_ref = px_ref_g = None
+    if T <= args.ref_max_T and "parallax" in args.impls:  # Parallax's own float64 reference (PyTorch backend)
+        qr, rr, kr, vr = (t.detach()[:, :, :nh].double().requires_grad_(grad) for t in (q, r, k, v))
+        px_ref = lla.parallax_attention(qr, rr, kr, vr, causal=True, backend="torch")
+        px_ref_g = torch.autograd.grad(px_ref, (qr, kr, vr), do[:, :, :nh].double()) if grad else None
+        px_ref = px_ref.detach()
+        del qr, rr, kr, vr
 
     impls = {}
     for name in args.impls:
@@ -214,11 +221,11 @@ def run_config(dtname, ridge, mode, args, cuda, device, deadline, T, D):
             ms = _bench(go, cuda) if cuda else 1e3 * first  # dry run: the one interpreted call
             peak = _peak_mib(go, cuda)
         warned = any(issubclass(w.category, lla.LLAConvergenceWarning) for w in caught)
-        lla_row = name.startswith("lla") and ref is not None
-        err = _rel(o.detach()[:, :, :nh], ref) if lla_row else float("nan")
+        r_o, r_g = (px_ref, px_ref_g) if name == "parallax" else (ref, ref_g) if name.startswith("lla") else (None, None)
+        err = _rel(o.detach()[:, :, :nh], r_o) if r_o is not None else float("nan")
         gerr = float("nan")
-        if grad and lla_row:
-            gerr = max(_rel(t.grad[:, :, :nh], r) for t, r in zip((qq, kk, vv), ref_g))
+        if grad and r_o is not None:
+            gerr = max(_rel(t.grad[:, :, :nh], rg) for t, rg in zip((qq, kk, vv), r_g))
         if name == "sdpa":
             ms_sdpa = ms
         rows.append((name, ms, peak, iters, err, gerr, warned, first))

@@ -98,6 +98,10 @@ def _lla_launches(D, Dv, dtype, precision, arch, device="cpu"):
 
     B, T, H, Hk = SHAPE
     with target_arch(arch):
+        note = None
+        if hasattr(F, "launch_precision"):  # what the op runs for this precision (float32 "mixed" may run "fp32")
+            run_prec, note = F.launch_precision(D, Dv, dtype, precision, arch)
+            precision = run_prec
         why = F.triton_unsupported(D, Dv, dtype, precision, arch) if hasattr(F, "triton_unsupported") else None
         if why:
             return why
@@ -110,6 +114,8 @@ def _lla_launches(D, Dv, dtype, precision, arch, device="cpu"):
         with _Capture([K.lla_fwd_kernel, K.lla_bwd_query_kernel, K.lla_bwd_key_kernel]) as cap:
             o, lse, stats, X, M, stat, shift = F._forward(q, k, v, lam, ranges, cfg)
             F._backward(torch.zeros_like(o), q, k, v, lam, X, M, stat, shift, ranges, cfg)
+    if note:
+        return [(fn, a, dict(kw, _note=f"runs as {precision}")) for fn, a, kw in cap.launches]
     return cap.launches
 
 
@@ -233,7 +239,7 @@ def run_config(job, cache: dict, sweep=(), kernels=None, device=None, deadline=N
     these (``fwd``, ``bwd_q``, ``bwd_k``)."""
     mech, D, Dv, dt, precision, arch = job
     base = dict(mech=mech, D=D, Dv=Dv, dtype=dt, precision=precision, arch=arch)
-    if deadline is not None and time.time() > deadline:
+    if deadline is not None and time.time() > deadline and device is not None:
         return [dict(base, kernel="-", status="skipped", error="time budget")]
     try:
         if device is not None:
@@ -247,6 +253,9 @@ def run_config(job, cache: dict, sweep=(), kernels=None, device=None, deadline=N
     rows = []
     todo = []
     for fn, args, kwargs in launches:
+        note = kwargs.pop("_note", None)
+        if note:
+            base = dict(base, note=note)
         name = KERNEL_NAMES.get(fn.__name__, fn.__name__)
         if kernels and name not in kernels:
             continue
@@ -271,6 +280,10 @@ def run_config(job, cache: dict, sweep=(), kernels=None, device=None, deadline=N
             key = _key(fn, src, options, arch)
             res = cache.get(key)
             if res is None:
+                if deadline is not None and time.time() > deadline:
+                    row.update(status="skipped", error="not compiled (time budget / --cached-only)")
+                    rows.append(row)
+                    continue
                 res = _compile(fn, src, target, options)
                 res["key"] = key
             row.update(res)
@@ -311,11 +324,18 @@ def _worker(args):
     return run_config(job, cache, sweep, kernels, device, deadline)
 
 
-def run_all(jobs, cache_path=None, n_jobs=1, log=print, sweep=(), kernels=None, device=None, deadline=None) -> list:
+def run_all(jobs, cache_path=None, n_jobs=1, log=print, sweep=(), kernels=None, device=None, deadline=None,
+            cached_only=False) -> list:
+    """``cache_path``: a cache file, or several separated by commas (all read, the first written)."""
     cache = {}
-    if cache_path and os.path.exists(cache_path):
-        with open(cache_path) as f:
-            cache = json.load(f)
+    paths = cache_path.split(",") if cache_path else []
+    for path in paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                cache.update(json.load(f))
+    cache_path = paths[0] if paths else None
+    if cached_only:
+        deadline = 0.0  # nothing is compiled: cached rows only, the rest reported as skipped
     rows = []
     t0 = time.perf_counter()
 
@@ -372,7 +392,7 @@ def markdown(rows) -> str:
             if r is None:
                 continue
             if r["status"] in ("error", "fallback", "skipped"):
-                cells.append(f"{r['status']}: {r.get('error', '')}")
+                cells.append(f"{name if name != '-' else ''} {r['status']}: {r.get('error', '')}".strip())
                 worst = r["status"]
                 continue
             tc = f"wgmma {r['wgmma']}" if r["wgmma"] else (f"mma {r['mma']}" if r["mma"] else "none")
@@ -381,6 +401,9 @@ def markdown(rows) -> str:
                          f"{r['regs']}, {r['spill_st']}, {tc}{dev}")
             if r["status"] != "ok" and worst in ("ok", "spill"):
                 worst = r["status"]
+        note = next((r["note"] for r in ks.values() if r.get("note")), None)
+        if note:
+            cells.insert(0, f"({note})")
         lines.append(f"| {mech} | sm_{arch} | {D} | {Dv} | {dt} | {prec} | {'; '.join(cells)} | {worst} |")
     return "\n".join(lines) + "\n"
 
@@ -426,6 +449,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes (at most 2 here)")
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "lla", "compile_check.json"))
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--cached-only", action="store_true", help="report cached configurations only, compile nothing")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--update-doc", help="replace the generated table in this Markdown file")
@@ -453,7 +477,7 @@ def main(argv=None) -> int:
     sweep = [tuple(int(x) for x in re.split(r"[x/]", t)) for t in a.sweep.split(",") if t]
     deadline = None if a.budget_s is None else time.time() + a.budget_s
     rows = run_all(jobs, None if (a.no_cache or device) else a.cache, a.jobs, sweep=sweep, kernels=a.kernel,
-                   device=device, deadline=deadline)
+                   device=device, deadline=deadline, cached_only=a.cached_only)
     wall = time.perf_counter() - t0
     table = markdown(rows)
     print(table)

@@ -38,7 +38,7 @@ from ...triton_common import MAX_GRID_X, device_arch, emulation_mode, launch_gri
 from . import kernels as _k
 
 __all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
-           "triton_unsupported", "TILES",
+           "triton_unsupported", "launch_precision", "TILES",
            "resolve_precision", "amplification", "MAX_HEAD_DIM", "PRECISIONS"]
 
 #: largest head dim the kernels take (padded to a power of two up to this)
@@ -125,7 +125,28 @@ TILES = {
 #: (tile family, padded head dim, arch) the kernels cannot run at (no tiles fit): the op hands these to
 #: the PyTorch backend with a one-time warning saying why
 UNSUPPORTED: dict = {}
+#: (padded head dim, arch) where float32 inputs on ``"mixed"`` run the ``"fp32"`` scheme instead (same
+#: float32 accuracy, no tensor cores), with a one-time warning: the mixed forward kernel, which carries
+#: both the bf16 and the ieee matvec, falls into ptxas's low-register spill mode there
+MIXED_AS_FP32 = {
+    (256, 90): "its mixed-precision forward kernel compiles to ptxas's low-register spill mode on sm_90 "
+               "(32 registers, 13,580 bytes of spill stores per thread)",
+    (256, 80): "its mixed-precision forward kernel has the sm_90 build's register demand (low-register spill mode "
+               "there)",
+}
 _WARNED: set = set()
+
+
+def launch_precision(D: int, Dv: int, dtype: torch.dtype, precision: str, arch: int):
+    """The precision the kernels run for a resolved ``precision`` -> ``(precision, why)``: float32 inputs on
+    ``"mixed"`` at a (head dim, arch) of ``MIXED_AS_FP32`` run ``"fp32"`` (``why`` says why), else unchanged
+    (``why`` None)."""
+    widest = max(16, triton.next_power_of_2(max(D, Dv)))
+    if precision == "mixed" and dtype == torch.float32:
+        why = MIXED_AS_FP32.get((widest, _arch_class(arch)))
+        if why:
+            return "fp32", why
+    return precision, None
 
 
 def _tile_kind(dtype: torch.dtype, precision: str, widest: int) -> str:
@@ -444,6 +465,10 @@ def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iter
     use_torch = _use_torch(q, k, v, solver)
     if not use_torch and not _interpreting():
         arch = device_arch(q.device)
+        precision, why = launch_precision(q.shape[3], v.shape[3], q.dtype, precision, arch)
+        if why:
+            _warn_fallback(f"local_linear_attention: float32 inputs at D={q.shape[3]}, Dv={v.shape[3]} on sm_{arch} "
+                           f"run precision='fp32' instead of 'mixed' (same float32 accuracy): {why}")
         why = triton_unsupported(q.shape[3], v.shape[3], q.dtype, precision, arch)
         if why:
             _warn_fallback(f"local_linear_attention: the Triton kernels cannot run D={q.shape[3]}, Dv={v.shape[3]}, "
