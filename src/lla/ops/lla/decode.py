@@ -308,22 +308,23 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
     pk = torch.zeros(B, Hk, G, D, dtype=cdt, device=dev)  # sum_j p_j (k_j - c)
     # sum_j p_j (k_j - c)(k_j - c)^T: G rows stacked, or (one row per key head) symmetric blocks
     M2 = _Gram(B, Hk, D, cdt, dev) if gram else torch.zeros(B, Hk, G * D, D, dtype=cdt, device=dev)
-    Qc = torch.cat([Qs, shift], dim=2)  # [B, Hk, G + 1, D]: the logits and k_j . c in one GEMM
+    Qc = torch.cat([Qs, shift], dim=2)  # [B, Hk, G + 1, D]: the logits and c . (k_j - c) in one GEMM
+    qsc = Qs @ shift.transpose(-1, -2)  # q . c  [B, Hk, G, 1]
     cc = torch.linalg.vecdot(shift, shift).unsqueeze(-1)  # |c|^2  [B, Hk, 1, 1]
     pn = torch.zeros(B, Hk, G, 2, dtype=cdt, device=dev)  # sum_j p_j [|k_j - c|, |k_j|]
     if fused_cross:
         cross = torch.zeros(B, Hk, G * D, Dv, dtype=cdt, device=dev)
         pv = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=dev)
     for a, n, hide in chunks.parts:
-        lk = Qc @ chunks.raw_keys(a, n).transpose(-1, -2)  # [B, Hk, G + 1, n], from the raw keys (a cache view)
+        kc = chunks.keys(a, n, hide)  # k - c, contiguous (zero where hidden): the cache is read once here
+        lk = Qc @ kc.transpose(-1, -2)  # [B, Hk, G + 1, n]: q . (k - c) and c . (k - c)
         lg = logits[..., a : a + n]
-        lg.copy_(lk[:, :, :G])  # logits from the raw keys, as the backend
+        torch.add(lk[:, :, :G], qsc, out=lg)  # the logits q . k = q . (k - c) + q . c
         if hide is not None:
             lg.masked_fill_(hide[:, None, None, :], float("-inf"))
-        kc = chunks.keys(a, n, hide)  # k - c, contiguous (zero where hidden)
         kcn = torch.linalg.vector_norm(kc, dim=-1)  # |k_j - c|  [B, Hk, n]
-        # |k|^2 = |k - c|^2 + 2 k . c - |c|^2 (hidden entries: |k - c| = 0, p = 0)
-        kn = torch.addcmul(lk[:, :, G] * 2.0 - cc[..., 0], kcn, kcn).clamp_min_(0.0).sqrt_()
+        # |k|^2 = |k - c|^2 + 2 c . (k - c) + |c|^2 (hidden entries: |k - c| = 0, p = 0)
+        kn = torch.addcmul(lk[:, :, G] * 2.0 + cc[..., 0], kcn, kcn).clamp_min_(0.0).sqrt_()
         norms = torch.stack([kcn, kn], dim=-1)  # [B, Hk, n, 2]
         if hide is not None:
             norms.masked_fill_(hide[:, None, :, None], 0.0)  # garbage past a length: not even NaN may enter
