@@ -21,7 +21,8 @@ Every ``--src`` (a ``src`` folder holding the ``lla`` package; default: this che
 worker process; the workers take the cases in turn (A/B interleaved: case by case, method by method), so a
 before/after comparison shares the machine's state.  Per case and method: ``--steps`` timed steps after two
 warm-up steps, the **median** reported (and the minimum in the JSON); "x SDPA" divides by the SDPA median of
-the same worker and case; "+MiB" is the peak extra memory of one step, measured as the growth of the C
+the same worker and case; the process CPU time of the steps (median) is reported beside the wall time
+(on a shared machine, at one thread, it leaves out the time other jobs held the core); "+MiB" is the peak extra memory of one step, measured as the growth of the C
 allocator's in-use bytes (glibc ``mallinfo2``: arenas + mmapped blocks) read after every aten op of the step
 (``TorchDispatchMode``) over the value before it: temporaries freed inside a single aten kernel are not seen
 (their peak is bounded by that kernel's own workspace).  "floor ms" = the bytes of the visible K and V
@@ -155,13 +156,16 @@ for line in sys.stdin:
     try:
         with torch.no_grad():
             fn(); fn()
-            times = []
+            times, cpu = [], []
             for _ in range(a["steps"]):
-                t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
             extra = float("nan")
             if _in_use is not None:
                 extra = peak_extra(fn) / 2**20
-        out = dict(ms=1e3 * statistics.median(times), ms_min=1e3 * min(times), extra_mib=extra, bandwidth=bw[a["threads"]])
+        out = dict(ms=1e3 * statistics.median(times), ms_min=1e3 * min(times), cpu_ms=1e3 * statistics.median(cpu),
+                   extra_mib=extra, bandwidth=bw[a["threads"]])
     except Exception as e:  # noqa: BLE001
         out = dict(error=f"{type(e).__name__}: {e}"[:200])
     print(json.dumps(out), flush=True)
@@ -198,9 +202,10 @@ def load_average():
 def cell(r, base, target):
     if "error" in r:
         return "error", ""
-    ratio = r["ms"] / base if base else float("nan")
+    ratio = r["ms"] / base["ms"] if base else float("nan")
+    cpu_ratio = r["cpu_ms"] / base["cpu_ms"] if base else float("nan")
     ok = "yes" if ratio <= target else "**no**"
-    return f"{r['ms']:.3g} ({ratio:.2f}x, {r['extra_mib']:.1f})", ok
+    return f"{r['ms']:.3g} ({ratio:.2f}x) / {r['cpu_ms']:.3g} ({cpu_ratio:.2f}x), {r['extra_mib']:.1f}", ok
 
 
 def main(argv=None):
@@ -243,8 +248,9 @@ def main(argv=None):
     load1 = load_average()
     lines = [f"`python benchmarks/bench_decode.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
              f"started {started}, {wall:.0f} s; load average (1/5/15 min) at the end {load1[0]:.2f} / {load1[1]:.2f} / "
-             f"{load1[2]:.2f} on {os.cpu_count()} cores.  Median of {steps} steps; cells: ms (x SDPA of the same worker, "
-             "peak extra MiB); 'ok' against the issue's target.", ""]
+             f"{load1[2]:.2f} on {os.cpu_count()} cores.  Median of {steps} steps; cells: wall ms (x SDPA of the same "
+             "worker) / process CPU ms (x SDPA; at 1 thread the time the step ran, without the time other jobs took "
+             "the core), peak extra MiB; 'ok': the wall ratio against the issue's target.", ""]
     for th in threads:
         rows = [r for r in results if r["threads"] == th]
         if not rows:
@@ -269,10 +275,10 @@ def main(argv=None):
             cells = [r["case"], f"{cache_bytes / 2**20:.0f}", f"{1e3 * cache_bytes / bw:.2f}"]
             tl, tp = TARGETS[r["case"]]
             for w in workers:
-                sd = r["res"].get(f"{w.label}/sdpa", {})
-                base = sd.get("ms")
+                base = r["res"].get(f"{w.label}/sdpa", {})
+                base = base if "ms" in base else None
                 if "sdpa" in methods:
-                    cells.append(f"{base:.3g}" if base else "error")
+                    cells.append(f"{base['ms']:.3g} / {base['cpu_ms']:.3g}" if base else "error")
                 if "lla" in methods:
                     cells += list(cell(r["res"][f"{w.label}/lla"], base, tl))
                 if "parallax" in methods:

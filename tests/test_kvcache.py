@@ -606,9 +606,11 @@ def _check_step_memory(S, H, D, parallax, aux):
 
 
 @pytest.mark.parametrize("window", [(-1, -1), (5, -1)])
-def test_parallax_chunked_prefill_matches_op_and_reference(monkeypatch, window):
-    """Parallax prefill chunks (T_new = 6) on ragged caches run the chunked pass (chunks of 8 keys, NaN
-    garbage past the lengths): equal to the public op (taken when a gradient is needed) and the reference."""
+def test_parallax_chunked_pass_with_several_rows_matches_op_and_reference(monkeypatch, window):
+    """The chunked pass with T_new = 6 rows per head (``_attend_chunked``; chunks of 8 keys, NaN garbage past
+    the lengths, ragged caches) equals the public op (which prefill chunks take) and the reference."""
+    from lla.ops.parallax.decode import _attend_chunked
+
     _small_chunks(monkeypatch)
     g = torch.Generator().manual_seed(43)
     B, S_max, H, Hk, D, T = 2, 40, 4, 2, 8, 6
@@ -619,10 +621,9 @@ def test_parallax_chunked_prefill_matches_op_and_reference(monkeypatch, window):
         kc[b, n:], vc[b, n:] = float("nan"), float("nan")
     q, r = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(B, T, Hk, D, generator=g, dtype=torch.float64) for _ in range(2))
-    run = lambda q: lla.parallax_attention_with_kvcache(q, r, kc.clone(), vc.clone(), k, v, cache_seqlens=pre,  # noqa: E731
-                                                        window_size=window)
-    fast = run(q)
-    op = run(q.clone().requires_grad_(True)).detach()
+    kc2, vc2 = kc.clone(), vc.clone()
+    op = lla.parallax_attention_with_kvcache(q, r, kc2, vc2, k, v, cache_seqlens=pre, window_size=window)
+    fast = _attend_chunked(q, r, kc2, vc2, None, pre + T, D**-0.5, window[0])
     assert rel_err(fast, op) <= 1e-12
     for b, n in enumerate(pre.tolist()):
         K = torch.cat([kc[b : b + 1, :n], k[b : b + 1]], 1)
