@@ -198,6 +198,7 @@ def test_every_mixer_trains_and_the_run_writes_summary_data_and_figures(corpus_f
     assert len(data) == 1 and data[0]["data"]["corpus"] == os.path.abspath(corpus_file)
     run = json.load(open(out / "run.json"))
     assert run["data"]["sha256"] == data[0]["value"] and run["data"]["python"] == sys.version.split()[0]
+    assert run["trainings"] == 2 * len(mixers) and run["train_seconds"] > 0  # 2 rates on seed 0, each trained once
     for png in ("lm_val_vs_steps_.png", "lm_val_vs_seconds.png", "lm_loss_by_position_.png"):
         assert (out / png).stat().st_size > 1000, png
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")]

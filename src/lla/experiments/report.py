@@ -321,6 +321,8 @@ def results_page(results_dir: str = "results", out: str | None = None, max_figur
             done = [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if r.get("kind") == "done"]
             secs = done[-1]["seconds"] if done else None
         wall = f"{secs / 60:.1f} min" if secs is not None else "?"
+        if meta.get("train_seconds") is not None:  # a grid resumed from checkpoints: its trainings' own time
+            wall += f"; training {meta['train_seconds'] / 60:.1f} min over {meta.get('trainings')} trainings"
         lines.append(f"| [{name}](#{name}) | `{cmd or '?'}` | {', '.join(map(str, seeds)) if seeds else '1 (legacy run)'} | {wall} |")
         body += ["", f"## {name}", "", f"Command: `{cmd or '?'}`" + (f" ({wall})" if secs is not None else ""), ""]
         data = meta.get("data")

@@ -92,7 +92,7 @@ def _steps_to_target(curve: list[dict], target: dict) -> list[dict]:
 
 
 def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_after, context_parallel=1,
-                 seeds=(0,), lrs=None, restart=False, eval_log=None):
+                 seeds=(0,), lrs=None, restart=False, eval_log=None, train_seconds=None):
     """Train every (task setting, mixer): a learning-rate sweep on ``seeds[0]`` (validation streams)
     when ``lrs`` has several values, then every seed at the mixer's best rate (test streams).
 
@@ -137,7 +137,10 @@ def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_a
             finished = False
             return None  # interrupted on purpose: evaluate when resumed
         n_params = sum(p.numel() for p in model.parameters())
+        if train_seconds is not None:  # each training once (the best rate's first seed is the sweep's run)
+            train_seconds[(name, seed, lr)] = last.get("train_seconds")
         log({"kind": "run", "run": name, "mixer": mixer, **key, "seed": seed, "lr": lr, "seconds": time.time() - t0,
+             "train_seconds": last.get("train_seconds"),
              "params": n_params, "final_loss": last["loss"], "model": mcfg.to_dict(), "train": tcfg.to_dict()})
         return last, model, name, ident
 
@@ -368,7 +371,7 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
          "world_size": world, "context_parallel": context_parallel,
          "device": str(device), "torch": torch.__version__, "config": cfg, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     t0 = time.time()
-    eval_curves, finished = [], True
+    eval_curves, finished, train_seconds = [], True, {}
     if experiment == "ttr":
         curves = []
 
@@ -381,7 +384,7 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
         with _flush_denormal():
             rows, curves, eval_curves, finished = _run_trained(
                 experiment, cfg, mixers, out_dir, log, device, progress, stop_after, context_parallel,
-                seeds=seeds, lrs=lrs, restart=restart, eval_log=eval_log)
+                seeds=seeds, lrs=lrs, restart=restart, eval_log=eval_log, train_seconds=train_seconds)
     if is_main and rows and finished:
         seconds = time.time() - t0
         log({"kind": "done", "seconds": seconds})
@@ -405,7 +408,11 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
             json.dump({"experiment": experiment, "preset": preset, "command": cmd, "mixers": mixers, "seeds": seeds, "lrs": lrs,
                        "chosen": chosen, "seconds": seconds, "world_size": world, "device": str(device),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": cfg,
-                       **({"data": data} if data is not None else {})}, f, indent=1)
+                       **({"data": data} if data is not None else {}),
+                       # the training steps' wall-clock of every run, summed over resumed invocations (the run's own
+                       # "seconds" counts only this invocation, e.g. the final evaluations of a resumed grid)
+                       **({"train_seconds": sum(v for v in train_seconds.values() if v is not None),
+                           "trainings": len(train_seconds)} if train_seconds else {})}, f, indent=1)
         _plots(experiment, out_dir, curves, rows, eval_curves)
         print(md)
         print(f"\nwrote {out_dir}/summary.json, summary.md, run.json, metrics.jsonl, seed*/ and figures ({seconds:.0f} s)")

@@ -187,7 +187,8 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     per-token labels ``[B, T]`` (``-100`` ignored).  Data parallelism runs over ``world / C`` replicas;
     the loss is the mean of the replicas' losses (the whole batch's when every sequence has the same
     number of labelled tokens, as in every task here).
-    Returns ``{"step", "loss"}`` of the last step run.  Rank 0 writes checkpoints and logs.
+    Returns ``{"step", "loss", "train_seconds"}`` of the last step run (``train_seconds``: the
+    training steps' wall-clock, summed over resumed invocations).  Rank 0 writes checkpoints and logs.
     """
     rank, world = dist_info()
     cp = context_parallel
@@ -299,4 +300,5 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     if cp > 1:
         set_context_parallel(model, enabled=False)  # evaluation runs whole sequences
     model.eval()
+    last["train_seconds"] = train_seconds
     return last
