@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one of the paper's experiments")
     r.add_argument("experiment", choices=EXPERIMENTS)
     r.add_argument("--preset", default="quick", help="smoke | quick | paper (icr also: seglens, the segment-length sweep)")
-    r.add_argument("--mixers", nargs="+", default=None, help="mixers to compare (default: lla softmax mesa linear)")
+    r.add_argument("--mixers", nargs="+", default=None, help="mixers to compare (default: every mixer the experiment compares, e.g. lm: all seven registered)")
     r.add_argument("--out", default=None, help="output directory (default: runs/EXPERIMENT-PRESET)")
     r.add_argument("--steps", type=int, default=None, help="override the preset's training steps (trained experiments)")
     r.add_argument("--seed", type=int, default=None, help="override the preset's seed (data and initial weights); one seed")
