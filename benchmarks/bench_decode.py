@@ -230,6 +230,8 @@ def main(argv=None):
     results = []
     try:
         for th in threads:
+            if results and args.out:  # what is measured so far, in case the run is stopped
+                report(args, argv, workers, methods, threads, steps, results, started, t_start)
             load0 = load_average()
             for name in cases:
                 cfg = CASES[name]
@@ -244,6 +246,10 @@ def main(argv=None):
     finally:
         for w in workers:
             w.close()
+    report(args, argv, workers, methods, threads, steps, results, started, t_start, final=True)
+
+
+def report(args, argv, workers, methods, threads, steps, results, started, t_start, final=False):
     wall = time.time() - t_start
     load1 = load_average()
     lines = [f"`python benchmarks/bench_decode.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
@@ -286,12 +292,13 @@ def main(argv=None):
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)
-    print(text)
+    if final:
+        print(text)
     if args.out:
         with open(args.out + ".md", "w") as f:
             f.write(text + "\n")
         with open(args.out + ".json", "w") as f:
-            json.dump(dict(started=started, wall_s=wall, load_end=load1, steps=steps, srcs=srcs, results=results), f,
+            json.dump(dict(started=started, wall_s=wall, load_end=load1, steps=steps, srcs=[(w.label, w.src) for w in workers], results=results), f,
                       indent=1)
 
 

@@ -8,13 +8,15 @@ attention, it keeps every key and value and each new query does a pass over the 
   (``cu_seqlens_q`` / ``cu_seqlens_k``) whose per-sequence bottom-right causal alignment makes chunked
   prefill equal to the full forward.
 * A single new token (``T_new == 1``, decoding) runs the PyTorch backend's numerics on one row per
-  query head: the softmax weights over the visible cache entries, the keys shifted by the backend's
-  per-tile rule (the coordinate-wise median of the last ``SHIFT_SAMPLE`` keys the row sees), the
-  weighted mean ``m``, and ``A x = m - q`` solved by ``solvers.direct_solve`` (``A`` formed with the
-  streamed moment GEMM, Cholesky, refinement with the centred ``cov_matvec``, the true residual at
-  exit).  Prefill and decode run the same moment and solve code.  Extra memory is ``O(S)`` per
-  head: the weights ``[B, H, S]``, the shifted keys (one compute-dtype copy of the visible cache
-  span) and the ``D x D`` moment per head (formed over key chunks).
+  query head, in chunks of the cache (``_decode_one``, issue 24): the softmax weights over the visible
+  cache entries (an online softmax), the keys shifted by the backend's per-tile rule (the
+  coordinate-wise median of the last ``SHIFT_SAMPLE`` keys the row sees), the weighted mean ``m`` and
+  second moment as GEMMs per chunk, ``A x = m - q`` by Cholesky, refined with the centred matvec while the
+  true residual exceeds ``tol`` (``solvers.direct_solve``'s rule), and the centred output weights
+  times ``V``.  All query heads of a key head go in one batched call, all sequences of a ragged batch in
+  one call.  Extra memory: the kept logits and products (``O(S)`` per head) and one chunk's temporaries;
+  no copy of the cache.  When a gradient is needed the whole-span step (``_decode_one_autograd``, the same
+  numerics on whole-span tensors) runs instead.
 
 Per query row, with softmax weights ``s_j`` over the cache entries it sees (every statistic is
 the row's own: entries it does not see never enter its arithmetic):
