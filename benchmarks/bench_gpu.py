@@ -273,6 +273,7 @@ def main(argv=None) -> int:
     if args.dry:
         args.T, args.D, args.H, args.ridges, args.modes = [8], [16], 1, [1.0], ["fwdbwd"]
         args.dtypes = ["fp32"]
+        args.budget_s = float("inf")  # the interpreter on a loaded CPU may take minutes: run every row
         cuda, device = False, "cpu"
     else:
         if not cuda:

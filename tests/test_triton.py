@@ -273,13 +273,20 @@ def test_tile_tables_cover_every_head_dim_and_arch():
                     assert len(c["fwd"]) == 4
             for arch in (80, 90):
                 assert len(P.block_config(D, D, dtype, arch)["bwd_k"]) == 4
-    # float32 inputs on "mixed" at D = 256 run the fp32 scheme (its mixed forward is in ptxas's low-register mode)
-    for arch in (80, 90):
-        assert F.launch_precision(256, 256, torch.float32, "mixed", arch)[0] == "fp32"
-        assert F.launch_precision(200, 64, torch.float32, "mixed", arch)[1]
-        assert F.launch_precision(128, 128, torch.float32, "mixed", arch) == ("mixed", None)
-        assert F.launch_precision(256, 256, torch.bfloat16, "mixed", arch) == ("mixed", None)
-        assert F.launch_precision(256, 256, torch.float32, "fp32", arch) == ("fp32", None)
+    # float32 inputs on "mixed" at a (head dim, arch) of MIXED_AS_FP32 run the fp32 scheme
+    old = dict(F.MIXED_AS_FP32)
+    try:
+        F.MIXED_AS_FP32.clear()
+        F.MIXED_AS_FP32[(256, 90)] = "test"
+        assert F.launch_precision(256, 256, torch.float32, "mixed", 90) == ("fp32", "test")
+        assert F.launch_precision(200, 64, torch.float32, "mixed", 90) == ("fp32", "test")
+        assert F.launch_precision(256, 256, torch.float32, "mixed", 80) == ("mixed", None)
+        assert F.launch_precision(128, 128, torch.float32, "mixed", 90) == ("mixed", None)
+        assert F.launch_precision(256, 256, torch.bfloat16, "mixed", 90) == ("mixed", None)
+        assert F.launch_precision(256, 256, torch.float32, "fp32", 90) == ("fp32", None)
+    finally:
+        F.MIXED_AS_FP32.clear()
+        F.MIXED_AS_FP32.update(old)
     assert device_arch("cpu") == 90
     with target_arch(80):
         assert device_arch("cpu") == 80

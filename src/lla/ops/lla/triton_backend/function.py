@@ -103,7 +103,10 @@ TILES = {
     ("fp32", 32): {90: dict(fwd=(16, 32, 4, 1), bwd_q=(16, 32, 4, 1), bwd_k=(16, 32, 4, 1))},
     ("fp32", 64): {90: dict(fwd=(16, 32, 8, 1), bwd_q=(16, 32, 8, 1), bwd_k=(16, 16, 8, 1))},
     ("fp32", 128): {90: dict(fwd=(16, 16, 8, 1), bwd_q=(16, 16, 8, 1), bwd_k=(16, 16, 8, 1))},
-    ("fp32", 256): {90: dict(fwd=(16, 16, 8, 1), bwd_q=(16, 16, 8, 1), bwd_k=(16, 16, 8, 1))},
+    # D = 256: the solves spill less pipelined (sm_90, fwd / bwd_q spill stores per thread: fp32 2,272 / 1,860 B
+    # at 3 stages against 3,184 / 2,960 at 1; mixed 2,856 / 2,056 against the low-register mode / 3,868); the
+    # key kernel only unpipelined (3 stages: the low-register mode, 10,284 B; 1 stage: 174 registers, none)
+    ("fp32", 256): {90: dict(fwd=(16, 16, 8, 3), bwd_q=(16, 16, 8, 3), bwd_k=(16, 16, 8, 1))},
     # bf16 / fp16 inputs on ``fp32`` (tf32x3 dots)
     ("half", 16): {90: dict(fwd=(32, 32, 8, 1), bwd_q=(32, 32, 8, 1), bwd_k=(32, 32, 8, 1))},
     ("half", 32): {90: dict(fwd=(16, 32, 4, 1), bwd_q=(16, 32, 4, 1), bwd_k=(16, 32, 4, 1))},
@@ -125,15 +128,12 @@ TILES = {
 #: (tile family, padded head dim, arch) the kernels cannot run at (no tiles fit): the op hands these to
 #: the PyTorch backend with a one-time warning saying why
 UNSUPPORTED: dict = {}
-#: (padded head dim, arch) where float32 inputs on ``"mixed"`` run the ``"fp32"`` scheme instead (same
-#: float32 accuracy, no tensor cores), with a one-time warning: the mixed forward kernel, which carries
-#: both the bf16 and the ieee matvec, falls into ptxas's low-register spill mode there
-MIXED_AS_FP32 = {
-    (256, 90): "its mixed-precision forward kernel compiles to ptxas's low-register spill mode on sm_90 "
-               "(32 registers, 13,580 bytes of spill stores per thread)",
-    (256, 80): "its mixed-precision forward kernel has the sm_90 build's register demand (low-register spill mode "
-               "there)",
-}
+#: ``{(padded head dim, arch): why}`` where float32 inputs on ``"mixed"`` run the ``"fp32"`` scheme instead
+#: (same float32 accuracy, no tensor cores), with a one-time warning: for a mixed forward kernel (it
+#: carries both the bf16 and the ieee matvec) that ptxas would put in its low-register spill mode.
+#: Empty: the compile check found none with the tiles above (at D = 256 with 1 stage it was: 32
+#: registers, 13,580 B of spill stores; with 3 stages 255 registers, 2,856 B)
+MIXED_AS_FP32: dict = {}
 _WARNED: set = set()
 
 
