@@ -19,7 +19,7 @@ __all__ = ["append_to_cache", "gather_cache", "pack_cache", "visible_span", "chu
 #: of LLA's moment GEMM with grouped heads; the staged keys otherwise); the chunk length is this over ``B H D`` (at least ``MIN_CHUNK``).  2^19 fp32
 #: elements = 2 MiB: with B 1, H 8, D 64 a chunk is 1024 keys.
 CHUNK_ELEMS = 1 << 19
-MIN_CHUNK = 128
+MIN_CHUNK = 512  # below this, per-chunk dispatch dominates (B 8: 16 chunks of 512 over an 8K cache, not 64 of 128)
 
 
 def append_to_cache(k_cache, v_cache, k, v, seqlens, rows=None) -> None:
