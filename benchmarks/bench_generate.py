@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py [--mixers softmax,lla,parallax,sliding_window] [--prompts 1024,8192]
                                         [--new 32] [--threads 1,2] [--recompute] [--quick]
                                         [--run-dir RUN_DIR] [--json PATH] [--md PATH]
+    python benchmarks/bench_generate.py --table RESULT.json [...]      # the Markdown table of saved results
 
 The model: the experiments' ``CausalModel`` as ``lla run lm`` builds it, randomly initialised (seed 0):
 byte vocabulary (256), d_model 256, 4 layers, 4 heads (head dim 64), MLP x4, rotary positions, tied
@@ -161,8 +162,22 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the first --threads value only, 16 new bytes (< 2 min on 2 idle cores)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "generate.json"))
     ap.add_argument("--md", default=None, help="also write the Markdown table here")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                    help="only print the Markdown table of these result files (rows in order, with each file's command)")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.table:
+        rows = []
+        for path in args.table:
+            with open(path) as f:
+                res = json.load(f)
+            m = res["meta"]
+            print(f"- `{m['command']}` (git {m.get('git')}, {m['time']}, {'finished' if m.get('finished') else 'interrupted'}; "
+                  f"load average at start {[round(x, 1) for x in m['load_start']] if m.get('load_start') else None})")
+            rows += res["rows"]
+        print()
+        print(table(rows))
+        return 0
     if args.new < 2:
         raise SystemExit("--new must be >= 2 (the first byte is the prefill's)")
     threads = [int(t) for t in args.threads.split(",")]
