@@ -208,6 +208,24 @@ def cell(r, base, target):
     return f"{r['ms']:.3g} ({ratio:.2f}x) / {r['cpu_ms']:.3g} ({cpu_ratio:.2f}x), {r['extra_mib']:.1f}", ok
 
 
+def gemm_speed(threads):
+    import torch
+
+    for th in threads:
+        torch.set_num_threads(th)
+        for dt in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(8, 64, 2048).to(dt), torch.randn(8, 2048, 64).to(dt)
+            for _ in range(3):
+                a @ b
+            ts = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                a @ b
+                ts.append(time.perf_counter() - t0)
+            print(f"{th} thread(s) {dt}: {2 * 8 * 64 * 2048 * 64 / statistics.median(ts) / 1e9:.1f} GFLOP/s "
+                  f"(median of 7; load average {load_average()[0]:.2f})", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="5 steps per case (the whole table in under 2 minutes)")
@@ -218,7 +236,12 @@ def main(argv=None):
     ap.add_argument("--src", action="append", default=None,
                     help="LABEL=PATH of a src folder holding the lla package (repeat for A/B); default this checkout")
     ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
+    ap.add_argument("--gemm", action="store_true",
+                    help="only print the batched GEMM speed of the moment's shape ([8, 64, 2048] x [8, 2048, 64]), "
+                         "fp32 and bf16, at each --threads count, and exit")
     args = ap.parse_args(argv)
+    if args.gemm:
+        return gemm_speed([int(t) for t in args.threads.split(",")])
     steps = args.steps or (5 if args.quick else 9)
     srcs = [s.split("=", 1) for s in (args.src or [f"this={os.path.join(ROOT, 'src')}"])]
     cases = list(CASES) if args.cases == "all" else args.cases.split(",")

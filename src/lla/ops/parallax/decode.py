@@ -14,8 +14,8 @@ every key and value; each new query does one pass over its cache.
   every sequence has the same length, else one packed varlen call (``cu_seqlens_q`` /
   ``cu_seqlens_k``), bottom-right aligned per sequence, which makes chunked prefill equal to the full
   forward.  (``_attend_chunked`` takes ``T_new > 1`` rows too, bottom-right aligned, and is tested so; for
-  64 new tokens on an 8K cache it took 79-135 ms of CPU against the op's 57-61 ms, keeping ``[T_new H, S]``
-  logits, so chunks are not routed to it.)
+  64 new tokens on an 8K cache it was slower than the op in a one-off comparison on the loaded machine,
+  keeping ``[T_new H, S]`` logits, so chunks are not routed to it.)
 """
 
 from __future__ import annotations
