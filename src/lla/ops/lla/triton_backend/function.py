@@ -221,8 +221,13 @@ def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32", a
         mixed, refine, inner = False, 0, 0.0
     else:
         raise ValueError(f"block_config: unknown precision {precision!r} (resolve 'auto' first)")
+    # the key kernel's accumulating products for half inputs at D = 256: exact fp32 (``ieee``) instead of
+    # ``tf32x3`` / bf16, whose operand splits put it in ptxas's low-register spill mode there (32 registers,
+    # 9.2-9.5 KB of spill stores per thread on sm_90 at 8 or 16 warps, 1 or 3 stages); more accurate, no
+    # tensor cores for those products (the logits keep ``PREC_QK``)
+    prec_k = "ieee" if (half and widest >= 256 and not _interpreting()) else prec
     return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, PREC_QK=prec_qk, PREC_CG=cg, PREC_CGQ=cgq, MIXED=mixed,
-                REFINE=refine, INNER=inner, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k)
+                REFINE=refine, INNER=inner, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k, PREC_K=prec_k)
 
 
 #: dot precision of the non-logit dots for bf16/fp16 inputs
@@ -231,7 +236,8 @@ _HALF_PREC = "tf32x3"
 
 def _launch_args(bc: dict, which: str) -> dict:
     bm, bn, warps, stages = bc[which]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"], PREC=bc["PREC"],
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bc["BLOCK_D"], BLOCK_DV=bc["BLOCK_DV"],
+                PREC=bc["PREC_K"] if which == "bwd_k" else bc["PREC"],
                 PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), MIXED=bc["MIXED"], PREC_CG=bc["PREC_CG"],
                 PREC_CGQ=bc["PREC_CGQ"], REFINE=bc["REFINE"], INNER=bc["INNER"], num_warps=warps,
                 num_stages=stages)
