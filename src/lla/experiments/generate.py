@@ -90,6 +90,8 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 
         raise ValueError(f"logits must be [V], got {tuple(logits.shape)}")
     if temperature == 0:
         return int(torch.argmax(logits))
+    if generator is not None and generator.device != logits.device:
+        logits = logits.to(generator.device)  # e.g. CUDA logits, a CPU generator: draw where the generator lives
     probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
 
