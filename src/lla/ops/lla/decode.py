@@ -90,6 +90,25 @@ def _chunk_moments(kc, K, V, j0, j1):
     return torch.cat([kc2, torch.cat([kc2.sum(-1, keepdim=True), k2, v2], dim=-1).sqrt()], dim=-1)
 
 
+def _float64_rescue(step, o, residual, floor, live, q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
+    """Rows the working precision cannot solve (hopeless residual or a non-finite output; ``live`` rows
+    only) recomputed in float64 by ``step`` (a decode step function), as the op does.
+
+    o [B, Hk, G, Dv], residual / floor / live [B, Hk, G] -> ``(o, residual, floor, hopeless)`` with the
+    rescued rows' floors zeroed; ``hopeless`` is None when no row needed it (or the step is float64).
+    """
+    cdt = o.dtype
+    if cdt == torch.float64:
+        return o, residual, floor, None
+    hopeless = (_hopeless_rows("direct", residual, floor) | ~torch.isfinite(o).all(-1)) & live
+    if not bool(hopeless.any()):
+        return o, residual, floor, None
+    o64, _lse64, st64 = step(q.double(), k_cache, v_cache, rows, lens, lam.double(), scale, left, tol)
+    o = torch.where(hopeless.unsqueeze(-1), o64.reshape(o.shape).to(cdt), o)
+    residual = torch.where(hopeless, st64[0].to(cdt), residual)
+    return o, residual, floor.masked_fill(hopeless, 0.0), hopeless
+
+
 def _decode_one_autograd(q, k_cache, v_cache, rows, lens, lam, scale, left, tol):
     """Single-query LLA with the backend's moment / solve code, and what it needs to report: the
     differentiable path (autograd through whole-span tensors; ``_decode_one`` when no gradient is needed).
@@ -149,16 +168,9 @@ def _decode_one_autograd(q, k_cache, v_cache, rows, lens, lam, scale, left, tol)
     w = s - s * (yx - (s * yx).sum(-1, keepdim=True) / ssum)
     o = w @ V  # [B, Hk, G, Dv]
     live = has_key[..., 0].expand(B, Hk, G)
-    hopeless = None
-    if cdt != torch.float64:  # rows the working precision cannot solve: in float64, as the op does
-        hopeless = (_hopeless_rows("direct", residual, floor) | ~torch.isfinite(o).all(-1)) & live
-        if bool(hopeless.any()):
-            o64, _lse64, st64 = _decode_one_autograd(q.double(), k_cache, v_cache, rows, lens, lam.double(), scale, left, tol)
-            o = torch.where(hopeless.unsqueeze(-1), o64.reshape(B, Hk, G, Dv).to(cdt), o)
-            residual = torch.where(hopeless, st64[0].to(cdt), residual)
-            floor = floor.masked_fill(hopeless, 0.0)
-        else:
-            hopeless = None
+    o, residual, floor, hopeless = _float64_rescue(
+        _decode_one_autograd, o, residual, floor, live, q, k_cache, v_cache, rows, lens, lam, scale, left, tol
+    )
     # the backend's rounding estimate, from the same moments: [m | sum s | E (k - c)^2 | E|k - c| | E|k|]
     mom = torch.cat([m, s.sum(-1, keepdim=True), ext[..., : D + 2]], dim=-1)
     on = o.norm(dim=-1)
@@ -423,16 +435,9 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
     ev, ev2 = ev.unbind(-1)
     floor = _floor(eps, x, b, L, ekc2, m)
     live = live[..., 0]
-    hopeless = None
-    if cdt != torch.float64:  # rows the working precision cannot solve: in float64, as the op does
-        hopeless = (_hopeless_rows("direct", residual, floor) | ~torch.isfinite(o).all(-1)) & live
-        if bool(hopeless.any()):
-            o64, _lse64, st64 = _decode_one(q.double(), k_cache, v_cache, rows, lens, lam.double(), scale, left, tol)
-            o = torch.where(hopeless.unsqueeze(-1), o64.reshape(B, Hk, G, Dv).to(cdt), o)
-            residual = torch.where(hopeless, st64[0].to(cdt), residual)
-            floor = floor.masked_fill(hopeless, 0.0)
-        else:
-            hopeless = None
+    o, residual, floor, hopeless = _float64_rescue(
+        _decode_one, o, residual, floor, live, q, k_cache, v_cache, rows, lens, lam, scale, left, tol
+    )
     on = o.norm(dim=-1)
     rel = ev / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(tiny)
 
