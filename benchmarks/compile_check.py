@@ -6,7 +6,7 @@ The launchers themselves run on CPU tensors (``lla.ops.lla.triton_backend.functi
 ``_backward`` and Parallax's) with each kernel's ``run`` intercepted: Triton's own binder then gives
 the specialisation the real launch would have (argument types, constexprs, the divisibility-by-16
 flags of pointers and integers), and the arch the launcher picks tiles for is set with
-``lla.ops.triton_common.target_arch``.  Each kernel is compiled for the target and reported with:
+``lla.ops.common.triton_utils.target_arch``.  Each kernel is compiled for the target and reported with:
 shared memory (bytes), registers per thread, spill stores / loads and stack frame (bytes per
 thread; ptxas's own ``-v`` log), tensor-core instructions in the PTX (``wgmma`` / ``mma.sync``),
 and whether it fits: shared memory within the arch's opt-in limit (sm_90 232,448 B, sm_80
@@ -67,7 +67,7 @@ SHAPE = (1, 1024, 8, 8)
 
 
 def smem_limit(arch: int) -> int:
-    from lla.ops.triton_common import smem_limit as f
+    from lla.ops.common.triton_utils import smem_limit as f
 
     return f(arch)
 
@@ -95,7 +95,7 @@ def _lla_launches(D, Dv, dtype, precision, arch, device="cpu"):
     """The three LLA launches (fwd, bwd_q, bwd_k) as the launcher makes them, or a fallback reason."""
     from lla.ops.lla.triton_backend import function as F
     from lla.ops.lla.triton_backend import kernels as K
-    from lla.ops.triton_common import target_arch
+    from lla.ops.common.triton_utils import target_arch
 
     B, T, H, Hk = SHAPE
     with target_arch(arch):
@@ -123,7 +123,7 @@ def _lla_launches(D, Dv, dtype, precision, arch, device="cpu"):
 def _parallax_launches(D, Dv, dtype, precision, arch, device="cpu"):
     from lla.ops.parallax import triton_backend as P
     from lla.ops.lla.triton_backend.function import row_ranges
-    from lla.ops.triton_common import target_arch
+    from lla.ops.common.triton_utils import target_arch
 
     B, T, H, Hk = SHAPE
     with target_arch(arch):

@@ -11,7 +11,7 @@ centred per row).  Errors are relative RMS (``||x - x_ref|| / ||x_ref||``) of ``
 gradients of ``sum(o * do)`` w.r.t. ``q, r, k, v``; "naive" is the reference formula run in the same
 dtype (the baseline the tests hold half precision to: no worse than 2x naive).  ``--triton`` adds
 the Triton kernels run by the interpreter (CPU; slow, smaller T) with the GPU's dot rounding
-emulated (``lla.ops.triton_common``); ``--ablation`` adds their half-precision error per
+emulated (``lla.ops.common.triton_utils``); ``--ablation`` adds their half-precision error per
 dot-precision variant.
 """
 
@@ -140,7 +140,7 @@ def main(argv=None):
     flags = (" --triton" if a.triton else "") + (" --ablation" if a.ablation and a.triton else "")
     lines = [f"Command: `python benchmarks/parallax_accuracy.py{flags}` (torch {torch.__version__})", ""]
     if a.triton:
-        from lla.ops.triton_common import emulation_mode
+        from lla.ops.common.triton_utils import emulation_mode
 
         lines += [f"Triton rows: kernels run by the Triton interpreter on CPU with the GPU's dot rounding emulated "
                   f"(emulation mode {emulation_mode()}: 1 = TF32 round to nearest even; bf16 stores rounded to "

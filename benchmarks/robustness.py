@@ -167,7 +167,7 @@ def run_case(c):
         gref = torch.autograd.grad(ref, (qr, kr, vr, lr), do, allow_unused=True)
     except RuntimeError as e:  # the float64 reference itself cannot solve it: nothing to compare with
         return dict(case=c, ref_error=f"{type(e).__name__}: {e}"[:120])
-    # guard against a broken reference (seen before ``lla.ops.linalg.solve``: MKL's batched LU failing or
+    # guard against a broken reference (seen before ``lla.ops.common.linalg.solve``: MKL's batched LU failing or
     # hanging at D = 256 with 2 threads, "DLASWP parameter 6"): a second float64 computation, the op's
     # direct solver, must agree with it
     with warnings.catch_warnings():

@@ -14,7 +14,7 @@ Precisions: ``fp32`` (plain float32 solves: ``ieee`` dots for float32 inputs; TF
 products inside reliable updates with accurate true residuals: ``ieee`` dots for float32 inputs,
 ``tf32x3`` and native half logits for half inputs), ``authors`` (our implementation of the authors'
 FlashLLA scheme: every product bf16 / fp16, 32 fixed unpreconditioned CG iterations, no refinement).
-Every dot's operands are rounded as the tensor cores would (``triton_common._dot``: TF32 / bf16 / fp16
+Every dot's operands are rounded as the tensor cores would (``lla.ops.common.triton_utils._dot``: TF32 / bf16 / fp16
 round to nearest even, ``tf32x3`` as its three TF32 products), and stores round to nearest even.
 
 ``--ablation`` adds, for float32 inputs under ``mixed``, the choices the scheme was picked from: the

@@ -1,4 +1,4 @@
-"""``lla.ops.linalg.solve``: batched LU solves that neither hang nor fail on the CPU (MKL's batched LU at
+"""``lla.ops.common.linalg.solve``: batched LU solves that neither hang nor fail on the CPU (MKL's batched LU at
 n > 150 with several threads: pytorch/pytorch#142815, #141358), and every caller that needed it.
 
 The wide cases run in a subprocess with a timeout, so that a regression (a hang inside MKL) fails the

@@ -137,7 +137,7 @@ def test_reported_residual_is_the_true_residual():
 
 
 def test_direct_solver_message_names_the_direct_solver():
-    from lla.ops.diagnostics import check_solve
+    from lla.ops.common.diagnostics import check_solve
 
     with pytest.warns(lla.LLAConvergenceWarning) as rec:
         check_solve(stage="forward", solver="direct", residual=1.0, tol=1e-6, iters=0)

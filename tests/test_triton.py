@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lla
-from lla.ops.checks import pick_backend
+from lla.ops.common.checks import pick_backend
 from lla.ops.lla.reference import visible_mask
 from conftest import record_launches
 
@@ -252,7 +252,7 @@ def test_tile_tables_cover_every_head_dim_and_arch():
     pytest.importorskip("triton")
     from lla.ops.lla.triton_backend import function as F
     from lla.ops.parallax import triton_backend as P
-    from lla.ops.triton_common import device_arch, smem_limit, target_arch
+    from lla.ops.common.triton_utils import device_arch, smem_limit, target_arch
 
     for table in (F.TILES, P.TILES):
         for (kind, widest), per_arch in table.items():

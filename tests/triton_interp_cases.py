@@ -354,7 +354,7 @@ def case_tf32_rounding():
 import triton  # noqa: E402  (after TRITON_INTERPRET is set)
 import triton.language as tl  # noqa: E402
 
-from lla.ops.triton_common import _cast  # noqa: E402
+from lla.ops.common.triton_utils import _cast  # noqa: E402
 
 
 @triton.jit

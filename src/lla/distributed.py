@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .ops.checks import check_window
+from .ops.common.checks import check_window
 from .ops.lla.api import LLAAux, local_linear_attention
 
 __all__ = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.linalg import solve
+from ..ops.common.linalg import solve
 from ._common import check_qkv, expand_kv
 from .linear import _check_self
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lla.ops.diagnostics import LLAConvergenceWarning
+from lla.ops.common.diagnostics import LLAConvergenceWarning
 
 
 @dataclass

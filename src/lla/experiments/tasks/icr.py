@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ...ops.linalg import solve
+from ...ops.common.linalg import solve
 from .mqar import eval_seed
 
 

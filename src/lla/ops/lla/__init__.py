@@ -6,7 +6,7 @@
 * ``triton_backend/``: FlashLLA-style Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``),
 * ``decode.py``: KV-cache decoding and chunked prefill,
 * ``custom_op.py``: the ``torch.library`` op ``torch.compile`` sees,
-* ``api.py``: the public op (its dispatch; the argument checks are ``lla.ops.checks``, shared by every op).
+* ``api.py``: the public op (its dispatch; the argument checks are ``lla.ops.common.checks``, shared by every op).
 """
 
 from .api import LLAAux, local_linear_attention

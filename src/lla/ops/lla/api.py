@@ -6,11 +6,11 @@ from typing import NamedTuple
 
 import torch
 
-from ..checks import (
+from ..common.checks import (
     Varlen, check_bool, check_qkv, check_ridge, check_scale, check_solver_options, check_varlen, check_window,
     pick_backend,
 )
-from ..diagnostics import LLAConvergenceWarning, check_conditioning, check_solve, default_max_iters, default_tol
+from ..common.diagnostics import LLAConvergenceWarning, check_conditioning, check_solve, default_max_iters, default_tol
 
 __all__ = ["local_linear_attention", "LLAAux", "LLAConvergenceWarning", "resolve_solver"]
 
@@ -25,7 +25,7 @@ class LLAAux(NamedTuple):
               rows, measured at exit with one more matvec (``A`` the ridge-regularised key
               covariance, see ``lla.ops.lla.torch_backend``).  In float32 it cannot go below a rounding
               floor of about ``eps * cond(A)``; the op warns when it exceeds ``RESIDUAL_FACTOR``
-              times the larger of ``tol`` and that floor (``lla.ops.diagnostics.check_solve``).
+              times the larger of ``tol`` and that floor (``lla.ops.common.diagnostics.check_solve``).
     lse:      softmax log-sum-exp of the scaled logits, ``[B, T, H]`` float32 (``-inf`` for a row
               that sees no key).
     solver:   the solver that ran ("cg" or "direct").

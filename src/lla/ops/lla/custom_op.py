@@ -11,7 +11,7 @@ the eager path does not touch this module.  Both custom ops run the PyTorch back
     lla::bwd(do, q, k, v, lam, x, m, lse_c, cu_seqlens?, ..., cu_seqlens_k?) -> (dq, dk, dv, dlam [B,T,H])
 
 ``cu_seqlens`` are the packed query offsets, ``cu_seqlens_k`` the key offsets (None: the same).  The
-checks that read values (offsets, ridge > 0: ``lla.ops.checks``) run inside ``lla::fwd``, where the
+checks that read values (offsets, ridge > 0: ``lla.ops.common.checks``) run inside ``lla::fwd``, where the
 values exist.  What compiled calls give up: the convergence / conditioning warnings and the
 ``LLAAux`` counters (they need host reads of data); ``return_aux=True`` still returns ``lse``.
 """
@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..diagnostics import default_max_iters, default_tol
-from ..checks import Varlen, check_ridge_values, check_varlen_values, packed_segments
+from ..common.diagnostics import default_max_iters, default_tol
+from ..common.checks import Varlen, check_ridge_values, check_varlen_values, packed_segments
 from .api import resolve_solver
 from .torch_backend import function as _tb
 

@@ -25,7 +25,7 @@ the row's own: entries it does not see never enter its arithmetic):
     o = sum_j s_j (1 - (k_j - m) . x) v_j
 
 The single-token path reports like the op: the solve's true relative residual and the rounding
-amplification go through ``lla.ops.diagnostics`` (``check_solve`` / ``check_conditioning``).  With at
+amplification go through ``lla.ops.common.diagnostics`` (``check_solve`` / ``check_conditioning``).  With at
 most ``solvers.FEW_ROWS`` query heads per key head it follows the op's few-row rules: ``m`` over the
 weights' computed sum, ``y . x`` relative to each row's pivot key, and the amplification from the
 row's own sensitivity ``M' A^-1`` (``function._sensitivity``, from the direct solve's Cholesky factor).
@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import (
+from ..common.checks import (
     check_bool, check_cache_batch_idx, check_cache_seqlens, check_new_kv, check_qkv, check_ridge, check_scale,
     check_solver_options, check_window,
 )
 from ..common.kvcache import (  # noqa: F401  (append_to_cache, gather_cache, pack_cache: re-exported)
     append_to_cache, cache_chunk, chunk_keys, chunk_parts, gather_cache, pack_cache, stage_chunk, visible_span,
 )
-from ..diagnostics import CONDITIONING_THRESHOLD, check_conditioning, check_solve, default_tol
+from ..common.diagnostics import CONDITIONING_THRESHOLD, check_conditioning, check_solve, default_tol
 from .api import LLAAux, local_linear_attention
 from .torch_backend.function import (  # the backend's code, shared
     SHIFT_SAMPLE, _amplification, _floor, _hopeless_rows, _sensitivity, amplification_rows,
@@ -524,7 +524,7 @@ def local_linear_attention_with_kvcache(
         max_iters, backend: passed to the public op for chunks / ``solver="cg"``.
         tol: the public op's CG tolerance; for the direct single-token solve, the true relative
             residual above which (times ``RESIDUAL_FACTOR``) it warns.  Default per dtype
-            (``lla.ops.diagnostics.default_tol``).
+            (``lla.ops.common.diagnostics.default_tol``).
         window_size: ``(left, right)``, flash-attn semantics (``right`` is moot: causal): new query
             ``t`` of sequence ``b`` also only sees entries ``j >= L_b - T_new + t - left``; ``-1``
             unbounded.  The single-token path then reads only the last ``left + 1`` entries.

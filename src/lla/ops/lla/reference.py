@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import solve
+from ..common.linalg import solve
 
 __all__ = ["local_linear_attention_ref", "visible_mask", "softmax_attention_ref"]
 

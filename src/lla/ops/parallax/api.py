@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import (
+from ..common.checks import (
     Varlen, check_bool, check_qkv, check_scale, check_tensor, check_varlen, check_window, pick_backend,
 )
 

@@ -11,7 +11,7 @@ compiled and eager results agree to rounding.
         -> (dq, dr, dk, dv)
 
 ``cu_seqlens`` are the packed query offsets, ``cu_seqlens_k`` the key offsets (None: the same); their
-values are checked inside ``parallax_fwd`` (``lla.ops.checks.check_varlen_values``).
+values are checked inside ``parallax_fwd`` (``lla.ops.common.checks.check_varlen_values``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..checks import Varlen, check_varlen_values
+from ..common.checks import Varlen, check_varlen_values
 from . import torch_backend as _tb
 
 __all__ = ["parallax_compiled"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import (
+from ..common.checks import (
     check_cache_batch_idx, check_cache_seqlens, check_new_kv, check_qkv, check_scale, check_tensor, check_window,
 )
 from ..common.kvcache import (

@@ -32,7 +32,7 @@ bf16/fp16 inputs, ``PREC_QK`` = ``"tf32"`` for the dots whose operands are raw i
 times values, keys, queries or ``do``): ``"tf32x3"`` (three TF32 products, about fp32 accuracy)
 wherever plain TF32 measurably raised the error under emulation (every kernel for fp16; for bf16
 the query-gradient kernel, whose key centring cancels), ``"tf32"`` elsewhere (docs/parallax.md).
-Every product goes through the LLA kernels' ``_dot`` (``lla.ops.triton_common``), which under the
+Every product goes through the LLA kernels' ``_dot`` (``lla.ops.common.triton_utils``), which under the
 interpreter rounds the operands as the GPU's tensor cores would (``EMU``; ``LLA_TRITON_EMULATE`` as
 for LLA), and every store goes through ``_cast``, which with ``EMU`` rounds float32 -> bf16 to
 nearest even as the GPU does (the interpreter truncates).
@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from ..lla.triton_backend.function import row_ranges
-from ..triton_common import _cast, _dot, _program_ids, device_arch, emulation_mode, interpreting, launch_grid
+from ..common.triton_utils import _cast, _dot, _program_ids, device_arch, emulation_mode, interpreting, launch_grid
 
 __all__ = ["parallax_triton", "ParallaxTritonFunction", "block_config", "MAX_HEAD_DIM", "TILES", "triton_unsupported"]
 

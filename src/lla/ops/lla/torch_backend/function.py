@@ -49,7 +49,7 @@ import math
 
 import torch
 
-from ...diagnostics import adjoint_tol, check_conditioning, check_solve
+from ...common.diagnostics import adjoint_tol, check_conditioning, check_solve
 from .solvers import FEW_ROWS, Work, _fallback, chol_solve, direct_solve, pcg_compact, pcg_mixed
 
 __all__ = ["lla_torch", "lla_forward", "lla_backward", "LLATorchFunction", "TILE_ELEMS"]

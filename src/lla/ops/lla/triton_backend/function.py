@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...triton_common import MAX_GRID_X, device_arch, emulation_mode, launch_grid  # noqa: F401  (re-exported)
+from ...common.triton_utils import MAX_GRID_X, device_arch, emulation_mode, launch_grid  # noqa: F401  (re-exported)
 from . import kernels as _k
 
 __all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
@@ -178,7 +178,7 @@ def triton_unsupported(D: int, Dv: int, dtype: torch.dtype, precision: str, arch
 
 def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32", arch: int = 90) -> dict:
     """Tile sizes, warps, pipeline stages and dot precisions for head dims ``D``/``Dv`` (padded to powers
-    of two) on compute capability ``arch`` (``lla.ops.triton_common.device_arch``).
+    of two) on compute capability ``arch`` (``lla.ops.common.triton_utils.device_arch``).
 
     Returns ``BLOCK_D``, ``BLOCK_DV``, the dot precisions ``PREC`` (moments, output, true residuals,
     gradients), ``PREC_QK`` (logits q.k and do.v: raw input values), ``PREC_CG`` / ``PREC_CGQ`` (the CG
@@ -412,7 +412,7 @@ class LLATritonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dlse, _dstats):
-        from ...diagnostics import check_conditioning, check_solve
+        from ...common.diagnostics import check_conditioning, check_solve
         from ..torch_backend.function import BACKWARD_LOGIT_FACTOR
 
         q, k, v, lam, X, M, stat, shift, *ranges = ctx.saved_tensors

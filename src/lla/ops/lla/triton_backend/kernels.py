@@ -30,7 +30,7 @@ values, exact in TF32 or as native bf16/fp16 products for bf16/fp16), ``PREC`` f
 true-residual matvecs, output, gradients) and, when ``MIXED``, ``PREC_CG`` / ``PREC_CGQ`` for the CG
 iterations' matvecs and their logits (bf16/fp16 tensor-core products inside reliable updates, see
 ``_solve``); ``function.block_config`` picks them from the op's ``precision``.
-Every dot goes through ``_dot`` (``lla.ops.triton_common``, shared with the Parallax kernels), which
+Every dot goes through ``_dot`` (``lla.ops.common.triton_utils``, shared with the Parallax kernels), which
 under the interpreter (``EMU`` > 0) rounds the operands as the GPU would (the interpreter's
 ``tl.dot`` is a plain float32 product whatever the precision asked).
 
@@ -44,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...triton_common import _cast, _dot, _program_ids, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
+from ...common.triton_utils import _cast, _dot, _program_ids, _round_tf32  # noqa: F401  (shared with the Parallax kernels)
 
 __all__ = ["lla_fwd_kernel", "lla_bwd_query_kernel", "lla_bwd_key_kernel", "round_tf32_kernel"]
 
