@@ -12,7 +12,7 @@ bytes of this package's own ``.py`` sources (sorted by path), real text.
 
 Per (threads, mixer, prompt length) one greedy generation of ``--new`` bytes (``--repeats`` times;
 the one with the least CPU time kept), timed from the outside of the library iterator, as a user sees it:
-  prefill       call -> first new byte: the prompt's one forward call (through an ``LLACache`` for the
+  prefill       call -> first new byte: the prompt's one forward call (through an ``KVCache`` for the
                 cached mixers) + the first argmax
   decode        median time per further byte (one forward call of one token against the cache, or,
                 for the recompute mixers, a forward over the whole prefix); bytes/s = 1000 / ms

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from lla.nn import build_mixer
+from lla.experiments.mixers import build_mixer
 
 
 def main(argv=None):

@@ -6,8 +6,10 @@ from .ops import (
     local_linear_attention,
     local_linear_attention_ref,
     local_linear_attention_with_kvcache,
+    parallax_attention,
+    parallax_attention_ref,
+    parallax_attention_with_kvcache,
 )
-from .ops.parallax import parallax_attention, parallax_attention_ref, parallax_attention_with_kvcache
 
 from . import nn  # noqa: E402  (layers; after the ops they build on)
 from . import distributed  # noqa: E402  (context parallelism over torch.distributed)

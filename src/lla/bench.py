@@ -113,7 +113,7 @@ def _sample_rows(T: int, n: int = 8) -> list[int]:
 
 def _ref_rows(q, k, v, ridge, rows):
     """Float64 reference output at query rows ``rows`` (each against its causal keys): [1, n, H, D]."""
-    import lla
+    from lla import ops as lla
 
     outs = [
         lla.local_linear_attention_ref(q[:, i : i + 1].double(), k[:, : i + 1].double(), v[:, : i + 1].double(), ridge=ridge)
@@ -124,7 +124,7 @@ def _ref_rows(q, k, v, ridge, rows):
 
 def _parallax_ref_rows(q, r, k, v, rows):
     """Float64 Parallax reference at query rows ``rows`` (each against its causal keys)."""
-    import lla
+    from lla import ops as lla
 
     outs = [lla.parallax_attention_ref(q[:, i : i + 1].double(), r[:, i : i + 1].double(), k[:, : i + 1].double(),
                                        v[:, : i + 1].double()) for i in rows]
@@ -138,7 +138,7 @@ def run_point(provider: str, mode: str, T: int, D: int, ridge: float, repeats: i
     import torch
     import torch.nn.functional as F
 
-    import lla
+    from lla import ops as lla
 
     if threads:
         torch.set_num_threads(threads)

@@ -350,14 +350,9 @@ def _merge_aux(auxes, q) -> LLAAux:
 
 
 def _parallax_op():
-    import lla
+    from .ops.parallax import parallax_attention
 
-    op = getattr(lla, "parallax_attention", None)
-    if op is None:
-        raise RuntimeError(
-            "mechanism='parallax' needs lla.parallax_attention, which this installation of lla does not provide"
-        )
-    return op
+    return parallax_attention
 
 
 # ----------------------------------------------------------------------------------------- models

@@ -7,7 +7,7 @@ Library:
   with Hugging Face's and flash-attn's semantics (below).
 - ``generate(model, prompt, max_new_tokens, ...)``: an iterator of the new token ids (ints), one per
   step.  With a cache (``model.supports_cache``: the lla, parallax, softmax and sliding_window
-  mixers) the prompt is prefilled in one forward call through an ``lla.nn.LLACache`` and each step
+  mixers) the prompt is prefilled in one forward call through an ``lla.nn.KVCache`` and each step
   feeds the one new token; without (gated_deltanet, mesa, linear) every step recomputes the whole
   prefix (``O(T)`` work per token for them, ``O(T^2)`` for a quadratic mixer).  Both paths give the
   same greedy bytes (``tests/test_generate.py``).
@@ -152,7 +152,7 @@ def generate(model: torch.nn.Module, prompt, max_new_tokens: int, *, temperature
     ``model``: a ``CausalModel`` (``forward(x [B, T], cache=None) -> logits [B, T, V]``).
     ``prompt``: bytes, str (UTF-8 encoded), a sequence of ints or a 1-D int tensor; at least one token.
     ``use_cache``: None = ``model.supports_cache``; True: prefill the prompt in one call through an
-    ``lla.nn.LLACache``, then one token per call (``ValueError`` when the model's mixer has no cache
+    ``lla.nn.KVCache``, then one token per call (``ValueError`` when the model's mixer has no cache
     path); False: recompute the whole prefix every step.
     Sampling: see ``sample_next``; ``generator`` (a ``torch.Generator`` on the CPU) makes draws
     reproducible.  Runs under ``torch.inference_mode()``; the model's train/eval mode is left as
@@ -181,11 +181,11 @@ def _steps(model, ids, max_new_tokens, temperature, top_k, top_p, generator, use
     """The generator body of ``generate`` (its checks run eagerly, before this starts)."""
     if max_new_tokens == 0:
         return
-    from lla.nn import LLACache
+    from lla.nn import KVCache
 
     with torch.inference_mode():
         if use_cache:
-            cache = LLACache(max_len=ids.shape[1] + max_new_tokens)
+            cache = KVCache(max_len=ids.shape[1] + max_new_tokens)
             logits = model(ids, cache=cache)[0, -1]  # [V]: prefill, one call
             for i in range(max_new_tokens):
                 token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

@@ -2,7 +2,7 @@
 
 The language model of ``lla run lm`` is this model with a byte vocabulary, rotary positions in the
 mixers that use them (``rope``), an MLP in every block and the read-out tied to the embedding
-(``tie_embeddings``).  ``model(x, cache=lla.nn.LLACache())`` decodes through a KV cache when the mixer
+(``tie_embeddings``).  ``model(x, cache=lla.nn.KVCache())`` decodes through a KV cache when the mixer
 supports it (``supports_cache``); see ``lla.experiments.generate``.
 """
 
@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from lla.nn import LLACache
-from lla.nn.mixers import CACHE_MIXERS, ROPE_MIXERS, build_mixer
+from lla.nn import KVCache
+from lla.experiments.mixers import CACHE_MIXERS, ROPE_MIXERS, build_mixer
 
 
 @dataclass
 class ModelConfig:
     """``vocab_size`` > 0: token embedding read-in; otherwise a linear read-in from ``input_dim``.
 
-    ``rope``: rotary positions in the mixers that use positions (``lla.nn.mixers.ROPE_MIXERS``; the
+    ``rope``: rotary positions in the mixers that use positions (``lla.experiments.mixers.ROPE_MIXERS``; the
     others ignore it).  ``tie_embeddings``: the read-out is the token embedding's transpose (no bias;
     needs ``output_dim == vocab_size``), the embedding initialised N(0, 0.02^2).
     """
@@ -59,7 +59,7 @@ class Block(nn.Module):
                 nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model), nn.GELU(), nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
             )
 
-    def forward(self, x, cache: LLACache | None = None):
+    def forward(self, x, cache: KVCache | None = None):
         x = x + (self.mixer(self.norm1(x)) if cache is None else self.mixer(self.norm1(x), cache=cache))
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))
@@ -94,8 +94,8 @@ class CausalModel(nn.Module):
         """Whether ``forward(x, cache=...)`` decodes through a KV cache (else: recompute the prefix)."""
         return self.cfg.mixer in CACHE_MIXERS
 
-    def forward(self, x: torch.Tensor, cache: LLACache | None = None) -> torch.Tensor:
-        """``cache``: an ``lla.nn.LLACache`` (mixers in ``CACHE_MIXERS``): this call's tokens are appended
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """``cache``: an ``lla.nn.KVCache`` (mixers in ``CACHE_MIXERS``): this call's tokens are appended
         and attend to everything cached, positions continuing from the cached length (prefill, then one
         token a call)."""
         if cache is not None and not self.supports_cache:

@@ -17,7 +17,7 @@ import copy
 
 EXPERIMENTS = ("ttr", "icr", "mqar", "state", "lm")
 _TRAINED = ["lla", "parallax", "softmax", "mesa", "linear", "gated_deltanet"]
-#: every mixer is used when registered (``parallax`` joins once ``lla.nn.mixers`` has it)
+#: every mixer is used when registered (``parallax`` joins once ``lla.experiments.mixers`` has it)
 DEFAULT_MIXERS = {
     "ttr": ["lla", "parallax", "softmax", "mesa", "linear", "gated_deltanet"],
     "icr": list(_TRAINED),

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from lla.nn.mixers import MIXERS
+from lla.experiments.mixers import MIXERS
 
 from . import report
 from .model import CausalModel, ModelConfig

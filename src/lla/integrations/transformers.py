@@ -27,7 +27,7 @@ The ridge and the solver are read from the module's config (``config.lla_ridge``
 
 Masks: the name is also registered with ``AttentionMaskInterface`` using the flash-attention mask
 builder, so the model hands us ``None`` (no padding) or the 2-D ``[B, S]`` padding mask.  A padded
-batch goes through ``lla.nn.layer.padded_attention`` (no loop over the batch): eager, the real
+batch goes through ``lla.nn.base.padded_attention`` (no loop over the batch): eager, the real
 tokens are packed into one varlen sequence (the op's ``cu_seqlens``); under ``torch.compile`` a
 causal batch takes a static-shape path (real tokens sorted to the front).  A padded chunk against a
 cache (``T < S``) packs the real queries and each sequence's real keys into one varlen call with
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn.layer import real_tokens_first, padded_attention
+from ..nn.base import real_tokens_first, padded_attention
 from ..ops import local_linear_attention, local_linear_attention_with_kvcache
 
 __all__ = ["register", "lla_attention_forward", "NAME", "DEFAULT_RIDGE", "DEFAULT_SOLVER"]
@@ -177,13 +177,13 @@ def _packed_chunk(q, k, v, keep, *, causal, **kw):
     keep_q = keep[:, S - T :]
     rows_q = keep_q.reshape(-1).nonzero().squeeze(-1)
     rows_k = keep.reshape(-1).nonzero().squeeze(-1)
-    cu_q = torch.nn.functional.pad(keep_q.sum(1).cumsum(0), (1, 0)).to(torch.int32)
-    cu_k = torch.nn.functional.pad(keep.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    cu_seqlens_q = torch.nn.functional.pad(keep_q.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    cu_seqlens_k = torch.nn.functional.pad(keep.sum(1).cumsum(0), (1, 0)).to(torch.int32)
     out = q.new_zeros(B * T, H, Dv)
     if rows_q.numel():
         pack = lambda t, rows: t.reshape(-1, *t.shape[2:]).index_select(0, rows)[None]  # noqa: E731
         o = local_linear_attention(pack(q, rows_q), pack(k, rows_k), pack(v, rows_k), causal=causal,
-                                   cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+                                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **kw)
         out = out.index_copy(0, rows_q, o[0])
     return out.view(B, T, H, Dv)
 

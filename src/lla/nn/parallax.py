@@ -2,7 +2,7 @@
 
 The layer only calls the public ops (``lla.parallax_attention`` and
 ``lla.parallax_attention_with_kvcache``); projections, qk-norm, rotary, padding, the cache (an
-``lla.nn.LLACache``) and context parallelism are ``lla.nn.layer.AttentionLayer``'s, shared with
+``lla.nn.KVCache``) and context parallelism are ``lla.nn.base.AttentionLayer``'s, shared with
 ``LocalLinearAttention``.  The experiments' ``"parallax"`` mixer is this layer with other defaults.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops.parallax import parallax_attention, parallax_attention_with_kvcache
-from .layer import AttentionLayer
+from .base import AttentionLayer
 
 __all__ = ["ParallaxAttention"]
 
@@ -36,7 +36,7 @@ class ParallaxAttention(AttentionLayer):
         window: attend to the last ``window`` tokens only (the query's own included); None = all.
         zero_init_r: start ``r_proj`` at zero, so that the layer starts as softmax attention.
         scale: logit scale, default ``1 / sqrt(head_dim)``.
-        layer_idx: key of this layer in an ``LLACache``.
+        layer_idx: key of this layer in a ``KVCache``.
         cp_group, cp_sharding: context parallelism, as in ``LocalLinearAttention``.
 
     ``forward(x, attention_mask=None, cache=None, position_ids=None)``: see ``AttentionLayer.forward``.

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-import lla
+from lla import ops as lla
 from lla.baselines import gated_delta_attention, linear_attention, mesa_attention, softmax_attention
 
 #: the held-out (validation) streams use seeds offset by this much: never a test stream's seed

@@ -6,23 +6,24 @@ host (offsets, ridge signs) are separate functions (``check_varlen_values``, ``c
 the eager path calls them before dispatch, the ``torch.compile`` custom ops inside their
 implementation (where the values exist), so both paths run the same checks.
 
-Also here, because every op needs it the same way: the backend choice (``pick_backend``) and the
-packed-sequence segments (``packed_segments``).
+The packed-sequence structure itself is ``varlen.Varlen``; the choices made from checked arguments
+(backend, solver, precision) are ``policy``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
+from .varlen import Varlen, segments
+
 __all__ = [
-    "FLOAT_DTYPES", "BACKENDS", "QKVShape", "Varlen",
+    "FLOAT_DTYPES", "BACKENDS", "QKVShape",
     "check_tensor", "check_qkv", "check_window", "check_scale", "check_ridge", "check_ridge_values",
     "check_choice", "check_bool", "check_solver_options", "check_varlen", "check_varlen_values",
-    "packed_segments", "check_new_kv", "check_cache_seqlens", "check_cache_batch_idx", "pick_backend",
+    "check_new_kv", "check_cache_seqlens", "check_cache_batch_idx",
 ]
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -40,17 +41,6 @@ class QKVShape(NamedTuple):
     S: int
     Hk: int
     Dv: int
-
-
-class Varlen(NamedTuple):
-    """Packed sequences: ``N + 1`` int64 offsets into the query rows (``cu_q``) and the key rows
-    (``cu_k``); sequence ``n`` is queries ``cu_q[n]:cu_q[n + 1]`` against keys ``cu_k[n]:cu_k[n + 1]``.
-    ``max_q`` / ``max_k``: the caller's ``max_seqlen_q`` / ``max_seqlen_k`` (None when not given)."""
-
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    max_q: int | None = None
-    max_k: int | None = None
 
 
 def check_tensor(name: str, x, rank: int) -> None:
@@ -217,19 +207,20 @@ def check_varlen(cu_seqlens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         raise ValueError(f"packed sequences (cu_seqlens) need inputs with batch size 1, got B = {B}")
     cu_q = cu_seqlens_q.to(device=device, dtype=torch.int64)
     cu_k = cu_q if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k.to(device=device, dtype=torch.int64)
-    varlen = Varlen(cu_q, cu_k, max_seqlen_q, max_seqlen_k)
+    varlen = Varlen(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     if not torch.compiler.is_compiling():
         check_varlen_values(varlen, T, S)
     return varlen
 
 
-def check_varlen_values(varlen: Varlen, T: int, S: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+def check_varlen_values(varlen: Varlen, T: int, S: int) -> list[tuple[slice, slice]]:
     """Host read of the offsets: each starts at 0, ends at the packed length (``T`` queries, ``S``
     keys) and never decreases (empty sequences are allowed); ``max_seqlen_*`` at least the longest.
-    Returns the segments, as ``packed_segments``."""
-    names = ("cu_seqlens_q", "cu_seqlens_k") if varlen.cu_q is not varlen.cu_k else ("cu_seqlens", "cu_seqlens")
-    for name, cu, total, what, mx, mx_name in ((names[0], varlen.cu_q, T, "T", varlen.max_q, "max_seqlen_q"),
-                                               (names[1], varlen.cu_k, S, "S", varlen.max_k, "max_seqlen_k")):
+    Returns ``varlen.segments`` of them."""
+    cu_q, cu_k = varlen.cu_seqlens_q, varlen.cu_seqlens_k
+    names = ("cu_seqlens_q", "cu_seqlens_k") if cu_q is not cu_k else ("cu_seqlens", "cu_seqlens")
+    for name, cu, total, what, mx, mx_name in ((names[0], cu_q, T, "T", varlen.max_seqlen_q, "max_seqlen_q"),
+                                               (names[1], cu_k, S, "S", varlen.max_seqlen_k, "max_seqlen_k")):
         c = cu.tolist()
         if c[0] != 0 or c[-1] != total:
             raise ValueError(f"{name} must start at 0 and end at {what} = {total}, got {c[0]} ... {c[-1]}")
@@ -238,14 +229,7 @@ def check_varlen_values(varlen: Varlen, T: int, S: int) -> list[tuple[tuple[int,
             raise ValueError(f"{name} must be non-decreasing, got {c}")
         if mx is not None and mx < max(lengths):
             raise ValueError(f"{mx_name} = {mx} is smaller than the longest sequence in {name} ({max(lengths)})")
-    return packed_segments(varlen)
-
-
-def packed_segments(varlen: Varlen) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """``[((q0, q1), (k0, k1)), ...]``: the query and key rows of each packed sequence (one host read)."""
-    cq = varlen.cu_q.tolist()
-    ck = cq if varlen.cu_k is varlen.cu_q else varlen.cu_k.tolist()
-    return list(zip(zip(cq, cq[1:]), zip(ck, ck[1:])))
+    return segments(varlen, T, S)
 
 
 def check_new_kv(k, v, shape: QKVShape) -> None:
@@ -298,33 +282,3 @@ def check_cache_batch_idx(cache_batch_idx, B: int, B_cache: int, writes: bool, d
     if writes and len(set(rows)) != len(rows):
         raise ValueError(f"cache_batch_idx must not repeat a cache row when k and v are written, got {rows}")
     return idx
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def pick_backend(backend, q: torch.Tensor) -> str:
-    """``"auto"`` / ``"torch"`` / ``"triton"`` -> the backend that runs.
-
-    ``"auto"``: Triton for CUDA tensors when triton is installed, else PyTorch; while
-    ``torch.compile`` traces, PyTorch (the compiled custom op runs the PyTorch backend).  An explicit
-    ``"triton"`` is honoured or refused with a ``ValueError`` (no triton, CPU tensors without
-    ``TRITON_INTERPRET=1``, or under ``torch.compile``), never replaced."""
-    check_choice("backend", backend, BACKENDS)
-    compiling = torch.compiler.is_compiling()
-    if backend == "auto":
-        return "triton" if (q.is_cuda and not compiling and _triton_available()) else "torch"
-    if backend == "triton":
-        if compiling:
-            raise ValueError("backend='triton' is not supported under torch.compile (the compiled op runs the "
-                             "PyTorch backend); pass backend='auto' or 'torch', or call the op eagerly")
-        if not _triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install triton)")
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    return backend

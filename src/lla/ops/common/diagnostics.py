@@ -77,7 +77,7 @@ def check_solve(
     residual: float,
     tol: float,
     iters: int = 0,
-    lam_min: float = float("nan"),
+    ridge_min: float = float("nan"),
     op: str = "local_linear_attention",
     floor: float = 0.0,
     stacklevel: int = 3,
@@ -100,7 +100,7 @@ def check_solve(
     what = f"{iters} CG iterations" if solver == "cg" else "the direct (Cholesky) solve and refinement"
     warnings.warn(
         f"{op}: the {stage} {solver} solve missed its tolerance: worst true relative residual "
-        f"{residual:.3g} after {what} (tol {tol:g}, min ridge {lam_min:g}); {_advice(solver)}.",
+        f"{residual:.3g} after {what} (tol {tol:g}, min ridge {ridge_min:g}); {_advice(solver)}.",
         LLAConvergenceWarning,
         stacklevel=stacklevel,
     )

@@ -7,14 +7,14 @@ from typing import NamedTuple
 import torch
 
 from ..common.checks import (
-    Varlen, check_bool, check_qkv, check_ridge, check_scale, check_solver_options, check_varlen, check_window,
-    pick_backend,
+    check_bool, check_choice, check_qkv, check_ridge, check_scale, check_solver_options, check_varlen, check_window,
 )
+from ..common.policy import PRECISIONS, pick_backend, resolve_solver  # noqa: F401  (resolve_solver: re-exported)
+from ..common.varlen import Varlen
+from .config import LLAConfig
 from ..common.diagnostics import LLAConvergenceWarning, check_conditioning, check_solve, default_max_iters, default_tol
 
 __all__ = ["local_linear_attention", "LLAAux", "LLAConvergenceWarning", "resolve_solver"]
-
-SOLVERS = ("auto", "cg", "direct")
 
 
 class LLAAux(NamedTuple):
@@ -48,34 +48,8 @@ class LLAAux(NamedTuple):
     precision: str = ""
 
 
-def resolve_solver(solver: str, lam_min: float, D: int, dtype: torch.dtype, S: int | None = None) -> str:
-    """The ``solver="auto"`` rule.
-
-    CG's iteration count grows like sqrt(cond(A)) and cond(A) ~ ||Cov(k)|| / ridge, while the
-    direct solve forms the D x D moment of every row (``R n D^2 / 2`` multiply-adds) and runs one
-    small batched Cholesky per row (LAPACK-bound on the CPU: ~15 us per 16 x 16 row, ~60 us per
-    32 x 32, whatever the key length).  A row's conditioning also depends on how many keys it sees,
-    and the torch backend's CG drops converged rows, so CG wins almost everywhere once the
-    (batch, key head) pairs are batched together.  Measured (CPU, 2 threads, fp32, fwd + bwd,
-    4096 tokens in B x T, H = 4; ``python benchmarks/solver_rule.py``):
-    D = 16: direct / CG time 2.6x at T = 16, 3.0x at 64, 1.07x at 256, 0.74x at 1024 (ridge 1),
-    0.89x at 256 and 0.57x at 1024 (ridge 0.05); D = 32: 5.0x at 16 .. 1.02x at 1024 (ridge 1),
-    3.1x .. 0.61x (ridge 0.05); D = 64, ridge 0.01: 6.2x at 16 .. 1.01x at 1024.  So: direct for
-    float64 (exactness expected), tiny ridges (< 1e-3: CG's iteration count unmeasured there),
-    D <= 16 at ``S >= 512`` and D <= 32 with ridge < 0.5 at ``S >= 1024``; CG otherwise.  ``S``
-    unknown counts as short.
-    On the Triton backend (CUDA) ``auto`` means CG, the solver the fused kernels run.
-    """
-    if solver != "auto":
-        return solver
-    if dtype == torch.float64 or lam_min < 1e-3:
-        return "direct"
-    if S is not None and ((D <= 16 and S >= 512) or (D <= 32 and lam_min < 0.5 and S >= 1024)):
-        return "direct"
-    return "cg"
-
-
 def _backend_fn(name: str):
+    """The backend entry for ``name``: ``fn(q, k, v, ridge, varlen, config) -> (o, BackendResult)``."""
     if name == "torch":
         from .torch_backend import lla_torch
 
@@ -163,49 +137,45 @@ def local_linear_attention(
     window = check_window(window_size, causal)
     check_solver_options(solver, max_iters, tol)
     check_bool("return_aux", return_aux)
-    if precision not in ("auto", "fp32", "mixed"):
-        raise ValueError(f"precision must be one of ('auto', 'fp32', 'mixed'), got {precision!r}")
-    lam = check_ridge(ridge, B, T, H, q)
+    check_choice("precision", precision, PRECISIONS)
+    ridge = check_ridge(ridge, B, T, H, q)  # [B, T, H]
     varlen = check_varlen(cu_seqlens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, B=B, T=T, S=S,
                           device=q.device)
-    return _dispatch(pick_backend(backend, q), q, k, v, lam, varlen, scale=scale, window=window, solver=solver,
+    return _dispatch(pick_backend(backend, q), q, k, v, ridge, varlen, scale=scale, window=window, solver=solver,
                      max_iters=max_iters, tol=tol, precondition=bool(precondition), precision=precision,
                      return_aux=return_aux)
 
 
-def _dispatch(name: str, q, k, v, lam, varlen: Varlen | None, *, scale, window, solver, max_iters, tol,
+def _dispatch(name: str, q, k, v, ridge, varlen: Varlen | None, *, scale, window, solver, max_iters, tol,
               precondition, precision="auto", return_aux):
     """The one way from checked arguments to a backend: the custom op while ``torch.compile`` traces
     (it resolves ``solver="auto"`` and checks the values it needs inside), else the backend ``name``
     followed by the forward's diagnostics."""
-    cu_q, cu_k = (None, None) if varlen is None else (varlen.cu_q, varlen.cu_k)
     if torch.compiler.is_compiling():
         # one opaque custom op (fake impl + autograd): no host reads, warnings or aux counters
         from .custom_op import lla_compiled
 
-        o, lse = lla_compiled(q, k, v, lam, cu_q, cu_k, scale=scale, window_size=window, solver=solver,
+        o, lse = lla_compiled(q, k, v, ridge, varlen, scale=scale, window_size=window, solver=solver,
                               max_iters=max_iters, tol=tol, precondition=precondition, precision=precision)
         return (o, LLAAux(iters=-1, residual=float("nan"), lse=lse, solver=solver)) if return_aux else o
     D = q.shape[-1]
-    lam_min = float(lam.detach().min()) if lam.numel() else 1.0
+    ridge_min = float(ridge.detach().min()) if ridge.numel() else 1.0
     if name == "triton" and solver == "auto" and q.dtype != torch.float64:
         solver = "cg"  # the fused kernels solve by CG; "direct" and float64 run the PyTorch path
-    solver = resolve_solver(solver, lam_min, D, q.dtype, S=k.shape[1])
-    max_iters = default_max_iters(q.dtype, D) if max_iters is None else max_iters
-    tol = float(default_tol(q.dtype) if tol is None else tol)
+    config = LLAConfig(
+        scale=scale, window=window, solver=resolve_solver(solver, ridge_min, D, q.dtype, S=k.shape[1]),
+        max_iters=default_max_iters(q.dtype, D) if max_iters is None else max_iters,
+        tol=float(default_tol(q.dtype) if tol is None else tol), precondition=precondition, precision=precision,
+    )
     # under torch.autocast the backends run in their own dtypes (the inputs' dtype, fp32 solves): autocast
     # would otherwise recast some of their internal matmuls and mix dtypes in the out= ops
     with torch.autocast(q.device.type, enabled=False):
-        o, lse, iters, residual, *extra = _backend_fn(name)(
-            q, k, v, lam, scale=scale, window_size=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, solver=solver,
-            max_iters=max_iters, tol=tol, precondition=precondition, precision=precision,
-        )
-    amplification = float(extra[0]) if extra else float("nan")
-    chk_residual, chk_floor = extra[1] if len(extra) > 1 else (residual, 0.0)
-    check_solve(stage="forward", solver=solver, residual=chk_residual, tol=tol, iters=iters, lam_min=lam_min,
-                floor=chk_floor, stacklevel=4)  # (the warning points at the caller of the public op)
-    check_conditioning(amplification, q.dtype, stacklevel=4)
+        o, res = _backend_fn(name)(q, k, v, ridge, varlen, config)
+    worst = res.residual if res.worst_residual is None else res.worst_residual
+    check_solve(stage="forward", solver=config.solver, residual=worst, tol=config.tol, iters=res.iters,
+                ridge_min=ridge_min, floor=res.worst_floor, stacklevel=4)  # (the warning points at the op's caller)
+    check_conditioning(res.amplification, q.dtype, stacklevel=4)
     if return_aux:
-        return o, LLAAux(iters=iters, residual=residual, lse=lse, solver=solver, amplification=amplification,
-                         precision=extra[2] if len(extra) > 2 else "")
+        return o, LLAAux(iters=res.iters, residual=res.residual, lse=res.lse, solver=config.solver,
+                         amplification=res.amplification, precision=res.precision)
     return o

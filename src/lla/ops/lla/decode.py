@@ -557,47 +557,47 @@ def local_linear_attention_with_kvcache(
     scale = check_scale(scale, D)
     if isinstance(ridge, torch.Tensor):
         ridge = ridge.to(q.device)  # the cache op accepts a ridge on another device
-    lam = check_ridge(ridge, B, T, H, q)
+    ridge = check_ridge(ridge, B, T, H, q)  # [B, T, H]
     if k is not None:
         append_to_cache(k_cache, v_cache, k, v, seqlens, rows)
     lens = seqlens + t_add  # [B] visible entries
 
     if T == 1 and solver in ("auto", "direct"):
         tol = float(default_tol(q.dtype) if tol is None else tol)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, lam)):
-            o, lse, stats = _decode_one_autograd(q, k_cache, v_cache, rows, lens, lam, scale, left, tol)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, ridge)):
+            o, lse, stats = _decode_one_autograd(q, k_cache, v_cache, rows, lens, ridge, scale, left, tol)
         else:
-            o, lse, stats = _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux=return_aux)
+            o, lse, stats = _decode_one(q, k_cache, v_cache, rows, lens, ridge, scale, left, tol, want_aux=return_aux)
         residual, amplification = (float("nan"), float("nan"))
         if not torch.compiler.is_compiling():
             residual, amplification, chk_residual, chk_floor = stats.tolist()
-            lam_min = float(lam.detach().min()) if lam.numel() else float("nan")
-            check_solve(stage="forward", solver="direct", residual=chk_residual, tol=tol, lam_min=lam_min, op=_OP,
+            ridge_min = float(ridge.detach().min()) if ridge.numel() else float("nan")
+            check_solve(stage="forward", solver="direct", residual=chk_residual, tol=tol, ridge_min=ridge_min, op=_OP,
                         floor=chk_floor)
             check_conditioning(amplification, q.dtype, op=_OP)
         if return_aux:
             return o, LLAAux(iters=0, residual=residual, lse=lse, solver="direct", amplification=amplification)
         return o
-    return _chunk(q, k_cache, v_cache, rows, lens, lam, scale=scale, left=left, solver=solver, max_iters=max_iters,
+    return _chunk(q, k_cache, v_cache, rows, lens, ridge, scale=scale, left=left, solver=solver, max_iters=max_iters,
                   tol=tol, backend=backend, return_aux=return_aux)
 
 
-def _chunk(q, k_cache, v_cache, rows, lens, lam, *, return_aux, **kw):
+def _chunk(q, k_cache, v_cache, rows, lens, ridge, *, return_aux, **kw):
     """New queries through the public op, bottom-right causal on each sequence's ``lens[b]`` entries:
     one batched call when all lengths are equal, else one packed varlen call."""
     B, T, H, _ = q.shape
     lens_list = lens.tolist()
     n = lens_list[0] if B else 0
-    op_kw = dict(ridge=lam, scale=kw["scale"], causal=True, window_size=(kw["left"], -1), solver=kw["solver"],
+    op_kw = dict(ridge=ridge, scale=kw["scale"], causal=True, window_size=(kw["left"], -1), solver=kw["solver"],
                  max_iters=kw["max_iters"], tol=kw["tol"], backend=kw["backend"], return_aux=True)
     if all(x == n for x in lens_list):
         o, aux = local_linear_attention(q, gather_cache(k_cache, rows, n), gather_cache(v_cache, rows, n), **op_kw)
     else:
-        K, cu_k = pack_cache(k_cache, rows, lens)
+        K, cu_seqlens_k = pack_cache(k_cache, rows, lens)
         V, _ = pack_cache(v_cache, rows, lens)
-        cu_q = torch.arange(B + 1, device=q.device) * T
-        op_kw["ridge"] = lam.reshape(1, B * T, H)
-        o, aux = local_linear_attention(q.reshape(1, B * T, H, -1), K, V, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        cu_seqlens_q = torch.arange(B + 1, device=q.device) * T
+        op_kw["ridge"] = ridge.reshape(1, B * T, H)
+        o, aux = local_linear_attention(q.reshape(1, B * T, H, -1), K, V, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                         max_seqlen_q=T, max_seqlen_k=max(lens_list), **op_kw)
         o = o.reshape(B, T, H, -1)
         aux = aux._replace(lse=aux.lse.reshape(B, T, H))

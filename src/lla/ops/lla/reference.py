@@ -21,46 +21,9 @@ from __future__ import annotations
 import torch
 
 from ..common.linalg import solve
+from ..common.masks import expand_heads, visible_mask  # noqa: F401  (visible_mask: re-exported)
 
 __all__ = ["local_linear_attention_ref", "visible_mask", "softmax_attention_ref"]
-
-
-def visible_mask(
-    T: int,
-    S: int,
-    *,
-    causal: bool = True,
-    window_size: tuple[int, int] = (-1, -1),
-    cu_seqlens: torch.Tensor | None = None,
-    device=None,
-) -> torch.Tensor:
-    """Boolean ``[T, S]`` mask of the keys each query sees (flash-attn conventions).
-
-    Query ``i`` is aligned with key ``i + S - T`` (bottom-right).  ``causal`` hides keys after that
-    position; ``window_size=(left, right)`` keeps keys in ``[i + S - T - left, i + S - T + right]``
-    (``-1`` = unbounded; ``causal`` implies ``right = 0``).  With ``cu_seqlens`` (``T == S``) a
-    query only sees keys of its own packed sequence, and alignment is per sequence.
-    """
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    diag = i + (S - T)  # key aligned with query i
-    left, right = window_size
-    if causal:
-        right = 0
-    mask = torch.ones(T, S, dtype=torch.bool, device=device)
-    if right >= 0:
-        mask &= j <= diag + right
-    if left >= 0:
-        mask &= j >= diag - left
-    if cu_seqlens is not None:
-        seg = torch.bucketize(torch.arange(T, device=device), cu_seqlens.to(device)[1:], right=True)
-        mask &= seg[:, None] == seg[None, :]
-    return mask
-
-
-def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
-    """[B, S, Hk, D] -> [B, H, S, D], query head h reading key head h // (H // Hk)."""
-    return x.transpose(1, 2).repeat_interleave(H // x.shape[2], dim=1)
 
 
 def _ridge_bth(ridge, B: int, T: int, H: int, like: torch.Tensor) -> torch.Tensor:
@@ -74,7 +37,7 @@ def softmax_attention_ref(q, k, v, *, scale=None, causal=True, window_size=(-1, 
     S = k.shape[1]
     scale = D ** -0.5 if scale is None else scale
     mask = visible_mask(T, S, causal=causal, window_size=window_size, cu_seqlens=cu_seqlens, device=q.device)
-    K, V = _expand_heads(k, H), _expand_heads(v, H)
+    K, V = expand_heads(k, H), expand_heads(v, H)
     logits = scale * q.transpose(1, 2) @ K.transpose(-1, -2)  # [B, H, T, S]
     logits = logits.masked_fill(~mask, float("-inf"))
     s = torch.softmax(logits, dim=-1).nan_to_num(0.0)
@@ -102,7 +65,7 @@ def local_linear_attention_ref(
     scale = D ** -0.5 if scale is None else scale
     mask = visible_mask(T, S, causal=causal, window_size=window_size, cu_seqlens=cu_seqlens, device=q.device)
     Q = q.transpose(1, 2)  # [B, H, T, D]
-    K, V = _expand_heads(k, H), _expand_heads(v, H)  # [B, H, S, D], [B, H, S, Dv]
+    K, V = expand_heads(k, H), expand_heads(v, H)  # [B, H, S, D], [B, H, S, Dv]
     lam = _ridge_bth(ridge, B, T, H, q).transpose(1, 2)  # [B, H, T]
 
     logits = scale * Q @ K.transpose(-1, -2)  # [B, H, T, S]

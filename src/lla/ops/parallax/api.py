@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..common.checks import (
-    Varlen, check_bool, check_qkv, check_scale, check_tensor, check_varlen, check_window, pick_backend,
-)
+from ..common.checks import check_bool, check_qkv, check_scale, check_tensor, check_varlen, check_window
+from ..common.policy import pick_backend
+from ..common.varlen import Varlen
+from .config import ParallaxConfig
 
 __all__ = ["parallax_attention"]
 
@@ -75,13 +76,13 @@ def parallax_attention(
 def _dispatch(name: str, q, r, k, v, varlen: Varlen | None, *, scale, window, return_lse):
     """The one way from checked arguments to a backend: the custom op while ``torch.compile`` traces
     (it checks the offsets' values inside), else the backend ``name``.  -> ``(o, lse or None)``."""
-    cu_q, cu_k = (None, None) if varlen is None else (varlen.cu_q, varlen.cu_k)
     if torch.compiler.is_compiling():
         from .custom_op import parallax_compiled
 
-        return parallax_compiled(q, r, k, v, cu_q, cu_k, scale=scale, window_size=window)
+        return parallax_compiled(q, r, k, v, varlen, scale=scale, window_size=window)
     if name == "triton":
         from .triton_backend import parallax_triton as fn
     else:
         from .torch_backend import parallax_torch as fn
-    return fn(q, r, k, v, scale=scale, window_size=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, return_lse=return_lse)
+    o, res = fn(q, r, k, v, varlen, ParallaxConfig(scale=scale, window=window, need_lse=return_lse))
+    return o, res.lse

@@ -185,9 +185,9 @@ def parallax_attention_with_kvcache(
     if all(x == lens_list[0] for x in lens_list):
         n = lens_list[0] if B else 0
         return parallax_attention(q, r, gather_cache(k_cache, rows, n), gather_cache(v_cache, rows, n), **kw)
-    K, cu_k = pack_cache(k_cache, rows, lens)
+    K, cu_seqlens_k = pack_cache(k_cache, rows, lens)
     V, _ = pack_cache(v_cache, rows, lens)
-    cu_q = torch.arange(B + 1, device=q.device) * T
-    o = parallax_attention(q.reshape(1, B * T, H, D), r.reshape(1, B * T, H, D), K, V, cu_seqlens_q=cu_q,
-                           cu_seqlens_k=cu_k, max_seqlen_q=T, max_seqlen_k=max(lens_list), **kw)
+    cu_seqlens_q = torch.arange(B + 1, device=q.device) * T
+    o = parallax_attention(q.reshape(1, B * T, H, D), r.reshape(1, B * T, H, D), K, V, cu_seqlens_q=cu_seqlens_q,
+                           cu_seqlens_k=cu_seqlens_k, max_seqlen_q=T, max_seqlen_k=max(lens_list), **kw)
     return o.reshape(B, T, H, Dv)

@@ -2,7 +2,7 @@
 
 Parallax (Zuo et al. 2026, "parameterized local linear attention") keeps LLA's local linear
 correction but replaces the per-query solve by a second, learned query ``r_i``.  With the masked
-softmax weights of LLA (``lla.ops.lla.reference.visible_mask``) and ``r_i . k_j`` NOT scaled:
+softmax weights of LLA (``lla.ops.common.masks.visible_mask``) and ``r_i . k_j`` NOT scaled:
 
     s_ij = softmax_j(scale * q_i . k_j)                 over the visible keys j
     c_i  = sum_j s_ij (r_i . k_j)
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lla.reference import _expand_heads, visible_mask
+from ..common.masks import expand_heads, visible_mask
 
 __all__ = ["parallax_attention_ref"]
 
@@ -43,7 +43,7 @@ def parallax_attention_ref(
     scale = D ** -0.5 if scale is None else scale
     mask = visible_mask(T, S, causal=causal, window_size=window_size, cu_seqlens=cu_seqlens, device=q.device)
     Q, R = q.transpose(1, 2), r.transpose(1, 2)  # [B, H, T, D]
-    K, V = _expand_heads(k, H), _expand_heads(v, H)  # [B, H, S, D], [B, H, S, Dv]
+    K, V = expand_heads(k, H), expand_heads(v, H)  # [B, H, S, D], [B, H, S, Dv]
     logits = (scale * Q @ K.transpose(-1, -2)).masked_fill(~mask, float("-inf"))  # [B, H, T, S]
     seen = mask.any(-1)[:, None]  # [T, 1] rows that see at least one key
     s = torch.where(seen, torch.softmax(logits, dim=-1), torch.zeros_like(logits))

@@ -32,6 +32,10 @@ from __future__ import annotations
 
 import torch
 
+from ..common.result import BackendResult
+from ..common.varlen import Varlen, segments
+from .config import ParallaxConfig
+
 __all__ = ["parallax_torch", "parallax_forward", "parallax_backward", "ParallaxTorchFunction", "TILE_ELEMS"]
 
 #: Upper bound on the elements of one step's ``[nb, R, n]`` weight tile (float32: 2 MiB); the step
@@ -273,21 +277,11 @@ def parallax_backward(do, q, r, k, v, C, cfg):
     return dq, dr, dk, dv
 
 
-def _segments(cu_seqlens, cu_seqlens_k):
-    """Non-empty query sequences as ``(query slice, key slice)`` pairs, or None when not packed."""
-    if cu_seqlens is None:
-        return None
-    cq = cu_seqlens.tolist()
-    ck = cq if cu_seqlens_k is None else cu_seqlens_k.tolist()
-    return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cq, cq[1:], ck, ck[1:]) if b > a]
-
-
-def forward_varlen(q, r, k, v, cfg, cu_seqlens, cu_seqlens_k=None):
-    """``parallax_forward`` over packed sequences (query offsets ``cu_seqlens``, key offsets
-    ``cu_seqlens_k``, default the same; or None), one after the other, each bottom-right aligned on
-    its own keys.  Rows of an empty query sequence do not exist; rows without keys output zeros."""
-    segs = _segments(cu_seqlens, cu_seqlens_k)
-    if segs is None:
+def forward_varlen(q, r, k, v, cfg, varlen: Varlen | None):
+    """``parallax_forward`` over the packed sequences of ``varlen`` (or the whole input when None), one
+    after the other, each bottom-right aligned on its own keys.  Rows of an empty query sequence do not
+    exist; rows without keys output zeros."""
+    if varlen is None:
         return parallax_forward(q, r, k, v, cfg)
     B, T, H, _ = q.shape
     Hk, Dv = k.shape[2], v.shape[3]
@@ -295,7 +289,7 @@ def forward_varlen(q, r, k, v, cfg, cu_seqlens, cu_seqlens_k=None):
     o = q.new_zeros(B, T, H, Dv)
     C = q.new_zeros(B, Hk, H // Hk, T, dtype=cdt)
     lse = q.new_full((B, T, H), float("-inf"), dtype=torch.float32) if cfg.need_lse else None
-    for sq, sk in segs:
+    for sq, sk in segments(varlen, T, k.shape[1], nonempty=True):
         o_s, C_s, lse_s = parallax_forward(q[:, sq], r[:, sq], k[:, sk], v[:, sk], cfg)
         o[:, sq], C[..., sq] = o_s, C_s
         if lse is not None:
@@ -303,13 +297,12 @@ def forward_varlen(q, r, k, v, cfg, cu_seqlens, cu_seqlens_k=None):
     return o, C, lse
 
 
-def backward_varlen(do, q, r, k, v, C, cfg, cu_seqlens, cu_seqlens_k=None):
+def backward_varlen(do, q, r, k, v, C, cfg, varlen: Varlen | None):
     """``parallax_backward`` over packed sequences (as ``forward_varlen``)."""
-    segs = _segments(cu_seqlens, cu_seqlens_k)
-    if segs is None:
+    if varlen is None:
         return parallax_backward(do, q, r, k, v, C, cfg)
     grads = [torch.zeros_like(t) for t in (q, r, k, v)]
-    for sq, sk in segs:
+    for sq, sk in segments(varlen, q.shape[1], k.shape[1], nonempty=True):
         dq, dr, dk, dv = parallax_backward(do[:, sq], q[:, sq], r[:, sq], k[:, sk], v[:, sk], C[..., sq], cfg)
         grads[0][:, sq], grads[1][:, sq] = dq, dr
         grads[2][:, sk] += dk
@@ -318,13 +311,13 @@ def backward_varlen(do, q, r, k, v, C, cfg, cu_seqlens, cu_seqlens_k=None):
 
 
 class ParallaxTorchFunction(torch.autograd.Function):
-    """``(q, r, k, v, cfg, cu_seqlens, cu_seqlens_k) -> (o, lse or empty)``; saves the inputs and ``c``."""
+    """``(q, r, k, v, cfg, varlen) -> (o, lse or empty)``; saves the inputs and ``c``."""
 
     @staticmethod
-    def forward(ctx, q, r, k, v, cfg, cu_seqlens, cu_seqlens_k=None):
-        o, C, lse = forward_varlen(q, r, k, v, cfg, cu_seqlens, cu_seqlens_k)
+    def forward(ctx, q, r, k, v, cfg, varlen):
+        o, C, lse = forward_varlen(q, r, k, v, cfg, varlen)
         ctx.save_for_backward(q, r, k, v, C)
-        ctx.cfg, ctx.cu = cfg, (cu_seqlens, cu_seqlens_k)
+        ctx.cfg, ctx.varlen = cfg, varlen
         if lse is None:
             lse = q.new_empty(0, dtype=torch.float32)
         ctx.mark_non_differentiable(lse)
@@ -333,12 +326,13 @@ class ParallaxTorchFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, r, k, v, C = ctx.saved_tensors
-        dq, dr, dk, dv = backward_varlen(do, q, r, k, v, C, ctx.cfg, *ctx.cu)
-        return dq, dr, dk, dv, None, None, None
+        dq, dr, dk, dv = backward_varlen(do, q, r, k, v, C, ctx.cfg, ctx.varlen)
+        return dq, dr, dk, dv, None, None
 
 
-def parallax_torch(q, r, k, v, *, scale, window_size, cu_seqlens, return_lse=False, cu_seqlens_k=None):
-    """PyTorch backend entry: ``(o [B, T, H, Dv], lse [B, T, H] float32 or None)``."""
-    cfg = _Cfg(scale, window_size, return_lse)
-    o, lse = ParallaxTorchFunction.apply(q, r, k, v, cfg, cu_seqlens, cu_seqlens_k)
-    return o, (lse if return_lse else None)
+def parallax_torch(q, r, k, v, varlen: Varlen | None, config: ParallaxConfig) -> tuple[torch.Tensor, BackendResult]:
+    """PyTorch backend entry: ``q, r [B, T, H, D]``, ``k [B, S, Hk, D]``, ``v [B, S, Hk, Dv]`` ->
+    ``(o [B, T, H, Dv], BackendResult)`` with ``lse [B, T, H]`` float32 when ``config.need_lse``."""
+    cfg = _Cfg(config.scale, tuple(config.window), config.need_lse)
+    o, lse = ParallaxTorchFunction.apply(q, r, k, v, cfg, varlen)
+    return o, BackendResult(lse=lse if config.need_lse else None)

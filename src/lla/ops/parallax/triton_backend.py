@@ -48,7 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..lla.triton_backend.function import row_ranges
+from ..common.result import BackendResult
+from ..common.varlen import Varlen, row_ranges
+from .config import ParallaxConfig
 from ..common.triton_utils import _cast, _dot, _program_ids, device_arch, emulation_mode, interpreting, launch_grid
 
 __all__ = ["parallax_triton", "ParallaxTritonFunction", "block_config", "MAX_HEAD_DIM", "TILES", "triton_unsupported"]
@@ -412,9 +414,9 @@ def _use_torch(q, k, v) -> bool:
     return not bool(torch.isfinite(k).all() & torch.isfinite(v).all())
 
 
-def parallax_triton(q, r, k, v, *, scale, window_size, cu_seqlens, return_lse=False, cu_seqlens_k=None):
-    """Triton backend entry: ``(o [B, T, H, Dv], lse [B, T, H] float32 or None)``; the module
-    docstring lists the cases handed to the PyTorch backend."""
+def parallax_triton(q, r, k, v, varlen: Varlen | None, config: ParallaxConfig) -> tuple[torch.Tensor, BackendResult]:
+    """Triton backend entry, the contract of ``torch_backend.parallax_torch``: ``(o [B, T, H, Dv],
+    BackendResult(lse))``; the module docstring lists the cases handed to the PyTorch backend."""
     use_torch = _use_torch(q, k, v)
     if not use_torch and not interpreting():
         arch = device_arch(q.device)
@@ -431,10 +433,9 @@ def parallax_triton(q, r, k, v, *, scale, window_size, cu_seqlens, return_lse=Fa
     if use_torch:
         from .torch_backend import parallax_torch
 
-        return parallax_torch(q, r, k, v, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens,
-                              return_lse=return_lse, cu_seqlens_k=cu_seqlens_k)
+        return parallax_torch(q, r, k, v, varlen, config)
     T, S = q.shape[1], k.shape[1]
-    ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device, cu_seqlens_k)
+    ranges = row_ranges(T, S, tuple(config.window), varlen, q.device)
     o, lse = ParallaxTritonFunction.apply(q.contiguous(), r.contiguous(), k.contiguous(), v.contiguous(), ranges,
-                                          float(scale))
-    return o, (lse if return_lse else None)
+                                          float(config.scale))
+    return o, BackendResult(lse=lse if config.need_lse else None)

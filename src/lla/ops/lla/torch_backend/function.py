@@ -44,12 +44,15 @@ attention-shaped passes plus the adjoint solve.  Saved from the forward: ``x``, 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import torch
 
 from ...common.diagnostics import adjoint_tol, check_conditioning, check_solve
+from ...common.policy import MIXED_MIN_KEYS, resolve_precision  # noqa: F401  (re-exported)
+from ...common.result import BackendResult
+from ...common.varlen import Varlen, longest_keys, segments
+from ..config import LLAConfig
 from .solvers import FEW_ROWS, Work, _fallback, chol_solve, direct_solve, pcg_compact, pcg_mixed
 
 __all__ = ["lla_torch", "lla_forward", "lla_backward", "LLATorchFunction", "TILE_ELEMS"]
@@ -79,43 +82,6 @@ class _Cfg:
         self.max_iters, self.tol, self.precondition = max_iters, tol, precondition
         self.adj_tol = adjoint_tol(tol) if adj_tol is None else adj_tol
         self.precision = precision
-
-
-# Below this many keys per sequence the mixed solve's extra casts and refinement steps cost more
-# than its bf16 GEMMs save, whatever the GEMM speed (docs/performance.md, "mixed precision by size").
-MIXED_MIN_KEYS = 1024
-
-
-@functools.lru_cache(maxsize=None)
-def _fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 GEMMs are fast enough on ``device`` to pay for the mixed solve: CUDA with bf16
-    support.  Not a CPU, measured on both kinds this project has had: with AVX512-BF16 alone
-    (``python benchmarks/mixed_ab.py --bwd --T 256 1024 4096 --D 16 64``: never faster than fp32) and
-    with AMX (bf16 GEMMs 2.5-5x fp32's, yet ``lla bench --quick --threads 1``: forward 4.06 s mixed vs
-    3.02 s fp32 at T = 4096, ridge 1; fwd + bwd 8.75 vs 7.40 s): the CG's compacted row blocks are
-    short, and its replacements, routing and casts are fp32 work and small ops the bf16 GEMMs do not
-    speed up (``docs/performance.md``)."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def resolve_precision(precision: str, dtype: torch.dtype, device: torch.device, keys: int | None = None) -> str:
-    """The precision a CG solve runs in: ``"fp64"`` (float64 inputs, always), ``"fp32"`` or
-    ``"mixed"`` (bf16 matvecs refined to the fp32 tolerance, ``solvers.pcg_mixed``).
-
-    ``"auto"`` is ``"mixed"`` when bf16 GEMMs pay for it on the device (``_fast_bf16``: CUDA) and the
-    sequences are long enough (``keys``, the longest sequence's key count, at least
-    ``MIXED_MIN_KEYS``; unknown counts as long), else ``"fp32"``.
-    ``torch.get_float32_matmul_precision()`` is not consulted: it lets *matmul results*
-    lose accuracy, while the mixed solve returns what the fp32 solve does (the same tolerance on the
-    fp32 true residual; rows where bf16 refinement stalls finish in fp32), so even ``"highest"``
-    is honoured.  ``"fp32"`` forces the plain fp32 CG (bitwise the pre-mixed path).
-    """
-    if dtype == torch.float64:
-        return "fp64"
-    if precision == "auto":
-        long_enough = keys is None or keys >= MIXED_MIN_KEYS
-        return "mixed" if long_enough and _fast_bf16(device) else "fp32"
-    return precision
 
 
 def _row_range(i, T, S, window):
@@ -892,7 +858,7 @@ class LLATorchFunction(torch.autograd.Function):
         if report:
             _worst, res, floor, iters, logit, canc, _work = report[0]
             check_solve(stage="backward", solver=ctx.cfg.solver, residual=res, tol=ctx.cfg.adj_tol, iters=iters,
-                        lam_min=float(lam.detach().min()) if lam.numel() else float("nan"), floor=floor)
+                        ridge_min=float(lam.detach().min()) if lam.numel() else float("nan"), floor=floor)
             # gradients through nearly one-hot weights are relatively as inexact as the logits
             check_conditioning(BACKWARD_LOGIT_FACTOR * logit, q.dtype, op="local_linear_attention (backward)")
             # the ridge gradient -u.x, summed by autograd over lam's broadcast dims, is relatively as inexact
@@ -902,32 +868,25 @@ class LLATorchFunction(torch.autograd.Function):
         return dq, dk, dv, dlam, None
 
 
-def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition,
-              cu_seqlens_k=None, precision="auto"):
-    """PyTorch backend entry: ``(o [B, T, H, Dv], lse [B, T, H], iters, residual, amplification,
-    (residual, floor))`` where the last pair is what ``diagnostics.check_solve`` takes: the true
-    residual and attainable floor of the row furthest past its tolerance.
+def lla_torch(q, k, v, ridge, varlen: Varlen | None, config: LLAConfig) -> tuple[torch.Tensor, BackendResult]:
+    """PyTorch backend entry: ``q [B, T, H, D]``, ``k [B, S, Hk, D]``, ``v [B, S, Hk, Dv]``, ``ridge [B, T, H]``
+    (differentiable) -> ``(o [B, T, H, Dv], BackendResult)`` with ``lse``, ``iters``, ``residual``, the
+    worst row for ``diagnostics.check_solve``, ``amplification`` and ``precision``.
 
-    Packed sequences (``cu_seqlens`` the query offsets, ``cu_seqlens_k`` the key offsets, default the
-    same; ``B == 1``) run one after the other, each bottom-right aligned on its own keys, so nothing
-    crosses a boundary.  An empty query sequence contributes nothing; queries of a sequence without
-    keys output zeros.
+    Packed sequences (``varlen``, ``B == 1``) run one after the other, each bottom-right aligned on its
+    own keys, so nothing crosses a boundary.  An empty query sequence contributes nothing; queries of a
+    sequence without keys output zeros.
     """
-    if cu_seqlens is None:
-        segments, keys = [(None, None)], k.shape[1]
-    else:
-        cq = cu_seqlens.tolist()
-        ck = cq if cu_seqlens_k is None else cu_seqlens_k.tolist()
-        segments = [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cq, cq[1:], ck, ck[1:]) if b > a]
-        keys = max((d - c for c, d in zip(ck, ck[1:])), default=0)
-    precision = resolve_precision(precision, q.dtype, q.device, keys)  # resolved once per call
-    cfg = _Cfg(scale, tuple(window_size), solver, max_iters, tol, precondition, precision=precision)
+    T, S = q.shape[1], k.shape[1]
+    segs = segments(varlen, T, S, nonempty=True)
+    precision = resolve_precision(config.precision, q.dtype, q.device, longest_keys(varlen, S))  # once per call
+    cfg = _Cfg(config.scale, tuple(config.window), config.solver, config.max_iters, config.tol, config.precondition,
+               precision=precision)
     outs, lses, iters, resid, amp, chk, ran = [], [], 0, 0.0, 0.0, (0.0, 0.0), [0.0, 0.0, 0.0]
-    for sq, sk in segments:
-        if sq is None:
-            o, lse, stats = LLATorchFunction.apply(q, k, v, lam, cfg)
-        else:
-            o, lse, stats = LLATorchFunction.apply(q[:, sq], k[:, sk], v[:, sk], lam[:, sq], cfg)
+    for sq, sk in segs:
+        whole = varlen is None
+        o, lse, stats = LLATorchFunction.apply(q if whole else q[:, sq], k if whole else k[:, sk],
+                                               v if whole else v[:, sk], ridge if whole else ridge[:, sq], cfg)
         it, r, amp_seq, r_chk, f_chk, *more = stats.tolist()
         ran = [a + b for a, b in zip(ran, more)]
         amp = max(amp, amp_seq)
@@ -935,14 +894,16 @@ def lla_torch(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters
         lses.append(lse)
         iters = max(iters, int(it))
         resid = r if (math.isnan(r) or math.isnan(resid)) else max(resid, r)
-        if _excess(r_chk, f_chk, tol) > _excess(*chk, tol):
+        if _excess(r_chk, f_chk, config.tol) > _excess(*chk, config.tol):
             chk = (r_chk, f_chk)
-    ran = _ran(precision, q, solver, ran)
     if len(outs) == 1:
-        return outs[0], lses[0], iters, resid, amp, chk, ran
-    if not outs:  # every packed query sequence is empty
-        return q.new_zeros(*q.shape[:3], v.shape[3]), q.new_zeros(q.shape[:3], dtype=torch.float32), 0, 0.0, 0.0, chk, ran
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1), iters, resid, amp, chk, ran
+        o, lse = outs[0], lses[0]
+    elif not outs:  # every packed query sequence is empty
+        o, lse = q.new_zeros(*q.shape[:3], v.shape[3]), q.new_zeros(q.shape[:3], dtype=torch.float32)
+    else:
+        o, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+    return o, BackendResult(lse=lse, iters=iters, residual=resid, worst_residual=chk[0], worst_floor=chk[1],
+                            amplification=amp, precision=_ran(precision, q, config.solver, ran))
 
 
 def _ran(precision, q, solver, counts):

@@ -31,10 +31,16 @@ off, ``=trunc`` truncates to TF32 instead (the worst case if the hardware drops 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 
-from ...common.triton_utils import MAX_GRID_X, device_arch, emulation_mode, launch_grid  # noqa: F401  (re-exported)
+from ...common.policy import PRECISIONS, triton_precision as resolve_precision  # noqa: F401  (re-exported)
+from ...common.triton_utils import MAX_GRID_X, device_arch, emulation_mode, interpreting, launch_grid  # noqa: F401  (re-exported)
+from ...common.result import BackendResult
+from ...common.varlen import Varlen, row_ranges
+from ..config import LLAConfig
 from . import kernels as _k
 
 __all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
@@ -58,15 +64,6 @@ class _Cfg:
         self.lam_dims = list(lam_dims)  # the ridge's broadcast dims of [B, T, H] (autograd sums over them)
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-#: the op's ``precision`` choices (``"authors"``, a fixed-iteration all-bf16 solve without refinement,
-#: is internal: the benchmark's reference point for the authors' FlashLLA scheme)
-PRECISIONS = ("auto", "fp32", "mixed")
 #: mixed precision: the true residual is re-measured (a reliable update) each time the low-precision CG's
 #: recurrence residual has dropped by this factor, at most ``MIXED_REFINE`` times per solve
 MIXED_INNER = 2.0**-5
@@ -75,20 +72,6 @@ MIXED_REFINE = 16
 #: compile statistics) or "wgmma" (64-row tiles for D <= 64, Hopper's warpgroup products; not in the
 #: compile table, not a public configuration); ``benchmarks/bench_gpu.py --impls lla-mixed-wg`` times the second
 MIXED_TILES = "mma"
-
-
-def resolve_precision(precision: str, dtype: torch.dtype) -> str:
-    """``"auto"`` -> ``"mixed"`` for bf16 / fp16 inputs; for float32 inputs it follows PyTorch's
-    ``torch.get_float32_matmul_precision()``: ``"highest"`` (PyTorch's default) -> ``"fp32"`` (plain
-    float32 solves, no tensor cores), ``"high"`` / ``"medium"`` -> ``"mixed"``.  Both give float32
-    accuracy; ``"mixed"`` is the faster scheme on tensor cores."""
-    if precision not in PRECISIONS and precision != "authors":
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if dtype != torch.float32:
-        return "mixed"
-    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "mixed"
 
 
 #: tiles ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` per kernel (``fwd``, ``bwd_q``, ``bwd_k``), by tile
@@ -204,7 +187,7 @@ def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32", a
     widest = max(bd, bdv)
     half = dtype != torch.float32
     lowp = "fp16" if dtype == torch.float16 else "bf16"
-    if _interpreting():  # different tiles per kernel, so that CI sees tiles that do not line up
+    if interpreting():  # different tiles per kernel, so that CI sees tiles that do not line up
         fwd, bwd_q, bwd_k = (32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)
     else:
         t = _tiles(widest, _tile_kind(dtype, precision, widest), arch)
@@ -225,7 +208,7 @@ def block_config(D: int, Dv: int, dtype: torch.dtype, precision: str = "fp32", a
     # ``tf32x3`` / bf16, whose operand splits put it in ptxas's low-register spill mode there (32 registers,
     # 9.2-9.5 KB of spill stores per thread on sm_90 at 8 or 16 warps, 1 or 3 stages); more accurate, no
     # tensor cores for those products (the logits keep ``PREC_QK``)
-    prec_k = "ieee" if (half and widest >= 256 and not _interpreting()) else prec
+    prec_k = "ieee" if (half and widest >= 256 and not interpreting()) else prec
     return dict(BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec, PREC_QK=prec_qk, PREC_CG=cg, PREC_CGQ=cgq, MIXED=mixed,
                 REFINE=refine, INNER=inner, fwd=fwd, bwd_q=bwd_q, bwd_k=bwd_k, PREC_K=prec_k)
 
@@ -241,41 +224,6 @@ def _launch_args(bc: dict, which: str) -> dict:
                 PREC_QK=bc["PREC_QK"], EMU=emulation_mode(), MIXED=bc["MIXED"], PREC_CG=bc["PREC_CG"],
                 PREC_CGQ=bc["PREC_CGQ"], REFINE=bc["REFINE"], INNER=bc["INNER"], num_warps=warps,
                 num_stages=stages)
-
-
-def row_ranges(T: int, S: int, window_size, cu_seqlens, device, cu_seqlens_k=None):
-    """Visibility as ranges: query ``i`` sees keys ``lo[i] <= j <= hi[i]``; key ``j`` is seen by
-    queries ``qlo[j] <= i <= qhi[j]``.  All int32 on ``device``; empty ranges have lo > hi.
-
-    Bottom-right alignment and flash-attn windows.  Packed sequences: query rows
-    ``cu_seqlens[n]:cu_seqlens[n + 1]`` against key rows ``cu_seqlens_k[n]:cu_seqlens_k[n + 1]``
-    (default: the same offsets), each sequence aligned at its own end (its last query with its
-    last key) and seeing only itself.  A row that sees nothing gets ``hi = lo - 1`` at its
-    sequence's first key, so both bounds stay non-decreasing in ``i`` (across sequences too) and
-    the queries that see a key form a range.
-    """
-    i = torch.arange(T, device=device, dtype=torch.int64)
-    left, right = window_size
-    if cu_seqlens is None:
-        start, end, diag = torch.zeros_like(i), torch.full_like(i, S), i + (S - T)
-    else:
-        cq = cu_seqlens.to(device=device, dtype=torch.int64)
-        ck = cq if cu_seqlens_k is None else cu_seqlens_k.to(device=device, dtype=torch.int64)
-        seg = torch.bucketize(i, cq[1:], right=True)  # the sequence of each query row
-        start, end = ck[seg], ck[seg + 1]
-        diag = end - (cq[seg + 1] - i)  # key aligned with query i: the sequences' last rows align
-    lo, hi = start, end - 1
-    if right >= 0:
-        hi = torch.minimum(hi, diag + right)
-    if left >= 0:
-        lo = torch.maximum(lo, diag - left)
-    hi = torch.maximum(hi, start - 1)  # nothing visible: an empty range at the sequence's start
-    lo = lo.clamp(0, S)
-    hi = hi.clamp(-1, S - 1)
-    j = torch.arange(S, device=device, dtype=torch.int64)
-    qlo = torch.searchsorted(hi, j, right=False)  # first row whose range reaches key j
-    qhi = torch.searchsorted(lo, j, right=True) - 1  # last row whose range starts at or before j
-    return tuple(t.to(torch.int32).contiguous() for t in (lo, hi, qlo, qhi))
 
 
 def key_shifts(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block_m: int) -> torch.Tensor:
@@ -420,7 +368,7 @@ class LLATritonFunction(torch.autograd.Function):
         dq, dk, dv, dlam, stats = _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg)
         iters, resid, logit = stats.tolist()
         check_solve(stage="backward", solver="cg", residual=resid, tol=cfg.tol, iters=int(iters),
-                    lam_min=cfg.lam_min, op="local_linear_attention (triton)")
+                    ridge_min=cfg.lam_min, op="local_linear_attention (triton)")
         # the PyTorch backend's two backward checks (``LLATorchFunction.backward``): gradients through
         # nearly one-hot weights are relatively as inexact as the logits ...
         check_conditioning(BACKWARD_LOGIT_FACTOR * logit, q.dtype, op="local_linear_attention (triton backward)")
@@ -458,18 +406,17 @@ def _use_torch(q, k, v, solver) -> bool:
     return not bool(torch.isfinite(k).all() & torch.isfinite(v).all())
 
 
-def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iters, tol, precondition,
-               cu_seqlens_k=None, precision="auto"):
-    """Triton backend entry: ``(o [B, T, H, Dv], lse [B, T, H], iters, residual, amplification)``.
-
-    ``lam [B, T, H]`` (any float dtype, possibly an expanded view) is differentiable.  ``precision``:
-    ``"auto"`` | ``"fp32"`` | ``"mixed"`` (see ``resolve_precision`` and ``block_config``; both give
-    float32 accuracy, ``"mixed"`` runs the CG iterations on bf16/fp16 tensor cores inside iterative
-    refinement).  See the module docstring for the cases handed to the PyTorch backend.
+def lla_triton(q, k, v, ridge, varlen: Varlen | None, config: LLAConfig) -> tuple[torch.Tensor, BackendResult]:
+    """Triton backend entry, the same contract as ``torch_backend.lla_torch``: ``ridge [B, T, H]`` (any float
+    dtype, possibly an expanded view, differentiable) -> ``(o [B, T, H, Dv], BackendResult)`` with ``lse``,
+    ``iters``, ``residual`` and ``amplification``.  ``config.precision``: ``"auto"`` | ``"fp32"`` | ``"mixed"``
+    (see ``resolve_precision`` and ``block_config``; both give float32 accuracy, ``"mixed"`` runs the CG
+    iterations on bf16/fp16 tensor cores inside iterative refinement).  See the module docstring for the
+    cases handed to the PyTorch backend.
     """
-    precision = resolve_precision(precision, q.dtype)
-    use_torch = _use_torch(q, k, v, solver)
-    if not use_torch and not _interpreting():
+    precision = resolve_precision(config.precision, q.dtype)
+    use_torch = _use_torch(q, k, v, config.solver)
+    if not use_torch and not interpreting():
         arch = device_arch(q.device)
         precision, why = launch_precision(q.shape[3], v.shape[3], q.dtype, precision, arch)
         if why:
@@ -483,16 +430,13 @@ def lla_triton(q, k, v, lam, *, scale, window_size, cu_seqlens, solver, max_iter
     if use_torch:
         from ..torch_backend import lla_torch
 
-        return lla_torch(
-            q, k, v, lam, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens, solver=solver,
-            max_iters=max_iters, tol=tol, precondition=precondition, cu_seqlens_k=cu_seqlens_k, precision=precision,
-        )
+        return lla_torch(q, k, v, ridge, varlen, dataclasses.replace(config, precision=precision))
     T, S = q.shape[1], k.shape[1]
-    ranges = row_ranges(T, S, tuple(window_size), cu_seqlens, q.device, cu_seqlens_k)
-    dims = [d for d in range(3) if lam.stride(d) == 0 and lam.shape[d] > 1]  # before .contiguous()
-    lam32 = lam.float().contiguous()  # [B, T, H]; autograd casts dlam back to lam's dtype
-    cfg = _Cfg(float(scale), int(max_iters), float(tol), bool(precondition), float(lam32.detach().min()), dims,
-               precision)
-    o, lse, stats = LLATritonFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), lam32, ranges, cfg)
+    ranges = row_ranges(T, S, tuple(config.window), varlen, q.device)
+    dims = [d for d in range(3) if ridge.stride(d) == 0 and ridge.shape[d] > 1]  # before .contiguous()
+    ridge32 = ridge.float().contiguous()  # [B, T, H]; autograd casts the ridge gradient back to its dtype
+    cfg = _Cfg(float(config.scale), int(config.max_iters), float(config.tol), bool(config.precondition),
+               float(ridge32.detach().min()), dims, precision)
+    o, lse, stats = LLATritonFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), ridge32, ranges, cfg)
     iters, resid, amp = stats.tolist()
-    return o, lse, int(iters), resid, amp
+    return o, BackendResult(lse=lse, iters=int(iters), residual=resid, amplification=amp)

@@ -2,8 +2,8 @@
 
 The layer only calls the public ops (``lla.local_linear_attention`` and
 ``lla.local_linear_attention_with_kvcache``); projections, qk-norm, rotary, padding, the cache and
-context parallelism are ``lla.nn.layer.AttentionLayer``'s, shared with ``ParallaxAttention``.  The
-experiments' ``"lla"`` mixer (``lla.nn.mixers.LLAMixer``) is this layer with other defaults.
+context parallelism are ``lla.nn.base.AttentionLayer``'s, shared with ``ParallaxAttention``.  The
+experiments' ``"lla"`` mixer (``lla.experiments.mixers.LLAMixer``) is this layer with other defaults.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ..ops import local_linear_attention, local_linear_attention_with_kvcache
-from .layer import AttentionLayer, LLACache, apply_rotary, inverse_softplus_ridge, softplus_ridge
+from .base import AttentionLayer, KVCache, apply_rotary, inverse_softplus_ridge, softplus_ridge
 
-__all__ = ["LocalLinearAttention", "LLACache", "apply_rotary"]
+__all__ = ["LocalLinearAttention", "KVCache", "apply_rotary"]
 
 
 class LocalLinearAttention(AttentionLayer):
@@ -33,14 +33,14 @@ class LocalLinearAttention(AttentionLayer):
         window: attend to the last ``window`` tokens only (the query's own included); None = all.
         ridge_init: initial ridge of every head.
         ridge_floor: lower bound of the ridge.  The per-head ridge is
-            ``ridge_floor + softplus(raw_ridge)`` (``lla.nn.layer.softplus_ridge``, the one ridge
+            ``ridge_floor + softplus(raw_ridge)`` (``lla.nn.base.softplus_ridge``, the one ridge
             parameterisation of the package), positive by construction and never below the floor.
             Default 1e-3; the experiments' ``"lla"`` mixer uses ``ridge_floor=1e-2``,
             ``ridge_init=1.0``.  See "What the ridge means" below.
         learn_ridge: make the ridge a parameter (else a buffer).
         scale: logit scale, default ``1 / sqrt(head_dim)``.
         solver: passed to the op (``"auto"``, ``"cg"``, ``"direct"``).
-        layer_idx: key of this layer in an ``LLACache``.
+        layer_idx: key of this layer in a ``KVCache``.
         cp_group: a ``torch.distributed`` process group for context parallelism (``None``: off).
             Then ``x`` is this rank's shard of the sequence in the layout ``cp_sharding``
             (``lla.distributed.shard``), rotary positions default to the shard's global positions,

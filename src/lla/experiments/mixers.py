@@ -6,7 +6,7 @@ model swaps its attention by name.  ``"lla"`` and ``"parallax"`` are the package
 the baselines project ``x`` to per-head ``q, k, v`` (``[B, T, H, Dh]``, ``Dh = d_model // num_heads``)
 in ``QKVMixer``, call a ``lla.baselines`` op and project back.  No short convolutions.
 
-Rotary positions (``rope=True``) and KV-cache decoding (``forward(x, cache=LLACache)``) are available
+Rotary positions (``rope=True``) and KV-cache decoding (``forward(x, cache=KVCache)``) are available
 in the mixers listed in ``ROPE_MIXERS`` and ``CACHE_MIXERS``; ``layer_idx`` keys a mixer's entry in
 the cache.  The recurrent baselines (``gated_deltanet``, ``linear``, ``mesa``) take neither: a model
 built on them recomputes the prefix to generate.
@@ -26,9 +26,8 @@ from lla.baselines import (
     softmax_attention,
 )
 
-from .attention import LocalLinearAttention
-from .layer import LLACache, apply_rotary, inverse_softplus_ridge, softplus_ridge
-from .parallax import ParallaxAttention
+from lla.nn import LocalLinearAttention, ParallaxAttention
+from lla.nn.base import KVCache, apply_rotary, inverse_softplus_ridge, softplus_ridge
 
 
 def _check_heads(d_model: int, num_heads: int) -> None:
@@ -43,7 +42,7 @@ class QKVMixer(nn.Module):
 
     ``rope``: rotary positions on q and k (``lla.nn.apply_rotary``; only for mixers whose ``attend``
     is position-aware softmax attention).  ``supports_cache`` mixers also take ``forward(x, cache)``:
-    this call's keys and values are appended to ``cache`` (an ``lla.nn.LLACache``, entry
+    this call's keys and values are appended to ``cache`` (an ``lla.nn.KVCache``, entry
     ``layer_idx``) and the queries attend to everything cached (bottom-right causal), positions
     continuing from the cached length; every sequence of the batch must have the same cached length.
     """
@@ -65,7 +64,7 @@ class QKVMixer(nn.Module):
     def attend(self, q, k, v, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, cache: LLACache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)  # [B, T, H, Dh]
         if cache is not None:
@@ -85,7 +84,7 @@ class QKVMixer(nn.Module):
             o = self.attend(q, k, v, x)  # [B, T, H, Dh]
         return self.out(o.reshape(B, T, self.d_model))
 
-    def _cached(self, q, k, v, x, cache: LLACache):
+    def _cached(self, q, k, v, x, cache: KVCache):
         """Append k, v ``[B, T, H, Dh]`` at the cached length and attend to the cache's first ``past + T``."""
         if not self.supports_cache:
             raise ValueError(f"{type(self).__name__} does not decode through a cache; recompute the prefix instead")
@@ -105,7 +104,7 @@ class QKVMixer(nn.Module):
         return self.attend(q, k_cache[:, : p0 + T], v_cache[:, : p0 + T], x)
 
 class LearnableRidge(nn.Module):
-    """Per-head ridge ``lam_h = floor + softplus(raw_h)`` (``lla.nn.layer.softplus_ridge``), learnable."""
+    """Per-head ridge ``lam_h = floor + softplus(raw_h)`` (``lla.nn.base.softplus_ridge``), learnable."""
 
     def __init__(self, num_heads: int, init: float = 1.0, floor: float = 1e-2):
         super().__init__()
@@ -119,7 +118,7 @@ class LearnableRidge(nn.Module):
 class LLAMixer(LocalLinearAttention):
     """The experiments' ``"lla"`` mixer: ``lla.nn.LocalLinearAttention`` with a fused qkv projection,
     no rotary embedding unless ``rope`` (the synthetic tasks' models add learned positions or none), no GQA,
-    ridge floor 1e-2; decodes through an ``LLACache`` (entry ``layer_idx``)."""
+    ridge floor 1e-2; decodes through a ``KVCache`` (entry ``layer_idx``)."""
 
     supports_cache = True
 
@@ -133,7 +132,7 @@ class LLAMixer(LocalLinearAttention):
 class ParallaxMixer(ParallaxAttention):
     """The experiments' ``"parallax"`` mixer: ``lla.nn.ParallaxAttention`` with a fused qkv projection,
     a zero-initialised ``r_proj`` (it starts as softmax attention), no positional encoding unless ``rope``,
-    no GQA; decodes through an ``LLACache`` (entry ``layer_idx``)."""
+    no GQA; decodes through a ``KVCache`` (entry ``layer_idx``)."""
 
     supports_cache = True
 
@@ -217,7 +216,7 @@ MIXERS: dict[str, type[nn.Module]] = {
 
 #: mixers that take ``rope=True`` (position-aware softmax-weighted attention)
 ROPE_MIXERS = ("lla", "parallax", "softmax", "sliding_window")
-#: mixers that decode through an ``LLACache`` (``forward(x, cache)``); the others recompute the prefix
+#: mixers that decode through a ``KVCache`` (``forward(x, cache)``); the others recompute the prefix
 CACHE_MIXERS = tuple(name for name, cls in MIXERS.items() if getattr(cls, "supports_cache", False))
 
 

@@ -1,5 +1,5 @@
 """What the attention layers share: the ``AttentionLayer`` base (projections, qk-norm, rotary,
-padding, KV cache, context parallelism), ``LLACache``, ``apply_rotary`` and ``padded_attention``.
+padding, KV cache, context parallelism), ``KVCache``, ``apply_rotary`` and ``padded_attention``.
 
 A layer (``LocalLinearAttention``, ``ParallaxAttention``) names its public op and KV-cache op, its
 extra query-shaped projections (Parallax's ``r``) and the op's keyword options; everything else
@@ -16,7 +16,7 @@ from torch import nn
 
 __all__ = [
     "AttentionLayer",
-    "LLACache",
+    "KVCache",
     "apply_rotary",
     "padded_attention",
     "real_tokens_first",
@@ -60,7 +60,7 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0
     return (x.to(cdt) * cos + rotated.to(cdt) * sin).to(x.dtype)
 
 
-class LLACache:
+class KVCache:
     """Key/value cache of the attention layers (``LocalLinearAttention``, ``ParallaxAttention``).
 
     One entry per ``layer_idx``: ``k [B, S_max, Hk, D]``, ``v [B, S_max, Hk, Dv]`` and the filled
@@ -199,7 +199,7 @@ class AttentionLayer(nn.Module):
         window: attend to the last ``window`` tokens only (the query's own included); None = all.
         fused_qkv: one ``qkv_proj`` (q, then k, then v) instead of ``q_proj``, ``k_proj``, ``v_proj``.
         scale: logit scale, default ``1 / sqrt(head_dim)``.
-        layer_idx: key of this layer in an ``LLACache``.
+        layer_idx: key of this layer in a ``KVCache``.
         cp_group, cp_sharding: context parallelism (``lla.distributed``); ``None``: off.
     """
 
@@ -275,7 +275,7 @@ class AttentionLayer(nn.Module):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: LLACache | None = None,
+        cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model].
@@ -285,7 +285,7 @@ class AttentionLayer(nn.Module):
             padded positions are invisible to them and output zeros before ``o_proj``.  Without a
             cache: ``padded_attention`` (eager: packed into the op's ``cu_seqlens``; under
             ``torch.compile`` the static-shape path, so ``fullgraph=True`` works with a mask).
-        cache: an ``LLACache``: this call's keys/values are appended to it and the queries attend
+        cache: a ``KVCache``: this call's keys/values are appended to it and the queries attend
             to everything cached for their sequence (chunked prefill or one-token decoding).
         position_ids: ``[B, T]`` rotary positions; default: the index among the sequence's real
             tokens, counting cached ones.
