@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from ..common.linalg import solve
-from ..common.masks import expand_heads, visible_mask  # noqa: F401  (visible_mask: re-exported)
+from ..common.masks import expand_heads, visible_mask
 
-__all__ = ["local_linear_attention_ref", "visible_mask", "softmax_attention_ref"]
+__all__ = ["local_linear_attention_ref", "softmax_attention_ref"]
 
 
 def _ridge_bth(ridge, B: int, T: int, H: int, like: torch.Tensor) -> torch.Tensor:

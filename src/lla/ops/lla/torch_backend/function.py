@@ -437,7 +437,7 @@ def _tile_fp64(Q, K, V, L, c, i0, i1, j0, j1, mask, common, G, scale, tol):
 
 
 def lla_forward(q, k, v, lam, cfg):
-    """Forward pass.  q [B, T, H, D], k [B, S, Hk, D], v [B, S, Hk, Dv], lam [B, T, H].
+    """Forward pass.  q [B, T, H, D], k [B, S, Hk, D], v [B, S, Hk, Dv], lam [B, T, H] (the ridge).
 
     Returns ``o [B, T, H, Dv]`` (dtype of q), ``lse [B, T, H]`` float32, ``stats [8]`` on the CPU =
     (CG iterations, worst true relative residual, worst amplification, the residual and
@@ -450,19 +450,20 @@ def lla_forward(q, k, v, lam, cfg):
     whose tile the backward then redoes in float64: see ``HOPELESS_RESIDUAL``).
 
     Per step (``_blocks``): a chunk of (batch, key head) pairs, each with its ``G`` query heads, and
-    a tile of query rows: one logits GEMM (raw keys) and an in-place softmax in a reused buffer; the
-    tile's keys shifted by a vector from keys all its rows see; one GEMM for the mean ``m`` and the
-    moments the preconditioner and diagnostics need; the solve (CG dropping converged rows as it
-    goes, or direct); one GEMM for ``y . x`` and one for the output.  A step is at most
-    ``HEAD_TILE_ELEMS`` weights (4 MiB in float32), which keeps the CG loop's weight tile in cache;
-    at short T many pairs share a step.
+    a tile of query rows, in four named steps: ``_tile_moments`` (one logits GEMM on raw keys, an
+    in-place softmax in a reused buffer, the tile's keys shifted by a vector from keys all its rows
+    see, one GEMM for the mean ``m`` and the moments the preconditioner and diagnostics need),
+    ``_tile_solve`` (CG dropping converged rows as it goes, or direct; the output weights from one
+    ``y . x`` GEMM), ``_tile_output`` (one GEMM for the output, its error scale) and
+    ``_tile_rescue`` (hopeless rows in float64).  A step is at most ``HEAD_TILE_ELEMS`` weights
+    (4 MiB in float32), which keeps the CG loop's weight tile in cache; at short T many pairs share
+    a step.
     """
     B, T, H, D = q.shape
     S, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hk
     Q, K, V, L, bad = _prepare(q, k, v, lam)
     cdt = Q.dtype
-    eps = torch.finfo(cdt).eps
     scratch = _Scratch(Q)
     Qs = Q * cfg.scale  # [B, Hk, G, T, D] scaled once
     O = Q.new_zeros(B, Hk, G, T, Dv)
@@ -479,67 +480,26 @@ def lla_forward(q, k, v, lam, cfg):
     bad = None if bad is None else bad.reshape(N, S)
     for c, i0, i1, j0, j1, mask, common in _blocks(T, S, cfg.window, G, N, Q.device, D, cfg.solver):
         t = i1 - i0
-        R = G * t
-        few = R <= FEW_ROWS  # decode-like tiles: y . x relative to each row's pivot key (``_centred``)
-        Vt = V[c, j0:j1]  # [nb, n, Dv]
-        s, lse_t, smax = _softmax_tile(Qs[c, :, i0:i1].reshape(-1, R, D), K[c, j0:j1], mask, G, scratch)  # [nb, R, n]
-        LSE[c, :, i0:i1] = lse_t.view(-1, G, t)
-        k1, ext, shift = _shifted_keys(K, c, common, j0, j1, extra=True)
-        mom = torch.cat([s @ k1, s @ ext], dim=-1)  # [nb, R, 2 D + 3]: m | sum s | diag moments | E|k - c| | E|k|
-        # few-row tiles: the weighted mean with the weights' computed sum as denominator (float32 weights sum
-        # to 1 only to rounding, and a mean off by that reaches a nearly one-hot row's output amplified by
-        # |x|); many-row tiles keep the plain sum (unchanged numerics there)
-        ssum = mom[..., D].clamp_min(torch.finfo(cdt).tiny) if few else None
-        m = mom[..., :D] / ssum.unsqueeze(-1) if few else mom[..., :D]
-        ekc2 = mom[..., D + 1 : 2 * D + 1].sum(-1)  # E_s |k - c|^2
-        diag = (mom[..., D + 1 : 2 * D + 1] - m * m).clamp_min_(0.0)
-        lam_t = L[c, :, i0:i1].reshape(-1, R)
-        diag.add_(lam_t.unsqueeze(-1))
-        qc = Q[c, :, i0:i1].reshape(-1, R, D) - shift
-        seen = torch.isfinite(lse_t).unsqueeze(-1)  # rows that see a key (others output 0)
-        mu = torch.where(seen, m - qc, torch.zeros_like(m))
-        chol = None
-        if few and cfg.solver == "direct":  # keep the factor for the few-row estimate (``_sensitivity``)
-            x, res, chol = direct_solve(s, k1, m, lam_t, mu, tol=cfg.tol, factor=True)
-            it, fl = 0, _floor(eps, x, mu, lam_t, ekc2, m)
-        else:
-            x, it, res, fl = _solve(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2, work=work, smax=smax)
-        # output weights w_j = s_j (1 - y_j . x); s_j y_j . x on the way gives CG's true residual
-        w = _centred(x, k1, s, scratch.get("k", s.shape), ssum, few).mul_(s)
-        if res is None:
-            x, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, mu, diag, scratch, cfg.tol, ekc2, x, it, w,
-                                              work=work)
-            if redone:
-                w = _centred(x, k1, s, scratch.get("k", s.shape), ssum, few).mul_(s)
-        w.neg_().add_(s)
+        tile = _tile_moments(Q, Qs, K, L, c, i0, i1, j0, j1, mask, common, G, scratch)
+        LSE[c, :, i0:i1] = tile.lse.view(-1, G, t)
+        x, it, res, fl, w, chol = _tile_solve(cfg, tile, scratch, work)
         iters = max(iters, it)
-        if bad is not None:
-            sees_bad = (s > 0).to(cdt) @ bad[c, j0:j1, None].to(cdt)  # [nb, R, 1]
-        o = torch.matmul(w, Vt)  # [nb, R, Dv]
-        ev = (s @ Vt.norm(dim=-1, keepdim=True)).squeeze(-1)  # E_s |v|: the scale of the error bounds
-        on = o.norm(dim=-1)
-        rel = ev / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
-        sens = None if chol is None else _sensitivity(s, k1, Vt, m, chol, mu, res, mom[..., 2 * D + 1], qc, ev)
-        hopeless = None
+        Vt = V[c, j0:j1]  # [nb, n, Dv]
+        sees_bad = None if bad is None else (tile.s > 0).to(cdt) @ bad[c, j0:j1, None].to(cdt)  # [nb, R, 1]
+        o, rel, sens = _tile_output(tile, w, Vt, x, res, chol)
+        m, hopeless = tile.m, None
         if cdt != torch.float64:
-            hopeless = _hopeless_rows(cfg.solver, res, fl) | ~torch.isfinite(o).all(-1)  # [nb, R]
-            if bad is not None:  # rows that see a non-finite key stay poisoned
-                hopeless &= sees_bad.squeeze(-1) == 0
-            if bool(hopeless.any()):  # those rows, and only those, in float64 (the others stay bit for bit)
-                o64, x64, m64, lse64, res64 = _tile_fp64(Q, K, V, L, c, i0, i1, j0, j1, mask, common, G, cfg.scale,
-                                                         cfg.tol)
-                h = hopeless.unsqueeze(-1)
-                o, x, m = (torch.where(h, a.to(cdt), b) for a, b in ((o64, o), (x64, x), (m64, m)))
+            o, x, m, res, fl, hopeless = _tile_rescue(cfg, tile, o, x, res, fl, sees_bad,
+                                                      (Q, K, V, L, c, i0, i1, j0, j1, mask, common, G))
+            if hopeless is not None:
                 if redo is None:
                     redo = torch.zeros(LSE.shape, dtype=torch.bool, device=LSE.device)
                 redo[c, :, i0:i1] = hopeless.view(-1, G, t)
-                res, fl = torch.where(hopeless, res64.to(cdt), res), fl.masked_fill(hopeless, 0.0)
-            else:
-                hopeless = None
         acc = _merge(acc, _solve_stats(res, fl, cfg.tol))
-        amp = torch.maximum(amp, _amplification(w, x, m, qc, lam_t, mom, D, cfg.scale, Q[c, :, i0:i1].reshape(-1, R, D),
-                                                smax, rel, sens, skip=hopeless))
-        if bad is not None:
+        amp = torch.maximum(amp, _amplification(w, x, m, tile.qc, tile.lam, tile.mom, D, cfg.scale,
+                                                Q[c, :, i0:i1].reshape(-1, tile.R, D), tile.smax, rel, sens,
+                                                skip=hopeless))
+        if sees_bad is not None:  # rows that see a non-finite key or value are poisoned
             o = o.masked_fill(sees_bad > 0, float("nan"))
         O[c, :, i0:i1] = o.view(-1, G, t, Dv)
         X[c, :, i0:i1] = x.view(-1, G, t, D)
@@ -551,13 +511,117 @@ def lla_forward(q, k, v, lam, cfg):
     lse = LSE.reshape(B, H, T).permute(0, 2, 1).float().clone()
     if redo is not None:  # the saved state marks the rows computed in float64 (NaN lse), which the
         LSE.view(-1).masked_fill_(redo.view(-1), float("nan"))  # backward redoes in float64 too
+    return o, lse, _forward_stats(iters, acc, amp, work, Q), X, M, LSE
+
+
+class _TileMoments:
+    """One forward step's tile in its key frame (``nb`` pairs, ``R = G * t`` rows, ``n`` keys):
+
+    s [nb, R, n] softmax weights (a scratch buffer), lse / smax [nb, R] (log-sum-exp, largest weight),
+    k1 [nb, n, D] the keys shifted by ``shift [nb, 1, D]``, mom [nb, R, 2 D + 3] the weighted moments
+    (``m | sum s | diagonal second moments | E|k - c| | E|k|``), m [nb, R, D] the weighted mean,
+    ssum [nb, R] the weights' computed sum (few-row tiles only, else None), ekc2 [nb, R] ``E_s |k - c|^2``,
+    diag [nb, R, D] the Jacobi diagonal of ``A``, lam [nb, R] the ridge, qc [nb, R, D] the queries in the
+    key frame, mu [nb, R, D] the right-hand side ``m - q`` (0 for a row that sees no key), few: a
+    decode-like tile (``R <= FEW_ROWS``)."""
+
+    __slots__ = ("R", "s", "lse", "smax", "k1", "shift", "mom", "m", "ssum", "ekc2", "diag", "lam", "qc", "mu",
+                 "few")
+
+    def __init__(self, **kw):
+        for name, value in kw.items():
+            setattr(self, name, value)
+
+
+def _tile_moments(Q, Qs, K, L, c, i0, i1, j0, j1, mask, common, G, scratch) -> _TileMoments:
+    """The weights, shift and weighted moments of one forward tile (see ``_TileMoments``)."""
+    D = Q.shape[-1]
+    R = G * (i1 - i0)
+    cdt = Q.dtype
+    few = R <= FEW_ROWS  # decode-like tiles: y . x relative to each row's pivot key (``_centred``)
+    s, lse_t, smax = _softmax_tile(Qs[c, :, i0:i1].reshape(-1, R, D), K[c, j0:j1], mask, G, scratch)  # [nb, R, n]
+    k1, ext, shift = _shifted_keys(K, c, common, j0, j1, extra=True)
+    mom = torch.cat([s @ k1, s @ ext], dim=-1)  # [nb, R, 2 D + 3]: m | sum s | diag moments | E|k - c| | E|k|
+    # few-row tiles: the weighted mean with the weights' computed sum as denominator (float32 weights sum
+    # to 1 only to rounding, and a mean off by that reaches a nearly one-hot row's output amplified by
+    # |x|); many-row tiles keep the plain sum (unchanged numerics there)
+    ssum = mom[..., D].clamp_min(torch.finfo(cdt).tiny) if few else None
+    m = mom[..., :D] / ssum.unsqueeze(-1) if few else mom[..., :D]
+    ekc2 = mom[..., D + 1 : 2 * D + 1].sum(-1)  # E_s |k - c|^2
+    diag = (mom[..., D + 1 : 2 * D + 1] - m * m).clamp_min_(0.0)
+    lam_t = L[c, :, i0:i1].reshape(-1, R)
+    diag.add_(lam_t.unsqueeze(-1))
+    qc = Q[c, :, i0:i1].reshape(-1, R, D) - shift
+    seen = torch.isfinite(lse_t).unsqueeze(-1)  # rows that see a key (others output 0)
+    mu = torch.where(seen, m - qc, torch.zeros_like(m))
+    return _TileMoments(R=R, s=s, lse=lse_t, smax=smax, k1=k1, shift=shift, mom=mom, m=m, ssum=ssum, ekc2=ekc2,
+                        diag=diag, lam=lam_t, qc=qc, mu=mu, few=few)
+
+
+def _tile_solve(cfg, tile: _TileMoments, scratch, work):
+    """Solve ``A x = mu`` for a tile's rows and form the output weights ``w_j = s_j (1 - y_j . x)``
+    (``s_j y_j . x`` on the way gives CG's true residual, ``_cg_exit``).
+    -> (x, iters, true residual [nb, R], floor [nb, R], w [nb, R, n], Cholesky factor or None)"""
+    s, k1, m, lam_t, mu, ekc2 = tile.s, tile.k1, tile.m, tile.lam, tile.mu, tile.ekc2
+    chol = None
+    if tile.few and cfg.solver == "direct":  # keep the factor for the few-row estimate (``_sensitivity``)
+        x, res, chol = direct_solve(s, k1, m, lam_t, mu, tol=cfg.tol, factor=True)
+        it, fl = 0, _floor(torch.finfo(s.dtype).eps, x, mu, lam_t, ekc2, m)
+    else:
+        x, it, res, fl = _solve(cfg, s, k1, m, lam_t, mu, tile.diag, scratch, cfg.tol, ekc2, work=work,
+                                smax=tile.smax)
+    w = _centred(x, k1, s, scratch.get("k", s.shape), tile.ssum, tile.few).mul_(s)
+    if res is None:
+        x, it, res, fl, redone = _cg_exit(cfg, s, k1, m, lam_t, mu, tile.diag, scratch, cfg.tol, ekc2, x, it, w,
+                                          work=work)
+        if redone:
+            w = _centred(x, k1, s, scratch.get("k", s.shape), tile.ssum, tile.few).mul_(s)
+    w.neg_().add_(s)
+    return x, it, res, fl, w, chol
+
+
+def _tile_output(tile: _TileMoments, w, Vt, x, res, chol):
+    """The tile's output ``o = w @ V`` [nb, R, Dv], its relative error scale ``rel`` [nb, R] (``E_s |v|``
+    over the output's norm) and, after a few-row direct solve, the sensitivity estimate (else None)."""
+    cdt = w.dtype
+    D = x.shape[-1]
+    o = torch.matmul(w, Vt)  # [nb, R, Dv]
+    ev = (tile.s @ Vt.norm(dim=-1, keepdim=True)).squeeze(-1)  # E_s |v|: the scale of the error bounds
+    on = o.norm(dim=-1)
+    rel = ev / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(torch.finfo(cdt).tiny)
+    sens = None
+    if chol is not None:
+        sens = _sensitivity(tile.s, tile.k1, Vt, tile.m, chol, tile.mu, res, tile.mom[..., 2 * D + 1], tile.qc, ev)
+    return o, rel, sens
+
+
+def _tile_rescue(cfg, tile: _TileMoments, o, x, res, fl, sees_bad, where):
+    """Rows the working precision cannot solve (``_hopeless_rows``, or a non-finite output), and only
+    those, recomputed in float64 from the keys they see (``_tile_fp64``); the others stay bit for bit.
+    Rows that see a non-finite key stay poisoned.  ``where``: ``(Q, K, V, L, c, i0, i1, j0, j1, mask,
+    common, G)`` of the tile.  -> (o, x, m, res, fl, hopeless [nb, R] or None when no row was)"""
+    cdt = o.dtype
+    m = tile.m
+    hopeless = _hopeless_rows(cfg.solver, res, fl) | ~torch.isfinite(o).all(-1)  # [nb, R]
+    if sees_bad is not None:
+        hopeless &= sees_bad.squeeze(-1) == 0
+    if not bool(hopeless.any()):
+        return o, x, m, res, fl, None
+    o64, x64, m64, _lse64, res64 = _tile_fp64(*where, cfg.scale, cfg.tol)
+    h = hopeless.unsqueeze(-1)
+    o, x, m = (torch.where(h, a.to(cdt), b) for a, b in ((o64, o), (x64, x), (m64, m)))
+    res, fl = torch.where(hopeless, res64.to(cdt), res), fl.masked_fill(hopeless, 0.0)
+    return o, x, m, res, fl, hopeless
+
+
+def _forward_stats(iters, acc, amp, work, Q):
+    """``lla_forward``'s ``stats [8]`` on the CPU (see its docstring)."""
+    cdt = Q.dtype
     if acc is None:
         z = Q.new_zeros(())
         acc = (z, z, z, z)
-    del eps
-    stats = torch.stack([torch.tensor(float(iters), dtype=cdt), acc[0].cpu(), amp.cpu(), acc[1].cpu(), acc[2].cpu(),
-                         *(torch.tensor(float(w), dtype=cdt) for w in (work.fallback, work.lowp, work.fp32))])
-    return o, lse, stats, X, M, LSE
+    return torch.stack([torch.tensor(float(iters), dtype=cdt), acc[0].cpu(), amp.cpu(), acc[1].cpu(), acc[2].cpu(),
+                        *(torch.tensor(float(w), dtype=cdt) for w in (work.fallback, work.lowp, work.fp32))])
 
 
 def _centred(p, kc, s, out, ssum=None, pivot: bool = False):
