@@ -284,27 +284,69 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
 
     Passes over the cache (chunks staged by ``_Chunks``), per key head all its ``G`` query heads in one
     GEMM, all sequences of a ragged batch in one call:
-      1. keys: logits (kept, ``[B, H, S]``), an online softmax (running max), the weighted first moment,
-         the weighted second moment of the shifted keys (``[G D, n] x [n, D]`` GEMMs) and ``E|k - c|``, ``E|k|``;
-      2. keys: ``(k_j - c) . x`` (kept, ``[B, H, S]``) and the true residual of ``A x = b`` with the centred
-         matvec (``solvers.cov_matvec``'s arithmetic); again per refinement step, while some row's residual
-         exceeds ``tol``;
-      3. values: the centred output weights (``function._centred``'s arithmetic) times V, ``E|v|``, ``E|v|^2``;
-      4. (only when a row's conditioning estimate may warn, or ``want_aux``) keys and values: the few-row
-         sensitivity's ``sum_j s_j (k_j - c) v_j^T`` (``function._sensitivity``); with ``want_aux`` it joins
-         pass 1 instead.
+      1. keys (``_decode_moments``): logits (kept, ``[B, H, S]``), an online softmax (running max), the
+         weighted first moment, the weighted second moment of the shifted keys (``[G D, n] x [n, D]``
+         GEMMs) and ``E|k - c|``, ``E|k|``;
+      2. keys (``_decode_solve``): ``(k_j - c) . x`` (kept, ``[B, H, S]``) and the true residual of
+         ``A x = b`` with the centred matvec (``solvers.cov_matvec``'s arithmetic); again per refinement
+         step, while some row's residual exceeds ``tol``;
+      3. values (``_decode_values``): the centred output weights (``function._centred``'s arithmetic)
+         times V, ``E|v|``, ``E|v|^2``;
+      4. (``_decode_amplification``, only when a row's conditioning estimate may warn, or ``want_aux``)
+         keys and values: the few-row sensitivity's ``sum_j s_j (k_j - c) v_j^T``
+         (``function._sensitivity``); with ``want_aux`` it joins pass 1 instead.
     """
+    B, _, H, _D = q.shape
+    Dv = v_cache.shape[3]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    span = visible_span(lens, left)
+    if span[2] == 0:
+        lse = torch.full((B, 1, H), float("-inf"), dtype=torch.float32, device=q.device)
+        return q.new_zeros(B, 1, H, Dv), lse, torch.zeros(4, dtype=cdt)
+    st = _decode_moments(q, k_cache, v_cache, rows, lens, lam, scale, span, fused_cross=want_aux)
+    x, residual, w, chol = _decode_solve(st, tol)
+    o, ev, ev2 = _decode_values(st, w)
+    floor = _floor(torch.finfo(cdt).eps, x, st.b, st.L, st.ekc2, st.m)
+    live = st.live[..., 0]
+    o, residual, floor, hopeless = _float64_rescue(
+        _decode_one, o, residual, floor, live, q, k_cache, v_cache, rows, lens, lam, scale, left, tol
+    )
+    amp = _decode_amplification(st, chol, x, residual, o, ev, ev2, torch.linalg.vector_norm(w, ord=1, dim=-1),
+                                hopeless)
+    # the solve's report: the worst residual, and the residual and floor of the row furthest past max(tol, floor)
+    residual, floor = torch.where(live, residual, 0.0), torch.where(live, floor, 0.0)
+    worst = (residual / floor.clamp_min(tol)).reshape(-1).argmax()
+    stats = torch.stack([residual.amax(), amp.to(cdt), residual.reshape(-1)[worst], floor.reshape(-1)[worst]])
+    return o.reshape(B, 1, H, Dv).to(q.dtype), st.lse, stats
+
+
+class _DecodeMoments:
+    """One decode step after its first pass, per row ``[B, Hk, G, ...]`` (query head ``h = hk * G + g``),
+    keys in the frame of the shift ``c``: chunks (the cache reader), Q / L / scale (queries, ridge, logit
+    scale), s [.., n] the softmax weights (in the logits' buffer), live [.., 1] rows that see a key, lse
+    [B, 1, H], piv / ssum / smax (each row's pivot key, the weights' computed sum, the largest weight),
+    m [.., D] the weighted mean, A [.., D, D] the ridge-regularised covariance, ekc2 / ekc / ek
+    (``E|k - c|^2``, ``E|k - c|``, ``E|k|``), qc = q - c, b = m - qc (the right-hand side), few (G <=
+    FEW_ROWS), and with ``fused_cross`` the weighted ``cross = E (k - c) v^T`` and ``pv = E v``."""
+
+    __slots__ = ("chunks", "Dv", "Q", "L", "scale", "s", "live", "lse", "piv", "ssum", "smax", "m", "A", "ekc2", "ekc",
+                 "ek", "qc", "b", "few", "fused_cross", "cross", "pv")
+
+    def __init__(self, **kw):
+        for name, value in kw.items():
+            setattr(self, name, value)
+
+
+def _decode_moments(q, k_cache, v_cache, rows, lens, lam, scale, span, fused_cross) -> _DecodeMoments:
+    """Pass 1 over the keys: logits, online softmax, first and second moments of the shifted keys
+    (``fused_cross``: with few rows, also the sensitivity's cross moment, so that pass 4 is not needed)."""
     B, _, H, D = q.shape
     Hk, Dv = k_cache.shape[2], v_cache.shape[3]
     G = H // Hk
     dev = q.device
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    eps, tiny = torch.finfo(cdt).eps, torch.finfo(cdt).tiny
-    span = visible_span(lens, left)
+    tiny = torch.finfo(cdt).tiny
     first, S0, S1 = span[:3]
-    if S1 == 0:
-        lse = torch.full((B, 1, H), float("-inf"), dtype=torch.float32, device=dev)
-        return q.new_zeros(B, 1, H, Dv), lse, torch.zeros(4, dtype=cdt)
     n_all = S1 - S0
     few = G <= FEW_ROWS
     shift = _cache_shift(k_cache, rows, first, lens, cdt)  # [B, Hk, 1, D]
@@ -312,10 +354,8 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
     Q = q.to(cdt).reshape(B, Hk, G, D)  # query head h = hk * G + g
     Qs = Q * scale
     L = lam.to(cdt).reshape(B, Hk, G)
-    fused_cross = want_aux and few
+    fused_cross = fused_cross and few
     gram = G == 1 and D >= 16  # one row per key head: sqrt(p)-scaled keys, symmetric blocks
-
-    # pass 1: logits, online softmax, first and second moments of the shifted keys
     logits = torch.empty(B, Hk, G, n_all, dtype=cdt, device=dev)
     mx = torch.full((B, Hk, G, 1), float("-inf"), dtype=cdt, device=dev)
     psum = torch.zeros(B, Hk, G, 1, dtype=cdt, device=dev)
@@ -326,6 +366,7 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
     qsc = Qs @ shift.transpose(-1, -2)  # q . c  [B, Hk, G, 1]
     cc = torch.linalg.vecdot(shift, shift).unsqueeze(-1)  # |c|^2  [B, Hk, 1, 1]
     pn = torch.zeros(B, Hk, G, 2, dtype=cdt, device=dev)  # sum_j p_j [|k_j - c|, |k_j|]
+    cross = pv = None
     if fused_cross:
         cross = torch.zeros(B, Hk, G * D, Dv, dtype=cdt, device=dev)
         pv = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=dev)
@@ -379,12 +420,22 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
          + L[..., None, None] * torch.eye(D, dtype=cdt, device=dev))
     del M2
     qc = Q - shift
-    b = m - qc
-    chol = _cholesky(A)
+    return _DecodeMoments(chunks=chunks, Dv=Dv, Q=Q, L=L, scale=scale, s=s, live=live, lse=lse, piv=piv, ssum=ssum,
+                          smax=smax, m=m, A=A, ekc2=ekc2, ekc=ekc, ek=ek, qc=qc, b=m - qc, few=few,
+                          fused_cross=fused_cross, cross=cross, pv=pv)
+
+
+def _decode_solve(st: _DecodeMoments, tol):
+    """Cholesky of ``A``, then pass 2 over the keys (the true residual with the centred matvec, and
+    ``(k_j - c) . x``), refined while some row misses ``tol`` (as ``solvers.direct_solve``); then the output
+    weights ``w_j = s_j (1 - y_j . x)`` as ``function._centred`` forms them (relative to the row's pivot key
+    when few, then centred with the weighted mean of the computed products).
+    -> (x [B, Hk, G, D], true relative residual [B, Hk, G], w [B, Hk, G, n], the Cholesky factor)"""
+    s, m, b, L, chunks = st.s, st.m, st.b, st.L, st.chunks
+    chol = _cholesky(st.A)
     x = _chol_apply(*chol, b)
     bnorm = b.norm(dim=-1)
     bnorm = bnorm.where(bnorm > 0, torch.ones_like(bnorm))
-
     yx = torch.empty_like(s)  # (k_j - c) . x  [B, Hk, G, n]
 
     def residual_pass(x, keep):
@@ -416,70 +467,70 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
         residual = torch.where(better, res_new, residual)
     if x is not x_yx:
         residual_pass(x, True)
-    # output weights w_j = s_j (1 - y_j . x), y . x as function._centred forms it (relative to the row's pivot
-    # key when few, then centred with the weighted mean of the computed products)
-    if few:
-        yx.sub_(yx.gather(-1, piv))
-    yx.sub_(torch.linalg.vecdot(s, yx).unsqueeze(-1) / ssum).mul_(s)
-    w = torch.sub(s, yx, out=yx)
-    aw = torch.linalg.vector_norm(w, ord=1, dim=-1)
+    if st.few:
+        yx.sub_(yx.gather(-1, st.piv))
+    yx.sub_(torch.linalg.vecdot(s, yx).unsqueeze(-1) / st.ssum).mul_(s)
+    return x, residual, torch.sub(s, yx, out=yx), chol
 
-    # pass 3: the output and E|v|, E|v|^2
-    o = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=dev)
-    ev = torch.zeros(B, Hk, G, 2, dtype=cdt, device=dev)
-    for a, n, hide in chunks.parts:
-        V = chunks.values(a, n, hide)
+
+def _decode_values(st: _DecodeMoments, w):
+    """Pass 3 over the values: the output ``o = sum_j w_j v_j`` [B, Hk, G, Dv], ``E|v|`` and ``E|v|^2``."""
+    B, Hk, G, _ = st.Q.shape
+    o = torch.zeros(B, Hk, G, st.Dv, dtype=w.dtype, device=w.device)
+    ev = torch.zeros(B, Hk, G, 2, dtype=w.dtype, device=w.device)
+    for a, n, hide in st.chunks.parts:
+        V = st.chunks.values(a, n, hide)
         o.add_(w[..., a : a + n] @ V)
         vn = torch.linalg.vector_norm(V, dim=-1)
-        ev.add_(s[..., a : a + n] @ torch.stack([vn, vn * vn], dim=-1))
+        ev.add_(st.s[..., a : a + n] @ torch.stack([vn, vn * vn], dim=-1))
     ev, ev2 = ev.unbind(-1)
-    floor = _floor(eps, x, b, L, ekc2, m)
-    live = live[..., 0]
-    o, residual, floor, hopeless = _float64_rescue(
-        _decode_one, o, residual, floor, live, q, k_cache, v_cache, rows, lens, lam, scale, left, tol
-    )
+    return o, ev, ev2
+
+
+def _decode_amplification(st: _DecodeMoments, chol, x, residual, o, ev, ev2, aw, hopeless):
+    """The step's rounding-error magnifier (``function._amplification`` on the per-row numbers), worst over
+    rows; with few rows (``function._sensitivity``) ``|A^-1 M'^T|_F`` times the rounding of ``m - q`` and the
+    residual, over ``E|v|``: first as a cheap bound, and by pass 4 over keys and values only when the bound
+    could warn (or the cross moment was fused into pass 1)."""
+    B, Hk, G, D = st.Q.shape
+    cdt, dev = x.dtype, x.device
+    eps, tiny = torch.finfo(cdt).eps, torch.finfo(cdt).tiny
+    m, qc, L, chunks = st.m, st.qc, st.L, st.chunks
     on = o.norm(dim=-1)
     rel = ev / torch.maximum(on, on.mean(-1, keepdim=True)).clamp_min(tiny)
 
-    def amplification(sens):  # function._amplification on the per-row numbers
-        amp = amplification_rows(aw, ekc, ek, ekc2, m.norm(dim=-1), x.norm(dim=-1), qc.norm(dim=-1), Q.norm(dim=-1),
-                                 smax, L, D, scale, eps, sens) * rel
+    def amplification(sens):
+        amp = amplification_rows(aw, st.ekc, st.ek, st.ekc2, m.norm(dim=-1), x.norm(dim=-1), qc.norm(dim=-1),
+                                 st.Q.norm(dim=-1), st.smax, L, D, st.scale, eps, sens) * rel
         amp = torch.where(torch.isnan(amp), torch.full_like(amp, float("inf")), amp)
         if hopeless is not None:
             amp = amp.masked_fill(hopeless, 0.0)
         return amp.max()
 
-    if few:  # function._sensitivity: |A^-1 M'^T|_F times the rounding of m - q and the residual, over E|v|
-        err = ekc + qc.norm(dim=-1) + residual * b.norm(dim=-1) / eps
-        amp = None
-        if not fused_cross and not bool(chol[2].any()):
-            # a bound first: |A^-1 M'^T|_F <= |M'|_F / lam_min(A), |M'|_F <= sqrt(tr C E|v|^2), lam_min(A) >= lam
-            # (x2 for rounding); below the warning threshold it is reported (as an upper bound) and nothing warns
-            trc = (ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
-            bound = 2.0 * (trc * ev2).sqrt() / L * err / ev.clamp_min(tiny)
-            amp = amplification(bound)
-            if not bool(amp * eps <= CONDITIONING_THRESHOLD):
-                amp = None
-        if amp is None:
-            if not fused_cross:  # pass 4
-                cross = torch.zeros(B, Hk, G * D, Dv, dtype=cdt, device=dev)
-                pv = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=dev)
-                for a, n, hide in chunks.parts:
-                    kc = chunks.keys(a, n, hide)
-                    V = chunks.values(a, n, hide, beside_keys=True)
-                    _weighted_cross(s[..., a : a + n], kc, V, cross)
-                    pv.add_(s[..., a : a + n] @ V)
-                cross = cross.view(B, Hk, G, D, Dv)
-            N = cross - m.unsqueeze(-1) * pv.unsqueeze(-2)  # M'^T = sum_j s_j (k_j - m) v_j^T  [B, Hk, G, D, Dv]
-            g = torch.linalg.matrix_norm(chol_solve(chol, N))
-            amp = amplification(g * err / ev.clamp_min(tiny))
-    else:
-        amp = amplification(None)
-    # the solve's report: the worst residual, and the residual and floor of the row furthest past max(tol, floor)
-    residual, floor = torch.where(live, residual, 0.0), torch.where(live, floor, 0.0)
-    worst = (residual / floor.clamp_min(tol)).reshape(-1).argmax()
-    stats = torch.stack([residual.amax(), amp.to(cdt), residual.reshape(-1)[worst], floor.reshape(-1)[worst]])
-    return o.reshape(B, 1, H, Dv).to(q.dtype), lse, stats
+    if not st.few:
+        return amplification(None)
+    err = st.ekc + qc.norm(dim=-1) + residual * st.b.norm(dim=-1) / eps
+    if not st.fused_cross and not bool(chol[2].any()):
+        # a bound first: |A^-1 M'^T|_F <= |M'|_F / lam_min(A), |M'|_F <= sqrt(tr C E|v|^2), lam_min(A) >= lam
+        # (x2 for rounding); below the warning threshold it is reported (as an upper bound) and nothing warns
+        trc = (st.ekc2 - torch.linalg.vecdot(m, m)).clamp_min(0.0)
+        bound = 2.0 * (trc * ev2).sqrt() / L * err / ev.clamp_min(tiny)
+        amp = amplification(bound)
+        if bool(amp * eps <= CONDITIONING_THRESHOLD):
+            return amp
+    cross, pv = st.cross, st.pv
+    if not st.fused_cross:  # pass 4
+        cross = torch.zeros(B, Hk, G * D, st.Dv, dtype=cdt, device=dev)
+        pv = torch.zeros(B, Hk, G, st.Dv, dtype=cdt, device=dev)
+        for a, n, hide in chunks.parts:
+            kc = chunks.keys(a, n, hide)
+            V = chunks.values(a, n, hide, beside_keys=True)
+            _weighted_cross(st.s[..., a : a + n], kc, V, cross)
+            pv.add_(st.s[..., a : a + n] @ V)
+        cross = cross.view(B, Hk, G, D, st.Dv)
+    N = cross - m.unsqueeze(-1) * pv.unsqueeze(-2)  # M'^T = sum_j s_j (k_j - m) v_j^T  [B, Hk, G, D, Dv]
+    g = torch.linalg.matrix_norm(chol_solve(chol, N))
+    return amplification(g * err / ev.clamp_min(tiny))
 
 
 def local_linear_attention_with_kvcache(
