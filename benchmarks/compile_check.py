@@ -122,7 +122,7 @@ def _lla_launches(D, Dv, dtype, precision, arch, device="cpu"):
 
 def _parallax_launches(D, Dv, dtype, precision, arch, device="cpu"):
     from lla.ops.parallax import triton_backend as P
-    from lla.ops.lla.triton_backend.function import row_ranges
+    from lla.ops.common.varlen import row_ranges
     from lla.ops.common.triton_utils import target_arch
 
     B, T, H, Hk = SHAPE

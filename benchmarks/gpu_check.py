@@ -1,8 +1,8 @@
 """The first device run, in one command (``benchmarks/gpu_check.sh`` calls this): on one H100 / H200, in
 under 8 minutes including compilation,
 
-1. the Triton test cases compiled for the GPU, not interpreted (``tests/triton_interp_cases.py`` and
-   ``tests/parallax_triton_cases.py`` with ``LLA_TRITON_DEVICE=cuda``; cases about the interpreter's
+1. the Triton test cases compiled for the GPU, not interpreted (``tests/lla/triton_interp_cases.py`` and
+   ``tests/parallax/parallax_triton_cases.py`` with ``LLA_TRITON_DEVICE=cuda``; cases about the interpreter's
    rounding emulation skipped), in parallel worker processes;
 2. at the same time, the compile table on the device (``benchmarks/compile_check.py --device``: every
    kernel as the launchers launch it, D 64 / 128 / 256, fp32 / bf16 / fp16, both precisions, with
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
 
     # ---- 1 + 2: test cases (parallel workers) and the compile table, at the same time
     t0 = time.time()
-    lla_cases, px_cases = _case_names("triton_interp_cases.py"), _case_names("parallax_triton_cases.py")
+    lla_cases, px_cases = _case_names("lla/triton_interp_cases.py"), _case_names("parallax/parallax_triton_cases.py")
     if dry:
         lla_groups, px_groups = [lla_cases[:2]], [px_cases[:2]]
     else:
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         px_groups = [px_cases[0::2], px_cases[1::2]]
     procs, logs = [], []
     env = _env(device=not dry)
-    for script, groups in (("triton_interp_cases.py", lla_groups), ("parallax_triton_cases.py", px_groups)):
+    for script, groups in (("lla/triton_interp_cases.py", lla_groups), ("parallax/parallax_triton_cases.py", px_groups)):
         for i, g in enumerate(groups):
             log = os.path.join(a.out, f"cases_{script.split('_')[0]}_{i}.log")
             procs.append(_start([sys.executable, os.path.join(ROOT, "tests", script), *g], log, env))

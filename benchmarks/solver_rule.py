@@ -1,4 +1,4 @@
-"""The measurements behind ``solver="auto"`` (``lla.ops.lla.api.resolve_solver``) on the CPU.
+"""The measurements behind ``solver="auto"`` (``lla.ops.common.policy.resolve_solver``) on the CPU.
 
 For each (D, ridge, T) it times one forward + backward of ``lla.local_linear_attention`` (causal,
 fp32, H = Hk = 4, B = 4096 // T so every point holds 4096 tokens) with ``solver="direct"`` and with
@@ -15,7 +15,7 @@ import time
 import torch
 
 import lla
-from lla.ops.lla.api import resolve_solver
+from lla.ops.common.policy import resolve_solver
 
 GRID = [(16, 1.0), (16, 0.05), (32, 1.0), (32, 0.05), (64, 0.01)]
 LENGTHS = [16, 64, 256, 1024]

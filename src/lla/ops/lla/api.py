@@ -9,12 +9,12 @@ import torch
 from ..common.checks import (
     check_bool, check_choice, check_qkv, check_ridge, check_scale, check_solver_options, check_varlen, check_window,
 )
-from ..common.policy import PRECISIONS, pick_backend, resolve_solver  # noqa: F401  (resolve_solver: re-exported)
+from ..common.policy import PRECISIONS, pick_backend, resolve_solver
 from ..common.varlen import Varlen
 from .config import LLAConfig
 from ..common.diagnostics import LLAConvergenceWarning, check_conditioning, check_solve, default_max_iters, default_tol
 
-__all__ = ["local_linear_attention", "LLAAux", "LLAConvergenceWarning", "resolve_solver"]
+__all__ = ["local_linear_attention", "LLAAux", "LLAConvergenceWarning"]
 
 
 class LLAAux(NamedTuple):
@@ -121,8 +121,8 @@ def local_linear_attention(
             true residual, rows where it stalls finish in fp32) or ``"auto"`` (PyTorch backend: ``"mixed"``
             on CUDA with bf16 when the sequences hold >= 1024 keys, else ``"fp32"``: on a CPU, with or
             without AMX, the mixed solve was measured slower; see
-            ``torch_backend.function.resolve_precision``; the Triton backend's rule is
-            ``triton_backend.function.resolve_precision``).  float64 inputs always solve in float64;
+            ``common.policy.resolve_precision``; the Triton backend's rule is
+            ``common.policy.triton_precision``).  float64 inputs always solve in float64;
             under ``torch.compile`` the same rule applies.
         backend: ``"auto"`` (Triton on CUDA when available, else PyTorch; PyTorch under
             ``torch.compile``), ``"torch"``, ``"triton"`` (a ``ValueError`` where it cannot run:

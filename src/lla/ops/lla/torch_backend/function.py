@@ -49,7 +49,7 @@ import math
 import torch
 
 from ...common.diagnostics import adjoint_tol, check_conditioning, check_solve
-from ...common.policy import MIXED_MIN_KEYS, resolve_precision  # noqa: F401  (re-exported)
+from ...common.policy import resolve_precision
 from ...common.result import BackendResult
 from ...common.varlen import Varlen, longest_keys, segments
 from ..config import LLAConfig
