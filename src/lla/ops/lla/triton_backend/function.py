@@ -18,7 +18,7 @@ Transparent fallbacks to the PyTorch backend (same results, just not fused): flo
 or positions); and, with a one-time ``RuntimeWarning`` saying why, a (head dim, dtype, precision,
 arch) whose kernels do not fit the GPU (``triton_unsupported``, from the compile check).
 
-``precision`` (``"auto"`` | ``"fp32"`` | ``"mixed"``, see ``resolve_precision`` / ``block_config``): plain
+``precision`` (``"auto"`` | ``"fp32"`` | ``"mixed"``, see ``common.policy.triton_precision`` / ``block_config``): plain
 float32 solves, or the CG iterations as bf16/fp16 tensor-core products inside reliable updates with
 accurate true residuals (float32 accuracy either way).  The conditioning estimate is the PyTorch
 backend's, from per-row statistics the forward kernel writes (``amplification``); the backward adds
@@ -36,7 +36,7 @@ import dataclasses
 import torch
 import triton
 
-from ...common.policy import PRECISIONS, triton_precision as resolve_precision  # noqa: F401  (re-exported)
+from ...common.policy import triton_precision
 from ...common.triton_utils import MAX_GRID_X, device_arch, emulation_mode, interpreting, launch_grid  # noqa: F401  (re-exported)
 from ...common.result import BackendResult
 from ...common.varlen import Varlen, row_ranges
@@ -45,7 +45,7 @@ from . import kernels as _k
 
 __all__ = ["lla_triton", "LLATritonFunction", "row_ranges", "block_config", "key_shifts", "launch_grid",
            "triton_unsupported", "launch_precision", "TILES",
-           "resolve_precision", "amplification", "MAX_HEAD_DIM", "PRECISIONS"]
+           "amplification", "MAX_HEAD_DIM"]
 
 #: largest head dim the kernels take (padded to a power of two up to this)
 MAX_HEAD_DIM = 256
@@ -410,11 +410,11 @@ def lla_triton(q, k, v, ridge, varlen: Varlen | None, config: LLAConfig) -> tupl
     """Triton backend entry, the same contract as ``torch_backend.lla_torch``: ``ridge [B, T, H]`` (any float
     dtype, possibly an expanded view, differentiable) -> ``(o [B, T, H, Dv], BackendResult)`` with ``lse``,
     ``iters``, ``residual`` and ``amplification``.  ``config.precision``: ``"auto"`` | ``"fp32"`` | ``"mixed"``
-    (see ``resolve_precision`` and ``block_config``; both give float32 accuracy, ``"mixed"`` runs the CG
+    (see ``common.policy.triton_precision`` and ``block_config``; both give float32 accuracy, ``"mixed"`` runs the CG
     iterations on bf16/fp16 tensor cores inside iterative refinement).  See the module docstring for the
     cases handed to the PyTorch backend.
     """
-    precision = resolve_precision(config.precision, q.dtype)
+    precision = triton_precision(config.precision, q.dtype)
     use_torch = _use_torch(q, k, v, config.solver)
     if not use_torch and not interpreting():
         arch = device_arch(q.device)
