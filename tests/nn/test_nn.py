@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import lla
-from lla.nn import LLACache, LocalLinearAttention, ParallaxAttention, build_mixer
-from lla.nn.attention import apply_rotary
-from lla.nn.layer import padded_attention
+from lla.experiments.mixers import build_mixer
+from lla.nn import KVCache, LocalLinearAttention, ParallaxAttention
+from lla.nn.lla import apply_rotary
+from lla.nn.base import padded_attention
 from conftest import rel_err
 
 
@@ -72,7 +73,7 @@ def test_cache_prefill_then_decode_equals_full():
     layer = _layer(qk_norm=True)
     x = _x(B=2, T=12)
     full = layer(x)
-    cache = LLACache(max_len=4)  # forces the buffers to grow
+    cache = KVCache(max_len=4)  # forces the buffers to grow
     outs = [layer(x[:, :5], cache=cache)]
     for t in range(5, 12):
         outs.append(layer(x[:, t : t + 1], cache=cache))
@@ -85,7 +86,7 @@ def test_cache_with_left_padded_prompt():
     x = _x(B=2, T=10)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, :3] = False  # sequence 1: 3 pad tokens, then 3 real prompt tokens
-    cache = LLACache()
+    cache = KVCache()
     first = layer(x[:, :6], attention_mask=mask, cache=cache)
     assert cache.seqlens().tolist() == [6, 3]
     steps = [layer(x[:, t : t + 1], cache=cache) for t in range(6, 10)]
@@ -124,7 +125,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="attention_mask"):
         layer(_x(), attention_mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_len"):
-        LLACache(max_len=0)
+        KVCache(max_len=0)
 
 
 def test_ridge_is_in_squared_key_units():
@@ -160,7 +161,7 @@ def test_interior_padding_and_padded_chunks_against_the_cache(cls):
     mask[1, :4] = False  # left padded first chunk
     mask[2, 9:] = False  # last chunk all padding
     out_full = layer(x, attention_mask=mask)
-    cache = LLACache(max_len=4)
+    cache = KVCache(max_len=4)
     out = torch.cat([layer(x[:, :6], attention_mask=mask[:, :6], cache=cache),
                      layer(x[:, 6:9], attention_mask=mask[:, 6:9], cache=cache),
                      layer(x[:, 9:], attention_mask=mask[:, 9:], cache=cache)], 1)

@@ -4,7 +4,7 @@ Every case packs sequences whose query and key counts differ (a prefill against 
 ``S_b > T_b``; more queries than keys, ``S_b < T_b``, whose first rows see nothing; an empty query
 sequence; an empty key sequence) and checks the packed call against each sequence run alone,
 forward and every gradient, for LLA and Parallax.  The PyTorch backend runs here; the Triton
-kernels run the same checks under the interpreter in one subprocess (``python tests/test_varlen.py
+kernels run the same checks under the interpreter in one subprocess (``python tests/common/test_varlen.py
 --triton``; the interpreter must be switched on before triton is imported).
 """
 
@@ -17,10 +17,12 @@ import sys
 import pytest
 import torch
 
-import lla
-from conftest import rel_err
+if __name__ == "__main__":  # run as a script (the interpreter check): tests/ on the path, for conftest
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import lla  # noqa: E402
+from conftest import rel_err, subprocess_env  # noqa: E402
+
 
 #: (queries, keys) per packed sequence
 LENGTHS = [(3, 7), (0, 4), (5, 5), (6, 2), (1, 9), (2, 0)]
@@ -129,9 +131,8 @@ def test_packed_cross_attention_triton_interpreter():
     """LLA and Parallax Triton kernels (interpreter, float32): packed equals each sequence alone and the
     reference, forward and every gradient."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [os.path.join(os.path.dirname(HERE), "src"), HERE, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "test_varlen.py"), "--triton"], env=env,
+    env = subprocess_env(TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--triton"], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
 
@@ -142,8 +143,8 @@ def test_row_ranges_of_packed_cross_attention(causal, window):
     """The Triton kernels' per-row key ranges (and per-key query ranges) from two offset arrays equal the
     block-diagonal mask of the sequences' own bottom-right masks; the bounds never decrease."""
     pytest.importorskip("triton")
-    from lla.ops.lla.reference import visible_mask
-    from lla.ops.lla.triton_backend.function import row_ranges
+    from lla.ops.common.masks import visible_mask
+    from lla.ops.common.varlen import Varlen, row_ranges
 
     lengths = LENGTHS + [(4, 1), (0, 0), (3, 3)]
     cu_q = torch.tensor([0] + [t for t, _ in lengths]).cumsum(0)
@@ -153,7 +154,7 @@ def test_row_ranges_of_packed_cross_attention(causal, window):
     for (a, b), (c, d) in zip(zip(cu_q.tolist(), cu_q[1:].tolist()), zip(cu_k.tolist(), cu_k[1:].tolist())):
         want[a:b, c:d] = visible_mask(b - a, d - c, causal=causal, window_size=window)
     win = (window[0], 0 if causal else window[1])
-    lo, hi, qlo, qhi = (t.long() for t in row_ranges(T, S, win, cu_q.int(), "cpu", cu_k.int()))
+    lo, hi, qlo, qhi = (t.long() for t in row_ranges(T, S, win, Varlen(cu_q.int(), cu_k.int()), "cpu"))
     i, j = torch.arange(T)[:, None], torch.arange(S)[None, :]
     assert torch.equal((j >= lo[:, None]) & (j <= hi[:, None]), want)
     assert torch.equal((i >= qlo[None, :]) & (i <= qhi[None, :]), want)

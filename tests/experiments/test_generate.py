@@ -23,7 +23,9 @@ from lla.experiments.generate import (
     stream_text,
 )
 from lla.experiments.model import CausalModel, ModelConfig
-from lla.nn.mixers import CACHE_MIXERS, MIXERS
+from lla.experiments.mixers import CACHE_MIXERS, MIXERS
+
+from conftest import SRC
 
 PROMPT = b"def add(a, b):\n    return a"  # 27 bytes: longer than the sliding window below
 
@@ -338,7 +340,7 @@ def test_cli_subprocess_streams_utf8(run_dir):
     """The installed entry point (``python -m lla generate``) end to end: UTF-8 text on stdout, the
     summary on stderr."""
     d, models = run_dir
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC,
                                                         os.environ.get("PYTHONPATH", "")]), "PYTHONIOENCODING": "utf-8"}
     r = subprocess.run([sys.executable, "-m", "lla", "generate", d, "--prompt", "€ ", "--max-new-tokens", "8",
                         "--temperature", "0", "--threads", "1"], capture_output=True, env=env, timeout=120)

@@ -8,7 +8,8 @@ import torch
 
 import lla
 from lla import parallax_attention, parallax_attention_ref, parallax_attention_with_kvcache
-from lla.nn import LLACache, ParallaxAttention, build_mixer
+from lla.experiments.mixers import build_mixer
+from lla.nn import KVCache, ParallaxAttention
 from conftest import rel_err
 
 
@@ -149,7 +150,7 @@ def test_rows_that_see_no_key_output_zero_and_lse():
     assert bool(torch.isinf(lse[:, :6]).all()) and bool(torch.isfinite(lse[:, 6:]).all())
     q, r, k, v = x
     logits = torch.einsum("bthd,bshd->bhts", q, k) * 8**-0.5
-    mask = lla.ops.lla.reference.visible_mask(10, 4)
+    mask = lla.ops.common.masks.visible_mask(10, 4)
     want = logits.masked_fill(~mask, float("-inf")).logsumexp(-1).transpose(1, 2)
     assert rel_err(lse[:, 6:], want[:, 6:]) <= 1e-6
 
@@ -169,7 +170,7 @@ def test_identity_with_lla():
     B, T, H, D, lam = 1, 30, 2, 8, 0.3
     q, _, k, v = make_qrkv(B=B, T=T, H=H, D=D, Dv=5, seed=7)
     for kw in (dict(causal=True), dict(causal=False, window_size=(4, 6))):
-        mask = lla.ops.lla.reference.visible_mask(T, T, **kw)
+        mask = lla.ops.common.masks.visible_mask(T, T, **kw)
         logits = torch.einsum("bthd,bshd->bhts", q, k) * D**-0.5
         s = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)  # [B, H, T, S]
         K = k.transpose(1, 2)  # [B, H, S, D]
@@ -252,7 +253,7 @@ def test_layer_cache_padding_and_zero_init():
         layer = ParallaxAttention(32, 4, num_kv_heads=2, zero_init_r=False, **kw).double()
         x = torch.randn(2, 12, 32, dtype=torch.float64)
         full = layer(x)
-        cache = LLACache(4)  # grows while decoding
+        cache = KVCache(4)  # grows while decoding
         outs = [layer(x[:, :7], cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(7, 12)]
         assert rel_err(torch.cat(outs, 1), full) <= 1e-12
         mask = torch.ones(2, 12, dtype=torch.bool)
@@ -268,7 +269,7 @@ def test_layer_cache_padding_and_zero_init():
 
 
 def test_mixer_registered_and_learns_r():
-    from lla.nn.mixers import MIXERS
+    from lla.experiments.mixers import MIXERS
 
     assert "parallax" in MIXERS
     torch.manual_seed(0)

@@ -1,22 +1,22 @@
 """Parallax Triton kernels, checked on CPU under the Triton interpreter (cases in
-``tests/parallax_triton_cases.py``, run in ONE subprocess since the interpreter must be switched on
-before triton is imported), plus dispatch rules that need no kernel."""
+``tests/parallax/parallax_triton_cases.py``, run in ONE subprocess by ``conftest.interp_report`` since
+the interpreter must be switched on before triton is imported), plus dispatch rules that need no kernel."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from lla import parallax_attention
-from conftest import record_launches
+from conftest import case_names, check_interpreted_case, record_launches
 from test_parallax import make_qrkv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+#: the interpreter harness (``conftest.interp_report``): one process, every case
+INTERP_SCRIPT = os.path.join(HERE, "parallax_triton_cases.py")
+INTERP_TIMEOUT = 600
 CASES = [
     "causal_gqa_d16",
     "noncausal_s_ne_t_d48_padded",
@@ -32,34 +32,13 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def interp_report():
-    pytest.importorskip("triton")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "parallax_triton_cases.py"), *CASES],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    report = {}
-    for line in proc.stdout.splitlines():
-        for tag, ok in (("OK ", True), ("FAIL ", False)):
-            if line.startswith(tag):
-                name = line[len(tag):].split()[0].rstrip(":")
-                report[name] = (ok, line + ("" if ok else "\n" + proc.stderr[-4000:]))
-    report["_raw"] = (proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:])
-    return report
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_interpreted_kernels(interp_report, case):
-    assert case in interp_report, f"case {case} did not report:\n{interp_report['_raw'][1]}"
-    ok, text = interp_report[case]
-    assert ok, text
+    check_interpreted_case(interp_report, case)
 
 
 def test_case_list_is_complete():
-    src = open(os.path.join(HERE, "parallax_triton_cases.py")).read()
-    defined = {line[len("def case_"):].split("(")[0] for line in src.splitlines() if line.startswith("def case_")}
-    assert defined == set(CASES)
+    assert case_names(INTERP_SCRIPT) == set(CASES)
 
 
 def test_triton_backend_needs_cuda_or_interpreter():
@@ -92,7 +71,7 @@ def test_parallax_launch_grids_fold_batch_and_heads_into_axis_0(monkeypatch):
     pytest.importorskip("triton")
     import triton
 
-    from lla.ops.lla.triton_backend.function import row_ranges
+    from lla.ops.common.varlen import row_ranges
     from lla.ops.parallax import triton_backend as P
 
     grids = record_launches(monkeypatch, P, ("parallax_fwd_kernel", "parallax_bwd_query_kernel", "parallax_bwd_key_kernel"))

@@ -18,16 +18,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, SRC
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 def _env():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # compiled for a GPU target, not interpreted
-    env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 

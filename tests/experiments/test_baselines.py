@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import lla
 from lla import baselines as bl
-from lla.nn import MIXERS, build_mixer
+from lla.experiments.mixers import MIXERS, build_mixer
 
 from conftest import make_qkv, rel_err
 

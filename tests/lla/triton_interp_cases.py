@@ -1,10 +1,10 @@
 """Triton-backend cases run on CPU tensors under the Triton interpreter.
 
 ``TRITON_INTERPRET=1`` only takes effect when set before triton is imported, so these cases run in
-a fresh process: ``python tests/triton_interp_cases.py CASE [CASE ...]`` (or ``all``).  Each case
+a fresh process: ``python tests/lla/triton_interp_cases.py CASE [CASE ...]`` (or ``all``).  Each case
 compares the Triton kernels (``backend="triton"``, ``solver="cg"``) with the float64 reference and
 raises on a mismatch; the process prints one ``OK <case> <metrics>`` line per case and exits 0, or
-prints the failure and exits 1.  ``tests/test_triton.py`` drives it.
+prints the failure and exits 1.  ``tests/lla/test_triton.py`` drives it (``conftest.interp_report``).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
 
 import lla  # noqa: E402
 from conftest import TOL, make_qkv, rel_err  # noqa: E402
 from lla import local_linear_attention_ref  # noqa: E402
-from lla.ops.lla.reference import visible_mask  # noqa: E402
+from lla.ops.common.masks import visible_mask  # noqa: E402
 
 F32 = TOL[torch.float32]
 #: cases about the interpreter's GPU-rounding emulation (meaningless compiled)

@@ -14,11 +14,11 @@ import textwrap
 import pytest
 import torch
 
-from lla.ops import linalg
+from lla.ops.common import linalg
 
 _WIDE = textwrap.dedent("""
     import sys, torch, lla
-    from lla.ops import linalg
+    from lla.ops.common import linalg
     from lla.baselines.mesa import mesa_attention, mesa_attention_naive
     if len(sys.argv) > 1:
         linalg.MKL_BATCHED_LU_MAX_N = int(sys.argv[1])  # the test's check that the hang is real

@@ -1,7 +1,8 @@
 """The Triton backend: kernels checked on CPU under the Triton interpreter, plus dispatch rules.
 
-The kernel cases live in ``tests/triton_interp_cases.py`` and run in ONE subprocess (the
-interpreter must be switched on before triton is imported); each case below reports its own line.
+The kernel cases live in ``tests/lla/triton_interp_cases.py`` and run in two worker subprocesses
+(``conftest.interp_report``: the interpreter must be switched on before triton is imported); each case
+below reports its own line.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import pytest
 import torch
 
 import lla
-from lla.ops.common.checks import pick_backend
-from lla.ops.lla.reference import visible_mask
-from conftest import record_launches
+from lla.ops.common.policy import pick_backend
+from lla.ops.common.masks import visible_mask
+from conftest import ROOT, case_names, check_interpreted_case, record_launches, subprocess_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+#: the interpreter harness (``conftest.interp_report``): two workers share the cases, so that both CI
+#: cores work (the interpreter is single-threaded numpy)
+INTERP_SCRIPT = os.path.join(HERE, "triton_interp_cases.py")
+INTERP_WORKERS = 2
 CASES = [
     "causal_d16",
     "noncausal_d64",
@@ -41,53 +45,19 @@ CASES = [
 ]
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-@pytest.fixture(scope="module")
-def interp_report():
-    """Run every interpreter case once; ``{case: (ok, text)}``.  Two worker processes (one thread
-    each) share the cases, so that both CI cores work (the interpreter is single-threaded numpy)."""
-    pytest.importorskip("triton")
-    groups = [CASES[0::2], CASES[1::2]]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "triton_interp_cases.py"), *g],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(LLA_TEST_THREADS="1"), cwd=ROOT) for g in groups]
-    report, raw, ok_all = {}, "", True
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        for line in out.splitlines():
-            for tag, ok in (("OK ", True), ("FAIL ", False)):
-                if line.startswith(tag):
-                    name = line[len(tag):].split()[0].rstrip(":")
-                    report[name] = (ok, line + ("" if ok else "\n" + err[-4000:]))
-        raw += out[-2000:] + err[-4000:]
-        ok_all &= proc.returncode == 0
-    report["_raw"] = (ok_all, raw)
-    return report
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_interpreted_kernels(interp_report, case):
-    assert case in interp_report, f"case {case} did not report:\n{interp_report['_raw'][1]}"
-    ok, text = interp_report[case]
-    assert ok, text
+    check_interpreted_case(interp_report, case)
 
 
 def test_case_list_is_complete():
-    src = open(os.path.join(HERE, "triton_interp_cases.py")).read()
-    defined = {line[len("def case_"):].split("(")[0] for line in src.splitlines() if line.startswith("def case_")}
-    assert defined == set(CASES)
+    assert case_names(INTERP_SCRIPT) == set(CASES)
 
 
 # ---------------------------------------------------------------- dispatch (in-process, no interpreter)
 def test_import_lla_does_not_import_triton():
     code = "import sys, lla; assert 'triton' not in sys.modules, 'lla imported triton'; print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
@@ -124,12 +94,14 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
 )
 def test_row_ranges_match_visible_mask(T, S, causal, window, cu):
     pytest.importorskip("triton")
+    from lla.ops.common.varlen import Varlen
     from lla.ops.lla.triton_backend.function import row_ranges
 
     cu_t = None if cu is None else torch.tensor(cu)
     mask = visible_mask(T, S, causal=causal, window_size=window, cu_seqlens=cu_t)  # [T, S]
     win = (window[0], 0 if causal else window[1])  # as the public op normalises it
-    lo, hi, qlo, qhi = (t.long() for t in row_ranges(T, S, win, cu_t, "cpu"))
+    varlen = None if cu_t is None else Varlen(cu_t, cu_t)  # self-attention: one offsets tensor
+    lo, hi, qlo, qhi = (t.long() for t in row_ranges(T, S, win, varlen, "cpu"))
     j = torch.arange(S)[None, :]
     i = torch.arange(T)[:, None]
     assert torch.equal((j >= lo[:, None]) & (j <= hi[:, None]), mask)
@@ -156,7 +128,8 @@ def test_precision_choices():
     rest accurate (ieee for float32 inputs; TF32x3 and native half logits, all on tensor cores, for
     half inputs); unknown values raise."""
     pytest.importorskip("triton")
-    from lla.ops.lla.triton_backend.function import block_config, resolve_precision
+    from lla.ops.common.policy import triton_precision as resolve_precision
+    from lla.ops.lla.triton_backend.function import block_config
 
     old = torch.get_float32_matmul_precision()
     try:
@@ -184,7 +157,7 @@ def test_bench_gpu_dry_mode():
     pytest.importorskip("triton")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_gpu.py"), "--dry"],
-        capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT,
+        capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run ok" in proc.stdout
@@ -312,29 +285,33 @@ def test_unlaunchable_configuration_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(F, "_WARNED", set())
     q, k, v = (torch.randn(1, 12, 2, 24, generator=torch.Generator().manual_seed(i)) for i in range(3))
     lam = torch.full((1, 12, 2), 0.5)
-    kw = dict(scale=24 ** -0.5, window_size=(-1, 0), cu_seqlens=None, solver="cg", max_iters=64, tol=1e-6,
-              precondition=True, precision="fp32")
+    from lla.ops.lla.config import LLAConfig
+
+    config = LLAConfig(scale=24 ** -0.5, window=(-1, 0), solver="cg", max_iters=64, tol=1e-6, precondition=True,
+                       precision="fp32")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        o1 = F.lla_triton(q, k, v, lam, **kw)[0]
-        o2 = F.lla_triton(q, k, v, lam, **kw)[0]
+        o1 = F.lla_triton(q, k, v, lam, None, config)[0]
+        o2 = F.lla_triton(q, k, v, lam, None, config)[0]
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "no tiles fit (test)" in msgs[0] and "D=24" in msgs[0] and "sm_90" in msgs[0], msgs
-    ref = lla_torch(q, k, v, lam, **kw)[0]
+    ref = lla_torch(q, k, v, lam, None, config)[0]
     assert torch.equal(o1, ref) and torch.equal(o2, ref)
     # another head dim is not listed: it would launch the kernels (CPU tensors, no interpreter: raises)
     q8, k8, v8 = (torch.randn(1, 12, 2, 80) for _ in range(3))
     with pytest.raises(Exception):
-        F.lla_triton(q8, k8, v8, lam, **kw)
+        F.lla_triton(q8, k8, v8, lam, None, config)
 
     monkeypatch.setattr(P, "UNSUPPORTED", {("fp32", 32, 90): "no tiles fit (test)"})
     monkeypatch.setattr(P, "_WARNED", set())
     r = torch.randn(1, 12, 2, 24)
-    pkw = dict(scale=24 ** -0.5, window_size=(-1, 0), cu_seqlens=None)
+    from lla.ops.parallax.config import ParallaxConfig
+
+    pconfig = ParallaxConfig(scale=24 ** -0.5, window=(-1, 0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        po = P.parallax_triton(q, r, k, v, **pkw)[0]
-        P.parallax_triton(q, r, k, v, **pkw)
+        po = P.parallax_triton(q, r, k, v, None, pconfig)[0]
+        P.parallax_triton(q, r, k, v, None, pconfig)
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "no tiles fit (test)" in msgs[0], msgs
-    assert torch.equal(po, parallax_torch(q, r, k, v, **pkw)[0])
+    assert torch.equal(po, parallax_torch(q, r, k, v, None, pconfig)[0])

@@ -1,12 +1,12 @@
 """The language model's building blocks: rotary positions in the mixers, tied embeddings, and
-prefill + token-by-token decoding through ``LLACache`` equal to the full forward."""
+prefill + token-by-token decoding through ``KVCache`` equal to the full forward."""
 
 import pytest
 import torch
 
 from lla.experiments.model import CausalModel, ModelConfig
-from lla.nn import LLACache
-from lla.nn.mixers import CACHE_MIXERS, MIXERS, ROPE_MIXERS
+from lla.nn import KVCache
+from lla.experiments.mixers import CACHE_MIXERS, MIXERS, ROPE_MIXERS
 
 
 def _model(mixer, **kw):
@@ -49,7 +49,7 @@ def test_cached_decoding_equals_the_full_forward(mixer):
     m = _model(mixer)
     x = torch.randint(0, 256, (2, 12))
     full = m(x)
-    cache = LLACache(4)  # small: the buffers grow on the way
+    cache = KVCache(4)  # small: the buffers grow on the way
     inc = torch.cat([m(x[:, :7], cache=cache)] + [m(x[:, i : i + 1], cache=cache) for i in range(7, 12)], dim=1)
     torch.testing.assert_close(inc, full, rtol=1e-10, atol=1e-10)
     assert cache.get_seq_length(0) == 12 and cache.get_seq_length(1) == 12
@@ -58,7 +58,7 @@ def test_cached_decoding_equals_the_full_forward(mixer):
 @pytest.mark.parametrize("mixer", sorted(set(MIXERS) - set(CACHE_MIXERS)))
 def test_recurrent_mixers_refuse_a_cache(mixer):
     with pytest.raises(ValueError, match="does not decode through a cache"):
-        _model(mixer)(torch.randint(0, 256, (1, 3)), cache=LLACache())
+        _model(mixer)(torch.randint(0, 256, (1, 3)), cache=KVCache())
 
 
 def test_tied_embeddings_need_a_vocabulary_readout():

@@ -23,9 +23,7 @@ from lla.experiments.tasks.mqar import make_mqar
 from lla.experiments.tasks.state import StateTask, alphabet, group_table, make_word_problem
 from lla.experiments.train import CheckpointMismatchError, TrainConfig, train
 
-from conftest import rel_err
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import SRC, rel_err
 
 # ---- test-time regression ---------------------------------------------------------------------
 
@@ -281,7 +279,7 @@ for argv in (["--help"], ["demo", "--out", "unused"]):
 def test_core_needs_torch_alone():
     """``import lla``, the op and the layers work with numpy, matplotlib and tqdm unimportable;
     ``lla --help`` too, and ``lla demo`` says which extra to install."""
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
+    env = {**os.environ, "PYTHONPATH": SRC}
     res = subprocess.run([sys.executable, "-c", _TORCH_ONLY], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "usage: lla" in res.stdout and "exit 0" in res.stdout
@@ -302,7 +300,7 @@ def test_cli_bench_dispatch(capsys):
 
 def test_torchrun_two_processes(tmp_path):
     """DDP with gloo on CPU: 2 ranks train one tiny run; rank 0 writes the outputs once."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lla", "run", "state",
            "--preset", "smoke", "--mixers", "lla", "--out", str(tmp_path), "--no-progress"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))

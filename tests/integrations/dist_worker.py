@@ -1,6 +1,6 @@
 """One rank of the multi-process tests in ``test_distributed.py`` (not collected by pytest).
 
-``python tests/dist_worker.py CASE OUT_DIR`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+``python tests/integrations/dist_worker.py CASE OUT_DIR`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` set (gloo, CPU).  Every rank computes the single-process op on the unsharded
 sequence itself (same seeds on every rank), runs the context-parallel op on its shard, and writes
 ``OUT_DIR/rank{R}.json``: a list of ``{"name", "err", "tol"}`` checks (``err`` the relative-RMS error

@@ -11,6 +11,8 @@ import torch
 from conftest import make_qkv, rel_err
 
 import lla
+from lla.ops.common import policy
+from lla.ops.common.varlen import Varlen
 from lla.ops.lla.reference import local_linear_attention_ref
 from lla.ops.lla.torch_backend import function as fn
 from lla.ops.lla.torch_backend import solvers
@@ -104,7 +106,7 @@ def test_fp32_is_the_plain_path_and_fp64_ignores_precision(monkeypatch):
     st = _stats(q, k, v, 1.0, "fp32")
     assert st[6] == 0 and st[5] == 0  # no bf16 work, no fallback
     # "auto" without fast bf16 is the same plain fp32 path, bit for bit
-    monkeypatch.setattr(fn, "_fast_bf16", lambda device: False)
+    monkeypatch.setattr(policy, "_fast_bf16", lambda device: False)
     assert torch.equal(_op(q, k, v, precision="auto"), o)
     q64, k64, v64 = make_qkv(1, 40, 2, 16, seed=4)
     o64, aux64 = _op(q64, k64, v64, precision="mixed", return_aux=True)
@@ -113,14 +115,14 @@ def test_fp32_is_the_plain_path_and_fp64_ignores_precision(monkeypatch):
 
 
 def test_auto_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(fn, "_fast_bf16", lambda device: True)
-    assert fn.resolve_precision("auto", torch.float32, torch.device("cpu")) == "mixed"
-    assert fn.resolve_precision("auto", torch.bfloat16, torch.device("cpu")) == "mixed"
-    assert fn.resolve_precision("fp32", torch.float32, torch.device("cpu")) == "fp32"
-    assert fn.resolve_precision("mixed", torch.float64, torch.device("cpu")) == "fp64"
-    monkeypatch.setattr(fn, "_fast_bf16", lambda device: False)
-    assert fn.resolve_precision("auto", torch.float32, torch.device("cpu")) == "fp32"
-    assert fn.resolve_precision("mixed", torch.float32, torch.device("cpu")) == "mixed"
+    monkeypatch.setattr(policy, "_fast_bf16", lambda device: True)
+    assert policy.resolve_precision("auto", torch.float32, torch.device("cpu")) == "mixed"
+    assert policy.resolve_precision("auto", torch.bfloat16, torch.device("cpu")) == "mixed"
+    assert policy.resolve_precision("fp32", torch.float32, torch.device("cpu")) == "fp32"
+    assert policy.resolve_precision("mixed", torch.float64, torch.device("cpu")) == "fp64"
+    monkeypatch.setattr(policy, "_fast_bf16", lambda device: False)
+    assert policy.resolve_precision("auto", torch.float32, torch.device("cpu")) == "fp32"
+    assert policy.resolve_precision("mixed", torch.float32, torch.device("cpu")) == "mixed"
 
 
 def test_compiled_path_resolves_precision_as_the_eager_op(monkeypatch):
@@ -129,8 +131,8 @@ def test_compiled_path_resolves_precision_as_the_eager_op(monkeypatch):
     the argument and treat "auto" as long: mixed at any length on CUDA or an AMX CPU)."""
     from lla.ops.lla.custom_op import lla_compiled
 
-    monkeypatch.setattr(fn, "_fast_bf16", lambda device: True)  # as on CUDA or a CPU with AMX
-    monkeypatch.setattr(fn, "MIXED_MIN_KEYS", 32)
+    monkeypatch.setattr(policy, "_fast_bf16", lambda device: True)  # as on CUDA or a CPU with AMX
+    monkeypatch.setattr(policy, "MIXED_MIN_KEYS", 32)
     seen = []
     real = fn.lla_forward
     monkeypatch.setattr(fn, "lla_forward", lambda *a: seen.append(a[-1].precision) or real(*a))
@@ -143,7 +145,8 @@ def test_compiled_path_resolves_precision_as_the_eager_op(monkeypatch):
         seen.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            o, _lse = lla_compiled(q, k, v, lam, cu_q, cu_q, precision=precision, **kw)
+            o, _lse = lla_compiled(q, k, v, lam, None if cu_q is None else Varlen(cu_q, cu_q), precision=precision,
+                                   **kw)
             eager, aux = _op(q, k, v, precision=precision, cu_seqlens=cu_q, return_aux=True)
         assert seen and set(seen) == {want}, (cu_q, precision, seen)
         assert aux.precision.split("+")[0] == want
@@ -152,9 +155,9 @@ def test_compiled_path_resolves_precision_as_the_eager_op(monkeypatch):
 
 def test_auto_is_fp32_on_any_cpu():
     """On a CPU "auto" is plain fp32 at every length, with or without AMX (measured slower there too)."""
-    assert not fn._fast_bf16(torch.device("cpu"))
+    assert not policy._fast_bf16(torch.device("cpu"))
     for keys in (16, 1024, 16384, None):
-        assert fn.resolve_precision("auto", torch.float32, torch.device("cpu"), keys) == "fp32"
+        assert policy.resolve_precision("auto", torch.float32, torch.device("cpu"), keys) == "fp32"
 
 
 @pytest.mark.parametrize("bad", ["bf16", "FP32", None, 32])
@@ -195,11 +198,11 @@ def test_work_counters_add_up():
 def test_auto_is_fp32_for_short_sequences(monkeypatch):
     """The mixed solve's casts and refinement cost more than its bf16 GEMMs save below
     ``MIXED_MIN_KEYS`` keys per sequence: ``auto`` runs fp32 there even on fast-bf16 hardware."""
-    monkeypatch.setattr(fn, "_fast_bf16", lambda device: True)
+    monkeypatch.setattr(policy, "_fast_bf16", lambda device: True)
     cpu = torch.device("cpu")
-    assert fn.resolve_precision("auto", torch.float32, cpu, keys=fn.MIXED_MIN_KEYS - 1) == "fp32"
-    assert fn.resolve_precision("auto", torch.float32, cpu, keys=fn.MIXED_MIN_KEYS) == "mixed"
-    assert fn.resolve_precision("mixed", torch.float32, cpu, keys=16) == "mixed"  # forced stays forced
+    assert policy.resolve_precision("auto", torch.float32, cpu, keys=policy.MIXED_MIN_KEYS - 1) == "fp32"
+    assert policy.resolve_precision("auto", torch.float32, cpu, keys=policy.MIXED_MIN_KEYS) == "mixed"
+    assert policy.resolve_precision("mixed", torch.float32, cpu, keys=16) == "mixed"  # forced stays forced
     q, k, v = (t.float() for t in make_qkv(1, 40, 2, 16, seed=3))
     _, aux = _op(q, k, v, precision="auto", return_aux=True)
     assert aux.precision == "fp32"

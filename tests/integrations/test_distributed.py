@@ -1,6 +1,6 @@
 """Context parallelism (``lla.distributed``) and data parallelism, with gloo on CPU.
 
-Multi-process checks spawn ``P`` processes (``tests/dist_worker.py`` or ``torchrun -m lla``) on a
+Multi-process checks spawn ``P`` processes (``tests/integrations/dist_worker.py`` or ``torchrun -m lla``) on a
 free port, each bounded by a timeout so that a hang fails instead of blocking CI.  Every figure is
 the relative-RMS error against the single-process op on the unsharded sequence.
 """
@@ -19,15 +19,14 @@ import pytest
 import torch
 
 import lla
-from conftest import rel_err
+from conftest import ROOT, SRC, rel_err
 from lla.distributed import context_parallel_attention, shard, shard_positions, shard_ranges, unshard
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 
 
 def _env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src"), **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC, **extra}
     env.pop("TRITON_INTERPRET", None)
     return env
 

@@ -499,7 +499,7 @@ def test_softmax_reference_matches_sdpa():
 
 
 def test_auto_solver_rule():
-    from lla.ops.lla.api import resolve_solver
+    from lla.ops.common.policy import resolve_solver
 
     f32 = torch.float32
     assert resolve_solver("cg", 1e-4, 64, torch.float64) == "cg"  # an explicit choice is kept
@@ -521,10 +521,12 @@ def test_auto_solver_is_cg_on_the_triton_backend(monkeypatch):
 
     seen = {}
 
-    def fake_backend(q, k, v, lam, *, solver, **kw):
-        seen["solver"] = solver
+    def fake_backend(q, k, v, ridge, varlen, config):  # the backend contract: (o, BackendResult)
+        from lla.ops.common.result import BackendResult
+
+        seen["solver"] = config.solver
         o = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype)
-        return o, torch.zeros(q.shape[:3]), 0, 0.0
+        return o, BackendResult(lse=torch.zeros(q.shape[:3]), iters=0, residual=0.0)
 
     monkeypatch.setattr(api, "pick_backend", lambda backend, q: "triton")
     monkeypatch.setattr(api, "_backend_fn", lambda name: fake_backend)
@@ -535,3 +537,24 @@ def test_auto_solver_is_cg_on_the_triton_backend(monkeypatch):
     assert seen["solver"] == "direct"
     lla.local_linear_attention(q.double(), k.double(), v.double())
     assert seen["solver"] == "direct"
+
+
+# --------------------------------------------------------- tuned backend paths, many small tiles
+@pytest.mark.parametrize("ridge", [0.05, 2.0])
+@pytest.mark.parametrize("window", [(-1, -1), (7, -1)])
+def test_backend_multi_tile_compaction(monkeypatch, ridge, window):
+    import lla.ops.lla.torch_backend.function as fn
+    import lla.ops.lla.torch_backend.solvers as sv
+
+    monkeypatch.setattr(fn, "HEAD_TILE_ELEMS", 1 << 10)  # 16-row tiles: many tiles, partial masks
+    monkeypatch.setattr(sv, "COMPACT_FRACTION", 0.95)  # compact as soon as any row converges
+    q, k, v = make_qkv(2, 90, 4, 12, Hk=2, seed=3, requires_grad=True)
+    ref = local_linear_attention_ref(q, k, v, ridge=ridge, window_size=window)
+    do = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, (q, k, v), do)
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
+        o = lla.local_linear_attention(qq, kk, vv, ridge=ridge, window_size=window, solver="cg", backend="torch")
+        assert rel_err(o, ref) < tol
+        for a, b in zip(torch.autograd.grad(o, (qq, kk, vv), do.to(dtype)), g_ref):
+            assert rel_err(a, b) < 10 * tol

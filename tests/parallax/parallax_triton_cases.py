@@ -1,8 +1,9 @@
 """Parallax Triton kernels on CPU tensors under the Triton interpreter, against the float64 reference.
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so these run in a fresh process:
-``python tests/parallax_triton_cases.py CASE [CASE ...]`` (or ``all``), one ``OK <case> <metrics>``
-line per case, exit 1 on the first failure.  ``tests/test_parallax_triton.py`` drives it.
+``python tests/parallax/parallax_triton_cases.py CASE [CASE ...]`` (or ``all``), one ``OK <case> <metrics>``
+line per case, exit 1 on the first failure.  ``tests/parallax/test_parallax_triton.py`` drives it
+(``conftest.interp_report``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import sys  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # tests/parallax/: test_parallax; tests/: conftest
 
 from conftest import rel_err  # noqa: E402
 from test_parallax import NAMES, make_qrkv, out_and_grads, ref  # noqa: E402

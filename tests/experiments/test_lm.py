@@ -22,9 +22,9 @@ from lla.experiments.runner import run_experiment
 from lla.experiments.tasks import lm
 from lla.experiments.tasks.lm import LMTask, corpus_files, load_corpus
 from lla.experiments.train import CheckpointMismatchError, TrainConfig, train
-from lla.nn.mixers import MIXERS
+from lla.experiments.mixers import MIXERS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import SRC
 
 
 def _text(n_bytes: int, seed: int = 0) -> str:
@@ -243,7 +243,7 @@ def _lla_cmd(corpus, out, *extra):
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "src")}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": SRC}
 
 
 def _train_losses(out) -> dict:
