@@ -33,6 +33,7 @@ so the default run ends within 10 minutes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -100,11 +101,11 @@ class _forced_precision:
             if name != "triton":
                 return fn
 
-            def run(*a, **kw):
-                kw["precision"] = prec
+            def run(q, k, v, ridge, varlen, config):  # the backend contract (``lla.ops.common.result``)
+                change = {} if prec is None else dict(precision=prec)
                 if prec == "authors":  # fixed 32 iterations: no tolerance exit, no preconditioner
-                    kw.update(max_iters=32, tol=1e-30, precondition=False)
-                return fn(*a, **kw)
+                    change.update(max_iters=32, tol=1e-30, precondition=False)
+                return fn(q, k, v, ridge, varlen, dataclasses.replace(config, **change))
 
             return run
 

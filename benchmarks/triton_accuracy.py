@@ -35,7 +35,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path[:0] = [os.path.join(HERE, "..", "tests", "lla"), os.path.join(HERE, "..", "tests")]  # the cases, conftest
 sys.path.insert(0, HERE)
 
 import lla  # noqa: E402

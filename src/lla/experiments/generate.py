@@ -10,11 +10,11 @@ Library:
   mixers) the prompt is prefilled in one forward call through an ``lla.nn.KVCache`` and each step
   feeds the one new token; without (gated_deltanet, mesa, linear) every step recomputes the whole
   prefix (``O(T)`` work per token for them, ``O(T^2)`` for a quadratic mixer).  Both paths give the
-  same greedy bytes (``tests/test_generate.py``).
+  same greedy bytes (``tests/experiments/test_generate.py``).
 - ``find_checkpoint(run_dir, ...)``, ``load_model(path)``: a run's final weights -> ``CausalModel``.
 
 Sampling semantics (``transformers``' ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
-``TopPLogitsWarper``, in that order, as ``generate`` applies them; ``tests/test_generate.py`` checks
+``TopPLogitsWarper``, in that order, as ``generate`` applies them; ``tests/experiments/test_generate.py`` checks
 the kept set and the probabilities against them; flash-attn's ``utils.generation.sample`` filters the
 same way: top-k, the temperature, then top-p on the tempered logits):
 ``logits / temperature``; ``top_k > 0`` keeps the ``top_k`` largest logits (0: all); ``top_p < 1``

@@ -202,7 +202,7 @@ def _solve(cfg, s, k1, m, lam, b, diag, scratch, tol, ekc2, aim=None, work=None,
     if resolve_precision(cfg.precision, b.dtype, b.device) == "mixed":
         # held to the same floor as plain CG (the CG_FLOOR_STOP margin): at the floor itself the true
         # residuals met it, but the outputs were 3-7x less accurate than fp32 CG's (AMX CPU, T = 63-100,
-        # D = 16-80, every row in bf16; 1.6-1.8x with the margin; tests/test_precision.py)
+        # D = 16-80, every row in bf16; 1.6-1.8x with the margin; tests/numerics/test_precision.py)
         x, it, _ = pcg_mixed(s, k1, m, lam, b, diag if cfg.precondition else None, tol=tol, max_iters=cfg.max_iters,
                              scratch=scratch, floor_coef=coef, work=work,
                              ekc2=ekc2, smax=s.amax(-1) if smax is None else smax, residual=False)
