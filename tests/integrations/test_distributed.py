@@ -131,11 +131,14 @@ def test_bad_arguments():
         context_parallel_attention(q, q, q, r=q, ridge=1.0, mechanism="parallax")
 
 
-def test_parallax_dispatch_without_the_op(monkeypatch):
-    monkeypatch.delattr(lla, "parallax_attention", raising=False)
-    q = torch.randn(1, 4, 1, 8)
-    with pytest.raises(RuntimeError, match="parallax_attention"):
-        context_parallel_attention(q, q, q, r=q, mechanism="parallax")
+def test_parallax_dispatch_reaches_the_parallax_op_and_unknown_mechanisms_are_refused():
+    # one process: the context-parallel call is the op on the whole sequence (merged per chunk, so to rounding)
+    q, r, k, v = (torch.randn(1, 12, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(4))
+    got = context_parallel_attention(q, k, v, r=r, mechanism="parallax")
+    torch.testing.assert_close(got, lla.parallax_attention(q, r, k, v), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, lla.local_linear_attention(q, k, v), rtol=1e-3, atol=1e-3)  # not LLA
+    with pytest.raises(ValueError, match="mechanism must be one of"):
+        context_parallel_attention(q, k, v, mechanism="softmax")
 
 
 def test_warnings_are_reissued_with_the_rank():

@@ -199,40 +199,20 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     if cfg.batch_size % dp_world != 0:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the data-parallel size {dp_world}")
     if cp > 1:
-        from lla.distributed import set_context_parallel, shard
+        from lla.distributed import set_context_parallel
 
         set_context_parallel(model, cp_group)
     model.to(device)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
-    start, start_loss, train_seconds = 0, float("nan"), 0.0
     meta = {"train": cfg.to_dict(), **(meta or {})}
-    state = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path and os.path.exists(ckpt_path) else None
-    if state is not None and state.get("meta") != meta and not restart:
-        raise CheckpointMismatchError(ckpt_path, state.get("meta"), meta)
-    if state is not None and not restart:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start, start_loss = state["step"], state.get("loss", float("nan"))
-        train_seconds = state.get("train_seconds", 0.0)
-        if "loader" in state and state["loader"] != {"seed": cfg.seed, "step": start}:
-            raise CheckpointMismatchError(ckpt_path, {"loader": state["loader"]}, {"loader": {"seed": cfg.seed, "step": start}})
-        if "rng" in state:
-            set_rng_state(state["rng"])
+    start, start_loss, train_seconds = _resume(ckpt_path, model, opt, sched, cfg, meta, device, restart)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     eval_takes_seconds = eval_fn is not None and "seconds" in inspect.signature(eval_fn).parameters
 
     def save(step, loss):
-        if ckpt_path and rank == 0:
-            os.makedirs(os.path.dirname(ckpt_path) or ".", exist_ok=True)
-            tmp = ckpt_path + ".tmp"
-            # the loader's state is the step (batches are drawn from batch_generator(seed, step, 0))
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "loss": loss,
-                        "meta": meta, "loader": {"seed": cfg.seed, "step": step}, "rng": rng_state(),
-                        "train_seconds": train_seconds}, tmp)
-            os.replace(tmp, ckpt_path)
+        _save_checkpoint(ckpt_path if rank == 0 else None, model, opt, sched, step, loss, meta, cfg, train_seconds)
         if world > 1:
             dist.barrier()
 
@@ -247,25 +227,8 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
         x, y = task.sample(cfg.batch_size, batch_generator(cfg.seed, step, 0))  # the global batch
         tokens += x.shape[0] * x.shape[1] if x.dim() >= 2 else x.numel()
         x, y = x[dp_rank * per : (dp_rank + 1) * per].to(device), y[dp_rank * per : (dp_rank + 1) * per].to(device)
-        with warnings.catch_warnings(record=True) as caught:  # numerical warnings, logged with their step
-            warnings.simplefilter("always", LLAConvergenceWarning)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                if cp > 1:
-                    if y.dim() != 2 or y.shape != x.shape[:2] or y.is_floating_point():
-                        raise ValueError(f"{desc}: context parallelism needs per-token integer labels [B, T], got {tuple(y.shape)}")
-                    x, y = shard(x, cp_group, pad=True), shard(y, cp_group, pad=True, pad_value=-100)
-                    loss = _cp_loss(task, ddp(x), y, cp_group, cp)
-                else:
-                    loss = task.loss(ddp(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        _report_warnings(caught, log if rank == 0 else None, desc, step + 1)
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            if not math.isfinite(grad_norm):
-                raise FloatingPointError(f"{desc}: gradient norm became {grad_norm} at step {step + 1}")
-        opt.step()
+        loss, grad_norm = _train_step(ddp, model, opt, task, x, y, cfg, autocast_dtype, cp, cp_group,
+                                      log if rank == 0 else None, desc, step)
         sched.step()
         lv = loss.detach()
         if world > 1:
@@ -287,10 +250,7 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
             tokens, t_log = 0, train_seconds
         if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
             model.eval()
-            if eval_takes_seconds:
-                eval_fn(model, step + 1, seconds=train_seconds)
-            else:
-                eval_fn(model, step + 1)
+            eval_fn(model, step + 1, **({"seconds": train_seconds} if eval_takes_seconds else {}))
             ddp.train()
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < end:
             save(step + 1, last["loss"])
@@ -302,3 +262,64 @@ def train(model, task, cfg: TrainConfig, *, device, ckpt_path: str | None = None
     model.eval()
     last["train_seconds"] = train_seconds
     return last
+
+
+def _resume(ckpt_path, model, opt, sched, cfg, meta, device, restart):
+    """Load ``ckpt_path`` (when it exists and ``restart`` is False) into the model, optimizer, scheduler and
+    every RNG; a checkpoint of another configuration (``meta``) or another loader state raises
+    ``CheckpointMismatchError``.  -> (first step, its loss, training seconds so far)"""
+    state = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path and os.path.exists(ckpt_path) else None
+    if state is not None and state.get("meta") != meta and not restart:
+        raise CheckpointMismatchError(ckpt_path, state.get("meta"), meta)
+    if state is None or restart:
+        return 0, float("nan"), 0.0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    start = state["step"]
+    if "loader" in state and state["loader"] != {"seed": cfg.seed, "step": start}:
+        raise CheckpointMismatchError(ckpt_path, {"loader": state["loader"]}, {"loader": {"seed": cfg.seed, "step": start}})
+    if "rng" in state:
+        set_rng_state(state["rng"])
+    return start, state.get("loss", float("nan")), state.get("train_seconds", 0.0)
+
+
+def _save_checkpoint(ckpt_path, model, opt, sched, step, loss, meta, cfg, train_seconds) -> None:
+    """Write the checkpoint atomically (a temporary file, then ``os.replace``); nothing when ``ckpt_path``
+    is None.  The loader's state is the step (batches are drawn from ``batch_generator(seed, step, 0)``)."""
+    if not ckpt_path:
+        return
+    os.makedirs(os.path.dirname(ckpt_path) or ".", exist_ok=True)
+    tmp = ckpt_path + ".tmp"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "loss": loss,
+                "meta": meta, "loader": {"seed": cfg.seed, "step": step}, "rng": rng_state(),
+                "train_seconds": train_seconds}, tmp)
+    os.replace(tmp, ckpt_path)
+
+
+def _train_step(ddp, model, opt, task, x, y, cfg, autocast_dtype, cp, cp_group, log, desc, step):
+    """One optimizer step on the local batch ``x, y`` (forward and loss under autocast when asked; context
+    parallel: sharded first), its numerical warnings logged with the step; the gradient clipped to
+    ``cfg.grad_clip`` (a non-finite norm raises ``FloatingPointError``).  -> (loss, gradient norm or None)"""
+    with warnings.catch_warnings(record=True) as caught:  # numerical warnings, logged with their step
+        warnings.simplefilter("always", LLAConvergenceWarning)
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            if cp > 1:
+                from lla.distributed import shard
+
+                if y.dim() != 2 or y.shape != x.shape[:2] or y.is_floating_point():
+                    raise ValueError(f"{desc}: context parallelism needs per-token integer labels [B, T], got {tuple(y.shape)}")
+                x, y = shard(x, cp_group, pad=True), shard(y, cp_group, pad=True, pad_value=-100)
+                loss = _cp_loss(task, ddp(x), y, cp_group, cp)
+            else:
+                loss = task.loss(ddp(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    _report_warnings(caught, log, desc, step + 1)
+    grad_norm = None
+    if cfg.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"{desc}: gradient norm became {grad_norm} at step {step + 1}")
+    opt.step()
+    return loss, grad_norm
