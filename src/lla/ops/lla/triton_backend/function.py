@@ -55,13 +55,13 @@ SHIFT_KEYS = 8
 
 
 class _Cfg:
-    __slots__ = ("scale", "max_iters", "tol", "precondition", "lam_min", "lam_dims", "precision")
+    __slots__ = ("scale", "max_iters", "tol", "precondition", "ridge_min", "ridge_dims", "precision")
 
-    def __init__(self, scale, max_iters, tol, precondition, lam_min=float("nan"), lam_dims=(), precision="fp32"):
+    def __init__(self, scale, max_iters, tol, precondition, ridge_min=float("nan"), ridge_dims=(), precision="fp32"):
         self.scale, self.max_iters, self.tol, self.precondition = scale, max_iters, tol, precondition
         self.precision = precision  # resolved: "fp32", "mixed" or "authors"
-        self.lam_min = lam_min
-        self.lam_dims = list(lam_dims)  # the ridge's broadcast dims of [B, T, H] (autograd sums over them)
+        self.ridge_min = ridge_min
+        self.ridge_dims = list(ridge_dims)  # the ridge's broadcast dims of [B, T, H] (autograd sums over them)
 
 
 #: mixed precision: the true residual is re-measured (a reliable update) each time the low-precision CG's
@@ -368,14 +368,14 @@ class LLATritonFunction(torch.autograd.Function):
         dq, dk, dv, dlam, stats = _backward(do, q, k, v, lam, X, M, stat, shift, ranges, cfg)
         iters, resid, logit = stats.tolist()
         check_solve(stage="backward", solver="cg", residual=resid, tol=cfg.tol, iters=int(iters),
-                    ridge_min=cfg.lam_min, op="local_linear_attention (triton)")
+                    ridge_min=cfg.ridge_min, op="local_linear_attention (triton)")
         # the PyTorch backend's two backward checks (``LLATorchFunction.backward``): gradients through
         # nearly one-hot weights are relatively as inexact as the logits ...
         check_conditioning(BACKWARD_LOGIT_FACTOR * logit, q.dtype, op="local_linear_attention (triton backward)")
         # ... and the ridge gradient -u.x, summed by autograd over the ridge's broadcast dims, is as
         # inexact as the output (the forward's estimate) times the sum's cancellation
         if ctx.needs_input_grad[3]:
-            canc = ridge_cancellation(dlam, cfg.lam_dims)
+            canc = ridge_cancellation(dlam, cfg.ridge_dims)
             if canc > 0:
                 check_conditioning(ctx.amp * canc, q.dtype, op="local_linear_attention (triton ridge gradient)")
         return dq, dk, dv, (dlam if ctx.needs_input_grad[3] else None), None, None
