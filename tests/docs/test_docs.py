@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src"
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 #: ``lla.a.b``; not part of a path (``nn/lla.py``), a longer word or a dotted chain
@@ -79,6 +80,9 @@ def _check_name(dotted: str) -> str | None:
     parts = dotted.split(".")
     if parts[-1] in FILE_SUFFIXES:
         return None
+    if "__main__" in parts:  # importing it would run the CLI: the file is the name
+        where = SRC.joinpath(*parts[: parts.index("__main__")], "__main__.py")
+        return None if where.is_file() else f"name {dotted}: {where} does not exist"
     obj, used = None, 0
     for i in range(len(parts), 0, -1):
         module = ".".join(parts[:i])

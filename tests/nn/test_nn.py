@@ -216,3 +216,13 @@ def test_experiment_mixers_are_the_layers(name, cls):
         assert not mixer.r_proj.weight.any()
         want = lla.parallax_attention(q, mixer.r_proj(x).view(2, 9, 2, 16), k, v)
     assert torch.equal(mixer(x), out(want.reshape(2, 9, 32)))
+
+
+def test_old_names_are_aliases_that_warn():
+    import lla.experiments.mixers as mixers
+
+    for old, new in (("LLACache", KVCache), ("MIXERS", mixers.MIXERS), ("build_mixer", mixers.build_mixer)):
+        with pytest.warns(DeprecationWarning, match=f"lla.nn.{old} is deprecated"):
+            assert getattr(lla.nn, old) is new
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        lla.nn.Nope
