@@ -18,6 +18,7 @@ measured with one more matvec (not the CG recurrence, which drifts from it in fl
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -118,6 +119,19 @@ def _take_weight_rows(s, order, scratch, slots):
                         out=scratch.get(slot, (*order.shape, s.shape[-1]), s.dtype))
 
 
+def _gather_weights(s, idx, scratch):
+    """Rows ``idx [..., c]`` of the working-precision weights ``s [..., R, n]`` (into the ``sw`` scratch slot)."""
+    if scratch is None:
+        return _take_rows(s, idx)
+    return torch.gather(s, -2, idx[..., None].expand(*idx.shape, s.shape[-1]),
+                        out=scratch.get("sw", (*idx.shape, s.shape[-1])))
+
+
+def _n_rows(mask):
+    """The largest count of True rows of ``mask [..., R]`` over the batch dims (0 when empty)."""
+    return int(mask.sum(-1).max()) if mask.numel() else 0
+
+
 def _unit_rhs(solve):
     """Run a CG ``solve`` on each row's right-hand side scaled by a power of two to ``max |b_i| ~ 1``
     and scale ``x`` back.  CG's dot products square magnitudes: in float32 a row whose ``|b|`` is below
@@ -136,6 +150,131 @@ def _unit_rhs(solve):
         return x * sc, it, res
 
     return run
+
+
+@dataclass(eq=False)
+class _CGRows:
+    """The per-row state of a tile's CG (``pcg_compact``, ``pcg_mixed``) over its *working rows*.
+
+    The working rows start as all ``R`` rows of the tile, in order (``idx`` None); ``_compact`` gathers them
+    down to the rows still iterating.  Every field named in ``_ROW_FIELDS`` is ``[..., Ra, *]`` over the
+    working rows, ``idx [..., Ra]`` their rows in the tile; the ``*_out`` fields are ``[..., R, *]`` and
+    receive a row's results when it leaves the working rows (``_store``).  ``pcg_mixed``'s fields are
+    None in ``pcg_compact``."""
+
+    x: torch.Tensor  # iterate [..., Ra, D]
+    r: torch.Tensor  # residual: the recurrence's (``pcg_mixed`` replaces it by the true one now and then)
+    s: torch.Tensor  # weights [..., Ra, n] the matvecs run with (``pcg_mixed``: its low-precision copy)
+    m: torch.Tensor  # weighted key mean [..., Ra, D] (see ``cov_matvec``)
+    lam: torch.Tensor  # ridge [..., Ra]
+    bnorm: torch.Tensor  # ||b|| [..., Ra]
+    target: torch.Tensor  # tol ||b|| [..., Ra] (``squared``: its square, compared with r . r)
+    coef: torch.Tensor | None  # floor coefficient [..., Ra] (``floor_coef``) or None
+    inv_diag: torch.Tensor | None  # Jacobi preconditioner 1 / diag(A) [..., Ra, D] or None
+    kp: torch.Tensor | None  # [..., Ra, n] buffer of the matvec's intermediate (with ``scratch``)
+    x_out: torch.Tensor  # [..., R, D] the rows' iterates once they left the working rows
+    tiny: float
+    eps: float
+    squared: bool  # ``limit`` in squared norms (``pcg_compact``) or norms (``pcg_mixed``)
+    p: torch.Tensor | None = None  # search direction [..., Ra, D]
+    rz: torch.Tensor | None = None  # r . z, z = M^-1 r [..., Ra]
+    live: torch.Tensor | None = None  # bool [..., Ra]: iterating
+    idx: torch.Tensor | None = None  # [..., Ra] tile row of each working row (None: all rows, in order)
+    # pcg_mixed only
+    b: torch.Tensor | None = None  # right-hand side [..., Ra, D] (for the true residuals)
+    pend: torch.Tensor | None = None  # bool: recurrence residual at its limit, frozen until the next replacement
+    rt: torch.Tensor | None = None  # true residual norm at the row's last replacement [..., Ra]
+    stalled: torch.Tensor | None = None  # bool: left for plain CG in the working precision
+    gap: torch.Tensor | None = None  # [...] per system group: iterations since its last replacement
+    rn_out: torch.Tensor | None = None  # [..., R] ``rt`` of the rows that left
+    stalled_out: torch.Tensor | None = None  # [..., R] ``stalled`` of the rows that left
+
+    @classmethod
+    def start(cls, x, r, s, m, lam, bnorm, diag, target, coef, kp, *, squared, **mixed):
+        """The state of a CG from ``x`` with residual ``r``: its first direction ``z = M^-1 r``."""
+        fi = torch.finfo(r.dtype)
+        st = cls(x=x, r=r, s=s, m=m, lam=lam, bnorm=bnorm, target=target, coef=coef,
+                 inv_diag=None if diag is None else 1.0 / diag, kp=kp, x_out=x.clone(), tiny=fi.tiny, eps=fi.eps,
+                 squared=squared, **mixed)
+        z = st.precond(r)
+        st.p = z.clone()
+        st.rz = torch.linalg.vecdot(r, z)
+        return st
+
+    def precond(self, r):
+        return r if self.inv_diag is None else r * self.inv_diag
+
+    def limit(self):
+        """Where a row's residual stops it: ``target``, or its rounding floor ``eps (coef |x| + |b|)`` where
+        that is larger (squared with ``squared``)."""
+        if self.coef is None:
+            return self.target
+        floor = self.eps * (self.coef * self.x.norm(dim=-1) + self.bnorm)
+        return torch.maximum(self.target, floor ** 2 if self.squared else floor)
+
+
+#: The ``_CGRows`` fields over the working rows (gathered by ``_compact``; None ones skipped).
+_ROW_FIELDS = ("x", "r", "p", "rz", "live", "pend", "rt", "stalled", "m", "lam", "target", "bnorm", "b", "coef",
+               "inv_diag")
+
+
+def _store(st, idx):
+    """Write the working rows' results into the ``*_out`` fields at their tile rows ``idx``."""
+    st.x_out.scatter_(-2, idx[..., None].expand_as(st.x), st.x)
+    if st.rn_out is not None:
+        st.rn_out.scatter_(-1, idx, st.rt)
+        st.stalled_out.scatter_(-1, idx, st.stalled)
+
+
+def _gather_out(st):
+    """At exit: the ``*_out`` fields hold every row's results (the working tensors themselves while no
+    compaction happened)."""
+    if st.idx is None:
+        st.x_out, st.rn_out, st.stalled_out = st.x, st.rt, st.stalled
+    else:
+        _store(st, st.idx)
+
+
+def _compact(st, keep, n_keep, scratch, slots):
+    """Compaction: store the working rows' results, then keep the ``n_keep`` first rows of a stable
+    ``keep``-first order (``keep [..., Ra]``), so that the rows dropped stop costing key passes.  The
+    weights go through the scratch buffers ``slots`` (``_take_weight_rows``)."""
+    R = st.x_out.shape[-2]
+    full_idx = st.idx if st.idx is not None else torch.arange(R, device=st.x.device).expand(keep.shape)
+    _store(st, full_idx)
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :n_keep]  # [..., c]
+    st.idx = full_idx.gather(-1, order)
+    for name in _ROW_FIELDS:
+        t = getattr(st, name)
+        if t is not None:
+            setattr(st, name, _take_rows(t, order))
+    st.s = _take_weight_rows(st.s, order, scratch, slots)
+    if scratch is not None:
+        st.kp = scratch.get("kp", st.s.shape, st.s.dtype)
+
+
+def _next_direction(st, restart=None):
+    """CG's next search direction ``p = z + beta p`` (``z = M^-1 r``); rows ``restart`` take ``z``."""
+    z = st.precond(st.r)
+    rz_new = torch.linalg.vecdot(st.r, z)
+    beta = (rz_new / st.rz.clamp_min(st.tiny)).unsqueeze(-1)
+    p = st.p.mul_(beta).add_(z)
+    st.p = p if restart is None else torch.where(restart.unsqueeze(-1), z, p)
+    st.rz = rz_new
+
+
+def _cg_iteration(st, kc, work):
+    """One iteration of ``pcg_compact`` on the working rows (rows no longer ``live`` take no step)."""
+    ap = cov_matvec(st.s, kc, st.m, st.lam, st.p, st.kp)
+    if work is not None:
+        work.add(st.s)
+    pap = torch.linalg.vecdot(st.p, ap)
+    # pap > 0 for p != 0 in exact arithmetic (A is SPD); rounding can break that: no step then
+    alpha = (st.rz / pap.clamp_min(st.tiny) * (st.live & (pap > 0))).unsqueeze(-1)
+    st.x.addcmul_(alpha, st.p)
+    st.r.addcmul_(alpha, ap, value=-1.0)
+    _next_direction(st)
+    st.live = st.live & (torch.linalg.vecdot(st.r, st.r) > st.limit())
 
 
 @_unit_rhs
@@ -162,79 +301,29 @@ def pcg_compact(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=N
     row-key products of the matvecs (rows in the working set times keys, per iteration).
     -> (x [..., R, D], iterations of the slowest row, true relative residual per row [..., R])
     """
-    R = b.shape[-2]
-    s_all, m_all, lam_all = s, m, lam
     kp_buf = None if scratch is None else scratch.get("kp", s.shape, s.dtype)
-    bnorm = b.norm(dim=-1)  # [..., R]
-    thresh = (tol * bnorm) ** 2
-    inv_diag = None if diag is None else 1.0 / diag
-    tiny = torch.finfo(b.dtype).tiny
-    eps = torch.finfo(b.dtype).eps
-
-    def limit(x):
-        if floor_coef is None:
-            return thresh
-        return torch.maximum(thresh, (eps * (floor_coef * x.norm(dim=-1) + bnorm)) ** 2)
-
-    def precond(r):
-        return r if inv_diag is None else r * inv_diag
-
     if x0 is None:
-        x = torch.zeros_like(b)
-        r = b.clone()
+        x, r = torch.zeros_like(b), b.clone()
     else:
         x = x0.clone()
         r = b - cov_matvec(s, kc, m, lam, x, kp_buf)
-    x_out = x.clone()
-    idx = None  # [..., Ra] original row of each working row (None: all rows, in order)
-    z = precond(r)
-    p = z.clone()
-    rz = torch.linalg.vecdot(r, z)
-    active = torch.linalg.vecdot(r, r) > limit(x)  # [..., Ra]
+    bnorm = b.norm(dim=-1)  # [..., R]
+    st = _CGRows.start(x, r, s, m, lam, bnorm, diag, (tol * bnorm) ** 2, floor_coef, kp_buf, squared=True)
+    st.live = torch.linalg.vecdot(r, r) > st.limit()  # [..., Ra]
     it = 0
     while it < max_iters:
-        n_active = int(active.sum(-1).max()) if active.numel() else 0
-        if n_active == 0:
+        n_live = _n_rows(st.live)
+        if n_live == 0:
             break
-        Ra = active.shape[-1]
-        if n_active <= (COMPACT_FRACTION if s.dtype == b.dtype else LOWP_COMPACT_FRACTION) * Ra:
-            # store the working rows, then keep the n_active first rows of a stable active-first order
-            full_idx = idx if idx is not None else torch.arange(R, device=b.device).expand(active.shape)
-            x_out.scatter_(-2, full_idx[..., None].expand_as(x), x)
-            order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)[..., :n_active]  # [..., c]
-            idx = full_idx.gather(-1, order)
-            x, r, p, rz, active = (_take_rows(t, order) for t in (x, r, p, rz, active))
-            s = _take_weight_rows(s, order, scratch, ("s1", "s2"))
-            if scratch is not None:
-                kp_buf = scratch.get("kp", s.shape, s.dtype)
-            m, lam, thresh, bnorm = (_take_rows(t, order) for t in (m, lam, thresh, bnorm))
-            if floor_coef is not None:
-                floor_coef = _take_rows(floor_coef, order)
-            if inv_diag is not None:
-                inv_diag = _take_rows(inv_diag, order)
-        ap = cov_matvec(s, kc, m, lam, p, kp_buf)
-        if work is not None:
-            work.add(s)
-        pap = torch.linalg.vecdot(p, ap)
-        # pap > 0 for p != 0 in exact arithmetic (A is SPD); rounding can break that: no step then
-        alpha = (rz / pap.clamp_min(tiny) * (active & (pap > 0))).unsqueeze(-1)
-        x.addcmul_(alpha, p)
-        r.addcmul_(alpha, ap, value=-1.0)
-        z = precond(r)
-        rz_new = torch.linalg.vecdot(r, z)
-        beta = (rz_new / rz.clamp_min(tiny)).unsqueeze(-1)
-        p = p.mul_(beta).add_(z)
-        rz = rz_new
-        active = active & (torch.linalg.vecdot(r, r) > limit(x))
+        if n_live <= (COMPACT_FRACTION if s.dtype == b.dtype else LOWP_COMPACT_FRACTION) * st.live.shape[-1]:
+            _compact(st, st.live, n_live, scratch, ("s1", "s2"))
+        _cg_iteration(st, kc, work)
         it += 1
-    if idx is None:
-        x_out = x
-    else:
-        x_out.scatter_(-2, idx[..., None].expand_as(x), x)
+    _gather_out(st)
     if not residual:
-        return x_out, it, None
-    kp_buf = None if scratch is None else scratch.get("kp", s_all.shape, s_all.dtype)
-    return x_out, it, true_residual(s_all, kc, m_all, lam_all, x_out, b, kp_buf)
+        return st.x_out, it, None
+    kp_buf = None if scratch is None else scratch.get("kp", s.shape, s.dtype)
+    return st.x_out, it, true_residual(s, kc, m, lam, st.x_out, b, kp_buf)
 
 
 #: With at most this many rows, ``cov_matrix`` forms each row's moment by its own GEMM (decode: one row
@@ -282,7 +371,7 @@ def _fallback(x, rn, rest, s, kc, m, lam, b, bnorm, diag, *, tol, max_iters, scr
     """Finish the rows ``rest [..., R]`` with ``pcg_compact`` in the working precision from their ``x``;
     ``x`` and the true residual norms ``rn`` are updated in place where that did better."""
     D = b.shape[-1]
-    n_rest = int(rest.sum(-1).max()) if rest.numel() else 0
+    n_rest = _n_rows(rest)
     if not n_rest:
         return 0
     if work is not None:
@@ -295,11 +384,7 @@ def _fallback(x, rn, rest, s, kc, m, lam, b, bnorm, diag, *, tol, max_iters, scr
     on = _take_rows(rest, order)
     b_a = _take_rows(b, order) * on.unsqueeze(-1)
     x0 = _take_rows(x, order) * on.unsqueeze(-1)
-    if scratch is None:
-        s_a = _take_rows(s, order)
-    else:
-        s_a = torch.gather(s, -2, order[..., None].expand(*order.shape, s.shape[-1]),
-                           out=scratch.get("sw", (*order.shape, s.shape[-1])))
+    s_a = _gather_weights(s, order, scratch)
     x_a, it2, res_a = pcg_compact(s_a, kc, _take_rows(m, order), _take_rows(lam, order), b_a,
                                   None if diag is None else _take_rows(diag, order), tol=tol, max_iters=max_iters,
                                   scratch=scratch, x0=x0, floor_coef=None if coef is None else _take_rows(coef, order),
@@ -319,6 +404,162 @@ def _bucket(n: int) -> int:
         return 64
     step = 1 << ((n - 1).bit_length() - 3)
     return -(-n // step) * step
+
+
+def _mixed_start(s, m, lam, b, bnorm, diag, tol, floor_coef):
+    """``pcg_mixed``'s state from ``x = 0``: every row with ``|b|`` above its limit iterates."""
+    x = torch.zeros_like(b)
+    st = _CGRows.start(x, b.clone(), s, m, lam, bnorm, diag, tol * bnorm, floor_coef, None, squared=False, b=b,
+                       rt=bnorm.clone(),  # true residual norm at the last replacement (the start: r = b exactly)
+                       rn_out=bnorm.clone(), stalled_out=torch.zeros_like(bnorm, dtype=torch.bool))
+    st.live = st.rt > st.limit()  # iterating
+    st.pend = torch.zeros_like(st.live)  # recurrence residual at the target, frozen until the next replacement
+    st.stalled = torch.zeros_like(st.live)
+    return st
+
+
+def _route(st, ekc2, smax, lowp):
+    """Up-front routing: rows the low-precision operator cannot serve (the estimate of ``pcg_mixed``'s
+    docstring above ``MIXED_ROUTE``) are marked stalled (finished by plain CG), and so are all the
+    rows of a system group where fewer than ``MIXED_MIN_SHARE`` of the rows would iterate in bf16."""
+    est = torch.finfo(lowp).eps * ekc2 / st.lam * (1.0 if smax is None else smax.clamp_min(0.0).sqrt())
+    st.stalled = st.live & (est > MIXED_ROUTE)
+    st.live = st.live & ~st.stalled
+    # too few of a (batch, head)'s rows for bf16 (short bf16 GEMMs are slow, and the tile's bf16
+    # copy is not free): its rows go to fp32; decided per system group, never across the batch,
+    # so that a row's arithmetic does not depend on which other sequences share the step
+    few = st.live.sum(-1, keepdim=True) < MIXED_MIN_SHARE * st.live.shape[-1]
+    st.stalled = st.stalled | (st.live & few)
+    st.live = st.live & ~few
+
+
+def _lowp_tile(st, kc, scratch, lowp):
+    """The low-precision copies of the weights (into ``st.s``) and the keys -> keys (``lowp_keys``'s pair).
+
+    The bf16 GEMMs (oneDNN on the CPU) keep memory per distinct shape: at T = 16384 the tiles' key
+    counts (256 of them) times the compacted row counts took the forward's peak RSS from ~310 to
+    ~580 MiB.  So the key axis is padded (zero weights, zero keys) to one of 4 sizes per octave
+    (<= 25 % more columns) and the compacted row count rounded up to a multiple of 16; every
+    [R, n] tensor lives in a reused buffer."""
+    s, D = st.s, kc.shape[-1]
+    n = s.shape[-1]
+    n_pad = _bucket(n)
+    shape = (*s.shape[:-1], n_pad)
+    s_lo = s.new_empty(shape, dtype=lowp) if scratch is None else scratch.get("lo1", shape, lowp)
+    s_lo[..., :n].copy_(s)
+    s_lo[..., n:].zero_()
+    kshape, tshape = (*kc.shape[:-2], n_pad, D), (*kc.shape[:-2], D, n_pad)
+    ka = (kc.new_empty(kshape, dtype=lowp), kc.new_empty(tshape, dtype=lowp)) if scratch is None else \
+        (scratch.get("ka", kshape, lowp), scratch.get("kt", tshape, lowp))
+    ka[0][..., n:, :].zero_()
+    ka[0][..., :n, :].copy_(kc)
+    ka[1].copy_(ka[0].transpose(-1, -2))
+    st.s = s_lo
+    st.kp = None if scratch is None else scratch.get("kp", shape, lowp)
+    return ka
+
+
+def _mixed_iterations(st, s_all, kc, keys, *, max_iters, scratch, work, residual):
+    """``pcg_mixed``'s low-precision loop, with its residual replacements -> the iterations run."""
+    it = 0
+    st.gap = torch.zeros(st.live.shape[:-1], dtype=torch.long, device=st.x.device)
+    while it < max_iters:
+        busy = st.live | st.pend
+        n_busy = _n_rows(busy)
+        if n_busy == 0:
+            break
+        Ra = busy.shape[-1]
+        n_keep = min(Ra, -(-n_busy // 16) * 16)  # (a few idle rows ride along: fewer distinct GEMM shapes)
+        if n_keep <= LOWP_COMPACT_FRACTION * Ra:
+            _compact(st, busy, n_keep, scratch, ("lo1", "lo2"))
+        _lowp_iteration(st, keys, work)
+        it += 1
+        st.gap += 1
+        rec, lim, trig, sel, n_live, n_sel = _replacements_due(st)
+        if n_live == 0 and not residual:
+            break  # the caller checks the pending rows
+        if n_sel > 0:
+            _replace_residuals(st, s_all, kc, rec, lim, trig, sel, scratch, work)
+            continue
+        _next_direction(st)
+    return it
+
+
+def _lowp_iteration(st, keys, work):
+    """One CG step of ``pcg_mixed`` with the low-precision matvec (the search direction is updated
+    after, by ``_replace_residuals`` or ``_next_direction``)."""
+    ap = _cov_matvec_lowp(st.s, keys, st.m, st.lam, st.p, st.kp)
+    if work is not None:
+        work.add(st.s)
+    pap = torch.linalg.vecdot(st.p, ap)
+    # the bf16 operator is not exactly symmetric positive definite: no step where p.Ap is not a
+    # sane positive number (a row stuck that way stalls and is finished in fp32)
+    alpha = st.rz / pap.clamp_min(st.tiny)
+    alpha = (alpha * (st.live & (pap > 0) & torch.isfinite(alpha))).nan_to_num_(0.0, 0.0, 0.0).unsqueeze(-1)
+    st.x.addcmul_(alpha, st.p)
+    st.r.addcmul_(alpha, ap, value=-1.0)
+
+
+def _replacements_due(st):
+    """After a low-precision step: rows whose recurrence residual reached their limit leave ``live``
+    for ``pend`` (frozen); then which rows get a residual replacement now.
+    -> (rec: recurrence residual norms, lim: the rows' limits, trig [...]: the system groups due,
+    sel [..., Ra]: the rows due, n_live and n_sel: how many rows iterate and how many are due)"""
+    rec = st.r.norm(dim=-1)
+    lim = st.limit()
+    low = st.live & (rec <= lim)
+    st.pend = st.pend | low
+    st.live = st.live & ~low
+    dropped = st.live & (rec <= MIXED_REPLACE * st.rt)
+    # replacements are due per system group (batch dims), so that groups never time each other's
+    n_live_g = st.live.sum(-1)
+    trig = (n_live_g == 0) | (2 * dropped.sum(-1) >= n_live_g) | (st.gap >= MIXED_STALL_GAP)
+    sel = (st.live | st.pend) & trig.unsqueeze(-1)
+    n_live, n_sel = torch.stack([n_live_g.sum(), sel.sum()]).tolist()
+    return rec, lim, trig, sel, n_live, n_sel
+
+
+def _stalls(st, rec, lim, sel, rtn):
+    """Stall detection at a replacement of the rows ``sel``, from their new true residual norms ``rtn``
+    -> (near: within 2x of the limit, stall_now: rows to finish in the working precision)."""
+    # the recurrence promised a 4x drop, the true residual did not halve: bf16 is too inexact here
+    # (within 2x of the target counts as there, as in ``function._cg_exit``: at the rounding floor
+    # the true residual no longer drops)
+    near = rtn <= 2.0 * lim
+    stall_now = sel & ((rec <= 0.25 * st.rt) | (st.gap >= MIXED_STALL_GAP).unsqueeze(-1)) & (rtn > MIXED_STALL * st.rt)
+    stall_now = (stall_now & ~near) | (sel & ~torch.isfinite(rtn))
+    return near, stall_now
+
+
+def _replace_residuals(st, s_all, kc, rec, lim, trig, sel, scratch, work):
+    """Reliable update: the rows ``sel`` (of the groups ``trig``) take their true residual, in the working
+    precision; the stalled ones stop, the rest of the groups' rows iterate again unless they are near
+    their limit; the rows that sat frozen restart from the steepest-descent direction."""
+    s_w = s_all if st.idx is None else _gather_weights(s_all, st.idx, scratch)
+    r_true = st.b - cov_matvec(s_w, kc, st.m, st.lam, st.x, None if scratch is None else scratch.get("kp", s_w.shape))
+    if work is not None:
+        work.add(s_w)
+    rtn = r_true.norm(dim=-1)
+    near, stall_now = _stalls(st, rec, lim, sel, rtn)
+    st.gap = torch.where(trig, torch.zeros_like(st.gap), st.gap)
+    st.r = torch.where(sel.unsqueeze(-1), r_true, st.r)
+    st.rt = torch.where(sel, rtn, st.rt)
+    st.stalled = st.stalled | stall_now
+    was_pend = st.pend & trig.unsqueeze(-1)
+    st.live = torch.where(trig.unsqueeze(-1), sel & ~near & ~stall_now, st.live)
+    st.pend = st.pend & ~trig.unsqueeze(-1)
+    # rows that sat frozen restart from the steepest-descent direction; the others keep theirs
+    _next_direction(st, restart=was_pend)
+
+
+def _leftover_rows(st, residual):
+    """At the end of the low-precision loop: the ``*_out`` fields filled, -> the rows [..., R] plain CG
+    must finish: the stalled ones, and those still iterating (with ``residual``: or pending)."""
+    short = (st.live | st.pend) if residual else st.live
+    _gather_out(st)
+    if st.idx is not None:
+        short = torch.zeros_like(st.stalled_out).scatter_(-1, st.idx, short)
+    return st.stalled_out | short
 
 
 @_unit_rhs
@@ -360,175 +601,26 @@ def pcg_mixed(s, kc, m, lam, b, diag, *, tol: float, max_iters: int, scratch=Non
     Shapes as in ``pcg_compact``.  -> (x [..., R, D], iterations (the larger of the low-precision
     loop's and the fallback's), true relative residual per row [..., R] at exit or None)
     """
-    R, D = b.shape[-2], b.shape[-1]
-    s_all, m_all, lam_all, b_all, coef_all = s, m, lam, b, floor_coef
-    bnorm_all = b.norm(dim=-1)
-    bnorm = bnorm_all
-    target = tol * bnorm
-    inv_diag = None if diag is None else 1.0 / diag
-    tiny = torch.finfo(b.dtype).tiny
-    eps = torch.finfo(b.dtype).eps
-    coef = floor_coef
-
-    def limit(x):
-        if coef is None:
-            return target
-        return torch.maximum(target, eps * (coef * x.norm(dim=-1) + bnorm))
-
-    def precond(r):
-        return r if inv_diag is None else r * inv_diag
-
-    x = torch.zeros_like(b)
-    r = b.clone()
-    rt = bnorm.clone()  # true residual norm at the last replacement (the start: r = b exactly)
-    x_out = x.clone()
-    rn_out = bnorm_all.clone()
-    stalled_out = torch.zeros_like(bnorm_all, dtype=torch.bool)
-    idx = None
-    z = precond(r)
-    p = z.clone()
-    rz = torch.linalg.vecdot(r, z)
-    live = rt > limit(x)  # iterating
-    pend = torch.zeros_like(live)  # recurrence residual at the target, frozen until the next replacement checks it
-    stalled = torch.zeros_like(live)
+    bnorm = b.norm(dim=-1)
+    st = _mixed_start(s, m, lam, b, bnorm, diag, tol, floor_coef)
     if ekc2 is not None:
-        est = torch.finfo(lowp).eps * ekc2 / lam * (1.0 if smax is None else smax.clamp_min(0.0).sqrt())
-        stalled = live & (est > MIXED_ROUTE)
-        live = live & ~stalled
-        # too few of a (batch, head)'s rows for bf16 (short bf16 GEMMs are slow, and the tile's bf16
-        # copy is not free): its rows go to fp32; decided per system group, never across the batch,
-        # so that a row's arithmetic does not depend on which other sequences share the step
-        few = live.sum(-1, keepdim=True) < MIXED_MIN_SHARE * R
-        stalled = stalled | (live & few)
-        live = live & ~few
-        if not bool(live.any()):  # plain CG, as precision="fp32" runs it
+        _route(st, ekc2, smax, lowp)
+        if not bool(st.live.any()):  # plain CG, as precision="fp32" runs it
             if work is not None:
-                work.fallback += int((live | stalled).sum())
+                work.fallback += int((st.live | st.stalled).sum())
             return pcg_compact(s, kc, m, lam, b, diag, tol=tol, max_iters=max_iters, scratch=scratch,
                                floor_coef=floor_coef, residual=residual,
                                work=work)
-    # The bf16 GEMMs (oneDNN on the CPU) keep memory per distinct shape: at T = 16384 the tiles' key
-    # counts (256 of them) times the compacted row counts took the forward's peak RSS from ~310 to
-    # ~580 MiB.  So the key axis is padded (zero weights, zero keys) to one of 4 sizes per octave
-    # (<= 25 % more columns) and the compacted row count rounded up to a multiple of 16; every
-    # [R, n] tensor lives in a reused buffer.
-    n = s.shape[-1]
-    n_pad = _bucket(n)
-    shape = (*s.shape[:-1], n_pad)
-    s_lo = s.new_empty(shape, dtype=lowp) if scratch is None else scratch.get("lo1", shape, lowp)
-    s_lo[..., :n].copy_(s)
-    s_lo[..., n:].zero_()
-    kshape, tshape = (*kc.shape[:-2], n_pad, D), (*kc.shape[:-2], D, n_pad)
-    ka = (kc.new_empty(kshape, dtype=lowp), kc.new_empty(tshape, dtype=lowp)) if scratch is None else \
-        (scratch.get("ka", kshape, lowp), scratch.get("kt", tshape, lowp))
-    ka[0][..., n:, :].zero_()
-    ka[0][..., :n, :].copy_(kc)
-    ka[1].copy_(ka[0].transpose(-1, -2))
-    kp_buf = None if scratch is None else scratch.get("kp", shape, lowp)
-    it = 0
-    gap = torch.zeros(live.shape[:-1], dtype=torch.long, device=b.device)  # iterations since the last replacement
-    while it < max_iters:
-        busy = live | pend
-        n_busy = int(busy.sum(-1).max()) if busy.numel() else 0
-        if n_busy == 0:
-            break
-        Ra = busy.shape[-1]
-        n_keep = min(Ra, -(-n_busy // 16) * 16)  # (a few idle rows ride along: fewer distinct GEMM shapes)
-        if n_keep <= LOWP_COMPACT_FRACTION * Ra:
-            full_idx = idx if idx is not None else torch.arange(R, device=b.device).expand(busy.shape)
-            x_out.scatter_(-2, full_idx[..., None].expand_as(x), x)
-            rn_out.scatter_(-1, full_idx, rt)
-            stalled_out.scatter_(-1, full_idx, stalled)
-            order = torch.argsort((~busy).to(torch.int8), dim=-1, stable=True)[..., :n_keep]
-            idx = full_idx.gather(-1, order)
-            x, r, p, rz, live, pend, rt, stalled = (_take_rows(t, order) for t in (x, r, p, rz, live, pend, rt, stalled))
-            s_lo = _take_weight_rows(s_lo, order, scratch, ("lo1", "lo2"))
-            kp_buf = None if scratch is None else scratch.get("kp", s_lo.shape, lowp)
-            m, lam, target, bnorm, b = (_take_rows(t, order) for t in (m, lam, target, bnorm, b))
-            if coef is not None:
-                coef = _take_rows(coef, order)
-            if inv_diag is not None:
-                inv_diag = _take_rows(inv_diag, order)
-        ap = _cov_matvec_lowp(s_lo, ka, m, lam, p, kp_buf)
-        if work is not None:
-            work.add(s_lo)
-        pap = torch.linalg.vecdot(p, ap)
-        # the bf16 operator is not exactly symmetric positive definite: no step where p.Ap is not a
-        # sane positive number (a row stuck that way stalls and is finished in fp32)
-        alpha = rz / pap.clamp_min(tiny)
-        alpha = (alpha * (live & (pap > 0) & torch.isfinite(alpha))).nan_to_num_(0.0, 0.0, 0.0).unsqueeze(-1)
-        x.addcmul_(alpha, p)
-        r.addcmul_(alpha, ap, value=-1.0)
-        it += 1
-        gap += 1
-        rec = r.norm(dim=-1)
-        lim = limit(x)
-        low = live & (rec <= lim)
-        pend = pend | low
-        live = live & ~low
-        dropped = live & (rec <= MIXED_REPLACE * rt)
-        # replacements are due per system group (batch dims), so that groups never time each other's
-        n_live_g = live.sum(-1)
-        trig = (n_live_g == 0) | (2 * dropped.sum(-1) >= n_live_g) | (gap >= MIXED_STALL_GAP)
-        sel = (live | pend) & trig.unsqueeze(-1)
-        n_live, n_sel = torch.stack([n_live_g.sum(), sel.sum()]).tolist()
-        if n_live == 0 and not residual:
-            break  # the caller checks the pending rows
-        if n_sel > 0:
-            # reliable update: the true residual of the rows due, in the working precision
-            if idx is None:
-                s_w = s_all
-            elif scratch is None:
-                s_w = _take_rows(s_all, idx)
-            else:
-                s_w = torch.gather(s_all, -2, idx[..., None].expand(*idx.shape, s_all.shape[-1]),
-                                   out=scratch.get("sw", (*idx.shape, s_all.shape[-1])))
-            r_true = b - cov_matvec(s_w, kc, m, lam, x, None if scratch is None else scratch.get("kp", s_w.shape))
-            if work is not None:
-                work.add(s_w)
-            rtn = r_true.norm(dim=-1)
-            # the recurrence promised a 4x drop, the true residual did not halve: bf16 is too inexact here
-            # (within 2x of the target counts as there, as in ``function._cg_exit``: at the rounding floor
-            # the true residual no longer drops)
-            near = rtn <= 2.0 * lim
-            stall_now = sel & ((rec <= 0.25 * rt) | (gap >= MIXED_STALL_GAP).unsqueeze(-1)) & (rtn > MIXED_STALL * rt)
-            stall_now = (stall_now & ~near) | (sel & ~torch.isfinite(rtn))
-            gap = torch.where(trig, torch.zeros_like(gap), gap)
-            r = torch.where(sel.unsqueeze(-1), r_true, r)
-            rt = torch.where(sel, rtn, rt)
-            stalled = stalled | stall_now
-            was_pend = pend & trig.unsqueeze(-1)
-            live = torch.where(trig.unsqueeze(-1), sel & ~near & ~stall_now, live)
-            pend = pend & ~trig.unsqueeze(-1)
-            z = precond(r)
-            rz_new = torch.linalg.vecdot(r, z)
-            beta = (rz_new / rz.clamp_min(tiny)).unsqueeze(-1)
-            # rows that sat frozen restart from the steepest-descent direction; the others keep theirs
-            p = torch.where(was_pend.unsqueeze(-1), z, p.mul_(beta).add_(z))
-            rz = rz_new
-            continue
-        z = precond(r)
-        rz_new = torch.linalg.vecdot(r, z)
-        beta = (rz_new / rz.clamp_min(tiny)).unsqueeze(-1)
-        p = p.mul_(beta).add_(z)
-        rz = rz_new
-    busy = live | pend
-    if idx is None:
-        x_out, rn_out, stalled_out = x, rt, stalled
-        short = busy if residual else live
-    else:
-        x_out.scatter_(-2, idx[..., None].expand_as(x), x)
-        rn_out.scatter_(-1, idx, rt)
-        stalled_out.scatter_(-1, idx, stalled)
-        short = torch.zeros_like(stalled_out).scatter_(-1, idx, busy if residual else live)
+    keys = _lowp_tile(st, kc, scratch, lowp)
+    it = _mixed_iterations(st, s, kc, keys, max_iters=max_iters, scratch=scratch, work=work, residual=residual)
     # stalled rows, and rows the cap left short (their last true residual is stale): plain CG
-    rest = stalled_out | short
+    rest = _leftover_rows(st, residual)
     if bool(rest.any()):
-        it = max(it, _fallback(x_out, rn_out, rest, s_all, kc, m_all, lam_all, b_all, bnorm_all, diag, tol=tol,
-                               max_iters=max_iters, scratch=scratch, coef=coef_all, work=work))
+        it = max(it, _fallback(st.x_out, st.rn_out, rest, s, kc, m, lam, b, bnorm, diag, tol=tol,
+                               max_iters=max_iters, scratch=scratch, coef=floor_coef, work=work))
     if not residual:
-        return x_out, it, None
-    return x_out, it, rn_out / bnorm_all.where(bnorm_all > 0, torch.ones_like(bnorm_all))
+        return st.x_out, it, None
+    return st.x_out, it, st.rn_out / bnorm.where(bnorm > 0, torch.ones_like(bnorm))
 
 
 def cov_matrix(s, kc, m, lam, *, chunk_elems: int = 1 << 22):
