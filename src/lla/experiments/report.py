@@ -225,6 +225,115 @@ def plot_curves(out_dir: str, curves: list[dict], group_keys, xlabel: str, ylabe
     return paths
 
 
+def plot_experiment(experiment: str, out_dir: str, curves: list[dict], rows: list[dict], eval_curves=()) -> list[str]:
+    """An experiment's figures (``lla run`` writes them): its test curves, its aggregated rows where it
+    has a sweep axis (ttr, mqar), the validation metric against training steps (``eval_curves``) and, for
+    lm, validation bpb against wall-clock.  -> the PNG paths."""
+    paths = []
+    if experiment == "ttr":
+        paths += plot_curves(out_dir, curves, ["dim", "seg_len", "shift"], "position", "MSE (log)", "ttr_mse",
+                             boundaries_key="seg_len", logy=True)
+        paths += plot_vs(out_dir, [r for r in rows if r.get("kind") == "aggregate" and r["metric"] == "mse"], "dim",
+                         ["seg_len", "shift"], "d", "mean MSE (log)", "ttr_mse_vs_d", logx=True, logy=True)
+    elif experiment == "icr":
+        # the segment-aware least-squares oracle reaches ~1e-14: clip the axis to where the models are
+        paths += plot_curves(out_dir, curves, ["seg_len"], "pair index", "MSE / d (log)", "icr_mse",
+                             boundaries_key="seg_len", logy=True, ylim=(1e-2, None))
+    elif experiment == "state":
+        paths += plot_curves(out_dir, curves, ["group"], "length (position)", "accuracy", "state_accuracy")
+    elif experiment == "mqar":
+        agg = [r for r in rows if r.get("kind") == "aggregate" and r["metric"] == "accuracy"]
+        agg = [{**r, "config": f"{r['seq_len']}/{r['num_kv']}"} for r in agg]
+        paths += plot_vs(out_dir, agg, "config", ["positions"], "sequence length / kv pairs", "accuracy", "mqar_accuracy",
+                         ylim=(-0.02, 1.02))
+    elif experiment == "lm":
+        paths += plot_curves(out_dir, curves, [], "position in the context (bytes)", "test loss (bits per byte)",
+                             "lm_loss_by_position")
+        paths += plot_lm_wallclock(out_dir, eval_curves)
+    if eval_curves:
+        paths += _plot_val_vs_steps(experiment, out_dir, eval_curves)
+    return paths
+
+
+def _plot_val_vs_steps(experiment: str, out_dir: str, eval_curves) -> list[str]:
+    """The validation metric against training steps (mean over the task's settings of one run)."""
+    ylabel, key = {"mqar": ("val accuracy (mean over eval configs)", "accuracy"), "state": ("val accuracy", "accuracy"),
+                   "icr": ("val MSE / d (log)", "mse"), "lm": ("val bits per byte", "bpb")}[experiment]
+    groups = [k for k in ("seg_len", "group") if any(k in c for c in eval_curves)]
+    runs = defaultdict(list)
+    for c in eval_curves:
+        vals = [r["value"] for r in c["rows"] if r["metric"] == key and r.get("predictor", "model") == "model"]
+        runs[(c["mixer"], c["seed"], *(c.get(g) for g in groups))].append((c["step"], sum(vals) / len(vals)))
+    cs = []
+    for (mixer, seed, *gv), pts in runs.items():
+        pts = sorted(dict(pts).items())
+        cs.append({"mixer": mixer, "seed": seed, **dict(zip(groups, gv)), "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
+    return plot_curves(out_dir, cs, groups, "training step", ylabel, f"{experiment}_val_vs_steps",
+                       logy=experiment == "icr", ylim=(-0.02, 1.02) if key == "accuracy" else None)
+
+
+def plot_lm_wallclock(out_dir, eval_curves) -> list[str]:
+    """Validation bpb against training wall-clock seconds: per mixer, the mean over seeds of both the
+    seconds and the bpb at each evaluated step (runs without recorded seconds are left out)."""
+    runs = defaultdict(dict)
+    for c in eval_curves:
+        if c.get("seconds") is None:
+            continue
+        vals = [r["value"] for r in c["rows"] if r["metric"] == "bpb"]
+        runs[(c["mixer"], c["seed"])][c["step"]] = (c["seconds"], sum(vals) / len(vals))
+    if not runs:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for mixer in dict.fromkeys(m for m, _ in runs):
+        seeds = [pts for (m, _), pts in runs.items() if m == mixer]
+        steps = sorted(set.intersection(*(set(p) for p in seeds)))
+        xs = [sum(p[s][0] for p in seeds) / len(seeds) for s in steps]
+        ys = [sum(p[s][1] for p in seeds) / len(seeds) for s in steps]
+        ax.plot(xs, ys, marker="o", ms=2, lw=1.2, label=mixer + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+    ax.set_xlabel("training wall-clock (s; mean over seeds)")
+    ax.set_ylabel("val bits per byte")
+    ax.set_title("validation bpb vs training wall-clock")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "lm_val_vs_seconds.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_vs(out_dir, agg, xkey, group_keys, xlabel, ylabel, prefix, logx=False, logy=False, ylim=None):
+    """One PNG per group: aggregated rows' mean against ``xkey``, one line per mixer, error bars = std."""
+    plt = _plt()
+    groups = defaultdict(list)
+    for r in agg:
+        groups[tuple(r.get(k) for k in group_keys)].append(r)
+    paths = []
+    for gkey, rs in groups.items():
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for mixer in dict.fromkeys(r["mixer"] for r in rs):
+            ms = [r for r in rs if r["mixer"] == mixer and r["mean"] is not None]
+            ax.errorbar([r[xkey] for r in ms], [r["mean"] for r in ms], yerr=[r["std"] for r in ms], marker="o", ms=3,
+                        capsize=2, label=mixer, lw=1.2)
+        if logx:
+            ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel + " (mean ± std over seeds)")
+        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(group_keys, gkey)))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = prefix + "".join(f"_{k}{v}" for k, v in zip(group_keys, gkey)) + ".png"
+        path = os.path.join(out_dir, name.replace(" ", ""))
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def lm_wallclock_table(run_dir: str, reference: str = "softmax") -> str:
     """Markdown: per mixer (at its chosen rate, mean ± std over seeds), the training wall-clock of the
     whole run, the final validation bpb, and the validation bpb at the ``reference`` mixer's training

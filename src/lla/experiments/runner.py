@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import json
 import math
@@ -91,207 +92,146 @@ def _steps_to_target(curve: list[dict], target: dict) -> list[dict]:
     return [{**dict(k), "metric": "steps_to_target", "target": target["at_least"], "value": v} for k, v in first.items()]
 
 
+class _Trainings:
+    """What the trainings of one ``_run_trained`` call share: the experiment's configuration, where a
+    run logs and checkpoints, and the validation curves recorded so far (``seen``)."""
+
+    def __init__(self, experiment, cfg, out_dir, log, device, progress, stop_after, context_parallel, restart,
+                 eval_log, train_seconds):
+        self.experiment, self.cfg, self.out_dir, self.log, self.device = experiment, cfg, out_dir, log, device
+        self.progress, self.stop_after, self.context_parallel, self.restart = progress, stop_after, context_parallel, restart
+        self.train_seconds = train_seconds
+        self.base = TrainConfig(**cfg["train"])
+        self.eval_every = int(cfg.get("eval_every", 0)) if context_parallel == 1 else 0
+        self.seen = eval_log if eval_log is not None else {}  # (name, seed, lr) -> [{"step", "rows"}], from earlier invocations too
+        self.finished = True  # False once a training stopped at ``stop_after``
+        self.written = set()  # checkpoints of this invocation (``restart`` applies to older ones only)
+
+    def train_one(self, task, key, mixer, seed, lr):
+        """One seed's training at one rate, resumed from its checkpoint when there is one.
+        -> ``(last, model, name, ident)`` (``last``: ``train``'s final record), or None when interrupted."""
+        tcfg = replace(self.base, seed=seed, lr=lr)
+        name = "_".join([self.experiment, mixer] + [f"{k}{v}" for k, v in key.items()])
+        torch.manual_seed(tcfg.seed)  # same initial weights on every rank
+        mcfg = ModelConfig(mixer=mixer, **self.cfg["model"], **task.model_kwargs(), **_mixer_kwargs(self.cfg, mixer))
+        model = CausalModel(mcfg)
+        ck = os.path.join(self.out_dir, f"seed{seed}", "ckpt", f"{name}_lr{lr:g}.pt") if self.out_dir else None
+        ident = (name, seed, lr)
+        on_eval = functools.partial(self._record_eval, task, name, mixer, key, seed, lr)
+        t0 = time.time()
+        last = train(model, task, tcfg, device=self.device, log=self.log, desc=f"{name} seed{seed} lr{lr:g}",
+                     progress=self.progress, stop_after=self.stop_after, context_parallel=self.context_parallel,
+                     restart=self.restart and ck not in self.written, eval_fn=on_eval if self.eval_every else None,
+                     eval_every=self.eval_every, ckpt_path=ck,
+                     meta={"model": mcfg.to_dict(), "task": self.cfg, **(task.meta() if hasattr(task, "meta") else {})})
+        self.written.add(ck)
+        if self.stop_after is not None and last["step"] < tcfg.steps:
+            self.finished = False
+            return None  # interrupted on purpose: evaluate when resumed
+        n_params = sum(p.numel() for p in model.parameters())
+        if self.train_seconds is not None:  # each training once (the best rate's first seed is the sweep's run)
+            self.train_seconds[ident] = last.get("train_seconds")
+        self.log({"kind": "run", "run": name, "mixer": mixer, **key, "seed": seed, "lr": lr, "seconds": time.time() - t0,
+                  "train_seconds": last.get("train_seconds"),
+                  "params": n_params, "final_loss": last["loss"], "model": mcfg.to_dict(), "train": tcfg.to_dict()})
+        return last, model, name, ident
+
+    def _record_eval(self, task, name, mixer, key, seed, lr, model, step, seconds=None):
+        """``train``'s ``eval_fn``: a validation evaluation at ``step``, logged and kept in ``seen``."""
+        vrows, _ = task.evaluate(model, self.device, seed, split="val")
+        runs = self.seen.setdefault((name, seed, lr), [])
+        runs[:] = [r for r in runs if r["step"] != step]  # a resumed run re-evaluates the steps it re-runs
+        runs.append({"step": step, "rows": vrows, "seconds": seconds})
+        runs.sort(key=lambda r: r["step"])
+        self.log({"kind": "eval", "run": name, "mixer": mixer, **key, "seed": seed, "lr": lr, "step": step, "seconds": seconds,
+                  "rows": vrows})
+
+
+def _sweep_lr(trainings, task, key, mixer, lrs, seed, rows):
+    """The learning-rate sweep: with several ``lrs``, train at each on ``seed`` and score it on the
+    validation streams (a ``sweep`` row each, appended to ``rows``).  -> the best rate (ties: the
+    first, smallest; the only one when ``lrs`` has one), or None when a sweep training was interrupted."""
+    if len(lrs) == 1:
+        return lrs[0]
+    experiment = trainings.experiment
+    scores = {}
+    for lr in lrs:
+        res = trainings.train_one(task, key, mixer, seed, lr)
+        if res is None:
+            continue
+        vrows, _ = task.evaluate(res[1], trainings.device, seed, split="val")
+        scores[lr] = _score(experiment, vrows)
+        metric, mode = SELECT[experiment]
+        rows.append({"experiment": experiment, "mixer": mixer, **key, "kind": "sweep", "seed": seed, "lr": lr,
+                     "metric": f"val_{metric}", "value": scores[lr] if mode == "max" else -scores[lr]})
+    if len(scores) < len(lrs):
+        return None
+    return max(lrs, key=lambda lr: scores[lr])
+
+
+def _seed_rows(trainings, key, mixer, mixers, seed, lr, last, ident, erows) -> list[dict]:
+    """The summary rows of one seed's finished training: its test rows ``erows`` (the classical
+    predictors' once, with the first mixer), its final training loss and its steps to the target."""
+    experiment, target = trainings.experiment, trainings.cfg.get("target")
+    tag = {"kind": "seed", "seed": seed, "lr": lr}
+    rows = []
+    for r in erows:
+        r = {"experiment": experiment, "mixer": mixer, **key, **tag, **r}
+        if "predictor" in r:  # ICR: classical baselines are rows of their own, named by predictor
+            pred = r.pop("predictor")
+            if pred != "model":
+                if mixer != mixers[0]:
+                    continue
+                r["mixer"], r["lr"] = pred, None
+        rows.append(r)
+    rows.append({"experiment": experiment, "mixer": mixer, **key, **tag, "metric": "final_train_loss", "value": last["loss"]})
+    if target and trainings.seen.get(ident):
+        for r in _steps_to_target(trainings.seen[ident], target):
+            rows.append({"experiment": experiment, "mixer": mixer, **key, **tag, **r})
+    return rows
+
+
+def _collect_seed(trainings, task, key, mixer, mixers, seed, lr, res, rows, curves, eval_curves):
+    """Collecting one seed's results: evaluate its model on the test streams, append its summary rows,
+    its validation curve (``eval_curves``) and its test curves (``curves``, also logged)."""
+    last, model, name, ident = res
+    erows, ecurves = task.evaluate(model, trainings.device, seed)
+    rows.extend(_seed_rows(trainings, key, mixer, mixers, seed, lr, last, ident, erows))
+    for rec in trainings.seen.get(ident, []):
+        eval_curves.append({"mixer": mixer, **key, "seed": seed, "step": rec["step"], "rows": rec["rows"],
+                            "seconds": rec.get("seconds")})
+    for c in ecurves:
+        pred = c.pop("predictor", "model")
+        if pred != "model" and mixer != mixers[0]:
+            continue
+        curves.append({**key, **c, "mixer": mixer if pred == "model" else pred, "seed": seed})
+        trainings.log({"kind": "curve", "run": name, **curves[-1]})  # the figures' data, to redraw or tabulate
+
+
 def _run_trained(experiment, cfg, mixers, out_dir, log, device, progress, stop_after, context_parallel=1,
                  seeds=(0,), lrs=None, restart=False, eval_log=None, train_seconds=None):
     """Train every (task setting, mixer): a learning-rate sweep on ``seeds[0]`` (validation streams)
     when ``lrs`` has several values, then every seed at the mixer's best rate (test streams).
 
-    Returns ``(rows, curves, eval_curves)``; rows carry ``kind`` (``sweep`` | ``chosen`` | ``seed``).
+    Returns ``(rows, curves, eval_curves, finished)``: rows carry ``kind`` (``sweep`` | ``chosen`` |
+    ``seed``); ``finished`` is False when ``stop_after`` interrupted a training (a mixer whose sweep
+    was interrupted gets no ``chosen`` row and no seeds yet; an interrupted seed no rows).
     """
+    trainings = _Trainings(experiment, cfg, out_dir, log, device, progress, stop_after, context_parallel, restart,
+                           eval_log, train_seconds)
+    lrs = list(lrs) if lrs else [trainings.base.lr]
     rows, curves, eval_curves = [], [], []
-    base = TrainConfig(**cfg["train"])
-    lrs = list(lrs) if lrs else [base.lr]
-    target = cfg.get("target")
-    eval_every = int(cfg.get("eval_every", 0)) if context_parallel == 1 else 0
-    seen = eval_log if eval_log is not None else {}  # (name, seed, lr) -> [{"step", "rows"}], from earlier invocations too
-    finished = True
-    written = set()  # checkpoints of this invocation (``restart`` applies to older ones only)
-
-    def one(task, key, mixer, seed, lr):
-        """Train one run (or resume it); returns its ``last`` dict and model, or None when interrupted."""
-        nonlocal finished
-        tcfg = replace(base, seed=seed, lr=lr)
-        name = "_".join([experiment, mixer] + [f"{k}{v}" for k, v in key.items()])
-        torch.manual_seed(tcfg.seed)  # same initial weights on every rank
-        mcfg = ModelConfig(mixer=mixer, **cfg["model"], **task.model_kwargs(), **_mixer_kwargs(cfg, mixer))
-        model = CausalModel(mcfg)
-        ck = os.path.join(out_dir, f"seed{seed}", "ckpt", f"{name}_lr{lr:g}.pt") if out_dir else None
-        ident = (name, seed, lr)
-
-        def on_eval(m, step, seconds=None):
-            vrows, _ = task.evaluate(m, device, seed, split="val")
-            runs = seen.setdefault(ident, [])
-            runs[:] = [r for r in runs if r["step"] != step]  # a resumed run re-evaluates the steps it re-runs
-            runs.append({"step": step, "rows": vrows, "seconds": seconds})
-            runs.sort(key=lambda r: r["step"])
-            log({"kind": "eval", "run": name, "mixer": mixer, **key, "seed": seed, "lr": lr, "step": step, "seconds": seconds,
-                 "rows": vrows})
-
-        t0 = time.time()
-        last = train(model, task, tcfg, device=device, log=log, desc=f"{name} seed{seed} lr{lr:g}", progress=progress,
-                     stop_after=stop_after, context_parallel=context_parallel, restart=restart and ck not in written,
-                     eval_fn=on_eval if eval_every else None, eval_every=eval_every,
-                     meta={"model": mcfg.to_dict(), "task": cfg, **(task.meta() if hasattr(task, "meta") else {})}, ckpt_path=ck)
-        written.add(ck)
-        if stop_after is not None and last["step"] < tcfg.steps:
-            finished = False
-            return None  # interrupted on purpose: evaluate when resumed
-        n_params = sum(p.numel() for p in model.parameters())
-        if train_seconds is not None:  # each training once (the best rate's first seed is the sweep's run)
-            train_seconds[(name, seed, lr)] = last.get("train_seconds")
-        log({"kind": "run", "run": name, "mixer": mixer, **key, "seed": seed, "lr": lr, "seconds": time.time() - t0,
-             "train_seconds": last.get("train_seconds"),
-             "params": n_params, "final_loss": last["loss"], "model": mcfg.to_dict(), "train": tcfg.to_dict()})
-        return last, model, name, ident
-
     for key, task in _trained_runs(experiment, cfg):
         for mixer in mixers:
-            best = lrs[0]
-            if len(lrs) > 1:
-                scores = {}
-                for lr in lrs:
-                    res = one(task, key, mixer, seeds[0], lr)
-                    if res is None:
-                        continue
-                    vrows, _ = task.evaluate(res[1], device, seeds[0], split="val")
-                    scores[lr] = _score(experiment, vrows)
-                    metric, mode = SELECT[experiment]
-                    rows.append({"experiment": experiment, "mixer": mixer, **key, "kind": "sweep", "seed": seeds[0], "lr": lr,
-                                 "metric": f"val_{metric}", "value": scores[lr] if mode == "max" else -scores[lr]})
-                if len(scores) < len(lrs):
-                    continue
-                best = max(lrs, key=lambda lr: scores[lr])  # ties: the first (smallest) rate
+            best = _sweep_lr(trainings, task, key, mixer, lrs, seeds[0], rows)
+            if best is None:
+                continue
             rows.append({"experiment": experiment, "mixer": mixer, **key, "kind": "chosen", "metric": "chosen_lr", "value": best})
             for seed in seeds:
-                res = one(task, key, mixer, seed, best)
-                if res is None:
-                    continue
-                last, model, name, ident = res
-                erows, ecurves = task.evaluate(model, device, seed)
-                tag = {"kind": "seed", "seed": seed, "lr": best}
-                for r in erows:
-                    r = {"experiment": experiment, "mixer": mixer, **key, **tag, **r}
-                    if "predictor" in r:  # ICR: classical baselines are rows of their own, named by predictor
-                        pred = r.pop("predictor")
-                        if pred != "model":
-                            if mixer != mixers[0]:
-                                continue
-                            r["mixer"], r["lr"] = pred, None
-                    rows.append(r)
-                rows.append({"experiment": experiment, "mixer": mixer, **key, **tag, "metric": "final_train_loss", "value": last["loss"]})
-                if target and seen.get(ident):
-                    for r in _steps_to_target(seen[ident], target):
-                        rows.append({"experiment": experiment, "mixer": mixer, **key, **tag, **r})
-                for rec in seen.get(ident, []):
-                    eval_curves.append({"mixer": mixer, **key, "seed": seed, "step": rec["step"], "rows": rec["rows"],
-                                        "seconds": rec.get("seconds")})
-                for c in ecurves:
-                    pred = c.pop("predictor", "model")
-                    if pred != "model" and mixer != mixers[0]:
-                        continue
-                    curves.append({**key, **c, "mixer": mixer if pred == "model" else pred, "seed": seed})
-                    log({"kind": "curve", "run": name, **curves[-1]})  # the figures' data, to redraw or tabulate
-    return rows, curves, eval_curves, finished
-
-
-def _plots(experiment, out_dir, curves, rows, eval_curves=()):
-    paths = []
-    if experiment == "ttr":
-        paths += report.plot_curves(out_dir, curves, ["dim", "seg_len", "shift"], "position", "MSE (log)", "ttr_mse",
-                                    boundaries_key="seg_len", logy=True)
-        paths += _plot_vs(out_dir, [r for r in rows if r.get("kind") == "aggregate" and r["metric"] == "mse"], "dim",
-                          ["seg_len", "shift"], "d", "mean MSE (log)", "ttr_mse_vs_d", logx=True, logy=True)
-    elif experiment == "icr":
-        # the segment-aware least-squares oracle reaches ~1e-14: clip the axis to where the models are
-        paths += report.plot_curves(out_dir, curves, ["seg_len"], "pair index", "MSE / d (log)", "icr_mse",
-                                    boundaries_key="seg_len", logy=True, ylim=(1e-2, None))
-    elif experiment == "state":
-        paths += report.plot_curves(out_dir, curves, ["group"], "length (position)", "accuracy", "state_accuracy")
-    elif experiment == "mqar":
-        agg = [r for r in rows if r.get("kind") == "aggregate" and r["metric"] == "accuracy"]
-        agg = [{**r, "config": f"{r['seq_len']}/{r['num_kv']}"} for r in agg]
-        paths += _plot_vs(out_dir, agg, "config", ["positions"], "sequence length / kv pairs", "accuracy", "mqar_accuracy", ylim=(-0.02, 1.02))
-    elif experiment == "lm":
-        paths += report.plot_curves(out_dir, curves, [], "position in the context (bytes)", "test loss (bits per byte)",
-                                    "lm_loss_by_position")
-        paths += _plot_lm_wallclock(out_dir, eval_curves)
-    if eval_curves:  # validation metric against training steps (mean over the task's settings of one run)
-        ylabel, key = {"mqar": ("val accuracy (mean over eval configs)", "accuracy"), "state": ("val accuracy", "accuracy"),
-                       "icr": ("val MSE / d (log)", "mse"), "lm": ("val bits per byte", "bpb")}[experiment]
-        groups = [k for k in ("seg_len", "group") if any(k in c for c in eval_curves)]
-        runs = defaultdict(list)
-        for c in eval_curves:
-            vals = [r["value"] for r in c["rows"] if r["metric"] == key and r.get("predictor", "model") == "model"]
-            runs[(c["mixer"], c["seed"], *(c.get(g) for g in groups))].append((c["step"], sum(vals) / len(vals)))
-        cs = []
-        for (mixer, seed, *gv), pts in runs.items():
-            pts = sorted(dict(pts).items())
-            cs.append({"mixer": mixer, "seed": seed, **dict(zip(groups, gv)), "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
-        paths += report.plot_curves(out_dir, cs, groups, "training step", ylabel, f"{experiment}_val_vs_steps",
-                                    logy=experiment == "icr", ylim=(-0.02, 1.02) if key == "accuracy" else None)
-    return paths
-
-
-def _plot_lm_wallclock(out_dir, eval_curves) -> list[str]:
-    """Validation bpb against training wall-clock seconds: per mixer, the mean over seeds of both the
-    seconds and the bpb at each evaluated step (runs without recorded seconds are left out)."""
-    runs = defaultdict(dict)
-    for c in eval_curves:
-        if c.get("seconds") is None:
-            continue
-        vals = [r["value"] for r in c["rows"] if r["metric"] == "bpb"]
-        runs[(c["mixer"], c["seed"])][c["step"]] = (c["seconds"], sum(vals) / len(vals))
-    if not runs:
-        return []
-    plt = report._plt()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for mixer in dict.fromkeys(m for m, _ in runs):
-        seeds = [pts for (m, _), pts in runs.items() if m == mixer]
-        steps = sorted(set.intersection(*(set(p) for p in seeds)))
-        xs = [sum(p[s][0] for p in seeds) / len(seeds) for s in steps]
-        ys = [sum(p[s][1] for p in seeds) / len(seeds) for s in steps]
-        ax.plot(xs, ys, marker="o", ms=2, lw=1.2, label=mixer + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
-    ax.set_xlabel("training wall-clock (s; mean over seeds)")
-    ax.set_ylabel("val bits per byte")
-    ax.set_title("validation bpb vs training wall-clock")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "lm_val_vs_seconds.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
-
-
-def _plot_vs(out_dir, agg, xkey, group_keys, xlabel, ylabel, prefix, logx=False, logy=False, ylim=None):
-    """One PNG per group: aggregated rows' mean against ``xkey``, one line per mixer, error bars = std."""
-    plt = report._plt()
-    groups = defaultdict(list)
-    for r in agg:
-        groups[tuple(r.get(k) for k in group_keys)].append(r)
-    paths = []
-    for gkey, rs in groups.items():
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for mixer in dict.fromkeys(r["mixer"] for r in rs):
-            ms = [r for r in rs if r["mixer"] == mixer and r["mean"] is not None]
-            ax.errorbar([r[xkey] for r in ms], [r["mean"] for r in ms], yerr=[r["std"] for r in ms], marker="o", ms=3,
-                        capsize=2, label=mixer, lw=1.2)
-        if logx:
-            ax.set_xscale("log", base=2)
-        if logy:
-            ax.set_yscale("log")
-        if ylim is not None:
-            ax.set_ylim(*ylim)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel + " (mean ± std over seeds)")
-        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(group_keys, gkey)))
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = prefix + "".join(f"_{k}{v}" for k, v in zip(group_keys, gkey)) + ".png"
-        path = os.path.join(out_dir, name.replace(" ", ""))
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+                res = trainings.train_one(task, key, mixer, seed, best)
+                if res is not None:
+                    _collect_seed(trainings, task, key, mixer, mixers, seed, best, res, rows, curves, eval_curves)
+    return rows, curves, eval_curves, trainings.finished
 
 
 def _data_record(experiment: str, cfg: dict) -> dict | None:
@@ -413,7 +353,7 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
                        # "seconds" counts only this invocation, e.g. the final evaluations of a resumed grid)
                        **({"train_seconds": sum(v for v in train_seconds.values() if v is not None),
                            "trainings": len(train_seconds)} if train_seconds else {})}, f, indent=1)
-        _plots(experiment, out_dir, curves, rows, eval_curves)
+        report.plot_experiment(experiment, out_dir, curves, rows, eval_curves)
         print(md)
         print(f"\nwrote {out_dir}/summary.json, summary.md, run.json, metrics.jsonl, seed*/ and figures ({seconds:.0f} s)")
     return rows
