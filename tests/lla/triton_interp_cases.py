@@ -18,6 +18,7 @@ DEVICE = os.environ.get("LLA_TRITON_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
@@ -39,7 +40,6 @@ INTERPRETER_ONLY = {"tf32_rounding"}
 def on_device(fn, device):
     """``fn`` (a public op taking ``backend=``) with its ``backend="triton"`` calls run on ``device``: tensor
     arguments moved there, tensor results (and ``LLAAux.lse``) moved back to the CPU."""
-    import dataclasses
     import functools
 
     def mv(t, dev):
@@ -48,8 +48,8 @@ def on_device(fn, device):
     def back(o):
         if torch.is_tensor(o):
             return o.cpu()
-        if dataclasses.is_dataclass(o) and torch.is_tensor(getattr(o, "lse", None)):
-            return dataclasses.replace(o, lse=o.lse.cpu())
+        if isinstance(o, lla.LLAAux) and torch.is_tensor(o.lse):  # (a NamedTuple, not a dataclass)
+            return o._replace(lse=o.lse.cpu())
         return o
 
     @functools.wraps(fn)
@@ -57,7 +57,9 @@ def on_device(fn, device):
         if backend != "triton":
             return fn(*args, backend=backend, **kw)
         out = fn(*(mv(a, device) for a in args), backend=backend, **{k: mv(v, device) for k, v in kw.items()})
-        return tuple(back(o) for o in out) if isinstance(out, tuple) else back(out)
+        if isinstance(out, tuple) and not isinstance(out, lla.LLAAux):
+            return tuple(back(o) for o in out)
+        return back(out)
 
     return wrapped
 
@@ -91,8 +93,10 @@ class _precision:
         self.api, self.orig = api, api._backend_fn
         if self.precision is not None:
             orig, prec = self.orig, self.precision
-            api._backend_fn = lambda name: (lambda *a, **kw: orig(name)(*a, **{**kw, "precision": prec})) \
-                if name == "triton" else orig(name)
+            def with_precision(q, k, v, ridge, varlen, config):  # the backend contract, precision overridden
+                return orig("triton")(q, k, v, ridge, varlen, dataclasses.replace(config, precision=prec))
+
+            api._backend_fn = lambda name: with_precision if name == "triton" else orig(name)
         return self
 
     def __exit__(self, *exc):
