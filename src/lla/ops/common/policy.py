@@ -61,17 +61,12 @@ def resolve_solver(solver: str, ridge_min: float, D: int, dtype: torch.dtype, S:
 
     CG's iteration count grows like sqrt(cond(A)) and cond(A) ~ ||Cov(k)|| / ridge, while the
     direct solve forms the D x D moment of every row (``R n D^2 / 2`` multiply-adds) and runs one
-    small batched Cholesky per row (LAPACK-bound on the CPU: ~15 us per 16 x 16 row, ~60 us per
-    32 x 32, whatever the key length).  A row's conditioning also depends on how many keys it sees,
-    and the torch backend's CG drops converged rows, so CG wins almost everywhere once the
-    (batch, key head) pairs are batched together.  Measured (CPU, 2 threads, fp32, fwd + bwd,
-    4096 tokens in B x T, H = 4; ``python benchmarks/solver_rule.py``):
-    D = 16: direct / CG time 2.6x at T = 16, 3.0x at 64, 1.07x at 256, 0.74x at 1024 (ridge 1),
-    0.89x at 256 and 0.57x at 1024 (ridge 0.05); D = 32: 5.0x at 16 .. 1.02x at 1024 (ridge 1),
-    3.1x .. 0.61x (ridge 0.05); D = 64, ridge 0.01: 6.2x at 16 .. 1.01x at 1024.  So: direct for
-    float64 (exactness expected), tiny ridges (< 1e-3: CG's iteration count unmeasured there),
-    D <= 16 at ``S >= 512`` and D <= 32 with ridge < 0.5 at ``S >= 1024``; CG otherwise.  ``S``
-    unknown counts as short.
+    small batched Cholesky per row (LAPACK-bound on the CPU, whatever the key length).  The torch
+    backend's CG drops converged rows, so CG wins almost everywhere once the (batch, key head) pairs
+    are batched together; the direct solve wins for small D with long sequences and small ridges
+    (``python benchmarks/solver_rule.py``; the measured crossover is in ``docs/performance.md``).  So:
+    direct for float64 (exactness expected), tiny ridges (< 1e-3), D <= 16 at ``S >= 512`` and D <= 32
+    with ridge < 0.5 at ``S >= 1024``; CG otherwise.  ``S`` unknown counts as short.
     On the Triton backend (CUDA) ``auto`` means CG, the solver the fused kernels run.
     """
     if solver != "auto":
@@ -91,12 +86,9 @@ MIXED_MIN_KEYS = 1024
 @functools.lru_cache(maxsize=None)
 def _fast_bf16(device: torch.device) -> bool:
     """Whether bf16 GEMMs are fast enough on ``device`` to pay for the mixed solve: CUDA with bf16
-    support.  Not a CPU, measured on both kinds this project has had: with AVX512-BF16 alone
-    (``python benchmarks/mixed_ab.py --bwd --T 256 1024 4096 --D 16 64``: never faster than fp32) and
-    with AMX (bf16 GEMMs 2.5-5x fp32's, yet ``lla bench --quick --threads 1``: forward 4.06 s mixed vs
-    3.02 s fp32 at T = 4096, ridge 1; fwd + bwd 8.75 vs 7.40 s): the CG's compacted row blocks are
-    short, and its replacements, routing and casts are fp32 work and small ops the bf16 GEMMs do not
-    speed up (``docs/performance.md``)."""
+    support.  Not a CPU, with or without AVX512-BF16 / AMX: the CG's compacted row blocks are short,
+    and its replacements, routing and casts are fp32 work the bf16 GEMMs do not speed up
+    (``benchmarks/mixed_ab.py`` and ``lla bench``; the figures are in ``docs/performance.md``)."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
