@@ -277,28 +277,8 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
     ``kind`` is ``seed`` (one seed's test value, with ``seed``), ``aggregate`` (``value`` = ``mean``,
     ``std``, ``n_seeds``, ``ci95``), ``sweep`` (a validation score per swept value) or ``chosen``.
     """
-    if experiment not in EXPERIMENTS:
-        raise ValueError(f"experiment must be one of {list(EXPERIMENTS)}, got {experiment!r}")
-    cfg = get_preset(experiment, preset) if cfg is None else cfg
-    mixers = _check_mixers(experiment, mixers)
-    if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
-        raise ValueError(f"context_parallel must be a positive int, got {context_parallel!r}")
-    if context_parallel > 1 and experiment not in ("mqar", "state", "lm"):
-        raise ValueError(f"context_parallel applies to mqar and state, and lm (per-token labels), not {experiment}")
-    seed0 = cfg["seed"] if experiment == "ttr" else cfg["train"]["seed"]
-    seeds = list(seeds) if seeds is not None else list(cfg.get("seeds", [seed0]))
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct non-negative ints, got {seeds!r}")
-    if experiment == "ttr" and lrs:
-        raise ValueError("lrs applies to trained experiments (icr, mqar, state); ttr tunes cfg['hparams'] instead")
-    lrs = list(lrs) if lrs is not None else (list(cfg.get("lrs", [])) if experiment != "ttr" else [])
-    if any(not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 for lr in lrs):
-        raise ValueError(f"lrs must be positive numbers, got {lrs!r}")
-    out_dir = out_dir or os.path.join("runs", f"{experiment}-{preset}")
-    if resume and restart:
-        raise ValueError("resume and restart exclude each other")
-    if resume and not glob.glob(os.path.join(out_dir, "seed*", "ckpt", "*.pt")):
-        raise ValueError(f"resume: nothing to resume in {out_dir!r} (no checkpoint under {out_dir}/seed*/ckpt/)")
+    cfg, mixers, seeds, lrs, out_dir = _check_run(experiment, preset, mixers, out_dir, cfg, context_parallel, seeds,
+                                                  lrs, restart, resume)
     device = setup_distributed()
     rank, world = dist_info()
     is_main = rank == 0
@@ -333,30 +313,71 @@ def run_experiment(experiment: str, preset: str = "quick", mixers=None, out_dir:
         if data is not None:  # what the run was trained on (summary.json's "data" row, run.json's "data")
             rows.append({"experiment": experiment, "mixer": "-", "kind": "data", "metric": "corpus_sha256",
                          "value": data["sha256"], "data": data})
-        title = f"{experiment} ({preset} preset)"
-        for seed in seeds:
-            report.write_summary(os.path.join(out_dir, f"seed{seed}"), [r for r in rows if r.get("seed") == seed],
-                                 f"{title}, seed {seed}")
-        md = report.write_summary(out_dir, rows, title)
-        chosen = defaultdict(dict)
-        for r in rows:
-            if r.get("kind") == "chosen":
-                setting = ",".join(f"{k}={r[k]}" for k in ("seg_len", "dim", "shift", "group") if k in r) or "all"
-                chosen[r["mixer"]][f"{setting}:{r['metric']}"] = r["value"]
-        cmd = command or ("lla " + " ".join(sys.argv[1:]) if os.path.basename(sys.argv[0]) in ("lla", "__main__.py") else None)
-        with open(os.path.join(out_dir, "run.json"), "w") as f:
-            json.dump({"experiment": experiment, "preset": preset, "command": cmd, "mixers": mixers, "seeds": seeds, "lrs": lrs,
-                       "chosen": chosen, "seconds": seconds, "world_size": world, "device": str(device),
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": cfg,
-                       **({"data": data} if data is not None else {}),
-                       # the training steps' wall-clock of every run, summed over resumed invocations (the run's own
-                       # "seconds" counts only this invocation, e.g. the final evaluations of a resumed grid)
-                       **({"train_seconds": sum(v for v in train_seconds.values() if v is not None),
-                           "trainings": len(train_seconds)} if train_seconds else {})}, f, indent=1)
+        run = {"experiment": experiment, "preset": preset, "command": command, "mixers": mixers, "seeds": seeds,
+               "lrs": lrs, "seconds": seconds, "world_size": world, "device": str(device), "config": cfg, "data": data,
+               "train_seconds": train_seconds}
+        md = _write_outputs(out_dir, rows, run)
         report.plot_experiment(experiment, out_dir, curves, rows, eval_curves)
         print(md)
         print(f"\nwrote {out_dir}/summary.json, summary.md, run.json, metrics.jsonl, seed*/ and figures ({seconds:.0f} s)")
     return rows
+
+
+def _check_run(experiment, preset, mixers, out_dir, cfg, context_parallel, seeds, lrs, restart, resume):
+    """``run_experiment``'s arguments checked and defaulted from the preset.
+    -> (cfg, mixers, seeds, lrs, out_dir)"""
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"experiment must be one of {list(EXPERIMENTS)}, got {experiment!r}")
+    cfg = get_preset(experiment, preset) if cfg is None else cfg
+    mixers = _check_mixers(experiment, mixers)
+    if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
+        raise ValueError(f"context_parallel must be a positive int, got {context_parallel!r}")
+    if context_parallel > 1 and experiment not in ("mqar", "state", "lm"):
+        raise ValueError(f"context_parallel applies to mqar and state, and lm (per-token labels), not {experiment}")
+    seed0 = cfg["seed"] if experiment == "ttr" else cfg["train"]["seed"]
+    seeds = list(seeds) if seeds is not None else list(cfg.get("seeds", [seed0]))
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct non-negative ints, got {seeds!r}")
+    if experiment == "ttr" and lrs:
+        raise ValueError("lrs applies to trained experiments (icr, mqar, state); ttr tunes cfg['hparams'] instead")
+    lrs = list(lrs) if lrs is not None else (list(cfg.get("lrs", [])) if experiment != "ttr" else [])
+    if any(not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 for lr in lrs):
+        raise ValueError(f"lrs must be positive numbers, got {lrs!r}")
+    out_dir = out_dir or os.path.join("runs", f"{experiment}-{preset}")
+    if resume and restart:
+        raise ValueError("resume and restart exclude each other")
+    if resume and not glob.glob(os.path.join(out_dir, "seed*", "ckpt", "*.pt")):
+        raise ValueError(f"resume: nothing to resume in {out_dir!r} (no checkpoint under {out_dir}/seed*/ckpt/)")
+    return cfg, mixers, seeds, lrs, out_dir
+
+
+def _write_outputs(out_dir: str, rows: list[dict], run: dict) -> str:
+    """A finished run's files: ``seed<S>/summary.*`` per seed, ``summary.*`` over seeds and ``run.json``
+    (command, seeds, learning rates, the chosen hyperparameters, wall time, data, training seconds).
+    ``run``: the run's record (``train_seconds``: ``{training: seconds}``).  -> the summary's Markdown."""
+    title = f"{run['experiment']} ({run['preset']} preset)"
+    for seed in run["seeds"]:
+        report.write_summary(os.path.join(out_dir, f"seed{seed}"), [r for r in rows if r.get("seed") == seed],
+                             f"{title}, seed {seed}")
+    md = report.write_summary(out_dir, rows, title)
+    chosen = defaultdict(dict)
+    for r in rows:
+        if r.get("kind") == "chosen":
+            setting = ",".join(f"{k}={r[k]}" for k in ("seg_len", "dim", "shift", "group") if k in r) or "all"
+            chosen[r["mixer"]][f"{setting}:{r['metric']}"] = r["value"]
+    cmd = run["command"] or ("lla " + " ".join(sys.argv[1:]) if os.path.basename(sys.argv[0]) in ("lla", "__main__.py") else None)
+    data, train_seconds = run["data"], run["train_seconds"]
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump({"experiment": run["experiment"], "preset": run["preset"], "command": cmd, "mixers": run["mixers"],
+                   "seeds": run["seeds"], "lrs": run["lrs"], "chosen": chosen, "seconds": run["seconds"],
+                   "world_size": run["world_size"], "device": run["device"],
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": run["config"],
+                   **({"data": data} if data is not None else {}),
+                   # the training steps' wall-clock of every run, summed over resumed invocations (the run's own
+                   # "seconds" counts only this invocation, e.g. the final evaluations of a resumed grid)
+                   **({"train_seconds": sum(v for v in train_seconds.values() if v is not None),
+                       "trainings": len(train_seconds)} if train_seconds else {})}, f, indent=1)
+    return md
 
 
 def estimate(experiment: str, preset: str = "quick", mixers=None, cfg: dict | None = None, seeds=None, lrs=None,
