@@ -98,7 +98,9 @@ TILES = {
     ("half", 256): {90: dict(fwd=(16, 16, 8, 1), bwd_q=(16, 16, 8, 1), bwd_k=(16, 16, 8, 1))},
     # bf16 / fp16 inputs on ``mixed`` and the ``authors`` scheme: every dot on tensor cores (mma.sync, 16 rows)
     ("lowp", 16): {90: dict(fwd=(32, 32, 4, 1), bwd_q=(32, 32, 4, 1), bwd_k=(32, 32, 4, 1))},
-    ("lowp", 32): {90: dict(fwd=(32, 32, 4, 1), bwd_q=(32, 32, 4, 1), bwd_k=(32, 32, 4, 1))},
+    # D = 32: 32-row tiles spill (sm_90 fwd / bwd_q / bwd_k 1,012 / 1,476 / 604 B per thread; sm_80 up to 1,428),
+    # 16-row tiles none (``compile_check.py --sweep``, docs/triton.md)
+    ("lowp", 32): {90: dict(fwd=(16, 32, 4, 1), bwd_q=(16, 32, 4, 1), bwd_k=(16, 32, 4, 1))},
     ("lowp", 64): {90: dict(fwd=(16, 32, 4, 1), bwd_q=(16, 32, 4, 1), bwd_k=(16, 32, 4, 1))},
     ("lowp", 128): {90: dict(fwd=(16, 32, 8, 1), bwd_q=(16, 32, 8, 1), bwd_k=(16, 32, 8, 1))},
     ("lowp", 256): {90: dict(fwd=(16, 16, 8, 1), bwd_q=(16, 16, 8, 1), bwd_k=(16, 16, 8, 1))},
@@ -109,8 +111,14 @@ TILES = {
     ("wgmma", 64): {90: dict(fwd=(64, 32, 8, 1), bwd_q=(64, 16, 8, 1), bwd_k=(32, 32, 4, 1))},
 }
 #: (tile family, padded head dim, arch) the kernels cannot run at (no tiles fit): the op hands these to
-#: the PyTorch backend with a one-time warning saying why
-UNSUPPORTED: dict = {}
+#: the PyTorch backend with a one-time warning saying why.  Found by ``benchmarks/compile_check.py``
+#: (``--sweep 16x16/8/1,16x16/8/2,16x16/4/1`` and the table's 16x16/8/3): float32 inputs at D 129-256 on
+#: sm_80, whose forward kernel ptxas puts in its low-register spill mode at every tile tried (32 registers,
+#: 10.4-37 KB of spill stores per thread), fp32 and mixed alike (they share the ``fp32`` tiles)
+UNSUPPORTED: dict = {
+    ("fp32", 256, 80): "sm_80's forward kernel at D 129-256 with float32 inputs only compiles in ptxas's "
+                       "low-register spill mode (32 registers, >10 KB of spill stores per thread)",
+}
 #: ``{(padded head dim, arch): why}`` where float32 inputs on ``"mixed"`` run the ``"fp32"`` scheme instead
 #: (same float32 accuracy, no tensor cores), with a one-time warning: for a mixed forward kernel (it
 #: carries both the bf16 and the ieee matvec) that ptxas would put in its low-register spill mode.
