@@ -36,6 +36,8 @@ ROOT = os.path.dirname(HERE)
 BUDGET = dict(cases=240, compile=200, bench=200)
 #: LLA case groups run in parallel (each its own process: compilation is per process)
 LLA_WORKERS = 6
+#: the Triton test-case scripts (under tests/), LLA's then Parallax's
+CASE_SCRIPTS = ("lla/triton_interp_cases.py", "parallax/parallax_triton_cases.py")
 
 
 def _env(device: bool) -> dict:
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
 
     # ---- 1 + 2: test cases (parallel workers) and the compile table, at the same time
     t0 = time.time()
-    lla_cases, px_cases = _case_names("lla/triton_interp_cases.py"), _case_names("parallax/parallax_triton_cases.py")
+    lla_cases, px_cases = _case_names(CASE_SCRIPTS[0]), _case_names(CASE_SCRIPTS[1])
     if dry:
         lla_groups, px_groups = [lla_cases[:2]], [px_cases[:2]]
     else:
@@ -130,9 +132,9 @@ def main(argv=None) -> int:
         px_groups = [px_cases[0::2], px_cases[1::2]]
     procs, logs = [], []
     env = _env(device=not dry)
-    for script, groups in (("lla/triton_interp_cases.py", lla_groups), ("parallax/parallax_triton_cases.py", px_groups)):
+    for script, groups in zip(CASE_SCRIPTS, (lla_groups, px_groups)):
         for i, g in enumerate(groups):
-            log = os.path.join(a.out, f"cases_{script.split('_')[0]}_{i}.log")
+            log = os.path.join(a.out, f"cases_{script.split('/')[0]}_{i}.log")  # cases_lla_0.log, cases_parallax_0.log
             procs.append(_start([sys.executable, os.path.join(ROOT, "tests", script), *g], log, env))
             logs.append(log)
     cc_json = os.path.join(a.out, "compile.json")
