@@ -438,35 +438,38 @@ def _decode_solve(st: _DecodeMoments, tol):
     bnorm = bnorm.where(bnorm > 0, torch.ones_like(bnorm))
     yx = torch.empty_like(s)  # (k_j - c) . x  [B, Hk, G, n]
 
-    def residual_pass(x, keep):
-        """The true residual ``b - A x`` with the centred matvec; ``keep``: also store ``(k_j - c) . x``."""
+    def residual_pass(x, out):
+        """The true residual ``b - A x`` with the centred matvec; ``out`` (or None): also store ``(k_j - c) . x``."""
         mxd = -torch.linalg.vecdot(m, x).unsqueeze(-1)
         ap = torch.zeros_like(x)
         kps = torch.zeros_like(mxd)
         for a, n, hide in chunks.parts:
             kc = chunks.keys(a, n, hide)
             kp = x @ kc.transpose(-1, -2)  # [B, Hk, G, n]
-            if keep:
-                yx[..., a : a + n] = kp
+            if out is not None:
+                out[..., a : a + n] = kp
             kp.add_(mxd).mul_(s[..., a : a + n])
             ap.add_(kp @ kc)
             kps.add_(kp.sum(-1, keepdim=True))
         r = b - ap.addcmul_(kps, m, value=-1.0).addcmul_(x, L.unsqueeze(-1))
         return r, r.norm(dim=-1) / bnorm
 
-    r, residual = residual_pass(x, True)
-    x_yx = x
+    r, residual = residual_pass(x, yx)
+    yx_new = None
     for _ in range(REFINE):  # as solvers.direct_solve
         if not bool((residual > tol).any()):
             break
         x_new = x + _chol_apply(*chol, r)
-        r_new, res_new = residual_pass(x_new, False)
+        if yx_new is None:
+            yx_new = torch.empty_like(s)
+        # the refinement's pass keeps (k_j - c) . x_new too, so that the rows that take x_new take its
+        # products from here (no further pass over the keys for y . x)
+        r_new, res_new = residual_pass(x_new, yx_new)
         better = res_new < residual
         x = torch.where(better.unsqueeze(-1), x_new, x)
         r = torch.where(better.unsqueeze(-1), r_new, r)
         residual = torch.where(better, res_new, residual)
-    if x is not x_yx:
-        residual_pass(x, True)
+        yx = torch.where(better.unsqueeze(-1), yx_new, yx)
     if st.few:
         yx.sub_(yx.gather(-1, st.piv))
     yx.sub_(torch.linalg.vecdot(s, yx).unsqueeze(-1) / st.ssum).mul_(s)
