@@ -57,31 +57,6 @@ _OP = "local_linear_attention_with_kvcache"
 DECODE_CHUNK = 1024
 
 
-def _visible_span(lens, left):
-    """Row ``b`` sees cache entries ``first[b] <= j < lens[b]``.  -> (first [B], the span ``S0:S1`` any
-    row sees, whether some row sees only part of it), one host read."""
-    first = (lens - 1 - left).clamp_min(0) if left >= 0 else torch.zeros_like(lens)
-    if not lens.numel():
-        return first, 0, 0, False
-    S0, S1, first_max, lens_min = torch.stack([first.min(), lens.max(), first.max(), lens.min()]).tolist()
-    return first, S0, S1, first_max > S0 or lens_min < S1
-
-
-def _key_shift(K, first, lens, S0):
-    """The backend's tile shift for one row per sequence: the coordinate-wise (lower) median of the
-    last ``SHIFT_SAMPLE`` keys the row sees, zero when it sees none.  K [B, Hk, n, D] (entries
-    ``S0 + j``) -> ``[B, Hk, 1, D]``, detached (the output does not depend on it)."""
-    B, Hk, n, D = K.shape
-    idx = lens[:, None] - 1 - torch.arange(SHIFT_SAMPLE, device=K.device)[None, :]  # [B, SHIFT_SAMPLE]
-    ok = (idx >= first[:, None]) & (idx >= S0)
-    idx = (idx - S0).clamp(0, max(n - 1, 0))
-    picked = K.detach().gather(2, idx[:, None, :, None].expand(B, Hk, SHIFT_SAMPLE, D))
-    picked = picked.masked_fill(~ok[:, None, :, None], float("nan")).sort(dim=2).values  # NaN last
-    lower = ((ok.sum(-1) - 1) // 2).clamp_min(0)  # the lower median of the keys the row sees (as nanmedian)
-    med = picked.gather(2, lower[:, None, None, None].expand(B, picked.shape[1], 1, picked.shape[3]))
-    return med.nan_to_num(0.0)
-
-
 def _chunk_moments(kc, K, V, j0, j1):
     """``[(k - c)^2 | |k - c| | |k| | |v|]`` of keys ``j0:j1``: ``[B, Hk, c, D + 3]``."""
     kc2 = kc[..., j0:j1, :].square()
@@ -125,7 +100,8 @@ def _decode_one_autograd(q, k_cache, v_cache, rows, lens, lam, scale, left, tol)
     Hk, Dv = k_cache.shape[2], v_cache.shape[3]
     G = H // Hk
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    first, S0, S1, partial = _visible_span(lens, left)
+    first, S0, S1, first_max, lens_min = visible_span(lens, left)
+    partial = first_max > S0 or lens_min < S1  # some row does not see the whole span
     if S1 == 0:
         lse = torch.full((B, 1, H), float("-inf"), dtype=torch.float32, device=q.device)
         return q.new_zeros(B, 1, H, Dv), lse, torch.zeros(4, dtype=cdt)
@@ -145,7 +121,7 @@ def _decode_one_autograd(q, k_cache, v_cache, rows, lens, lam, scale, left, tol)
     lse = torch.logsumexp(logits, dim=-1)  # -inf for a row that sees nothing
     has_key = (lens > 0)[:, None, None, None]
     s = torch.softmax(logits.masked_fill(~has_key, 0.0), dim=-1) * has_key  # rows with no key: s = 0
-    shift = _key_shift(K, first, lens, S0)  # [B, Hk, 1, D]
+    shift = _cache_shift(k_cache, rows, first, lens, cdt).detach()  # [B, Hk, 1, D]
     kc = K - shift
     # the weighted mean in the shifted frame, over the weights' computed sum (1 only to rounding; see
     # function._centred): [B, Hk, G, D]
