@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Varlen", "segments", "longest_keys", "row_ranges"]
+__all__ = ["Varlen", "varlen_of", "segments", "with_queries", "longest_keys", "row_ranges"]
 
 
 class Varlen(NamedTuple):
@@ -29,21 +29,32 @@ class Varlen(NamedTuple):
     max_seqlen_k: int | None = None
 
 
-def segments(varlen: Varlen | None, T: int, S: int, *, nonempty: bool = False) -> list[tuple[slice, slice]]:
+def varlen_of(cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None = None) -> Varlen | None:
+    """``Varlen`` from the offsets a custom op carries (``cu_seqlens_k`` None: the query offsets; both None:
+    not packed, None)."""
+    if cu_seqlens_q is None:
+        return None
+    return Varlen(cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k)
+
+
+def segments(varlen: Varlen | None, T: int, S: int) -> list[tuple[slice, slice]]:
     """``[(query rows, key rows)]`` of each packed sequence (one host read of the offsets); the whole
-    input ``[(0:T, 0:S)]`` when not packed.  ``nonempty``: drop sequences without query rows."""
+    input ``[(0:T, 0:S)]`` when not packed."""
     if varlen is None:
         return [(slice(0, T), slice(0, S))]
     cq = varlen.cu_seqlens_q.tolist()
     ck = cq if varlen.cu_seqlens_k is varlen.cu_seqlens_q else varlen.cu_seqlens_k.tolist()
-    return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cq, cq[1:], ck, ck[1:]) if b > a or not nonempty]
+    return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(cq, cq[1:], ck, ck[1:])]
 
 
-def longest_keys(varlen: Varlen | None, S: int) -> int:
-    """The longest sequence's key count (``S`` when not packed)."""
-    if varlen is None:
-        return S
-    return max((sk.stop - sk.start for _sq, sk in segments(varlen, 0, S)), default=0)
+def with_queries(segs: list[tuple[slice, slice]]) -> list[tuple[slice, slice]]:
+    """The segments that hold query rows (an empty query sequence contributes nothing)."""
+    return [(sq, sk) for sq, sk in segs if sq.stop > sq.start]
+
+
+def longest_keys(segs: list[tuple[slice, slice]]) -> int:
+    """The longest sequence's key count (of every segment, with or without queries)."""
+    return max((sk.stop - sk.start for _sq, sk in segs), default=0)
 
 
 def row_ranges(T: int, S: int, window_size, varlen: Varlen | None, device):

@@ -26,22 +26,15 @@ from torch import Tensor
 from ..common.checks import check_ridge_values, check_varlen_values
 from ..common.diagnostics import default_max_iters, default_tol
 from ..common.policy import resolve_solver
-from ..common.varlen import Varlen, longest_keys, segments
+from ..common.varlen import Varlen, longest_keys, segments, varlen_of, with_queries
 from .torch_backend import function as _tb
 
 __all__ = ["lla_compiled"]
 
 
-def _varlen(cu_seqlens_q, cu_seqlens_k) -> Varlen | None:
-    if cu_seqlens_q is None:
-        return None
-    return Varlen(cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k)
-
-
-def _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, precision, ridge, q, varlen, S):
+def _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, precision, ridge, q, keys):
     """The backend's ``_Cfg``, with ``solver="auto"`` and ``precision="auto"`` resolved as the eager op
-    resolves them (``precision`` by the longest packed key sequence)."""
-    keys = longest_keys(varlen, S)
+    resolves them (by ``keys``, the longest packed key sequence)."""
     if solver == "auto":
         ridge_min = float(ridge.detach().min()) if ridge.numel() else 1.0
         solver = resolve_solver("auto", ridge_min, q.shape[-1], q.dtype, S=keys)
@@ -67,18 +60,17 @@ def _fwd(
     cu_seqlens_k: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_ridge_values(ridge)
-    varlen = _varlen(cu_seqlens_q, cu_seqlens_k)
-    if varlen is not None:
-        check_varlen_values(varlen, q.shape[1], k.shape[1])
-    segs = segments(varlen, q.shape[1], k.shape[1], nonempty=True)
-    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, precision, ridge, q, varlen,
-               k.shape[1])
+    varlen = varlen_of(cu_seqlens_q, cu_seqlens_k)
+    T, S = q.shape[1], k.shape[1]
+    segs = segments(None, T, S) if varlen is None else check_varlen_values(varlen, T, S)
+    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, precision, ridge, q,
+               longest_keys(segs))
     outs = _fwd_fake(q, k, v, ridge, cu_seqlens_q, scale, window_left, window_right, solver, max_iters, tol, precondition,
                      precision)
     o, lse, X, M, LSE = (t.zero_() for t in outs)
     lse.fill_(float("-inf"))
     LSE.fill_(float("-inf"))
-    for sq, sk in segs:
+    for sq, sk in with_queries(segs):
         o[:, sq], lse[:, sq], _stats, X[..., sq, :], M[..., sq, :], LSE[..., sq] = _tb.lla_forward(
             q[:, sq], k[:, sk], v[:, sk], ridge[:, sq], cfg)
     return o, lse, X, M, LSE
@@ -119,15 +111,16 @@ def _bwd(
     precision: str,
     cu_seqlens_k: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    varlen = _varlen(cu_seqlens_q, cu_seqlens_k)
-    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, precision, ridge, q, varlen,
-               k.shape[1])
+    varlen = varlen_of(cu_seqlens_q, cu_seqlens_k)
+    segs = segments(varlen, q.shape[1], k.shape[1])
+    cfg = _cfg(scale, window_left, window_right, solver, max_iters, tol, precondition, precision, ridge, q,
+               longest_keys(segs))
     if varlen is None:
         grads = _tb.lla_backward(do, q, k, v, ridge, X, M, LSE, cfg, True)
         return tuple(g.contiguous() for g in grads)  # the fake's strides
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dridge = ridge.new_zeros(ridge.shape)
-    for sq, sk in segments(varlen, q.shape[1], k.shape[1], nonempty=True):
+    for sq, sk in with_queries(segs):
         g = _tb.lla_backward(do[:, sq], q[:, sq], k[:, sk], v[:, sk], ridge[:, sq], X[..., sq, :], M[..., sq, :],
                              LSE[..., sq], cfg, True)
         dq[:, sq], dridge[:, sq] = g[0], g[3]

@@ -22,16 +22,10 @@ import torch
 from torch import Tensor
 
 from ..common.checks import check_varlen_values
-from ..common.varlen import Varlen
+from ..common.varlen import Varlen, varlen_of
 from . import torch_backend as _tb
 
 __all__ = ["parallax_compiled"]
-
-
-def _varlen(cu_seqlens_q, cu_seqlens_k) -> Varlen | None:
-    if cu_seqlens_q is None:
-        return None
-    return Varlen(cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k)
 
 
 @torch.library.custom_op("lla::parallax_fwd", mutates_args=())
@@ -39,7 +33,7 @@ def _fwd(
     q: Tensor, r: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], scale: float, window_left: int,
     window_right: int, cu_seqlens_k: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    varlen = _varlen(cu_seqlens_q, cu_seqlens_k)
+    varlen = varlen_of(cu_seqlens_q, cu_seqlens_k)
     if varlen is not None:
         check_varlen_values(varlen, q.shape[1], k.shape[1])
     cfg = _tb._Cfg(scale, (window_left, window_right), need_lse=True)
@@ -61,7 +55,7 @@ def _bwd(
     window_left: int, window_right: int, cu_seqlens_k: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cfg = _tb._Cfg(scale, (window_left, window_right))
-    return tuple(g.contiguous() for g in _tb.backward_varlen(do, q, r, k, v, C, cfg, _varlen(cu_seqlens_q, cu_seqlens_k)))
+    return tuple(g.contiguous() for g in _tb.backward_varlen(do, q, r, k, v, C, cfg, varlen_of(cu_seqlens_q, cu_seqlens_k)))
 
 
 @_bwd.register_fake

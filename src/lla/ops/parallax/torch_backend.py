@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..common.result import BackendResult
-from ..common.varlen import Varlen, segments
+from ..common.varlen import Varlen, segments, with_queries
 from .config import ParallaxConfig
 
 __all__ = ["parallax_torch", "parallax_forward", "parallax_backward", "ParallaxTorchFunction", "TILE_ELEMS"]
@@ -289,7 +289,7 @@ def forward_varlen(q, r, k, v, cfg, varlen: Varlen | None):
     o = q.new_zeros(B, T, H, Dv)
     C = q.new_zeros(B, Hk, H // Hk, T, dtype=cdt)
     lse = q.new_full((B, T, H), float("-inf"), dtype=torch.float32) if cfg.need_lse else None
-    for sq, sk in segments(varlen, T, k.shape[1], nonempty=True):
+    for sq, sk in with_queries(segments(varlen, T, k.shape[1])):
         o_s, C_s, lse_s = parallax_forward(q[:, sq], r[:, sq], k[:, sk], v[:, sk], cfg)
         o[:, sq], C[..., sq] = o_s, C_s
         if lse is not None:
@@ -302,7 +302,7 @@ def backward_varlen(do, q, r, k, v, C, cfg, varlen: Varlen | None):
     if varlen is None:
         return parallax_backward(do, q, r, k, v, C, cfg)
     grads = [torch.zeros_like(t) for t in (q, r, k, v)]
-    for sq, sk in segments(varlen, q.shape[1], k.shape[1], nonempty=True):
+    for sq, sk in with_queries(segments(varlen, q.shape[1], k.shape[1])):
         dq, dr, dk, dv = parallax_backward(do[:, sq], q[:, sq], r[:, sq], k[:, sk], v[:, sk], C[..., sq], cfg)
         grads[0][:, sq], grads[1][:, sq] = dq, dr
         grads[2][:, sk] += dk

@@ -51,7 +51,7 @@ import torch
 from ...common.diagnostics import adjoint_tol, check_conditioning, check_solve
 from ...common.policy import resolve_precision
 from ...common.result import BackendResult
-from ...common.varlen import Varlen, longest_keys, segments
+from ...common.varlen import Varlen, longest_keys, segments, with_queries
 from ..config import LLAConfig
 from .solvers import FEW_ROWS, Work, _fallback, chol_solve, direct_solve, pcg_compact, pcg_mixed
 
@@ -942,8 +942,9 @@ def lla_torch(q, k, v, ridge, varlen: Varlen | None, config: LLAConfig) -> tuple
     sequence without keys output zeros.
     """
     T, S = q.shape[1], k.shape[1]
-    segs = segments(varlen, T, S, nonempty=True)
-    precision = resolve_precision(config.precision, q.dtype, q.device, longest_keys(varlen, S))  # once per call
+    all_segs = segments(varlen, T, S)  # one host read of the offsets
+    segs = with_queries(all_segs)
+    precision = resolve_precision(config.precision, q.dtype, q.device, longest_keys(all_segs))  # once per call
     cfg = _Cfg(config.scale, tuple(config.window), config.solver, config.max_iters, config.tol, config.precondition,
                precision=precision)
     outs, lses, iters, resid, amp, chk, ran = [], [], 0, 0.0, 0.0, (0.0, 0.0), [0.0, 0.0, 0.0]
