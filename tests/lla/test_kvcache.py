@@ -11,6 +11,17 @@ import lla
 from conftest import make_qkv, rel_err
 
 
+def _decode_path(monkeypatch, per_sequence):
+    """Route a batch's single-token steps one sequence at a time (``_decode_each``) or through the batched
+    pass over the span some row sees, whatever the lengths (``kvcache.PER_SEQUENCE_MIN_KEYS``)."""
+    from lla.ops.common import kvcache
+
+    monkeypatch.setattr(kvcache, "PER_SEQUENCE_MIN_KEYS", 0 if per_sequence else 1 << 40)
+
+
+PATHS = pytest.mark.parametrize("per_sequence", [False, True], ids=["batched", "per-sequence"])
+
+
 def _decode_all(q, k, v, prefill, ridge, solver="auto", S_max=None, Hk=None):
     """Run prefill of ``prefill[b]`` tokens per sequence, then decode the rest one token at a time.
 
@@ -362,11 +373,13 @@ def _kv_ops(parallax):
     return lambda q, *a, **kw: lla.local_linear_attention_with_kvcache(q, *a, ridge=0.5, **kw)
 
 
+@PATHS
 @pytest.mark.parametrize("parallax", [False, True], ids=["lla", "parallax"])
 @pytest.mark.parametrize("T_new, window", [(1, (-1, -1)), (1, (4, -1)), (3, (-1, -1)), (3, (2, -1))])
-def test_cache_batch_idx_reads_and_writes_its_rows(parallax, T_new, window):
+def test_cache_batch_idx_reads_and_writes_its_rows(monkeypatch, parallax, T_new, window, per_sequence):
     """Batch element b uses cache row cache_batch_idx[b]: the same output as caches gathered to the
     batch, new entries land in those rows only, the other rows are untouched."""
+    _decode_path(monkeypatch, per_sequence)
     op = _kv_ops(parallax)
     B_cache, S_max, H, Hk, D = 4, 16, 4, 2, 8
     g = torch.Generator().manual_seed(21)
@@ -431,9 +444,10 @@ def test_new_keys_are_written_detached(parallax):
 
 
 # ------------------------------------------------------------------------------ locality, no float64 rescue
+@PATHS
 @pytest.mark.parametrize("mult", [1e4, 1e6])
 @pytest.mark.parametrize("window", [(-1, -1), (6, -1)])
-def test_ragged_locality_without_float64_rescue(monkeypatch, mult, window):
+def test_ragged_locality_without_float64_rescue(monkeypatch, mult, window, per_sequence):
     """Locality in a ragged batch with the float64 rescue switched off: a huge key just past sequence 0's
     length (in its own cache row) and at the same entry of sequence 1 (which sees it) leave sequence 0's
     output, shift and moments as they are without them, to rounding (its pivot, shift and statistics come
@@ -441,6 +455,7 @@ def test_ragged_locality_without_float64_rescue(monkeypatch, mult, window):
     from lla.ops.lla import decode
 
     monkeypatch.setattr(decode, "_hopeless_rows", lambda solver, res, fl: torch.zeros_like(res, dtype=torch.bool))
+    _decode_path(monkeypatch, per_sequence)
     B, S_max, H, Hk, D = 2, 40, 4, 2, 16
     q, k, v = make_qkv(B=B, T=S_max, H=H, Hk=Hk, D=D, dtype=torch.float32, seed=31)
     lens = torch.tensor([10, 40])
@@ -470,9 +485,10 @@ def _small_chunks(monkeypatch, n=8):
     monkeypatch.setattr(kvcache, "MIN_CHUNK", n)
 
 
+@PATHS
 @pytest.mark.parametrize("parallax", [False, True], ids=["lla", "parallax"])
 @pytest.mark.parametrize("H,Hk,window", [(4, 4, (-1, -1)), (4, 2, (-1, -1)), (4, 1, (7, -1)), (2, 2, (30, -1))])
-def test_chunked_step_matches_whole_span_step(monkeypatch, parallax, H, Hk, window):
+def test_chunked_step_matches_whole_span_step(monkeypatch, parallax, H, Hk, window, per_sequence):
     """The chunked, no-grad single-token step (ragged batch, cache_batch_idx, NaN garbage past the lengths,
     chunks of 8 keys, some of them partly hidden) equals the whole-span differentiable step (the numerics
     before the chunking) and the float64 reference on each sequence's own entries."""
@@ -507,11 +523,13 @@ def test_chunked_step_matches_whole_span_step(monkeypatch, parallax, H, Hk, wind
         assert rel_err(fast[i : i + 1], ref) <= 1e-5
 
 
-def test_chunked_step_float64_and_aux_match_whole_span(monkeypatch):
+@PATHS
+def test_chunked_step_float64_and_aux_match_whole_span(monkeypatch, per_sequence):
     """float64: the chunked step equals the whole-span step to 1e-12; with return_aux the reported lse,
     residual and amplification are the same estimates (the amplification up to the measured residual it
     includes, as in ``test_decode_reports_what_the_op_reports``)."""
     _small_chunks(monkeypatch)
+    _decode_path(monkeypatch, per_sequence)
     q, k, v = make_qkv(B=2, T=40, H=4, Hk=2, D=8, dtype=torch.float64, seed=42)
     lens = torch.tensor([40, 23])
     f = lambda q: lla.local_linear_attention_with_kvcache(  # noqa: E731
@@ -630,3 +648,54 @@ def test_parallax_chunked_pass_with_several_rows_matches_op_and_reference(monkey
         V = torch.cat([vc[b : b + 1, :n], v[b : b + 1]], 1)
         ref = lla.parallax_attention_ref(q[b : b + 1], r[b : b + 1], K, V, window_size=(window[0], 0) if window[0] >= 0 else window)
         assert rel_err(fast[b : b + 1], ref) <= 1e-10
+
+
+@pytest.mark.parametrize("parallax", [False, True], ids=["lla", "parallax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_sequence_step_equals_batched_step(monkeypatch, parallax, dtype):
+    """One sequence at a time (``_decode_each``: each row's exact span read in place, in chunks of 8 keys, a
+    bf16 cache converted chunk by chunk) equals the batched pass on a ragged batch with an empty sequence,
+    ``cache_batch_idx`` and NaN garbage past the lengths, with the same warnings; LLA's combined report is
+    the worst over the sequences (each sequence's own call: lse, residual, amplification) and equals the
+    batched one to rounding."""
+    _small_chunks(monkeypatch)
+    g = torch.Generator().manual_seed(44)
+    B_cache, S_max, H, Hk, D = 5, 50, 4, 2, 16
+    kc = torch.randn(B_cache, S_max, Hk, D, generator=g).to(dtype)
+    vc = torch.randn(B_cache, S_max, Hk, D, generator=g).to(dtype)
+    idx = torch.tensor([2, 0, 1, 4])
+    lens = torch.tensor([13, 0, 31, 50])
+    ridge = torch.tensor([0.3, 0.3, 0.3, 1e-3])[:, None, None].expand(4, 1, H)  # the last: the largest amplification
+    for b, n in zip(idx.tolist(), lens.tolist()):
+        kc[b, n:], vc[b, n:] = float("nan"), float("nan")
+    q, r = (torch.randn(4, 1, H, D, generator=g).to(dtype) for _ in range(2))
+
+    def step(b=slice(None)):
+        if parallax:
+            return lla.parallax_attention_with_kvcache(q[b], r[b], kc, vc, cache_seqlens=lens[b], cache_batch_idx=idx[b])
+        return lla.local_linear_attention_with_kvcache(q[b], kc, vc, cache_seqlens=lens[b], cache_batch_idx=idx[b],
+                                                      ridge=ridge[b], return_aux=True)
+
+    outs = []
+    for per_sequence in (False, True):
+        _decode_path(monkeypatch, per_sequence)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = step()
+        outs.append((out, sorted(str(w.message)[:60] for w in caught)))
+    (batched, warned_b), (each, warned_e) = outs
+    assert warned_b == warned_e
+    if not parallax:
+        (batched, aux_b), (each, aux_e) = batched, each
+        singles = [step(slice(b, b + 1))[1] for b in range(4)]  # one sequence per call: the per-sequence step's parts
+        assert torch.equal(aux_e.lse, torch.cat([a.lse for a in singles]))
+        assert bool((aux_e.lse[1] == float("-inf")).all())
+        assert aux_e.residual == max(a.residual for a in singles)
+        assert aux_e.amplification == max(a.amplification for a in singles) == singles[3].amplification
+        assert singles[3].amplification > max(a.amplification for a in singles[:3])
+        live = lens > 0
+        assert torch.allclose(aux_e.lse[live], aux_b.lse[live], rtol=1e-6, atol=1e-6)
+        assert max(aux_e.residual, aux_b.residual) <= 1e-5  # rounding-level in both (differently blocked GEMMs)
+        assert aux_e.amplification == pytest.approx(aux_b.amplification, rel=0.25)
+    assert torch.isfinite(each).all() and bool((each[1] == 0).all())
+    assert rel_err(each.float(), batched.float()) <= 1e-6

@@ -40,7 +40,8 @@ from ..common.checks import (
     check_solver_options, check_window,
 )
 from ..common.kvcache import (  # noqa: F401  (append_to_cache, gather_cache, pack_cache: re-exported)
-    append_to_cache, cache_chunk, chunk_keys, chunk_parts, gather_cache, pack_cache, stage_chunk, visible_span,
+    append_to_cache, cache_chunk, chunk_keys, chunk_parts, gather_cache, pack_cache, sequence_spans, stage_chunk,
+    visible_span,
 )
 from ..common.diagnostics import CONDITIONING_THRESHOLD, check_conditioning, check_solve, default_tol
 from .api import LLAAux, local_linear_attention
@@ -220,22 +221,23 @@ def _weighted_cross(s, kc, V, out):
 
 
 class _Gram:
-    """``sum X^T X`` over chunks (X [B, Hk, n, D]) in three contiguous ``D/2``-square blocks of the upper
-    triangle (three GEMMs: 3/4 of the full GEMM's flops); ``full()`` -> ``[B, Hk, D, D]``, symmetric."""
+    """``sum X^T X`` over chunks (X ``[B, R, n, D]``, one of the ``R`` per query row) in three contiguous
+    ``D/2``-square blocks of the upper triangle (three GEMMs: 3/4 of the full GEMM's flops); ``full()`` ->
+    ``[B, R, D, D]``, symmetric."""
 
-    def __init__(self, B, Hk, D, dtype, device):
+    def __init__(self, B, R, D, dtype, device):
         self.h = h = D // 2
-        self.blocks = [torch.zeros(B * Hk, r, c, dtype=dtype, device=device) for r, c in ((h, h), (h, D - h), (D - h, D - h))]
-        self.shape = (B, Hk, D, D)
+        self.blocks = [torch.zeros(B * R, r, c, dtype=dtype, device=device) for r, c in ((h, h), (h, D - h), (D - h, D - h))]
+        self.shape = (B, R, D, D)
 
-    def scale_(self, alpha):  # alpha [B, Hk, 1, 1]
+    def scale_(self, alpha):  # alpha: B R numbers
         a = alpha.reshape(-1, 1, 1)
         for blk in self.blocks:
             blk.mul_(a)
 
     def add_(self, X):
-        B, Hk, n, D = X.shape
-        X3 = X.reshape(B * Hk, n, D)
+        B, R, n, D = X.shape
+        X3 = X.reshape(B * R, n, D)
         XT, h = X3.transpose(-1, -2), self.h
         self.blocks[0].baddbmm_(XT[:, :h], X3[:, :, :h])
         self.blocks[1].baddbmm_(XT[:, :h], X3[:, :, h:])
@@ -296,6 +298,19 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
     return o.reshape(B, 1, H, Dv).to(q.dtype), st.lse, stats
 
 
+def _decode_each(q, k_cache, v_cache, spans, lens, lam, scale, left, tol, want_aux=False):
+    """``_decode_one`` one sequence at a time (``spans``: ``(cache row, j0, j1)`` per batch element,
+    ``common.kvcache.sequence_spans``), each on a one-row view of its cache row, so that it reads exactly
+    the entries it sees, in place (no masking, no other sequence's padding).  Same returns as
+    ``_decode_one``; ``stats`` combined over the sequences (the worst residual and amplification, the
+    residual and floor of the row furthest past ``max(tol, floor)``)."""
+    outs = [_decode_one(q[b : b + 1], k_cache[row : row + 1], v_cache[row : row + 1], None, lens[b : b + 1],
+                        lam[b : b + 1], scale, left, tol, want_aux) for b, (row, _j0, _j1) in enumerate(spans)]
+    o, lse, stats = (torch.cat(x) if i < 2 else torch.stack(x) for i, x in enumerate(zip(*outs)))  # stats [B, 4]
+    worst = (stats[:, 2] / stats[:, 3].clamp_min(tol)).argmax()
+    return o, lse, torch.stack([stats[:, 0].amax(), stats[:, 1].amax(), stats[worst, 2], stats[worst, 3]])
+
+
 class _DecodeMoments:
     """One decode step after its first pass, per row ``[B, Hk, G, ...]`` (query head ``h = hk * G + g``),
     keys in the frame of the shift ``c``: chunks (the cache reader), Q / L / scale (queries, ridge, logit
@@ -331,13 +346,13 @@ def _decode_moments(q, k_cache, v_cache, rows, lens, lam, scale, span, fused_cro
     Qs = Q * scale
     L = lam.to(cdt).reshape(B, Hk, G)
     fused_cross = fused_cross and few
-    gram = G == 1 and D >= 16  # one row per key head: sqrt(p)-scaled keys, symmetric blocks
+    gram = D >= 16  # sqrt(p)-scaled keys per row, symmetric blocks (else: G rows stacked in one GEMM)
     logits = torch.empty(B, Hk, G, n_all, dtype=cdt, device=dev)
     mx = torch.full((B, Hk, G, 1), float("-inf"), dtype=cdt, device=dev)
     psum = torch.zeros(B, Hk, G, 1, dtype=cdt, device=dev)
     pk = torch.zeros(B, Hk, G, D, dtype=cdt, device=dev)  # sum_j p_j (k_j - c)
     # sum_j p_j (k_j - c)(k_j - c)^T: G rows stacked, or (one row per key head) symmetric blocks
-    M2 = _Gram(B, Hk, D, cdt, dev) if gram else torch.zeros(B, Hk, G * D, D, dtype=cdt, device=dev)
+    M2 = _Gram(B, Hk * G, D, cdt, dev) if gram else torch.zeros(B, Hk, G * D, D, dtype=cdt, device=dev)
     Qc = torch.cat([Qs, shift], dim=2)  # [B, Hk, G + 1, D]: the logits and c . (k_j - c) in one GEMM
     qsc = Qs @ shift.transpose(-1, -2)  # q . c  [B, Hk, G, 1]
     cc = torch.linalg.vecdot(shift, shift).unsqueeze(-1)  # |c|^2  [B, Hk, 1, 1]
@@ -374,7 +389,10 @@ def _decode_moments(q, k_cache, v_cache, rows, lens, lam, scale, span, fused_cro
             pv.mul_(alpha).add_(p @ V)
         if gram:
             M2.scale_(alpha)
-            M2.add_(kc.mul_(p.sqrt().transpose(-1, -2)))  # (the shifted keys are not needed after this)
+            if G == 1:  # (the shifted keys are not needed after this)
+                M2.add_(kc.mul_(p.sqrt().transpose(-1, -2)))
+            else:  # [B, Hk G, n, D]: each row's sqrt(p)-scaled keys
+                M2.add_((kc.unsqueeze(2) * p.sqrt().unsqueeze(-1)).view(B, Hk * G, n, D))
         else:
             M2.view(B, Hk, G, D, D).mul_(alpha.unsqueeze(-1))
             _weighted_cross(p, kc, kc, M2)
@@ -387,7 +405,7 @@ def _decode_moments(q, k_cache, v_cache, rows, lens, lam, scale, span, fused_cro
     ssum = s.sum(-1, keepdim=True).clamp_min(tiny)
     smax = s.gather(-1, piv)[..., 0]
     m = pk / ps  # the weighted mean in the shifted frame  [B, Hk, G, D]
-    M2 = (M2.full().unsqueeze(2) if gram else M2.view(B, Hk, G, D, D)) / ps.unsqueeze(-1)
+    M2 = (M2.full() if gram else M2).view(B, Hk, G, D, D) / ps.unsqueeze(-1)
     if fused_cross:
         cross, pv = cross.view(B, Hk, G, D, Dv) / ps.unsqueeze(-1), pv / ps
     ekc2 = M2.diagonal(dim1=-2, dim2=-1).sum(-1)  # E|k - c|^2  [B, Hk, G]
@@ -596,6 +614,8 @@ def local_linear_attention_with_kvcache(
         tol = float(default_tol(q.dtype) if tol is None else tol)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, ridge)):
             o, lse, stats = _decode_one_autograd(q, k_cache, v_cache, rows, lens, ridge, scale, left, tol)
+        elif B > 1 and (spans := sequence_spans(lens, rows, left)) is not None:
+            o, lse, stats = _decode_each(q, k_cache, v_cache, spans, lens, ridge, scale, left, tol, want_aux=return_aux)
         else:
             o, lse, stats = _decode_one(q, k_cache, v_cache, rows, lens, ridge, scale, left, tol, want_aux=return_aux)
         residual, amplification = (float("nan"), float("nan"))

@@ -3,13 +3,16 @@
 Parallax has no fixed-size recurrent state either (the weights depend on the query), so it keeps
 every key and value; each new query does one pass over its cache.
 
-* A single new token (``T_new == 1``) reads the caches once, in chunks, all sequences of a ragged batch
-  and all query heads of a key head in one call: one GEMM per chunk of keys for the logits and ``r . k``
-  of every visible entry (kept: ``[B, H, S]`` each, no ``[S, D]`` temporary), the masked softmax, ``c``
-  and the centred weights, then one GEMM per chunk of values for the output.  Entries a row does not see
-  (past its length, before its window) are masked; a chunk of values holding such entries is staged into
-  a small buffer with them zeroed (they may hold anything), other chunks are read in place.  When a
-  gradient is needed the step runs on whole-span tensors instead (``_decode_one_autograd``).
+* A single new token (``T_new == 1``) reads the caches once, in chunks, all query heads of a key head in
+  one GEMM.  Sequences that see ``common.kvcache.PER_SEQUENCE_MIN_KEYS`` entries or more on average go one at
+  a time, each over exactly the entries it sees, read in place (``_decode_each``: no masking, no copy, no
+  work on another sequence's padding); shorter ones go in one batched pass (``_attend_chunked``): one GEMM
+  per chunk of keys for the logits and ``r . k`` of every visible entry (kept: ``[B, H, S]`` each, no
+  ``[S, D]`` temporary), the masked softmax, ``c`` and the centred weights, then one GEMM per chunk of
+  values for the output; entries a row does not see (past its length, before its window) are masked, a
+  chunk of values holding such entries is staged into a small buffer with them zeroed (they may hold
+  anything).  When a gradient is needed the step runs on whole-span tensors instead
+  (``_decode_one_autograd``).
 * Chunks (``T_new > 1``, prefill on top of a cache) go through the public op: one batched call when
   every sequence has the same length, else one packed varlen call (``cu_seqlens_q`` /
   ``cu_seqlens_k``), bottom-right aligned per sequence, which makes chunked prefill equal to the full
@@ -26,7 +29,7 @@ from ..common.checks import (
     check_cache_batch_idx, check_cache_seqlens, check_new_kv, check_qkv, check_scale, check_tensor, check_window,
 )
 from ..common.kvcache import (
-    append_to_cache, cache_chunk, chunk_keys, gather_cache, pack_cache, stage_chunk,
+    append_to_cache, cache_chunk, chunk_keys, gather_cache, pack_cache, sequence_spans, stage_chunk,
 )
 from .api import parallax_attention
 
@@ -63,6 +66,39 @@ def _decode_one_autograd(q, r, k_cache, v_cache, rows, lens, scale, left):
     c = (s * a).sum(-1, keepdim=True)
     w = s * (1.0 - (a - c))
     o = w @ V  # [B, Hk, G, Dv]
+    return o.reshape(B, 1, H, Dv).to(q.dtype)
+
+
+@torch.no_grad()
+def _decode_each(q, r, k_cache, v_cache, spans, scale):
+    """One new query per sequence, one sequence at a time over exactly the entries it sees (``spans``:
+    ``(cache row, j0, j1)`` per batch element, ``common.kvcache.sequence_spans``), the cache read in place:
+    per sequence one GEMM for the logits and ``r . k`` of all its query heads (``[Hk, 2 G, n]``, kept), the
+    softmax, ``c`` and the centred weights, one GEMM for the output (both in chunks of ``chunk_keys``
+    entries, converted to the compute dtype chunk by chunk); the arithmetic of ``_decode_one_autograd``, no
+    gradient, no masking (nothing outside the span enters).  -> o [B, 1, H, Dv]."""
+    B, _, H, D = q.shape
+    Hk, Dv = k_cache.shape[2], v_cache.shape[3]
+    G = H // Hk
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    QR = torch.cat([q.to(cdt) * scale, r.to(cdt)], dim=1).reshape(B, 2, Hk, G, D).transpose(1, 2)
+    QR = QR.reshape(B, Hk, 2 * G, D)  # rows: the scaled queries, then the slope queries
+    o = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=q.device)
+    for b, (row, j0, j1) in enumerate(spans):
+        n = j1 - j0
+        if n <= 0:
+            continue
+        step = chunk_keys(1, Hk, max(D, Dv), n)  # (whole-span GEMMs were slower at 32K)
+        la = torch.empty(Hk, 2 * G, n, dtype=cdt, device=q.device)  # logits | r . k
+        parts = [(j0 + a, j0 + min(a + step, n), slice(a, min(a + step, n))) for a in range(0, n, step)]
+        for e0, e1, part in parts:  # [Hk, n, D] views of the cache row: no copy
+            torch.bmm(QR[b], k_cache[row, e0:e1].to(cdt).transpose(0, 1).transpose(1, 2), out=la[..., part])
+        s = torch.softmax(la[:, :G], dim=-1)  # [Hk, G, n]
+        ak = la[:, G:]
+        c = torch.linalg.vecdot(s, ak).unsqueeze(-1)
+        w = s * (1.0 - (ak - c))
+        for e0, e1, part in parts:
+            o[b].baddbmm_(w[..., part], v_cache[row, e0:e1].to(cdt).transpose(0, 1))
     return o.reshape(B, 1, H, Dv).to(q.dtype)
 
 
@@ -179,6 +215,9 @@ def parallax_attention_with_kvcache(
     if T == 1:
         if grad:
             return _decode_one_autograd(q, r, k_cache, v_cache, rows, lens, scale, window_size[0])
+        spans = sequence_spans(lens, rows, window_size[0])
+        if spans is not None:
+            return _decode_each(q, r, k_cache, v_cache, spans, scale)
         return _attend_chunked(q, r, k_cache, v_cache, rows, lens, scale, window_size[0])
     lens_list = lens.tolist()
     kw = dict(scale=scale, causal=causal, window_size=window_size, backend=backend)
