@@ -92,13 +92,13 @@ def _decode_each(q, r, k_cache, v_cache, spans, scale):
         la = torch.empty(Hk, 2 * G, n, dtype=cdt, device=q.device)  # logits | r . k
         parts = [(j0 + a, j0 + min(a + step, n), slice(a, min(a + step, n))) for a in range(0, n, step)]
         for e0, e1, part in parts:  # [Hk, n, D] views of the cache row: no copy
-            torch.bmm(QR[b], k_cache[row, e0:e1].to(cdt).transpose(0, 1).transpose(1, 2), out=la[..., part])
+            la[..., part] = QR[b] @ k_cache[row, e0:e1].to(cdt).transpose(0, 1).transpose(1, 2)
         s = torch.softmax(la[:, :G], dim=-1)  # [Hk, G, n]
         ak = la[:, G:]
         c = torch.linalg.vecdot(s, ak).unsqueeze(-1)
         w = s * (1.0 - (ak - c))
         for e0, e1, part in parts:
-            o[b].baddbmm_(w[..., part], v_cache[row, e0:e1].to(cdt).transpose(0, 1))
+            o[b] += w[..., part] @ v_cache[row, e0:e1].to(cdt).transpose(0, 1)
     return o.reshape(B, 1, H, Dv).to(q.dtype)
 
 
