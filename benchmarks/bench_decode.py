@@ -27,7 +27,10 @@ allocator's in-use bytes (glibc ``mallinfo2``: arenas + mmapped blocks) read aft
 (``TorchDispatchMode``) over the value before it: temporaries freed inside a single aten kernel are not seen
 (their peak is bounded by that kernel's own workspace).  "floor ms" = the bytes of the visible K and V
 entries divided by the memory bandwidth of a timed 256 MiB copy (read + write bytes per second) at the same
-thread count: the time a step that reads the cache once at copy speed would take.
+thread count: the time a step that reads the cache once at copy speed would take.  "LLA moment GEMMs" = the
+LLA step's weighted second moments alone (``sum_j p_j (k_j - c)(k_j - c)^T`` per query head, the three
+symmetric ``D/2`` blocks the step issues, per 1024-key chunk of each sequence's keys, on one chunk kept in
+cache): LLA's compute floor, with no pass over the cache, in the same worker (x its SDPA).
 """
 
 from __future__ import annotations
@@ -141,7 +144,25 @@ def build(name, c):
     def parallax_step():
         return lla.parallax_attention_with_kvcache(q, r, k_cache, v_cache, k, v, cache_seqlens=seqlens)
 
-    return dict(sdpa=sdpa, lla=lla_step, parallax=parallax_step)
+    # LLA's compute floor: the step's weighted second moments alone, sum_j p_j (k_j - c)(k_j - c)^T per query
+    # head in the three symmetric D/2 blocks (3/4 of the full GEMM), on one staged [H, 1024, D] chunk reused for
+    # every chunk of each sequence's keys (in cache: no memory traffic), as the step issues them
+    chunk = torch.randn(H, 1024, D, generator=g)
+    h = D // 2
+    blocks = [torch.zeros(B * H, h, h) for _ in range(3)]
+
+    def gram():
+        if T > 1:
+            raise NotImplementedError("n/a: chunks go through the op (no per-row moment GEMM)")
+        for n in lens:
+            for a in range(0, n, chunk.shape[1]):
+                X = chunk[:, : min(chunk.shape[1], n - a)]
+                XT = X.transpose(1, 2)
+                blocks[0][:H].baddbmm_(XT[:, :h], X[:, :, :h])
+                blocks[1][:H].baddbmm_(XT[:, :h], X[:, :, h:])
+                blocks[2][:H].baddbmm_(XT[:, h:], X[:, :, h:])
+
+    return dict(sdpa=sdpa, lla=lla_step, parallax=parallax_step, gram=gram)
 
 bw = {}
 for line in sys.stdin:
@@ -232,7 +253,8 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case and method (default 9; quick 5)")
     ap.add_argument("--cases", default="all", help="comma-separated case names (see CASES) or 'all'")
-    ap.add_argument("--methods", default="sdpa,lla,parallax")
+    ap.add_argument("--methods", default="sdpa,lla,parallax,gram",
+                    help="gram: LLA's moment GEMMs alone (its compute floor), single-token cases")
     ap.add_argument("--src", action="append", default=None,
                     help="LABEL=PATH of a src folder holding the lla package (repeat for A/B); default this checkout")
     ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
@@ -294,6 +316,8 @@ def report(args, argv, workers, methods, threads, steps, results, started, t_sta
                 head.append(f"SDPA ms ({w.label})")
             if "lla" in methods:
                 head += [f"LLA ({w.label})", "ok"]
+            if "gram" in methods:
+                head.append(f"LLA moment GEMMs ({w.label})")
             if "parallax" in methods:
                 head += [f"Parallax ({w.label})", "ok"]
         lines.append("| " + " | ".join(head) + " |")
@@ -310,6 +334,9 @@ def report(args, argv, workers, methods, threads, steps, results, started, t_sta
                     cells.append(f"{base['ms']:.3g} / {base['cpu_ms']:.3g}" if base else "error")
                 if "lla" in methods:
                     cells += list(cell(r["res"][f"{w.label}/lla"], base, tl))
+                if "gram" in methods:
+                    g = r["res"][f"{w.label}/gram"]
+                    cells.append("n/a" if "error" in g else f"{g['ms']:.3g} ({g['ms'] / base['ms']:.2f}x)" if base else "")
                 if "parallax" in methods:
                     cells += list(cell(r["res"][f"{w.label}/parallax"], base, tp))
             lines.append("| " + " | ".join(cells) + " |")
