@@ -13,10 +13,13 @@ from conftest import make_qkv, rel_err
 
 def _decode_path(monkeypatch, per_sequence):
     """Route a batch's single-token steps one sequence at a time (``_decode_each``) or through the batched
-    pass over the span some row sees, whatever the lengths (``kvcache.PER_SEQUENCE_MIN_KEYS``)."""
-    from lla.ops.common import kvcache
+    pass over the span some row sees, whatever the lengths (each mechanism's ``PER_SEQUENCE`` rule)."""
+    from lla.ops.lla import decode as lla_decode
+    from lla.ops.parallax import decode as parallax_decode
 
-    monkeypatch.setattr(kvcache, "PER_SEQUENCE_MIN_KEYS", 0 if per_sequence else 1 << 40)
+    rule = (0, 2.0) if per_sequence else (1 << 40, 2.0)
+    monkeypatch.setattr(lla_decode, "PER_SEQUENCE", rule)
+    monkeypatch.setattr(parallax_decode, "PER_SEQUENCE", rule)
 
 
 PATHS = pytest.mark.parametrize("per_sequence", [False, True], ids=["batched", "per-sequence"])
@@ -699,3 +702,24 @@ def test_per_sequence_step_equals_batched_step(monkeypatch, parallax, dtype):
         assert aux_e.amplification == pytest.approx(aux_b.amplification, rel=0.25)
     assert torch.isfinite(each).all() and bool((each[1] == 0).all())
     assert rel_err(each.float(), batched.float()) <= 1e-6
+
+
+def test_sequence_spans_rule():
+    """``sequence_spans``: each batch element's cache row and visible entries (window, ``cache_batch_idx``),
+    and the rule: one sequence at a time from ``min_keys`` entries at equal lengths, sooner with padding."""
+    from lla.ops.common.kvcache import sequence_spans
+
+    rule = (512, 2.2)
+    assert sequence_spans(torch.tensor([600, 600]), None, -1, rule) == [(0, 0, 600), (1, 0, 600)]
+    assert sequence_spans(torch.tensor([500, 500]), None, -1, rule) is None  # equal and short: batched
+    # ragged: the batched pass covers 0..568 for every row; 2.2 * 568 - 316 >= 1.2 * 512
+    lens = torch.tensor([64, 568])
+    assert sequence_spans(lens, torch.tensor([3, 1]), -1, rule) == [(3, 0, 64), (1, 0, 568)]
+    assert sequence_spans(torch.tensor([8, 136]), None, -1, rule) is None  # ragged but short: batched
+    # a window: row b sees lens[b] - 1 - left .. lens[b]; the batched span is 400..1000
+    assert sequence_spans(torch.tensor([1000, 700]), None, 299, (256, 2.0)) == [(0, 700, 1000), (1, 400, 700)]
+    # 100 entries each: per sequence when the windows lie apart (the batched span 600..1000 is mostly padding),
+    # batched when they overlap (890..1000)
+    assert sequence_spans(torch.tensor([1000, 700]), None, 99, (256, 2.0)) == [(0, 900, 1000), (1, 600, 700)]
+    assert sequence_spans(torch.tensor([1000, 990]), None, 99, (256, 2.0)) is None
+    assert sequence_spans(torch.zeros(0, dtype=torch.long), None, -1, rule) is None

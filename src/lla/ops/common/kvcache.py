@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["append_to_cache", "gather_cache", "pack_cache", "visible_span", "chunk_keys", "chunk_parts", "cache_chunk", "stage_chunk",
-           "sequence_spans", "PER_SEQUENCE_MIN_KEYS"]
+           "sequence_spans"]
 
 #: Elements of the largest per-chunk temporary of a single-token step (``[B, H, D, n]``: the weighted keys
 #: of LLA's moment GEMM with grouped heads; the staged keys otherwise); the chunk length is this over ``B H D`` (at least ``MIN_CHUNK``).  2^19 fp32
@@ -22,13 +22,17 @@ __all__ = ["append_to_cache", "gather_cache", "pack_cache", "visible_span", "chu
 CHUNK_ELEMS = 1 << 19
 MIN_CHUNK = 512  # below this, per-chunk dispatch dominates (B 8: 16 chunks of 512 over an 8K cache, not 64 of 128)
 
-#: A single-token step over a batch of ``B > 1`` sequences takes them one at a time, each over exactly the
-#: entries it sees, read in place (``sequence_spans``), when they see at least this many entries on average;
-#: below it, one batched pass over the span some row sees (``visible_span``, entries a row does not see masked
-#: and staged).  Batched, a ``[B, Hk, n, D]`` chunk of a ``[B, S, Hk, D]`` cache is no single strided batch, so
-#: every GEMM operand is copied, and a ragged batch does the longest row's work for every row; one sequence
-#: at a time costs ~10 dispatched ops per sequence instead (``benchmarks/bench_decode.py``, ragged cases).
-PER_SEQUENCE_MIN_KEYS = 256
+#: A single-token step over a batch of ``B > 1`` sequences either takes them one at a time, each over exactly
+#: the entries it sees, read in place (``sequence_spans``), or makes one batched pass over the span some row
+#: sees (``visible_span``; entries a row does not see masked and staged).  Batched, a ``[B, Hk, n, D]`` chunk
+#: of a ``[B, S, Hk, D]`` cache is no single strided batch, so GEMM operands are copied, and a ragged batch
+#: does the longest row's work for every row; one at a time costs a fixed overhead per sequence.  Each
+#: mechanism's rule is ``(min_keys, pad_weight)``: per sequence when ``pad_weight * span - mean >=
+#: (pad_weight - 1) * min_keys`` (``span``: entries the batched pass covers, ``mean``: entries a sequence sees
+#: on average), i.e. from ``min_keys`` entries at equal lengths, sooner the more padding a ragged batch
+#: carries (``pad_weight``: what an entry costs the batched pass over what it costs one sequence's pass).
+#: Fitted on B 4..256, 16..8K entries, ragged and not, H 8, D 64, one thread
+#: (``lla.ops.lla.decode.PER_SEQUENCE``, ``lla.ops.parallax.decode.PER_SEQUENCE``).
 
 
 def append_to_cache(k_cache, v_cache, k, v, seqlens, rows=None) -> None:
@@ -76,16 +80,19 @@ def visible_span(lens, left):
     return first, S0, S1, first_max, lens_min
 
 
-def sequence_spans(lens, rows, left):
-    """Per batch element ``b``: ``(cache row, j0, j1)``, the entries ``j0 <= j < j1`` it sees (``left < 0``: from
-    0; ``rows`` None: row ``b``), one host read; ``None`` when the batch is better taken in one batched pass
-    (fewer than ``PER_SEQUENCE_MIN_KEYS`` visible entries per sequence on average)."""
+def sequence_spans(lens, rows, left, rule):
+    """Per batch element ``b``: ``(cache row, j0, j1)``, the entries ``j0 <= j < j1`` it sees (``left < 0``:
+    from 0; ``rows`` None: row ``b``), one host read; ``None`` when the mechanism's ``rule = (min_keys,
+    pad_weight)`` (above) prefers one batched pass."""
     first = (lens - 1 - left).clamp_min(0) if left >= 0 else torch.zeros_like(lens)
     r = torch.arange(lens.shape[0], device=lens.device) if rows is None else rows.to(lens.dtype)
     spans = [tuple(x) for x in torch.stack([r, first, lens], 1).tolist()]
-    if sum(j1 - j0 for _, j0, j1 in spans) < PER_SEQUENCE_MIN_KEYS * max(len(spans), 1):
+    if not spans:
         return None
-    return spans
+    min_keys, pad_weight = rule
+    span = max(j1 for _, _, j1 in spans) - min(j0 for _, j0, _ in spans)
+    mean = sum(j1 - j0 for _, j0, j1 in spans) / len(spans)
+    return spans if pad_weight * span - mean >= (pad_weight - 1) * min_keys else None
 
 
 def chunk_keys(B: int, H: int, D: int, n: int) -> int:

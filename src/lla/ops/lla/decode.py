@@ -57,6 +57,12 @@ _OP = "local_linear_attention_with_kvcache"
 #: Keys per chunk of the single-token step's moment passes (bounds their temporaries).
 DECODE_CHUNK = 1024
 
+#: When a batch's single-token step goes one sequence at a time (``common.kvcache.sequence_spans``'s rule,
+#: ``(min_keys, pad_weight)``): per-sequence calls cost ~2.7 ms each (the shift's median, the Cholesky, the
+#: estimates), so equal lengths break even at ~512 entries; a padded entry costs the batched pass ~2.2x an
+#: entry of one sequence's pass (B 4..256, 16..8K entries, H 8, D 64, one thread).
+PER_SEQUENCE = (512, 2.2)
+
 
 def _chunk_moments(kc, K, V, j0, j1):
     """``[(k - c)^2 | |k - c| | |k| | |v|]`` of keys ``j0:j1``: ``[B, Hk, c, D + 3]``."""
@@ -612,7 +618,7 @@ def local_linear_attention_with_kvcache(
         tol = float(default_tol(q.dtype) if tol is None else tol)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, ridge)):
             o, lse, stats = _decode_one_autograd(q, k_cache, v_cache, rows, lens, ridge, scale, left, tol)
-        elif B > 1 and (spans := sequence_spans(lens, rows, left)) is not None:
+        elif B > 1 and (spans := sequence_spans(lens, rows, left, PER_SEQUENCE)) is not None:
             o, lse, stats = _decode_each(q, k_cache, v_cache, spans, lens, ridge, scale, left, tol, want_aux=return_aux)
         else:
             o, lse, stats = _decode_one(q, k_cache, v_cache, rows, lens, ridge, scale, left, tol, want_aux=return_aux)

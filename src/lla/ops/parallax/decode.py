@@ -4,7 +4,7 @@ Parallax has no fixed-size recurrent state either (the weights depend on the que
 every key and value; each new query does one pass over its cache.
 
 * A single new token (``T_new == 1``) reads the caches once, in chunks, all query heads of a key head in
-  one GEMM.  Sequences that see ``common.kvcache.PER_SEQUENCE_MIN_KEYS`` entries or more on average go one at
+  one GEMM.  Sequences long enough (``PER_SEQUENCE``, ``common.kvcache.sequence_spans``'s rule) go one at
   a time, each over exactly the entries it sees, read in place (``_decode_each``: no masking, no copy, no
   work on another sequence's padding); shorter ones go in one batched pass (``_attend_chunked``): one GEMM
   per chunk of keys for the logits and ``r . k`` of every visible entry (kept: ``[B, H, S]`` each, no
@@ -34,6 +34,12 @@ from ..common.kvcache import (
 from .api import parallax_attention
 
 __all__ = ["parallax_attention_with_kvcache"]
+
+#: When a batch's single-token step goes one sequence at a time (``common.kvcache.sequence_spans``'s rule,
+#: ``(min_keys, pad_weight)``): a per-sequence pass costs ~0.15 ms of overhead, the batched pass copies its
+#: GEMM operands (~4x an entry of one sequence's pass), so equal lengths break even at ~64 entries (B 32..256,
+#: 16..8K entries, H 8, D 64, one thread).
+PER_SEQUENCE = (64, 4.0)
 
 
 def _decode_one_autograd(q, r, k_cache, v_cache, rows, lens, scale, left):
@@ -215,7 +221,7 @@ def parallax_attention_with_kvcache(
     if T == 1:
         if grad:
             return _decode_one_autograd(q, r, k_cache, v_cache, rows, lens, scale, window_size[0])
-        spans = sequence_spans(lens, rows, window_size[0])
+        spans = sequence_spans(lens, rows, window_size[0], PER_SEQUENCE)
         if spans is not None:
             return _decode_each(q, r, k_cache, v_cache, spans, scale)
         return _attend_chunked(q, r, k_cache, v_cache, rows, lens, scale, window_size[0])
