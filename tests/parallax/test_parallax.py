@@ -340,6 +340,33 @@ def test_many_small_tiles_match_reference(monkeypatch, elems):
             assert rel_err(g, w) <= 1e-12, (i, name, rel_err(g, w))
 
 
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (7, 30)), (True, (12, -1))])
+def test_one_tile_plan_reads_keys_in_place(monkeypatch, causal, window):
+    """A chunk of queries on a long cache (``S >= 4 T``) with up to twice the tile budget of rows makes one
+    tile (no second pass over nearly the same keys), and a plan of one tile reads the keys and values in
+    place (views, B = 1) instead of copying them head-major; outputs and gradients equal the reference.
+    Square shapes keep the budget, and several tiles still copy."""
+    from lla.ops.parallax import torch_backend
+
+    monkeypatch.setattr(torch_backend, "TILE_ELEMS", 512)  # a 16-row budget here (G = 2, S >= 16)
+    win = (window[0], 0) if causal else window
+    plan, _ = torch_backend._cached_plan(30, 130, win, 2, 2, "cpu")
+    assert len(plan) == 1 and plan[0][1] - plan[0][0] == 30
+    assert len(torch_backend._cached_plan(30, 100, win, 2, 2, "cpu")[0]) == 2  # S < 4 T: the budget holds
+    x = make_qrkv(B=1, T=30, S=130, H=4, Hk=2, D=16, Dv=8, seed=77)
+    q, r, k, v = x
+    _X, K, V, _bad = torch_backend._prepare(q, r, k, v, 0.25, win)
+    assert K.data_ptr() == k.data_ptr() and V.data_ptr() == v.data_ptr()  # views of the inputs
+    x40 = make_qrkv(B=1, T=40, S=130, H=4, Hk=2, D=16, Dv=8, seed=78)  # 40 > 2 x 16 rows: three tiles, copies
+    _X, K40, _V, _bad = torch_backend._prepare(*x40, 0.25, win)
+    assert K40.is_contiguous() and K40.data_ptr() != x40[2].data_ptr()
+    do = torch.randn(1, 30, 4, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = out_and_grads(ref, x, do, torch.float64, causal=causal, window_size=window)
+    got = out_and_grads(op, x, do, torch.float64, causal=causal, window_size=window)
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) <= 1e-12, (name, rel_err(g, w))
+
+
 def test_bench_provider_in_process():
     import warnings
 
