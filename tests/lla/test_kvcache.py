@@ -483,9 +483,11 @@ def test_ragged_locality_without_float64_rescue(monkeypatch, mult, window, per_s
 def _small_chunks(monkeypatch, n=8):
     """Force chunks of ``n`` keys (several chunks, partly hidden ones) in the single-token steps."""
     from lla.ops.common import kvcache
+    from lla.ops.parallax import decode as parallax_decode
 
     monkeypatch.setattr(kvcache, "CHUNK_ELEMS", 1)
     monkeypatch.setattr(kvcache, "MIN_CHUNK", n)
+    monkeypatch.setattr(parallax_decode, "VIEW_CHUNK", n)
 
 
 @PATHS
