@@ -3,6 +3,7 @@
     python benchmarks/bench_decode.py [--quick] [--threads 1,2] [--steps 9] [--cases all]
                                       [--src before=/tmp/decode-base/src --src after=src]
                                       [--out benchmarks/results/decode]
+    python benchmarks/bench_decode.py --table RUN.json [RUN.json ...] [--label after]   # runs combined
 
 The issue-24 targets table (CPU, fp32 caches, D = 64, H = 8, ridge 1):
 
@@ -258,12 +259,18 @@ def main(argv=None):
     ap.add_argument("--src", action="append", default=None,
                     help="LABEL=PATH of a src folder holding the lla package (repeat for A/B); default this checkout")
     ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
+    ap.add_argument("--table", nargs="+", metavar="JSON", default=None,
+                    help="print the table of several saved runs (--out's JSON) combined: per cell the median wall "
+                         "ratio to SDPA over the runs and its range, for the src --label, and exit")
+    ap.add_argument("--label", default=None, help="with --table: the src label to tabulate (default: the last)")
     ap.add_argument("--gemm", action="store_true",
                     help="only print the batched GEMM speed of the moment's shape ([8, 64, 2048] x [8, 2048, 64]), "
                          "fp32 and bf16, at each --threads count, and exit")
     args = ap.parse_args(argv)
     if args.gemm:
         return gemm_speed([int(t) for t in args.threads.split(",")])
+    if args.table:
+        return print(combined_table(args.table, args.label))
     steps = args.steps or (5 if args.quick else 9)
     srcs = [s.split("=", 1) for s in (args.src or [f"this={os.path.join(ROOT, 'src')}"])]
     cases = list(CASES) if args.cases == "all" else args.cases.split(",")
@@ -292,6 +299,50 @@ def main(argv=None):
         for w in workers:
             w.close()
     report(args, argv, workers, methods, threads, steps, results, started, t_start, final=True)
+
+
+def combined_table(paths, label=None):
+    """Markdown tables (one per thread count) of several saved runs: per case the median SDPA ms, and per
+    method the median wall ratio to SDPA over the runs with its range ``[min-max]``, for one src label."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    label = label or runs[0]["srcs"][-1][0]
+    lines = [f"{len(runs)} runs ({', '.join(r['started'] for r in runs)}), src '{label}': median over the runs of "
+             "each run's median wall ms (SDPA) and wall ratio to SDPA of the same worker [range over the runs]; "
+             "'ok': the median ratio against the issue's target.", ""]
+    cells = {}
+    for run in runs:
+        for r in run["results"]:
+            base = r["res"].get(f"{label}/sdpa", {})
+            if "ms" not in base:
+                continue
+            key = (r["threads"], r["case"])
+            cells.setdefault(key, {}).setdefault("sdpa", []).append(base["ms"])
+            for m in ("lla", "gram", "parallax"):
+                x = r["res"].get(f"{label}/{m}", {})
+                if "ms" in x:
+                    cells[key].setdefault(m, []).append(x["ms"] / base["ms"])
+    for th in sorted({t for t, _ in cells}):
+        lines += [f"**{th} thread(s)**", "", "| case | SDPA ms | LLA | ok | LLA moment GEMMs | Parallax | ok |",
+                  "|---|---|---|---|---|---|---|"]
+        for (t, case), c in cells.items():
+            if t != th:
+                continue
+            tl, tp = TARGETS[case]
+
+            def fmt(m, target=None):
+                v = c.get(m)
+                if not v:
+                    return ["n/a"] + ([""] if target else [])
+                med = statistics.median(v)
+                out = [f"{med:.2f}x [{min(v):.2f}-{max(v):.2f}]"]
+                return out + (["yes" if med <= target else "**no**"] if target else [])
+            row = [case, f"{statistics.median(c['sdpa']):.3g}"] + fmt("lla", tl) + fmt("gram") + fmt("parallax", tp)
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def report(args, argv, workers, methods, threads, steps, results, started, t_start, final=False):
