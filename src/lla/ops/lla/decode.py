@@ -355,7 +355,7 @@ def _decode_moments(q, k_cache, v_cache, rows, lens, lam, scale, span, fused_cro
     mx = torch.full((B, Hk, G, 1), float("-inf"), dtype=cdt, device=dev)
     psum = torch.zeros(B, Hk, G, 1, dtype=cdt, device=dev)
     pk = torch.zeros(B, Hk, G, D, dtype=cdt, device=dev)  # sum_j p_j (k_j - c)
-    # sum_j p_j (k_j - c)(k_j - c)^T: G rows stacked, or (one row per key head) symmetric blocks
+    # sum_j p_j (k_j - c)(k_j - c)^T: symmetric blocks per row (D >= 16), or the G rows stacked in one GEMM
     M2 = _Gram(B, Hk * G, D, cdt, dev) if gram else torch.zeros(B, Hk, G * D, D, dtype=cdt, device=dev)
     Qc = torch.cat([Qs, shift], dim=2)  # [B, Hk, G + 1, D]: the logits and c . (k_j - c) in one GEMM
     qsc = Qs @ shift.transpose(-1, -2)  # q . c  [B, Hk, G, 1]

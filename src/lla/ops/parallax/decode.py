@@ -85,9 +85,10 @@ def _decode_each(q, r, k_cache, v_cache, spans, scale):
     """One new query per sequence, one sequence at a time over exactly the entries it sees (``spans``:
     ``(cache row, j0, j1)`` per batch element, ``common.kvcache.sequence_spans``), the cache read in place:
     per sequence one GEMM for the logits and ``r . k`` of all its query heads (``[Hk, 2 G, n]``, kept), the
-    softmax, ``c`` and the centred weights, one GEMM for the output (both in chunks of ``chunk_keys``
-    entries, converted to the compute dtype chunk by chunk); the arithmetic of ``_decode_one_autograd``, no
-    gradient, no masking (nothing outside the span enters).  -> o [B, 1, H, Dv]."""
+    softmax, ``c`` and the centred weights, one GEMM for the output (both in chunks: ``VIEW_CHUNK`` entries
+    of a cache in the compute dtype, else ``chunk_keys`` entries converted chunk by chunk); the arithmetic of
+    ``_decode_one_autograd``, no gradient, no masking (nothing outside the span enters).
+    -> o [B, 1, H, Dv]."""
     B, _, H, D = q.shape
     Hk, Dv = k_cache.shape[2], v_cache.shape[3]
     G = H // Hk
