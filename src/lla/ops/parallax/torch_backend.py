@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common.masks import zero_nonfinite
 from ..common.result import BackendResult
 from ..common.varlen import Varlen, segments, with_queries
 from .config import ParallaxConfig
@@ -159,17 +160,7 @@ def _prepare(q, r, k, v, scale, window):
     V = v.to(cdt).permute(0, 2, 1, 3).reshape(B * Hk, S, Dv)
     plan, _nb = _cached_plan(T, S, window, G, B * Hk, q.device)
     once = len(plan) <= 1  # one tile of query rows: every key is read once
-    bad = None
-    # one cheap pass: a finite sum means every entry is finite (an overflowing sum of finite
-    # entries only sends us to the exact per-key check)
-    if K.numel() and not bool(torch.isfinite(K.sum() + V.sum())):
-        finite = torch.isfinite(K).all(-1) & torch.isfinite(V).all(-1)  # [N, S]
-    else:
-        finite = None
-    if finite is not None and not bool(finite.all()):
-        bad = ~finite
-        K = K.masked_fill(bad[..., None], 0.0)
-        V = V.masked_fill(bad[..., None], 0.0)
+    K, V, bad = zero_nonfinite(K, V)  # [N, S]
     return X, (K if once else K.contiguous()), (V if once else V.contiguous()), bad
 
 

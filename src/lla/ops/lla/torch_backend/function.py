@@ -49,6 +49,7 @@ import math
 import torch
 
 from ...common.diagnostics import adjoint_tol, check_conditioning, check_solve
+from ...common.masks import zero_nonfinite
 from ...common.policy import resolve_precision
 from ...common.result import BackendResult
 from ...common.varlen import Varlen, longest_keys, segments, with_queries
@@ -373,19 +374,7 @@ def _prepare(q, k, v, lam):
     K = k.to(cdt).permute(0, 2, 1, 3)
     V = v.to(cdt).permute(0, 2, 1, 3)
     L = lam.to(cdt).permute(0, 2, 1).reshape(B, Hk, G, T)
-    bad = None
-    # one cheap pass first: a finite sum means every entry is finite (an overflowing sum of finite entries
-    # only sends us to the exact per-key check); the per-key check is four passes over K and V (~56 of the
-    # 285 ms of 64 queries on an 8K cache, one thread)
-    if K.numel() and bool(torch.isfinite(K.sum() + V.sum())):
-        return Q, K, V, L, bad
-    finite = torch.isfinite(K).all(-1) & torch.isfinite(V).all(-1)  # [B, Hk, S]
-    if not bool(finite.all()):
-        # A non-finite key or value must only reach the rows that see it: zero it (so that 0 * nan
-        # in the matmuls cannot leak into rows that mask it out) and poison the rows that see it.
-        bad = ~finite
-        K = K.masked_fill(bad[..., None], 0.0)
-        V = V.masked_fill(bad[..., None], 0.0)
+    K, V, bad = zero_nonfinite(K, V)  # [B, Hk, S]: the rows that see one are poisoned by the caller
     return Q, K, V, L, bad
 
 
