@@ -47,6 +47,21 @@ PER_SEQUENCE = (64, 4.0)
 VIEW_CHUNK = 2048
 
 
+def _query_rows(q, r, scale, Hk, cdt):
+    """q, r [B, T, H, D] -> ``[B, Hk, 2 T G, D]`` in ``cdt``: per key head the scaled queries, then the slope
+    queries, rows ``(t, g)`` (query head ``h = hk G + g``): one GEMM against the keys gives logits and ``r . k``."""
+    B, T, H, D = q.shape
+    QR = torch.stack([q.to(cdt) * scale, r.to(cdt)], dim=1).reshape(B, 2, T, Hk, H // Hk, D).permute(0, 3, 1, 2, 4, 5)
+    return QR.reshape(B, Hk, 2 * T * (H // Hk), D)
+
+
+def _centred_weights(s, a):
+    """Parallax's output weights ``w_j = s_j (1 - (a_j - c))``, ``c = sum_j s_j a_j`` (``s`` the softmax
+    weights, ``a = r . k``, over the last dimension)."""
+    c = (s * a).sum(-1, keepdim=True)
+    return s * (1.0 - (a - c))
+
+
 def _decode_one_autograd(q, r, k_cache, v_cache, rows, lens, scale, left):
     """One new query per sequence, on whole-span tensors (differentiable; ``_decode_one`` otherwise).  q, r [B, 1, H, D]; caches [B_cache, S_max, Hk, *], batch element
     ``b`` reading cache row ``rows[b]`` (None: row ``b``); lens [B] int64.
@@ -68,14 +83,12 @@ def _decode_one_autograd(q, r, k_cache, v_cache, rows, lens, scale, left):
     V = gather_cache(v_cache, rows, S).to(cdt).permute(0, 2, 1, 3)
     hide = ~visible[:, None, :, None]
     K, V = K.masked_fill(hide, 0.0), V.masked_fill(hide, 0.0)  # entries past a length may hold anything
-    QR = torch.cat([q.to(cdt) * scale, r.to(cdt)], dim=1).reshape(B, 2, Hk, G, D).transpose(1, 2)  # [B, Hk, 2, G, D]
-    la = QR.reshape(B, Hk, 2 * G, D) @ K.transpose(-1, -2)  # [B, Hk, 2 G, S]
+    la = _query_rows(q, r, scale, Hk, cdt) @ K.transpose(-1, -2)  # [B, Hk, 2 G, S]
     logits, a = la[:, :, :G], la[:, :, G:]
     logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
     seen = visible.any(-1)[:, None, None, None]  # [B, 1, 1, 1]
     s = torch.where(seen, torch.softmax(logits, dim=-1), torch.zeros_like(logits))  # [B, Hk, G, S]
-    c = (s * a).sum(-1, keepdim=True)
-    w = s * (1.0 - (a - c))
+    w = _centred_weights(s, a)
     o = w @ V  # [B, Hk, G, Dv]
     return o.reshape(B, 1, H, Dv).to(q.dtype)
 
@@ -93,8 +106,7 @@ def _decode_each(q, r, k_cache, v_cache, spans, scale):
     Hk, Dv = k_cache.shape[2], v_cache.shape[3]
     G = H // Hk
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    QR = torch.cat([q.to(cdt) * scale, r.to(cdt)], dim=1).reshape(B, 2, Hk, G, D).transpose(1, 2)
-    QR = QR.reshape(B, Hk, 2 * G, D)  # rows: the scaled queries, then the slope queries
+    QR = _query_rows(q, r, scale, Hk, cdt)  # [B, Hk, 2 G, D]
     o = torch.zeros(B, Hk, G, Dv, dtype=cdt, device=q.device)
     for b, (row, j0, j1) in enumerate(spans):
         n = j1 - j0
@@ -108,10 +120,7 @@ def _decode_each(q, r, k_cache, v_cache, spans, scale):
         parts = [(j0 + a, j0 + min(a + step, n), slice(a, min(a + step, n))) for a in range(0, n, step)]
         for e0, e1, part in parts:  # [Hk, n, D] views of the cache row: no copy
             la[..., part] = QR[b] @ k_cache[row, e0:e1].to(cdt).transpose(0, 1).transpose(1, 2)
-        s = torch.softmax(la[:, :G], dim=-1)  # [Hk, G, n]
-        ak = la[:, G:]
-        c = torch.linalg.vecdot(s, ak).unsqueeze(-1)
-        w = s * (1.0 - (ak - c))
+        w = _centred_weights(torch.softmax(la[:, :G], dim=-1), la[:, G:])  # [Hk, G, n]
         for e0, e1, part in parts:
             o[b] += w[..., part] @ v_cache[row, e0:e1].to(cdt).transpose(0, 1)
     return o.reshape(B, 1, H, Dv).to(q.dtype)
@@ -146,9 +155,7 @@ def _attend_chunked(q, r, k_cache, v_cache, rows, lens, scale, left):
             j = torch.arange(j0, j1, device=dev)[None, None, :]
             hide = (j < first[..., None]) | (j >= end[..., None])  # [B, T, n]
         parts.append((j0 - S0, j1 - j0, hide))
-    # [B, Hk, 2 T G, D]: the scaled queries, then the slope queries, rows (t, g)
-    QR = torch.stack([q.to(cdt) * scale, r.to(cdt)], dim=1).reshape(B, 2, T, Hk, G, D).permute(0, 3, 1, 2, 4, 5)
-    QR = QR.reshape(B, Hk, 2 * T * G, D)
+    QR = _query_rows(q, r, scale, Hk, cdt)  # [B, Hk, 2 T G, D]
     la = torch.empty(B, Hk, 2, T, G, n_all, dtype=cdt, device=dev)  # logits | r . k
     for a, n, hide in parts:
         part = la[..., a : a + n]
@@ -159,8 +166,7 @@ def _attend_chunked(q, r, k_cache, v_cache, rows, lens, scale, left):
     logits, ak = la[:, :, 0], la[:, :, 1]  # [B, Hk, T, G, n]
     seen = (end > first)[:, None, :, None, None]  # [B, 1, T, 1, 1]
     s = torch.where(seen, torch.softmax(logits, dim=-1), torch.zeros_like(logits))
-    c = (s * ak).sum(-1, keepdim=True)
-    w = (s * (1.0 - (ak - c))).reshape(B, Hk, T * G, n_all)
+    w = _centred_weights(s, ak).reshape(B, Hk, T * G, n_all)
     o = torch.zeros(B, Hk, T * G, Dv, dtype=cdt, device=dev)
     buf = None
     for a, n, hide in parts:
