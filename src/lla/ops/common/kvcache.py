@@ -69,11 +69,16 @@ def pack_cache(cache, rows, lens):
     return cache[rows[seq], pos].unsqueeze(0), cu
 
 
+def _first_visible(lens, left):
+    """The first entry the newest query of each sequence sees: ``lens - 1 - left`` (window), else 0."""
+    return (lens - 1 - left).clamp_min(0) if left >= 0 else torch.zeros_like(lens)
+
+
 def visible_span(lens, left):
     """Row ``b`` sees cache entries ``first[b] <= j < lens[b]`` (``left < 0``: from 0).  -> (first [B],
     ``S0, S1`` the span some row sees, ``first_max, lens_min``: entries ``first_max <= j < lens_min`` every
     row sees), one host read."""
-    first = (lens - 1 - left).clamp_min(0) if left >= 0 else torch.zeros_like(lens)
+    first = _first_visible(lens, left)
     if not lens.numel():
         return first, 0, 0, 0, 0
     S0, S1, first_max, lens_min = torch.stack([first.min(), lens.max(), first.max(), lens.min()]).tolist()
@@ -84,7 +89,7 @@ def sequence_spans(lens, rows, left, rule):
     """Per batch element ``b``: ``(cache row, j0, j1)``, the entries ``j0 <= j < j1`` it sees (``left < 0``:
     from 0; ``rows`` None: row ``b``), one host read; ``None`` when the mechanism's ``rule = (min_keys,
     pad_weight)`` (above) prefers one batched pass."""
-    first = (lens - 1 - left).clamp_min(0) if left >= 0 else torch.zeros_like(lens)
+    first = _first_visible(lens, left)
     r = torch.arange(lens.shape[0], device=lens.device) if rows is None else rows.to(lens.dtype)
     spans = [tuple(x) for x in torch.stack([r, first, lens], 1).tolist()]
     if not spans:
