@@ -258,11 +258,12 @@ class _Gram:
 
 
 @torch.no_grad()
-def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux=False):
+def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux=False, span=None):
     """Single-query LLA in chunks of the cache, no gradient: the numerics of ``_decode_one_autograd`` (the
     backend's shift, moments, direct solve with refinement, centred output weights and estimates), with no
     ``[S, D]`` temporary beyond one chunk.  Same arguments and returns; ``want_aux``: the amplification
-    reported is the estimate itself (else, when a cheap bound shows it cannot warn, that bound).
+    reported is the estimate itself (else, when a cheap bound shows it cannot warn, that bound); ``span``:
+    ``visible_span(lens, left)`` when the caller has it.
 
     Passes over the cache (chunks staged by ``_Chunks``), per key head all its ``G`` query heads in one
     GEMM, all sequences of a ragged batch in one call:
@@ -281,7 +282,7 @@ def _decode_one(q, k_cache, v_cache, rows, lens, lam, scale, left, tol, want_aux
     B, _, H, _D = q.shape
     Dv = v_cache.shape[3]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    span = visible_span(lens, left)
+    span = visible_span(lens, left) if span is None else span
     if span[2] == 0:
         lse = torch.full((B, 1, H), float("-inf"), dtype=torch.float32, device=q.device)
         return q.new_zeros(B, 1, H, Dv), lse, torch.zeros(4, dtype=cdt)
@@ -308,8 +309,10 @@ def _decode_each(q, k_cache, v_cache, spans, lens, lam, scale, left, tol, want_a
     the entries it sees, in place (no masking, no other sequence's padding).  Same returns as
     ``_decode_one``; ``stats`` combined over the sequences (the worst residual and amplification, the
     residual and floor of the row furthest past ``max(tol, floor)``)."""
+    # each sequence's ``visible_span`` from its span (no second host read): first = lens - n on the device
     outs = [_decode_one(q[b : b + 1], k_cache[row : row + 1], v_cache[row : row + 1], None, lens[b : b + 1],
-                        lam[b : b + 1], scale, left, tol, want_aux) for b, (row, _j0, _j1) in enumerate(spans)]
+                        lam[b : b + 1], scale, left, tol, want_aux, span=(lens[b : b + 1] - (j1 - j0), j0, j1, j0, j1))
+            for b, (row, j0, j1) in enumerate(spans)]
     o, lse, stats = (torch.cat(x) if i < 2 else torch.stack(x) for i, x in enumerate(zip(*outs)))  # stats [B, 4]
     worst = (stats[:, 2] / stats[:, 3].clamp_min(tol)).argmax()
     return o, lse, torch.stack([stats[:, 0].amax(), stats[:, 1].amax(), stats[worst, 2], stats[worst, 3]])
