@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 import warnings
 
 import pytest
 import torch
 
 import lla
-from conftest import make_qkv, rel_err
+from conftest import ROOT, make_qkv, rel_err
 
 
 def _decode_path(monkeypatch, per_sequence):
@@ -232,17 +235,18 @@ def test_decode_huge_visible_key_accurate(mult):
         assert not warned, seed
 
 
-def _extreme_case(D, ridge, mult, where, seed, S=48):
-    """One case of ``benchmarks/decode_numerics.py``: float32 q [1, 1, 1, D], k, v [1, S, 1, D]."""
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, n, 1, D, generator=g, dtype=torch.float64) for n in (1, S, S))
-    if where == "newest":
-        k[:, -1] *= mult
-    elif where == "oldest":
-        k[:, 0] *= mult
-    else:  # drift
-        k += torch.linspace(0, mult, S, dtype=torch.float64)[None, :, None, None]
-    return tuple(t.float() for t in (q, k, v))
+@functools.cache
+def _decode_numerics():
+    spec = importlib.util.spec_from_file_location("decode_numerics", os.path.join(ROOT, "benchmarks", "decode_numerics.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # (its main() runs only as a script)
+    return mod
+
+
+def _extreme_case(D, ridge, mult, where, seed):
+    """One case of ``benchmarks/decode_numerics.py`` (its own generator): float32 q [1, 1, 1, D], k, v
+    [1, 48, 1, D] (``ridge`` is the case's, used by the caller)."""
+    return _decode_numerics()._case(D, mult, where, seed)
 
 
 def _step_both(case, op):
